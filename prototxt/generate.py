@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Write the hashing networks' prototxt files (train_val, deploy, solver).
+
+The .prototxt files beside this script are the source of truth that users
+read and edit; they are checked in. This generator only keeps the 20/48/128-
+bit variants in step with each other: `python prototxt/generate.py` rewrites
+them, and tests/test_prototxt.py fails when a checked-in file differs from
+what the generator makes (edit the generator, then rerun it).
+
+Two families:
+  alexnet_hash{BITS}  AlexNet conv1..fc7 with bvlc_alexnet's layer names (so
+                      ImageNet weights copy by name), then the latent layer
+                      fc8_latent (InnerProduct BITS) + Sigmoid -> blob
+                      "latent", then the classifier fc9_classifier. Neither
+                      of the new layers is named fc8, whose 1000x4096 weights
+                      Caffe would try to copy and refuse.
+  cifar_hash{BITS}    a small net for 32x32 inputs that trains from scratch
+                      on a CPU, with the same latent structure and blob names
+                      (its last hidden layer is named fc7).
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ALEXNET_BITS = (20, 48, 128)
+CIFAR_BITS = (12, 48, 128)
+NUM_CLASSES = 10  # CIFAR-10; change with --num-classes in train.py users' own copies
+
+# --------------------------------------------------------------------------
+# A tiny prototxt writer: nested dicts/lists -> Caffe's text format.
+
+
+def _value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v if v.isupper() and v.replace("_", "").isalpha() else f'"{v}"'
+    if isinstance(v, float):
+        return repr(v) if abs(v) >= 1e-4 or v == 0 else f"{v:g}"
+    return str(v)
+
+
+def _render(fields, indent=0):
+    pad = "  " * indent
+    lines = []
+    for key, value in fields:
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, tuple) and item and item[0] == "msg":
+                lines.append(f"{pad}{key} {{")
+                lines.extend(_render(item[1], indent + 1))
+                lines.append(f"{pad}}}")
+            else:
+                lines.append(f"{pad}{key}: {_value(item)}")
+    return lines
+
+
+def msg(*fields):
+    """A message: msg(("name", "conv1"), ("param", [...]), ...)."""
+    return ("msg", list(fields))
+
+
+def layer(name, type_, bottom=None, top=None, *extra):
+    fields = [("name", name), ("type", type_)]
+    for b in ([bottom] if isinstance(bottom, str) else bottom or []):
+        fields.append(("bottom", b))
+    for t in ([top] if isinstance(top, str) else top or []):
+        fields.append(("top", t))
+    fields.extend(extra)
+    return ("layer", msg(*fields))
+
+
+def lr(w_mult, b_mult):
+    """The usual pair of param specs: weights decay, biases do not."""
+    return ("param", [msg(("lr_mult", w_mult), ("decay_mult", 1)),
+                      msg(("lr_mult", b_mult), ("decay_mult", 0))])
+
+
+def filler(kind, **kw):
+    return msg(("type", kind), *[(k, v) for k, v in kw.items()])
+
+
+def conv(name, bottom, num, kernel, stride=1, pad=0, group=1, std=0.01,
+         bias=0.0, w_filler=None, lr_mult=(1, 2)):
+    p = [("num_output", num)]
+    if pad:
+        p.append(("pad", pad))
+    p.append(("kernel_size", kernel))
+    if stride != 1:
+        p.append(("stride", stride))
+    if group != 1:
+        p.append(("group", group))
+    p.append(("weight_filler", w_filler or filler("gaussian", std=std)))
+    p.append(("bias_filler", filler("constant", value=bias)))
+    return layer(name, "Convolution", bottom, name, lr(*lr_mult),
+                 ("convolution_param", msg(*p)))
+
+
+def fc(name, bottom, num, std=0.005, bias=0.0, lr_mult=(1, 2), w_filler=None):
+    return layer(name, "InnerProduct", bottom, name, lr(*lr_mult),
+                 ("inner_product_param", msg(
+                     ("num_output", num),
+                     ("weight_filler", w_filler or filler("gaussian", std=std)),
+                     ("bias_filler", filler("constant", value=bias)))))
+
+
+def relu(name, blob):
+    return layer(name, "ReLU", blob, blob)
+
+
+def pool(name, bottom, kernel=3, stride=2, kind="MAX"):
+    return layer(name, "Pooling", bottom, name, ("pooling_param", msg(
+        ("pool", kind), ("kernel_size", kernel), ("stride", stride))))
+
+
+def lrn(name, bottom):
+    return layer(name, "LRN", bottom, name, ("lrn_param", msg(
+        ("local_size", 5), ("alpha", 0.0001), ("beta", 0.75))))
+
+
+def dropout(name, blob, ratio=0.5):
+    return layer(name, "Dropout", blob, blob,
+                 ("dropout_param", msg(("dropout_ratio", ratio))))
+
+
+def data_layers(train_source, test_source, mean_file, crop, train_batch,
+                test_batch, mirror=True):
+    def one(phase, source, batch, mirror_):
+        t = [("mirror", mirror_)]
+        if crop:
+            t.append(("crop_size", crop))
+        t.append(("mean_file", mean_file))
+        return layer("data", "Data", None, ["data", "label"],
+                     ("include", msg(("phase", phase))),
+                     ("transform_param", msg(*t)),
+                     ("data_param", msg(("source", source), ("batch_size", batch),
+                                        ("backend", "LMDB"))))
+    return [one("TRAIN", train_source, train_batch, mirror),
+            one("TEST", test_source, test_batch, False)]
+
+
+def input_layer(shape):
+    return layer("data", "Input", None, "data", ("input_param", msg(
+        ("shape", msg(*[("dim", d) for d in shape])))))
+
+
+def latent_and_classifier(bottom, bits, num_classes):
+    """The paper's latent layer H and the classifier on top of it.
+
+    fc8_latent: InnerProduct(bits), gaussian std 0.005 as the official code;
+    latent: Sigmoid, the activations whose threshold at 0.5 is the code;
+    fc9_classifier: InnerProduct(num_classes) with lr_mult 10/20 (new layer,
+    learns faster than the pretrained ones when fine-tuning).
+    """
+    return [
+        fc("fc8_latent", bottom, bits, std=0.005, bias=0.0),
+        layer("latent", "Sigmoid", "fc8_latent", "latent"),
+        fc("fc9_classifier", "latent", num_classes, std=0.01, bias=0.0,
+           lr_mult=(10, 20)),
+    ]
+
+
+def train_heads():
+    return [
+        layer("accuracy", "Accuracy", ["fc9_classifier", "label"], "accuracy",
+              ("include", msg(("phase", "TEST")))),
+        layer("loss", "SoftmaxWithLoss", ["fc9_classifier", "label"], "loss"),
+    ]
+
+
+def deploy_head():
+    return [layer("prob", "Softmax", "fc9_classifier", "prob")]
+
+
+# --------------------------------------------------------------------------
+# AlexNet + latent layer
+
+
+def alexnet_body():
+    """conv1..fc7 exactly as bvlc_alexnet (names, shapes, fillers)."""
+    return [
+        conv("conv1", "data", 96, 11, stride=4),
+        relu("relu1", "conv1"), lrn("norm1", "conv1"), pool("pool1", "norm1"),
+        conv("conv2", "pool1", 256, 5, pad=2, group=2, bias=0.1),
+        relu("relu2", "conv2"), lrn("norm2", "conv2"), pool("pool2", "norm2"),
+        conv("conv3", "pool2", 384, 3, pad=1),
+        relu("relu3", "conv3"),
+        conv("conv4", "conv3", 384, 3, pad=1, group=2, bias=0.1),
+        relu("relu4", "conv4"),
+        conv("conv5", "conv4", 256, 3, pad=1, group=2, bias=0.1),
+        relu("relu5", "conv5"), pool("pool5", "conv5"),
+        fc("fc6", "pool5", 4096, std=0.005, bias=0.1),
+        relu("relu6", "fc6"), dropout("drop6", "fc6"),
+        fc("fc7", "fc6", 4096, std=0.005, bias=0.1),
+        relu("relu7", "fc7"), dropout("drop7", "fc7"),
+    ]
+
+
+def alexnet_train_val(bits):
+    layers = data_layers("data/cifar10/cifar10_train_256_lmdb",
+                         "data/cifar10/cifar10_test_256_lmdb",
+                         "data/cifar10/cifar10_train_256_mean.binaryproto",
+                         crop=227, train_batch=32, test_batch=50)
+    return (f"alexnet_hash{bits}", layers + alexnet_body()
+            + latent_and_classifier("fc7", bits, NUM_CLASSES) + train_heads())
+
+
+def alexnet_deploy(bits):
+    return (f"alexnet_hash{bits}", [input_layer([10, 3, 227, 227])] + alexnet_body()
+            + latent_and_classifier("fc7", bits, NUM_CLASSES) + deploy_head())
+
+
+def alexnet_solver(bits):
+    # The official DLBHC settings: base_lr 0.001, step 25,000 of 50,000
+    # iterations, batch 32 (in train_val). test_iter x batch 50 = the 10,000
+    # CIFAR-10 test images.
+    return [
+        ("net", f"prototxt/alexnet_hash{bits}_train_val.prototxt"),
+        ("test_iter", 200), ("test_interval", 1000), ("test_initialization", False),
+        ("base_lr", 0.001), ("lr_policy", "step"), ("gamma", 0.1),
+        ("stepsize", 25000), ("max_iter", 50000),
+        ("momentum", 0.9), ("weight_decay", 0.0005),
+        ("display", 20), ("snapshot", 5000),
+        ("snapshot_prefix", f"runs/alexnet_hash{bits}/snapshots/alexnet_hash{bits}"),
+        ("solver_mode", "CPU"),
+    ]
+
+
+# --------------------------------------------------------------------------
+# The small CPU-trainable net for 32x32 inputs
+
+
+def bn_conv(name, bottom, num):
+    """3x3 conv (no bias: BatchNorm+Scale supply it) + BN + Scale + ReLU."""
+    return [
+        layer(name, "Convolution", bottom, name,
+              ("param", msg(("lr_mult", 1), ("decay_mult", 1))),
+              ("convolution_param", msg(
+                  ("num_output", num), ("bias_term", False), ("pad", 1),
+                  ("kernel_size", 3), ("weight_filler", filler("msra"))))),
+        # use_global_stats is left unset: Caffe uses batch statistics in
+        # TRAIN and the running averages in TEST, which is what we want.
+        layer(f"{name}_bn", "BatchNorm", name, name,
+              ("param", [msg(("lr_mult", 0), ("decay_mult", 0))] * 3)),
+        layer(f"{name}_scale", "Scale", name, name,
+              ("scale_param", msg(("bias_term", True)))),
+        relu(f"{name}_relu", name),
+    ]
+
+
+def cifar_body():
+    widths = (32, 64, 128)
+    layers, bottom = [], "data"
+    for stage, width in enumerate(widths, start=1):
+        a, b = f"conv{stage}a", f"conv{stage}b"
+        layers += bn_conv(a, bottom, width) + bn_conv(b, a, width)
+        layers.append(pool(f"pool{stage}", b, kernel=2, stride=2))
+        bottom = f"pool{stage}"
+    layers += [
+        fc("fc7", bottom, 256, w_filler=filler("msra"), bias=0.0),
+        relu("relu7", "fc7"), dropout("drop7", "fc7", 0.3),
+    ]
+    return layers
+
+
+def cifar_train_val(bits):
+    layers = data_layers("data/cifar10/cifar10_train_32_lmdb",
+                         "data/cifar10/cifar10_test_32_lmdb",
+                         "data/cifar10/cifar10_train_32_mean.binaryproto",
+                         crop=0, train_batch=100, test_batch=100)
+    return (f"cifar_hash{bits}", layers + cifar_body()
+            + latent_and_classifier("fc7", bits, NUM_CLASSES) + train_heads())
+
+
+def cifar_deploy(bits):
+    return (f"cifar_hash{bits}", [input_layer([100, 3, 32, 32])] + cifar_body()
+            + latent_and_classifier("fc7", bits, NUM_CLASSES) + deploy_head())
+
+
+def cifar_solver(bits):
+    return [
+        ("net", f"prototxt/cifar_hash{bits}_train_val.prototxt"),
+        ("test_iter", 100), ("test_interval", 1000), ("test_initialization", False),
+        ("base_lr", 0.05), ("lr_policy", "multistep"), ("gamma", 0.1),
+        ("stepvalue", [3000, 4000]), ("max_iter", 4500),
+        ("momentum", 0.9), ("weight_decay", 0.0005),
+        ("display", 50), ("snapshot", 1000),
+        ("snapshot_prefix", f"runs/cifar_hash{bits}/snapshots/cifar_hash{bits}"),
+        ("solver_mode", "CPU"),
+    ]
+
+
+# --------------------------------------------------------------------------
+
+
+def net_text(name_and_layers, header):
+    name, layers = name_and_layers
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.append(f'name: "{name}"')
+    lines.extend(_render(layers))
+    return "\n".join(lines) + "\n"
+
+
+def solver_text(fields, header):
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.extend(_render(fields))
+    return "\n".join(lines) + "\n"
+
+
+GENERATED = "Generated by prototxt/generate.py; edit the generator and rerun it."
+
+
+def all_files():
+    """{file name: text} for every prototxt this project ships."""
+    files = {}
+    for bits in ALEXNET_BITS:
+        base = f"alexnet_hash{bits}"
+        files[f"{base}_train_val.prototxt"] = net_text(alexnet_train_val(bits), (
+            f"AlexNet + {bits}-bit latent layer, fine-tuning on CIFAR-10 (256x256 LMDB,\n"
+            f"random 227 crops and mirroring). Train: make train NET=alexnet BITS={bits}\n"
+            f"(caffe train -solver prototxt/{base}_solver.prototxt -weights\n"
+            f"models/bvlc_alexnet/bvlc_alexnet.caffemodel). {GENERATED}"))
+        files[f"{base}_deploy.prototxt"] = net_text(alexnet_deploy(bits), (
+            f"AlexNet + {bits}-bit latent layer, deploy: blobs fc7 (4096, after ReLU)\n"
+            f"and latent ({bits} sigmoid activations; code = latent > 0.5). {GENERATED}"))
+        files[f"{base}_solver.prototxt"] = solver_text(alexnet_solver(bits), (
+            f"Fine-tuning solver for alexnet_hash{bits} (the official DLBHC schedule).\n"
+            f"solver_mode is overridden by `make train GPU=1`. {GENERATED}"))
+    for bits in CIFAR_BITS:
+        base = f"cifar_hash{bits}"
+        files[f"{base}_train_val.prototxt"] = net_text(cifar_train_val(bits), (
+            f"Small CPU-trainable net for 32x32 CIFAR-10 with a {bits}-bit latent layer,\n"
+            f"trained from scratch: make train NET=cifar BITS={bits}. {GENERATED}"))
+        files[f"{base}_deploy.prototxt"] = net_text(cifar_deploy(bits), (
+            f"Small net, deploy: blobs fc7 (256) and latent ({bits}). {GENERATED}"))
+        files[f"{base}_solver.prototxt"] = solver_text(cifar_solver(bits), (
+            f"Solver for cifar_hash{bits}, from scratch on the CPU. {GENERATED}"))
+    return files
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    check = "--check" in argv
+    stale = []
+    for name, text in all_files().items():
+        path = HERE / name
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if check and stale:
+        print("out of date (run python prototxt/generate.py):", *stale, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

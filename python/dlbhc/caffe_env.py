@@ -1,0 +1,72 @@
+"""Find the project's own Caffe build and import pycaffe from it.
+
+`make caffe` builds Caffe into a cache outside the checkout and links it as
+`.caffe` in the project root. This module puts `.caffe/python` on sys.path,
+so scripts and tests need no PYTHONPATH; libcaffe is found through the rpath
+that Caffe's Makefile sets on _caffe.so, so no LD_LIBRARY_PATH either.
+CAFFE_ROOT, when set, points at another Caffe tree (for example one built by
+hand) and wins over `.caffe`.
+"""
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def caffe_root():
+    """The Caffe tree in use: $CAFFE_ROOT, else the project's .caffe link."""
+    env = os.environ.get("CAFFE_ROOT")
+    return Path(env) if env else PROJECT_ROOT / ".caffe"
+
+
+def caffe_tool(name):
+    """Path of a Caffe command-line tool (caffe, compute_image_mean, ...)."""
+    path = caffe_root() / "build" / "tools" / name
+    if not path.exists():
+        raise UserError(f"Caffe tool {name} not found at {path}: run `make caffe` first")
+    return path
+
+
+def import_caffe():
+    """Import pycaffe from the project's build (or $CAFFE_ROOT)."""
+    if "caffe" in sys.modules:
+        return sys.modules["caffe"]
+    py_dir = caffe_root() / "python"
+    if not (py_dir / "caffe" / "_caffe.so").exists():
+        raise UserError(
+            f"pycaffe is not built (looked in {py_dir}): run `make caffe` in "
+            f"{PROJECT_ROOT}, or set CAFFE_ROOT to a built Caffe tree")
+    if str(py_dir) not in sys.path:
+        sys.path.insert(0, str(py_dir))
+    # Caffe logs every layer it sets up through glog; keep the console for
+    # our own progress unless the user asks for Caffe's log.
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    import caffe  # noqa: E402  (path set just above)
+    return caffe
+
+
+def set_mode(gpu=None):
+    """Caffe's convention: `--gpu N` selects set_mode_gpu + set_device(N),
+    otherwise set_mode_cpu. Returns the caffe module."""
+    caffe = import_caffe()
+    if gpu is None or gpu < 0:
+        caffe.set_mode_cpu()
+    else:
+        try:
+            caffe.set_device(gpu)
+            caffe.set_mode_gpu()
+        except Exception as err:  # a CPU_ONLY build raises on set_device
+            raise UserError(
+                f"cannot use GPU {gpu}: {err}. This Caffe may be a CPU_ONLY build; "
+                "rebuild with `make caffe GPU=1 CUDNN=1` or drop --gpu") from err
+    return caffe
+
+
+def add_gpu_argument(parser):
+    """The `--gpu [ID]` switch of Caffe's own Python scripts."""
+    parser.add_argument("--gpu", type=int, nargs="?", const=0, default=None,
+                        metavar="ID", help="run the net on GPU ID (default 0 "
+                        "when given without ID); CPU otherwise")

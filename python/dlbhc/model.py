@@ -1,0 +1,183 @@
+"""The hashing net at deploy time: preprocessing and forward -> fc7, latent, code.
+
+Preprocessing follows Caffe's own tools and the training data exactly:
+the image is squash-resized to the size the training LMDB was made at (256
+for AlexNet, 32 for the small net; see data/convert_imageset.py), centre-
+cropped to the net's input (227 / 32, as the TEST phase of the Data layer
+does), then caffe.io.Transformer turns it into the net's input: HWC -> CHW,
+RGB -> BGR, [0,1] -> [0,255], minus the per-channel mean (the average of the
+training set's mean image, as Caffe's classify.py does).
+
+The whole recipe is a plain dict (`Preprocessing.as_dict()`), recorded in the
+feature store so that a query is always prepared like its database.
+"""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import CODE_THRESHOLD, FEATURE_BLOB, LATENT_BLOB
+from .caffe_env import import_caffe, set_mode
+from .errors import UserError
+from .images import read_image, resize_for_net
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    resize: int              # squash-resize to resize x resize first
+    crop: int                # then centre crop to crop x crop (the net input)
+    mean_bgr: tuple          # per-channel mean subtracted, BGR, 0..255 scale
+    channel_order: str = "BGR"
+    raw_scale: float = 255.0
+
+    def as_dict(self):
+        d = asdict(self)
+        d["mean_bgr"] = [round(float(m), 4) for m in self.mean_bgr]
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(resize=int(d["resize"]), crop=int(d["crop"]),
+                   mean_bgr=tuple(float(m) for m in d["mean_bgr"]),
+                   channel_order=d.get("channel_order", "BGR"),
+                   raw_scale=float(d.get("raw_scale", 255.0)))
+
+
+def load_mean_bgr(mean):
+    """Per-channel BGR mean from a .npy (C,H,W or C), a .binaryproto, or
+    'B,G,R' values."""
+    if mean is None:
+        raise UserError("no mean given: pass --mean FILE.npy|FILE.binaryproto or --mean B,G,R")
+    if isinstance(mean, (list, tuple, np.ndarray)):
+        values = np.asarray(mean, dtype=np.float64).ravel()
+    elif "," in str(mean) and not Path(str(mean)).exists():
+        try:
+            values = np.array([float(v) for v in str(mean).split(",")])
+        except ValueError:
+            raise UserError(f"--mean {mean!r}: expected three numbers B,G,R") from None
+    else:
+        path = Path(mean)
+        if not path.exists():
+            raise UserError(f"mean file {path} does not exist (make it with "
+                            "python data/convert_imageset.py ... --mean PREFIX)")
+        if path.suffix == ".npy":
+            arr = np.load(path)
+        elif path.suffix == ".binaryproto":
+            caffe = import_caffe()
+            blob = caffe.proto.caffe_pb2.BlobProto()
+            try:
+                blob.ParseFromString(path.read_bytes())
+            except Exception as err:
+                raise UserError(f"{path} is not a Caffe BlobProto: {err}") from err
+            arr = caffe.io.blobproto_to_array(blob)[0]
+        else:
+            raise UserError(f"mean file {path}: expected .npy or .binaryproto")
+        values = arr.reshape(arr.shape[0], -1).mean(axis=1) if arr.ndim > 1 else arr
+    if values.shape != (3,):
+        raise UserError(f"mean must have 3 channels, got shape {values.shape}")
+    return tuple(float(v) for v in values)
+
+
+def default_resize(crop):
+    """The training LMDB size for a net input: AlexNet 227 <- 256, else none."""
+    return 256 if crop == 227 else crop
+
+
+def prepare_rgb(rgb, prep):
+    """Resize + centre crop a HxWx3 uint8 RGB image; returns float32 in [0,1]."""
+    img = resize_for_net(rgb, prep.resize)
+    off = (prep.resize - prep.crop) // 2
+    img = img[off:off + prep.crop, off:off + prep.crop]
+    return img.astype(np.float32) / 255.0
+
+
+def make_transformer(prep):
+    caffe = import_caffe()
+    t = caffe.io.Transformer({"data": (1, 3, prep.crop, prep.crop)})
+    t.set_transpose("data", (2, 0, 1))
+    if prep.channel_order == "BGR":
+        t.set_channel_swap("data", (2, 1, 0))
+    t.set_raw_scale("data", prep.raw_scale)
+    t.set_mean("data", np.asarray(prep.mean_bgr, dtype=np.float32))
+    return t
+
+
+class ImagePreparer:
+    """Path -> net input (3, crop, crop) float32. Picklable for worker pools."""
+
+    def __init__(self, prep):
+        self.prep = prep
+        self._transformer = None
+
+    def __call__(self, path):
+        if self._transformer is None:
+            self._transformer = make_transformer(self.prep)
+        return self._transformer.preprocess("data", prepare_rgb(read_image(path), self.prep))
+
+    def __getstate__(self):
+        return {"prep": self.prep, "_transformer": None}
+
+
+class HashNet:
+    """A deploy net with the blobs fc7 and latent."""
+
+    def __init__(self, deploy, weights, mean, gpu=None, resize=None):
+        for what, path in (("deploy prototxt", deploy), ("weights", weights)):
+            if not Path(path).is_file():
+                raise UserError(f"{what} {path} does not exist")
+        caffe = set_mode(gpu)
+        self.deploy = str(deploy)
+        self.weights = str(weights)
+        try:
+            self.net = caffe.Net(self.deploy, caffe.TEST, weights=self.weights)
+        except Exception as err:
+            raise UserError(f"Caffe could not load {deploy} with {weights}: {err}") from err
+        for blob in (FEATURE_BLOB, LATENT_BLOB):
+            if blob not in self.net.blobs:
+                raise UserError(f"{deploy} has no blob '{blob}': the deploy net must expose "
+                                f"'{FEATURE_BLOB}' and '{LATENT_BLOB}' (see prototxt/)")
+        shape = self.net.blobs["data"].data.shape
+        if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:
+            raise UserError(f"{deploy}: expected a square 3-channel input, got {shape}")
+        crop = shape[2]
+        self.bits = self.net.blobs[LATENT_BLOB].data[0].size
+        self.fc7_dim = self.net.blobs[FEATURE_BLOB].data[0].size
+        self.prep = Preprocessing(resize=int(resize or default_resize(crop)), crop=crop,
+                                  mean_bgr=load_mean_bgr(mean))
+        if self.prep.resize < crop:
+            raise UserError(f"resize {self.prep.resize} is smaller than the net input {crop}")
+
+    def describe(self):
+        """What the feature store records about the model."""
+        from .store import model_fingerprint
+        return {
+            "bits": int(self.bits), "fc7_dim": int(self.fc7_dim),
+            "threshold": CODE_THRESHOLD, "preprocessing": self.prep.as_dict(),
+            "model": {"deploy": self.deploy, "weights": self.weights,
+                      "deploy_sha1": model_fingerprint(self.deploy),
+                      "weights_sha1": model_fingerprint(self.weights)},
+            "feature_blob": FEATURE_BLOB, "latent_blob": LATENT_BLOB,
+        }
+
+    def forward(self, batch):
+        """batch: (n, 3, crop, crop) float32 -> fc7 (n, D), latent (n, bits)."""
+        batch = np.asarray(batch, dtype=np.float32)
+        data = self.net.blobs["data"]
+        if data.data.shape[0] != len(batch):
+            data.reshape(*batch.shape)
+            self.net.reshape()
+        data.data[...] = batch
+        self.net.forward(end=LATENT_BLOB)
+        fc7 = self.net.blobs[FEATURE_BLOB].data.reshape(len(batch), -1).copy()
+        latent = self.net.blobs[LATENT_BLOB].data.reshape(len(batch), -1).copy()
+        return fc7, latent
+
+    def codes(self, latent):
+        return np.packbits(np.asarray(latent) > CODE_THRESHOLD, axis=1)
+
+    def features_of_paths(self, paths):
+        """fc7, latent, codes for a few image files (queries)."""
+        prepare = ImagePreparer(self.prep)
+        batch = np.stack([prepare(p) for p in paths])
+        fc7, latent = self.forward(batch)
+        return fc7, latent, self.codes(latent)

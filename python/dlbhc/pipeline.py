@@ -1,0 +1,211 @@
+"""Bulk extraction: images -> net -> feature store, resumable and safe.
+
+Decoding and resizing run in worker processes while the main process runs
+the net, so the net does not wait for images; at most `prefetch` chunks are
+in flight, which bounds memory however large the collection is. Batches are
+appended in input order, each as one transaction, so a kill at any moment
+loses at most the batch being written, and a rerun continues from there.
+"""
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .images import BadImage, list_images
+from .model import ImagePreparer
+from .progress import Progress
+from .store import FeatureStore, check_compatible, detect_backend
+
+
+@dataclass
+class ExtractionReport:
+    stored: int = 0
+    already: int = 0
+    skipped: list = field(default_factory=list)   # (path, reason)
+    total: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self):
+        return self.stored / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse_shard(text):
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def select_inputs(items, shard=None):
+    """(seq, item) pairs; seq is the position in the full list (kept in the
+    store so that merged shards sort back into single-run order)."""
+    pairs = list(enumerate(items))
+    if shard:
+        i, n = shard
+        pairs = [p for p in pairs if p[0] % n == i]
+    return pairs
+
+
+def skipped_list_path(out):
+    out = Path(out)
+    return out.with_name(out.name + ".skipped.tsv")
+
+
+def _prepare_chunk(preparer, chunk):
+    """Worker: [(seq, path, label)] -> [(seq, path, label, array | None, reason)]."""
+    result = []
+    for seq, path, label in chunk:
+        try:
+            result.append((seq, path, label, preparer(path), None))
+        except BadImage as err:
+            result.append((seq, path, label, None, err.reason))
+        except Exception as err:  # a decoder bug must not kill a day-long run
+            result.append((seq, path, label, None, f"{type(err).__name__}: {err}"))
+    return result
+
+
+_WORKER_PREPARER = None
+
+
+def _init_worker(preparer):
+    global _WORKER_PREPARER
+    _WORKER_PREPARER = preparer
+    # one BLAS thread per worker: the net in the main process needs the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _worker_chunk(chunk):
+    return _prepare_chunk(_WORKER_PREPARER, chunk)
+
+
+def open_or_create_store(out, net, backend, fc7_dtype):
+    """Open an existing store for appending (refusing a different model) or
+    create a new one."""
+    out = Path(out)
+    wanted = dict(net.describe(), fc7_dtype=fc7_dtype)
+    existing = detect_backend(out) if out.exists() else None
+    if existing is None:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not a feature database: choose another --out")
+        return FeatureStore.create(out, wanted, backend=backend)
+    if existing != backend:
+        raise UserError(f"{out} is a {existing} database, but --backend {backend} was given")
+    store = FeatureStore.open(out, readonly=False)
+    try:
+        check_compatible(store.meta, wanted, what="the given model")
+        old_w = store.meta.get("model", {}).get("weights_sha1")
+        new_w = wanted["model"]["weights_sha1"]
+        if old_w and old_w != new_w:
+            raise UserError(f"{out} was built with other weights (sha1 {old_w[:12]}…, "
+                            f"{store.meta['model'].get('weights')}); the given weights have "
+                            f"sha1 {new_w[:12]}…. Features of two models must not be mixed: "
+                            "use the same weights or a new --out.")
+    except UserError:
+        store.close()
+        raise
+    return store
+
+
+def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb",
+            fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr, limit=None):
+    """Extract every image of `source` (folder or list file) into store `out`."""
+    start = time.monotonic()
+    items = list_images(source, root=root)[0]
+    if limit:
+        items = items[:limit]
+    pairs = select_inputs(items, shard)
+    store = open_or_create_store(out, net, backend, fc7_dtype)
+    report = ExtractionReport(total=len(pairs))
+    try:
+        if shard:
+            store.update_meta(shard=f"{shard[0]}/{shard[1]}")
+        done = store.stored_paths() if store.count else set()
+        todo = [(seq, str(it.path), int(it.label)) for seq, it in pairs
+                if str(it.path) not in done]
+        report.already = len(pairs) - len(todo)
+        if report.already:
+            print(f"{out}: {report.already} of {len(pairs)} images already stored; "
+                  f"{len(todo)} to go", file=log)
+        if todo:
+            _run(todo, net, store, report, batch_size, workers, prefetch, log)
+    finally:
+        store.close()
+    report.seconds = time.monotonic() - start
+    _write_skipped(out, report.skipped)
+    return report
+
+
+def _chunks(todo, size):
+    for i in range(0, len(todo), size):
+        yield todo[i:i + size]
+
+
+def _run(todo, net, store, report, batch_size, workers, prefetch, log):
+    preparer = ImagePreparer(net.prep)
+    progress = Progress(len(todo), label="extract", unit="img")
+    chunk_size = max(1, min(batch_size, 16))
+    pending_arrays, pending_infos = [], []
+
+    def flush():
+        if not pending_arrays:
+            return
+        fc7, latent = net.forward(np.stack(pending_arrays))
+        store.append(fc7, latent, net.codes(latent), list(pending_infos))
+        report.stored += len(pending_arrays)
+        progress.update(len(pending_arrays))
+        pending_arrays.clear()
+        pending_infos.clear()
+
+    def consume(results):
+        for seq, path, label, array, reason in results:
+            if array is None:
+                report.skipped.append((path, reason))
+                print(f"skipped {path}: {reason}", file=log)
+                progress.update(1)
+                continue
+            pending_arrays.append(array)
+            pending_infos.append({"path": path, "label": label, "seq": seq})
+            if len(pending_arrays) >= batch_size:
+                flush()
+
+    if workers <= 0:
+        for chunk in _chunks(todo, chunk_size):
+            consume(_prepare_chunk(preparer, chunk))
+    else:
+        ctx = mp.get_context("fork")
+        window = prefetch or max(4, 4 * workers)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(preparer,)) as pool:
+            in_flight = deque()
+            chunks = _chunks(todo, chunk_size)
+            for chunk in chunks:
+                in_flight.append(pool.apply_async(_worker_chunk, (chunk,)))
+                if len(in_flight) >= window:
+                    consume(in_flight.popleft().get())
+            while in_flight:
+                consume(in_flight.popleft().get())
+    flush()
+    progress.close()
+
+
+def _write_skipped(out, skipped):
+    path = skipped_list_path(out)
+    if skipped:
+        with open(path, "w") as f:
+            f.write("# path\treason (files extract.py could not read; fix or remove them, then rerun)\n")
+            for p, reason in skipped:
+                f.write(f"{p}\t{reason}\n")
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,393 @@
+"""The feature store: per image fc7, latent activations, packed code, label, path.
+
+One database per collection, LMDB by default (LevelDB with backend="leveldb").
+It is laid out as five tables, each keyed like Caffe's extract_features
+(`%010d`, the image id, counting from 0):
+
+    meta    one record, key b"meta": JSON (schema_version, bits, fc7_dim,
+            fc7_dtype, threshold, preprocessing, model hashes, count, ...)
+    fc7     raw little-endian float32 (or float16) fc7, fc7_dim values
+    latent  raw little-endian float32 sigmoid activations, bits values
+    code    numpy.packbits(latent > threshold), big-endian bit order
+    info    JSON {"path": source path, "label": int (-1 unknown), "seq": n}
+
+Fixed-size raw records rather than pickles or Datum protobufs: a search reads
+fc7 for ~1,000 random candidates per query, and a raw record becomes a numpy
+row without parsing (np.frombuffer over LMDB's memory map). LMDB tables are
+named sub-databases; LevelDB, which has none, gets the table name and a slash
+as a key prefix (b"fc7/0000000001").
+
+Every append is one transaction over all tables and the meta count, so a
+crash (even kill -9) leaves either the whole batch or none of it.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+TABLES = ("meta", "fc7", "latent", "code", "info")
+META_KEY = b"meta"
+# LMDB reserves address space, not disk: 1 TiB holds 60M images of fc7.
+LMDB_MAP_SIZE = 1 << 40
+
+
+def key(i):
+    return b"%010d" % i
+
+
+def detect_backend(path):
+    path = Path(path)
+    if (path / "data.mdb").exists():
+        return "lmdb"
+    if (path / "CURRENT").exists():
+        return "leveldb"
+    return None
+
+
+class _LmdbBackend:
+    name = "lmdb"
+
+    def __init__(self, path, readonly):
+        import lmdb
+        try:
+            # readahead=False: searches read scattered records; the kernel's
+            # readahead would pull in neighbours nobody asked for.
+            self.env = lmdb.open(str(path), map_size=LMDB_MAP_SIZE, max_dbs=len(TABLES),
+                                 readonly=readonly, readahead=False, subdir=True,
+                                 create=not readonly)
+            self.dbs = {t: self.env.open_db(t.encode(), create=not readonly) for t in TABLES}
+        except lmdb.Error as err:
+            raise UserError(f"cannot open LMDB feature store {path}: {err}") from err
+
+    def get(self, table, k):
+        with self.env.begin(db=self.dbs[table], buffers=False) as txn:
+            return txn.get(k)
+
+    def get_many(self, table, keys):
+        """Values as bytes for keys (one read transaction)."""
+        with self.env.begin(db=self.dbs[table]) as txn:
+            return [txn.get(k) for k in keys]
+
+    def read_rows(self, table, keys, out):
+        """Copy fixed-size records straight into the rows of `out` (no parsing)."""
+        row_bytes = out.dtype.itemsize * out.shape[1]
+        view = out.view(np.uint8).reshape(out.shape[0], row_bytes)
+        with self.env.begin(db=self.dbs[table], buffers=True) as txn:
+            get = txn.get
+            for i, k in enumerate(keys):
+                buf = get(k)
+                if buf is None:
+                    raise KeyError(k)
+                view[i] = np.frombuffer(buf, dtype=np.uint8)
+
+    def scan(self, table):
+        with self.env.begin(db=self.dbs[table]) as txn:
+            for k, v in txn.cursor():
+                yield k, v
+
+    def write(self, items):
+        """items: list of (table, key, value); one transaction."""
+        with self.env.begin(write=True) as txn:
+            for table, k, v in items:
+                txn.put(k, v, db=self.dbs[table])
+
+    def close(self):
+        self.env.close()
+
+
+class _LevelDbBackend:
+    name = "leveldb"
+
+    def __init__(self, path, readonly):
+        import plyvel
+        try:
+            self.db = plyvel.DB(str(path), create_if_missing=not readonly)
+        except plyvel.Error as err:
+            raise UserError(f"cannot open LevelDB feature store {path}: {err}") from err
+
+    @staticmethod
+    def _k(table, k):
+        return table.encode() + b"/" + k
+
+    def get(self, table, k):
+        return self.db.get(self._k(table, k))
+
+    def get_many(self, table, keys):
+        return [self.db.get(self._k(table, k)) for k in keys]
+
+    def read_rows(self, table, keys, out):
+        row_bytes = out.dtype.itemsize * out.shape[1]
+        view = out.view(np.uint8).reshape(out.shape[0], row_bytes)
+        prefix = table.encode() + b"/"
+        get = self.db.get
+        for i, k in enumerate(keys):
+            buf = get(prefix + k)
+            if buf is None:
+                raise KeyError(k)
+            view[i] = np.frombuffer(buf, dtype=np.uint8)
+
+    def scan(self, table):
+        prefix = table.encode() + b"/"
+        for k, v in self.db.iterator(prefix=prefix):
+            yield k[len(prefix):], v
+
+    def write(self, items):
+        # transaction=True: LevelDB applies the whole batch atomically.
+        with self.db.write_batch(transaction=True, sync=True) as wb:
+            for table, k, v in items:
+                wb.put(self._k(table, k), v)
+
+    def close(self):
+        self.db.close()
+
+
+_BACKENDS = {"lmdb": _LmdbBackend, "leveldb": _LevelDbBackend}
+
+
+class FeatureStore:
+    """A feature database made by extract.py (see the module docstring)."""
+
+    def __init__(self, path, backend, meta, readonly):
+        self.path = Path(path)
+        self._db = backend
+        self.meta = meta
+        self.readonly = readonly
+
+    # ---- opening ---------------------------------------------------------
+    @classmethod
+    def create(cls, path, meta, backend="lmdb"):
+        """A new, empty store. `meta` needs bits, fc7_dim; the rest is kept as given."""
+        path = Path(path)
+        if backend not in _BACKENDS:
+            raise UserError(f"unknown backend {backend!r}: use lmdb or leveldb")
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} exists and is not empty")
+        path.mkdir(parents=True, exist_ok=True)
+        meta = dict(meta)
+        for field in ("bits", "fc7_dim"):
+            if field not in meta:
+                raise ValueError(f"store meta needs {field}")
+        meta.setdefault("fc7_dtype", "float32")
+        meta.setdefault("threshold", 0.5)
+        meta.update(schema_version=SCHEMA_VERSION, backend=backend, count=0,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        db = _BACKENDS[backend](path, readonly=False)
+        db.write([("meta", META_KEY, json.dumps(meta, sort_keys=True).encode())])
+        return cls(path, db, meta, readonly=False)
+
+    @classmethod
+    def open(cls, path, readonly=True):
+        path = Path(path)
+        if not path.exists():
+            raise UserError(
+                f"feature database {path} does not exist: build it with "
+                f"`python python/extract.py IMAGES --deploy ... --weights ... --out {path}`")
+        backend = detect_backend(path)
+        if backend is None:
+            raise UserError(f"{path} is not a feature database (no LMDB or LevelDB files in it)")
+        db = _BACKENDS[backend](path, readonly=readonly)
+        raw = db.get("meta", META_KEY)
+        if raw is None:
+            db.close()
+            raise UserError(f"{path} has no metadata record: not a feature database made by extract.py")
+        meta = json.loads(raw)
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            db.close()
+            raise UserError(f"{path} has schema version {meta.get('schema_version')}, "
+                            f"this tool reads version {SCHEMA_VERSION}: re-extract it")
+        return cls(path, db, meta, readonly=readonly)
+
+    def close(self):
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- properties ------------------------------------------------------
+    @property
+    def count(self):
+        return int(self.meta["count"])
+
+    @property
+    def bits(self):
+        return int(self.meta["bits"])
+
+    @property
+    def fc7_dim(self):
+        return int(self.meta["fc7_dim"])
+
+    @property
+    def fc7_dtype(self):
+        return np.dtype(self.meta["fc7_dtype"]).newbyteorder("<")
+
+    @property
+    def code_bytes(self):
+        return (self.bits + 7) // 8
+
+    def fingerprint(self):
+        """Changes whenever records are added: count + creation time + path."""
+        return f"{self.meta.get('created')}|{self.count}|{self.meta.get('model', {})}"
+
+    # ---- writing ---------------------------------------------------------
+    def append(self, fc7, latent, codes, infos):
+        """Append a batch as one transaction. Returns the new ids."""
+        if self.readonly:
+            raise RuntimeError("store opened read-only")
+        n = len(infos)
+        fc7 = np.ascontiguousarray(fc7, dtype=self.fc7_dtype)
+        latent = np.ascontiguousarray(latent, dtype="<f4")
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if fc7.shape != (n, self.fc7_dim) or latent.shape != (n, self.bits) \
+                or codes.shape != (n, self.code_bytes):
+            raise ValueError(f"batch shapes {fc7.shape} {latent.shape} {codes.shape} "
+                             f"do not match the store ({self.fc7_dim}, {self.bits} bits)")
+        start = self.count
+        items = []
+        for j in range(n):
+            k = key(start + j)
+            items += [("fc7", k, fc7[j].tobytes()), ("latent", k, latent[j].tobytes()),
+                      ("code", k, codes[j].tobytes()),
+                      ("info", k, json.dumps(infos[j], sort_keys=True).encode())]
+        meta = dict(self.meta, count=start + n)
+        items.append(("meta", META_KEY, json.dumps(meta, sort_keys=True).encode()))
+        self._db.write(items)
+        self.meta = meta
+        return np.arange(start, start + n)
+
+    def update_meta(self, **fields):
+        meta = dict(self.meta, **fields)
+        self._db.write([("meta", META_KEY, json.dumps(meta, sort_keys=True).encode())])
+        self.meta = meta
+
+    # ---- reading ---------------------------------------------------------
+    def fc7(self, ids):
+        """fc7 rows for ids, as float32 (len(ids), fc7_dim)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        out = np.empty((len(ids), self.fc7_dim), dtype=self.fc7_dtype)
+        self._check_ids(ids)
+        self._db.read_rows("fc7", [key(int(i)) for i in ids], out)
+        return out.astype(np.float32, copy=False)
+
+    def latent(self, ids):
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        self._check_ids(ids)
+        out = np.empty((len(ids), self.bits), dtype="<f4")
+        self._db.read_rows("latent", [key(int(i)) for i in ids], out)
+        return out
+
+    def code_rows(self, ids):
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        self._check_ids(ids)
+        out = np.empty((len(ids), self.code_bytes), dtype=np.uint8)
+        self._db.read_rows("code", [key(int(i)) for i in ids], out)
+        return out
+
+    def codes(self):
+        """All codes, (count, code_bytes) uint8, in id order."""
+        out = np.empty((self.count, self.code_bytes), dtype=np.uint8)
+        n = 0
+        for k, v in self._db.scan("code"):
+            i = int(k)
+            if i < self.count:
+                out[i] = np.frombuffer(v, dtype=np.uint8)
+                n += 1
+        if n != self.count:
+            raise UserError(f"{self.path}: {self.count} images in metadata but {n} codes: "
+                            "the database is damaged; re-extract it")
+        return out
+
+    def infos(self, ids=None):
+        """info records (dict with path, label, seq) for ids, or all in id order."""
+        if ids is None:
+            result = [None] * self.count
+            for k, v in self._db.scan("info"):
+                i = int(k)
+                if i < self.count:
+                    result[i] = json.loads(v)
+            return result
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        self._check_ids(ids)
+        return [json.loads(v) for v in self._db.get_many("info", [key(int(i)) for i in ids])]
+
+    def labels(self):
+        return np.array([info["label"] for info in self.infos()], dtype=np.int64)
+
+    def stored_paths(self):
+        """Source paths already in the store (resume skips these)."""
+        return {info["path"] for info in self.infos()}
+
+    def _check_ids(self, ids):
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
+            raise UserError(f"image id out of range: the database holds ids 0..{self.count - 1}")
+
+
+def merge(shard_paths, out_path, backend="lmdb", batch=256):
+    """Join shard databases (extract.py --shard i/n) into one.
+
+    Records are ordered by their position in the full input list (`seq`),
+    so merged shards equal a single run over the same inputs.
+    """
+    shards = [FeatureStore.open(p) for p in shard_paths]
+    try:
+        base = shards[0].meta
+        for s in shards[1:]:
+            check_compatible(base, s.meta, what=f"shard {s.path}")
+        entries = []
+        for si, s in enumerate(shards):
+            for i, info in enumerate(s.infos()):
+                entries.append((info.get("seq", 0), info["path"], si, i))
+        entries.sort()
+        meta = {k: v for k, v in base.items()
+                if k not in ("count", "created", "schema_version", "backend", "shard")}
+        out = FeatureStore.create(out_path, meta, backend=backend)
+        for start in range(0, len(entries), batch):
+            chunk = entries[start:start + batch]
+            fc7 = np.stack([shards[si].fc7([i])[0] for _, _, si, i in chunk])
+            latent = np.stack([shards[si].latent([i])[0] for _, _, si, i in chunk])
+            codes = np.stack([shards[si].code_rows([i])[0] for _, _, si, i in chunk])
+            infos = [shards[si].infos([i])[0] for _, _, si, i in chunk]
+            out.append(fc7, latent, codes, infos)
+        out.close()
+    finally:
+        for s in shards:
+            s.close()
+
+
+# Fields that must agree for two databases (or a model and a database) to be
+# used together: different values mean different codes or features.
+COMPATIBILITY_FIELDS = ("bits", "fc7_dim", "threshold", "preprocessing", "fc7_dtype")
+
+
+def check_compatible(expected, actual, what="the model"):
+    """Raise UserError naming every field in which `actual` differs."""
+    diffs = []
+    for field in COMPATIBILITY_FIELDS:
+        if field in expected and field in actual and expected[field] != actual[field]:
+            diffs.append(f"{field}: database has {expected[field]!r}, {what} has {actual[field]!r}")
+    if diffs:
+        raise UserError(f"{what} does not match the feature database:\n  " + "\n  ".join(diffs)
+                        + "\nUse the deploy net and weights the database was built with, "
+                          "or extract a new database (--out NEW).")
+
+
+def model_fingerprint(path):
+    """sha1 of a file (deploy or weights), recorded in meta to detect mismatches."""
+    import hashlib
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def disk_bytes(path):
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+

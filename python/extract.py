@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Extract fc7 features and binary hash codes of a whole image collection.
+
+    python python/extract.py IMAGES --deploy prototxt/cifar_hash48_deploy.prototxt \
+        --weights runs/cifar_hash48/cifar_hash48.caffemodel \
+        --mean data/cifar10/cifar10_train_32_mean.npy --out db/cifar10_train_48.lmdb
+
+IMAGES is a folder (recursive; class subfolders give labels) or a list file
+of `path [label]` lines. Rerunning the same command adds only what is new;
+after an interrupted run it finishes the job. Unreadable images are listed in
+OUT.skipped.tsv and the exit status is 3 (0 when every image was stored).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.errors import UserError, run_main  # noqa: E402
+
+EXIT_SKIPPED = 3
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", help="image folder or list file of `path [label]` lines")
+    p.add_argument("--root", help="folder that relative paths of a list file start from")
+    p.add_argument("--deploy", required=True, help="deploy prototxt (blobs fc7 and latent)")
+    p.add_argument("--weights", required=True, help="trained .caffemodel")
+    p.add_argument("--mean", required=True,
+                   help="training mean: .npy, .binaryproto, or B,G,R values")
+    p.add_argument("--resize", type=int, default=None,
+                   help="squash-resize size before the centre crop (default: 256 for a "
+                        "227 input, else the input size) - must match the training LMDB")
+    p.add_argument("--out", required=True, help="feature database to create or extend")
+    p.add_argument("--backend", choices=["lmdb", "leveldb"], default="lmdb")
+    p.add_argument("--float16", action="store_true", help="store fc7 as float16 (half the size)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2,
+                   help="image decoding processes (0: decode in the main process)")
+    p.add_argument("--shard", help="I/N: process only every N-th image starting at I")
+    p.add_argument("--merge", nargs="+", metavar="SHARD_DB",
+                   help="instead of extracting, merge these shard databases into --out")
+    p.add_argument("--limit", type=int, help="only the first N images (for trials)")
+    add_gpu_argument(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.merge:
+        from dlbhc.store import merge
+        merge(args.merge, args.out, backend=args.backend)
+        print(f"merged {len(args.merge)} shards into {args.out}")
+        return 0
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    from dlbhc.model import HashNet
+    from dlbhc.pipeline import extract, parse_shard, skipped_list_path
+    shard = parse_shard(args.shard)
+    net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
+    report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
+                     workers=args.workers, backend=args.backend,
+                     fc7_dtype="float16" if args.float16 else "float32",
+                     shard=shard, limit=args.limit)
+    print(f"{args.out}: stored {report.stored} new images ({report.rate:.1f} img/s), "
+          f"{report.already} were already there, {len(report.skipped)} skipped "
+          f"({net.bits} bits, fc7 {net.fc7_dim})")
+    if report.skipped:
+        print(f"skipped images are listed in {skipped_list_path(args.out)}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

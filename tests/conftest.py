@@ -1,0 +1,5 @@
+"""Make the project's library package (python/dlbhc) importable in tests."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
