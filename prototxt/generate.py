@@ -30,11 +30,15 @@ NUM_CLASSES = 10  # CIFAR-10; change with --num-classes in train.py users' own c
 # A tiny prototxt writer: nested dicts/lists -> Caffe's text format.
 
 
-def _value(v):
+# Fields whose values are protobuf enums (written bare, not quoted).
+ENUM_FIELDS = {"pool", "phase", "backend", "solver_mode"}
+
+
+def _value(v, key=None):
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return v if v.isupper() and v.replace("_", "").isalpha() else f'"{v}"'
+        return v if key in ENUM_FIELDS else f'"{v}"'
     if isinstance(v, float):
         return repr(v) if abs(v) >= 1e-4 or v == 0 else f"{v:g}"
     return str(v)
@@ -51,7 +55,7 @@ def _render(fields, indent=0):
                 lines.extend(_render(item[1], indent + 1))
                 lines.append(f"{pad}}}")
             else:
-                lines.append(f"{pad}{key}: {_value(item)}")
+                lines.append(f"{pad}{key}: {_value(item, key)}")
     return lines
 
 

@@ -43,6 +43,59 @@ class Preprocessing:
                    raw_scale=float(d.get("raw_scale", 255.0)))
 
 
+def parse_net_text(path):
+    """NetParameter from a prototxt, or UserError saying where it is wrong."""
+    caffe = import_caffe()
+    from google.protobuf import text_format
+    net = caffe.proto.caffe_pb2.NetParameter()
+    try:
+        text_format.Merge(Path(path).read_text(), net)
+    except (text_format.ParseError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a valid Caffe prototxt: {err}") from None
+    return net
+
+
+def layer_param_shapes(net_param):
+    """{layer name: [blob shapes]} of a NetParameter holding weights."""
+    return {layer.name: [tuple(b.shape.dim) if b.HasField("shape")
+                         else tuple(d for d in (b.num, b.channels, b.height, b.width))
+                         for b in layer.blobs]
+            for layer in net_param.layer if layer.blobs}
+
+
+def _squeezed(shape):
+    # Old caffemodels store 4-d (num, channels, height, width) shapes with
+    # leading 1s where current nets use 2-d or 1-d blobs: compare without them.
+    return tuple(int(d) for d in shape if d != 1)
+
+
+def check_weights_match(deploy, weights):
+    """Refuse weights whose layers have other shapes than the deploy net's."""
+    caffe = import_caffe()
+    parse_net_text(deploy)  # a syntax error gets a message, not an abort
+    trained = caffe.proto.caffe_pb2.NetParameter()
+    try:
+        trained.ParseFromString(Path(weights).read_bytes())
+    except Exception as err:
+        raise UserError(f"{weights} is not a Caffe .caffemodel: {err}") from None
+    if not trained.layer:
+        raise UserError(f"{weights} holds no layers: not a (current-format) .caffemodel")
+    trained_shapes = layer_param_shapes(trained)
+    # The shapes the deploy net expects, from the net built without weights.
+    net = caffe.Net(str(deploy), caffe.TEST)
+    problems = []
+    for name, params in net.params.items():
+        expected = [tuple(p.data.shape) for p in params]
+        have = trained_shapes.get(name)
+        if have is None:
+            problems.append(f"layer {name}: no weights in {Path(weights).name}")
+        elif [_squeezed(s) for s in have] != [_squeezed(s) for s in expected]:
+            problems.append(f"layer {name}: weights have shapes {have}, the net needs {expected}")
+    if problems:
+        raise UserError(f"{weights} does not fit {deploy}:\n  " + "\n  ".join(problems[:8])
+                        + "\nUse the weights trained with this net (same bits and layers).")
+
+
 def load_mean_bgr(mean):
     """Per-channel BGR mean from a .npy (C,H,W or C), a .binaryproto, or
     'B,G,R' values."""
@@ -128,10 +181,11 @@ class HashNet:
         caffe = set_mode(gpu)
         self.deploy = str(deploy)
         self.weights = str(weights)
-        try:
-            self.net = caffe.Net(self.deploy, caffe.TEST, weights=self.weights)
-        except Exception as err:
-            raise UserError(f"Caffe could not load {deploy} with {weights}: {err}") from err
+        # Caffe aborts the whole process (glog FATAL) on a malformed prototxt
+        # or a weight shape mismatch, so both are checked here first, where a
+        # clear message can still be given.
+        check_weights_match(self.deploy, self.weights)
+        self.net = caffe.Net(self.deploy, caffe.TEST, weights=self.weights)
         for blob in (FEATURE_BLOB, LATENT_BLOB):
             if blob not in self.net.blobs:
                 raise UserError(f"{deploy} has no blob '{blob}': the deploy net must expose "
