@@ -56,21 +56,34 @@ prototxt: venv
 	$(PY) prototxt/generate.py
 
 # ---- data and weights --------------------------------------------------------
-data: caffe
+# File targets: each step runs once; its output appears only when complete.
+CIFAR_READY   := $(CIFAR_DIR)/cifar10.complete.json
+TRAIN32       := $(CIFAR_DIR)/cifar10_train_32_lmdb/data.mdb
+TEST32        := $(CIFAR_DIR)/cifar10_test_32_lmdb/data.mdb
+TRAIN256      := $(CIFAR_DIR)/cifar10_train_256_lmdb/data.mdb
+TEST256       := $(CIFAR_DIR)/cifar10_test_256_lmdb/data.mdb
+
+$(CIFAR_READY): | venv
 	$(PY) data/get_cifar10.py --dest $(CIFAR_DIR)
-	$(PY) data/convert_imageset.py $(CIFAR_DIR)/train.txt --root $(CIFAR_DIR) \
-	    $(CIFAR_DIR)/cifar10_train_32_lmdb --size 32 --shuffle-seed 1 \
-	    --mean $(CIFAR_DIR)/cifar10_train_32_mean
-	$(PY) data/convert_imageset.py $(CIFAR_DIR)/test.txt --root $(CIFAR_DIR) \
-	    $(CIFAR_DIR)/cifar10_test_32_lmdb --size 32
+
+$(TRAIN32): $(CIFAR_READY) | caffe
+	$(PY) data/convert_imageset.py $(CIFAR_DIR)/train.txt $(dir $@) --size 32 \
+	    --shuffle-seed 1 --mean $(CIFAR_DIR)/cifar10_train_32_mean --overwrite
+
+$(TEST32): $(CIFAR_READY) | caffe
+	$(PY) data/convert_imageset.py $(CIFAR_DIR)/test.txt $(dir $@) --size 32 --overwrite
+
+$(TRAIN256): $(CIFAR_READY) | caffe
+	$(PY) data/convert_imageset.py $(CIFAR_DIR)/train.txt $(dir $@) --size 256 \
+	    --shuffle-seed 1 --mean $(CIFAR_DIR)/cifar10_train_256_mean --overwrite
+
+$(TEST256): $(CIFAR_READY) | caffe
+	$(PY) data/convert_imageset.py $(CIFAR_DIR)/test.txt $(dir $@) --size 256 --overwrite
+
+data: $(TRAIN32) $(TEST32)
 
 # The 256x256 LMDBs AlexNet fine-tunes on (about 12 GB for CIFAR-10).
-data-alexnet: data
-	$(PY) data/convert_imageset.py $(CIFAR_DIR)/train.txt --root $(CIFAR_DIR) \
-	    $(CIFAR_DIR)/cifar10_train_256_lmdb --size 256 --shuffle-seed 1 \
-	    --mean $(CIFAR_DIR)/cifar10_train_256_mean
-	$(PY) data/convert_imageset.py $(CIFAR_DIR)/test.txt --root $(CIFAR_DIR) \
-	    $(CIFAR_DIR)/cifar10_test_256_lmdb --size 256
+data-alexnet: $(TRAIN256) $(TEST256)
 
 weights: venv
 	$(PY) python/get_weights.py bvlc_alexnet
@@ -88,3 +101,33 @@ train: caffe
 
 clean-runs:
 	rm -rf runs
+
+# ---- the end-to-end demo -------------------------------------------------------
+# Small net, 48 bits, a short schedule on the CPU; everything under runs/demo/.
+DEMO_ITER ?= 1000
+DEMO_DIR  := runs/demo/cifar_hash48
+DEMO_NET  := prototxt/cifar_hash48_deploy.prototxt
+DEMO_MEAN := $(CIFAR_DIR)/cifar10_train_32_mean.npy
+
+demo: data
+	$(PY) python/train.py --net cifar --bits 48 --max-iter $(DEMO_ITER) --runs-dir runs/demo
+	$(PY) python/extract.py $(CIFAR_DIR)/train.txt --out $(DEMO_DIR)/db_train.lmdb \
+	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel --mean $(DEMO_MEAN)
+	$(PY) python/extract.py $(CIFAR_DIR)/test.txt --out $(DEMO_DIR)/db_test.lmdb \
+	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel --mean $(DEMO_MEAN)
+	$(PY) python/retrieve.py $(CIFAR_DIR)/$$(head -n 1 $(CIFAR_DIR)/test.txt | cut -d' ' -f1) \
+	    --db $(DEMO_DIR)/db_train.lmdb --top-k 1000 --show 10 --montage $(DEMO_DIR)/montage.png
+	$(PY) python/evaluate.py --database $(DEMO_DIR)/db_train.lmdb \
+	    --queries $(DEMO_DIR)/db_test.lmdb --k 1000 --out-dir $(DEMO_DIR)/evaluation
+	@echo "demo done: $(DEMO_DIR)/montage.png, $(DEMO_DIR)/evaluation/"
+
+# ---- benchmarks (not tests: they time and measure; see README) -----------------
+bench-extract: data
+	$(PY) benchmarks/bench_extract.py --net cifar --images 20000
+	$(PY) benchmarks/bench_extract.py --net alexnet --images 1500
+
+bench-search: venv
+	$(PY) benchmarks/bench_search.py
+
+bench-map: data
+	benchmarks/bench_cifar_map.sh

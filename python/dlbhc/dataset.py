@@ -82,7 +82,11 @@ def get_cifar10(dest_dir, archive=None, url=CIFAR10_URL, stream=None):
     dest = Path(dest_dir)
     marker = dest / COMPLETE_MARKER
     if marker.is_file():
-        info = json.loads(marker.read_text())
+        try:
+            info = json.loads(marker.read_text())
+            info["train"], info["test"], info["format"], info["archive"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{marker} is damaged; delete {dest} and run again") from None
         print(f"{dest} is already complete ({info['train']} train, {info['test']} "
               f"test images); delete it to rebuild", file=stream)
         return CifarResult(dest, info["train"], info["test"], info["format"],

@@ -59,7 +59,16 @@ class _LmdbBackend:
             self.env = lmdb.open(str(path), map_size=LMDB_MAP_SIZE, max_dbs=len(TABLES),
                                  readonly=readonly, readahead=False, subdir=True,
                                  create=not readonly)
-            self.dbs = {t: self.env.open_db(t.encode(), create=not readonly) for t in TABLES}
+            if readonly:
+                self.dbs = {t: self.env.open_db(t.encode(), create=False) for t in TABLES}
+            else:
+                # All tables in one transaction: a reader sees all or none of them.
+                with self.env.begin(write=True) as txn:
+                    self.dbs = {t: self.env.open_db(t.encode(), txn=txn, create=True)
+                                for t in TABLES}
+        except lmdb.NotFoundError:
+            raise UserError(f"{path} is not a complete feature database (its tables are "
+                            "missing): it may still be being created") from None
         except lmdb.Error as err:
             raise UserError(f"cannot open LMDB feature store {path}: {err}") from err
 

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Search speed benchmark: dlbhc.index against faiss and a numpy full scan.
+
+    .venv/bin/python benchmarks/bench_search.py                  # ~4-5 min, 2 cores
+    .venv/bin/python benchmarks/bench_search.py --sizes 100000 --bits 48 --queries 100
+    .venv/bin/python benchmarks/bench_search.py --calibrate      # index.py cost model
+
+For every database size N and code length, one process measures, query by
+query and in rotating order (so machine load hits every method alike), the
+latency of a top-k search without the CNN:
+
+    coarse    HashIndex.coarse(q, min_candidates): every image within the
+              smallest Hamming radius holding >= min_candidates images
+    rerank    HashIndex.search: coarse + fc7 of every candidate read from a
+              real LMDB feature store (dlbhc.store.FeatureStore.fc7, one read
+              transaction per query) + Euclidean re-rank; "fc7 read" is the
+              store's share of it
+    faiss     faiss.IndexBinaryFlat exhaustive top-k on the same codes
+              (faiss.omp_set_num_threads(--threads), 1 by default: numpy runs
+              single-threaded too); skipped for bits not a multiple of 8
+    numpy     full scan: Hamming distance to all N codes + argpartition top-k
+
+Before timing, every query runs once through coarse, rerank and faiss, so
+the figures are warm (store pages in the page cache, code paths loaded).
+
+Synthetic data (the distribution hash codes of a trained net have: images of
+one kind share nearly the same code, and kinds are unequally common):
+  * --centres cluster centres, uniform random codes (each bit 1 w.p. 1/2);
+  * each image picks centre i (i = 1..C) with probability proportional to
+    1 / i ** --zipf (Zipf sizes: with C = 1000, s = 1 the largest cluster
+    holds ~13% of the images, the smallest ~0.013%);
+  * its code is the centre with f ~ Poisson(--mean-flips) bit flips at
+    uniformly random positions (drawn with replacement: a position drawn
+    twice flips back);
+  * queries are further draws from the same process, not in the database;
+  * ids are in draw order, so a cluster's images are spread over the ids.
+  * fc7 rows are taken from a fixed pool of 4096 random non-negative vectors
+    (row i = pool[i % 4096]); their values do not change any timing.
+The feature store holds fc7 of --fc7-dim values; the default ("auto") is the
+largest of 4096, 2048, ..., 128 for which N rows fit --fc7-budget-mb, so the
+largest N uses a reduced dimension (printed with every row of the table).
+One store per N serves every code length (only its fc7 table is read).
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from dlbhc import index as hindex  # noqa: E402
+from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.progress import Progress  # noqa: E402
+from dlbhc.store import FeatureStore, disk_bytes  # noqa: E402
+
+FC7_POOL_ROWS = 4096
+FC7_DIMS = (4096, 2048, 1024, 512, 256, 128)
+METHODS = ("coarse", "rerank", "faiss", "numpy")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100000,1000000,2500000",
+                   help="database sizes N, comma separated (default %(default)s)")
+    p.add_argument("--bits", default="128,48", help="code lengths (default %(default)s)")
+    p.add_argument("--queries", type=int, default=200, help="timed queries per configuration")
+    p.add_argument("--k", type=int, default=1000, help="top-k returned (default %(default)s)")
+    p.add_argument("--min-candidates", type=int, default=None,
+                   help="coarse stage gathers at least this many images (default: k, "
+                        "so the re-rank sees at least k candidates)")
+    p.add_argument("--centres", type=int, default=1000)
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of cluster sizes")
+    p.add_argument("--mean-flips", type=float, default=3.0)
+    p.add_argument("--fc7-dim", default="auto", help="fc7 values per image, or auto")
+    p.add_argument("--fc7-budget-mb", type=float, default=2600,
+                   help="auto fc7 dim: largest whose N rows fit this (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="where feature stores are written (default: a temp "
+                                     "folder, deleted at the end); kept and reused if given")
+    p.add_argument("--json", default="out/bench_search.json",
+                   help="results file (default %(default)s)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the unit costs of index.py's cost model and exit")
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",")]
+        args.bits = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        raise UserError("--sizes and --bits take comma-separated integers") from None
+    if args.queries < 1 or args.k < 1 or min(args.sizes) < 1:
+        raise UserError("--queries, --k and --sizes must be positive")
+    for b in args.bits:
+        if not 1 <= b <= hindex.MAX_BITS:
+            raise UserError(f"--bits {b}: must be in 1..{hindex.MAX_BITS}")
+    return args
+
+
+# ---- data ------------------------------------------------------------------
+def synthetic_codes(n, n_queries, bits, rng, centres, zipf, mean_flips):
+    """(database codes (n, B), query codes (n_queries, B)): see the module docstring."""
+    centre_codes = np.packbits(rng.random((centres, bits)) < 0.5, axis=1)
+    weights = 1.0 / np.arange(1, centres + 1) ** zipf
+    total = n + n_queries
+    cluster = rng.choice(centres, size=total, p=weights / weights.sum())
+    codes = centre_codes[cluster]
+    flips = rng.poisson(mean_flips, total)
+    rows = np.repeat(np.arange(total), flips)
+    pos = rng.integers(0, bits, len(rows))
+    np.bitwise_xor.at(codes, (rows, pos // 8), (1 << (7 - pos % 8)).astype(np.uint8))
+    return codes[:n], codes[n:]
+
+
+def fc7_pool(dim, rng):
+    return np.abs(rng.standard_normal((FC7_POOL_ROWS, dim))).astype(np.float32)
+
+
+def choose_fc7_dim(n, args):
+    if args.fc7_dim != "auto":
+        return int(args.fc7_dim)
+    budget = args.fc7_budget_mb * 1e6
+    for dim in FC7_DIMS:
+        if n * dim * 4 <= budget:
+            return dim
+    return FC7_DIMS[-1]
+
+
+def open_or_write_store(path, n, dim, bits, codes, pool):
+    """A FeatureStore of n images with fc7 rows pool[i % len(pool)], written
+    with the store's own writer (reused when a previous run left it complete)."""
+    path = Path(path)
+    if path.exists():
+        try:
+            store = FeatureStore.open(path)
+            if store.count == n and store.fc7_dim == dim:
+                return store, 0.0
+            store.close()
+        except UserError:
+            pass
+        shutil.rmtree(path)
+    start = time.perf_counter()
+    store = FeatureStore.create(path, {"bits": bits, "fc7_dim": dim, "synthetic": True})
+    batch = 20000
+    progress = Progress(n, label=f"writing fc7 store N={n} dim={dim}", interval=10)
+    for lo in range(0, n, batch):
+        hi = min(n, lo + batch)
+        ids = np.arange(lo, hi)
+        latent = np.unpackbits(codes[lo:hi], axis=1, count=bits).astype(np.float32)
+        store.append(pool[ids % len(pool)], latent, codes[lo:hi],
+                     [{"path": "", "label": -1, "seq": int(i)} for i in ids])
+        progress.update(hi - lo)
+    progress.close()
+    store.close()
+    return FeatureStore.open(path), time.perf_counter() - start
+
+
+# ---- measurements ----------------------------------------------------------
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary(ms):
+    ms = np.asarray(ms, dtype=np.float64)
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "mean": float(ms.mean()), "max": float(ms.max())}
+
+
+class NumpyScan:
+    """Baseline: Hamming distance to every code, argpartition, sort the top k."""
+
+    def __init__(self, codes):
+        words = hindex._to_words(codes)
+        self.columns = hindex._word_columns(words)
+        self.bits = 8 * codes.shape[1]
+
+    def search(self, query_code, k):
+        qwords = hindex._to_words(query_code[None, :])[0]
+        d = hindex._distances_to(self.columns, qwords, hindex._dist_dtype(self.bits))
+        k = min(k, len(d))
+        top = np.argpartition(d, k - 1)[:k]
+        return top[np.lexsort((top, d[top]))]
+
+
+def bench_config(n, bits, store, args, rng, faiss):
+    codes, queries = synthetic_codes(n, args.queries, bits, rng, args.centres, args.zipf,
+                                     args.mean_flips)
+    q_fc7 = fc7_pool(store.fc7_dim, rng)[rng.integers(0, FC7_POOL_ROWS, args.queries)]
+    k = args.k
+    m = args.min_candidates or k
+
+    start = time.perf_counter()
+    index = hindex.HashIndex.build(codes, bits)
+    build_s = time.perf_counter() - start
+
+    fx = None
+    faiss_build_s = None
+    if faiss is not None and bits % 8 == 0:
+        start = time.perf_counter()
+        fx = faiss.IndexBinaryFlat(bits)
+        fx.add(codes)
+        faiss_build_s = time.perf_counter() - start
+    scan = NumpyScan(codes)
+
+    read_ms = []
+
+    def fc7_lookup(ids):
+        t = time.perf_counter()
+        rows = store.fc7(ids)
+        read_ms.append((time.perf_counter() - t) * 1e3)
+        return rows
+
+    def run(method, i):
+        if method == "coarse":
+            return index.coarse(queries[i], m)
+        if method == "rerank":
+            return index.search(queries[i], q_fc7[i], fc7_lookup, k, min_candidates=m)
+        if method == "faiss":
+            return fx.search(queries[i][None, :], k)
+        return scan.search(queries[i], k)
+
+    methods = [mt for mt in METHODS if mt != "faiss" or fx is not None]
+    # Warm-up pass (page cache, lazily built flip masks); also checks that the
+    # coarse stage agrees with faiss on the Hamming distances of the top k.
+    agree = True
+    for i in range(args.queries):
+        coarse = run("coarse", i)
+        run("rerank", i)
+        if fx is not None:
+            dist, _ = run("faiss", i)
+            kk = min(k, len(coarse.hamming))
+            agree &= bool(np.array_equal(np.sort(dist[0][:kk]), coarse.hamming[:kk]))
+    read_ms.clear()
+
+    times = {mt: [] for mt in methods}
+    candidates, radius = [], []
+    for i in range(args.queries):
+        shift = i % len(methods)
+        for mt in methods[shift:] + methods[:shift]:
+            t = time.perf_counter()
+            result = run(mt, i)
+            times[mt].append((time.perf_counter() - t) * 1e3)
+            if mt == "rerank":
+                candidates.append(result.candidates)
+                radius.append(result.radius)
+
+    row = {
+        "n": n, "bits": bits, "fc7_dim": store.fc7_dim, "k": k, "min_candidates": m,
+        "buckets": index.n_buckets, "pivots": index.n_pivots,
+        "build_s": build_s, "faiss_build_s": faiss_build_s,
+        "index_bytes": index.memory_bytes(), "codes_bytes": int(codes.nbytes),
+        "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
+        "faiss_agrees": agree if fx is not None else None,
+        "candidates": {"p50": float(np.median(candidates)),
+                       "p90": float(np.percentile(candidates, 90)),
+                       "max": int(np.max(candidates))},
+        "radius": {"p50": float(np.median(radius)), "max": int(np.max(radius))},
+        "fc7_read_ms": summary(read_ms),
+        "latency_ms": {mt: summary(v) for mt, v in times.items()},
+    }
+    del fx, index, scan
+    return row
+
+
+def format_rows(rows):
+    head = (f"{'N':>9} {'bits':>4} {'fc7':>5} {'U':>9} {'build s':>7} {'idx MB':>7} "
+            f"{'RSS MB':>7} {'cand p50':>8} | {'coarse':>13} {'rerank':>13} {'fc7 read':>13} "
+            f"{'faiss':>13} {'numpy':>13}")
+    lines = ["latency in ms as p50/p99", head, "-" * len(head)]
+    for r in rows:
+        lat = r["latency_ms"]
+
+        def cell(s):
+            return f"{s['p50']:6.2f}/{s['p99']:6.2f}" if s else f"{'-':>13}"
+        lines.append(
+            f"{r['n']:>9} {r['bits']:>4} {r['fc7_dim']:>5} {r['buckets']:>9} {r['build_s']:>7.1f} "
+            f"{r['index_bytes'] / 1e6:>7.1f} {r['rss_mb']:>7.0f} {r['candidates']['p50']:>8.0f} | "
+            f"{cell(lat['coarse'])} {cell(lat['rerank'])} {cell(r['fc7_read_ms'])} "
+            f"{cell(lat.get('faiss'))} {cell(lat['numpy'])}")
+    return "\n".join(lines)
+
+
+def check_targets(rows):
+    """The speed bar: at N=2.5M, 128 bits, coarse p50 no slower than faiss,
+    coarse + re-rank p50 <= 10 ms."""
+    verdicts = []
+    for r in rows:
+        if r["n"] == 2_500_000 and r["bits"] == 128 and "faiss" in r["latency_ms"]:
+            lat = r["latency_ms"]
+            verdicts.append({
+                "coarse_p50_ms": lat["coarse"]["p50"], "faiss_p50_ms": lat["faiss"]["p50"],
+                "coarse_not_slower_than_faiss": lat["coarse"]["p50"] <= lat["faiss"]["p50"],
+                "rerank_p50_ms": lat["rerank"]["p50"],
+                "rerank_p50_within_10ms": lat["rerank"]["p50"] <= 10.0,
+                "fc7_dim": r["fc7_dim"]})
+    return verdicts
+
+
+# ---- cost model calibration --------------------------------------------------
+def calibrate(args, rng):
+    """Measure the unit costs (ns) behind index.py's cost model, per code length."""
+    n = max(args.sizes)
+    print(f"unit costs in ns at N={n} (best of 3 passes over {args.queries} queries)")
+    print(f"{'bits':>5} {'words':>5} {'U':>9} {'probe':>8} {'gather':>8} {'scan':>8} {'step':>9}")
+    for bits in args.bits:
+        codes, queries = synthetic_codes(n, args.queries, bits, rng, args.centres, args.zipf,
+                                         args.mean_flips)
+        index = hindex.HashIndex.build(codes, bits)
+        qwords = [hindex._query_words(q, bits) for q in queries]
+        r = 2 if math.comb(bits, 2) <= hindex.MAX_SHELL_PROBES else 1
+        index._probe_shell(qwords[0], r)   # builds the flip masks outside the timing
+
+        def per_item(fn, items):
+            best = math.inf
+            for _ in range(3):
+                t = time.perf_counter()
+                for qw in qwords:
+                    fn(qw)
+                best = min(best, time.perf_counter() - t)
+            return best / (len(qwords) * items) * 1e9
+
+        probe = per_item(lambda qw: index._probe_shell(qw, r), math.comb(bits, r))
+        # A gathered scan of a sorted subset (what pivot runs are), with the
+        # per-bucket bookkeeping of HashIndex._scan (weights, histogram, mask).
+        subset = np.sort(rng.choice(index.n_buckets, size=min(index.n_buckets, 200_000),
+                                    replace=False))
+
+        def gathered(qw):
+            d = index._bucket_distances(subset, qw)
+            np.bincount(d, weights=index._sizes_f[subset], minlength=bits + 1)
+            return subset[d <= 3]
+        gather = per_item(gathered, len(subset))
+        full = per_item(lambda qw: index._full_scan(qw, 1, bits), index.n_buckets)
+
+        def step(qw):
+            # The fixed part of one growing step: bounds search, runs of the
+            # active groups, a (tiny) distance + histogram pass.
+            bounds = hindex._PivotBounds(index, qw)
+            rr = bounds.radius_lower_bound(1, 0, bits)
+            lo, hi = bounds.cells(rr)
+            b = hindex._concat_ranges(index.band_cum[lo], index.band_cum[hi])[:1]
+            d = index._bucket_distances(b, qw)
+            np.cumsum(np.bincount(d, weights=index._sizes_f[b], minlength=bits + 1))
+        step_ns = per_item(step, 1)
+        print(f"{bits:>5} {index.n_words:>5} {index.n_buckets:>9} {probe:>8.1f} {gather:>8.1f} "
+              f"{full:>8.1f} {step_ns:>9.0f}", flush=True)
+        del index, codes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    if args.calibrate:
+        calibrate(args, rng)
+        return 0
+    try:
+        import faiss
+    except ImportError:
+        print("faiss is not installed: the faiss column stays empty", file=sys.stderr)
+        faiss = None
+    if faiss is not None:
+        faiss.omp_set_num_threads(args.threads)
+    print(f"numpy {np.__version__}, faiss {getattr(faiss, '__version__', '-')} with "
+          f"{args.threads} thread(s); {os.cpu_count()} cores; queries {args.queries}, "
+          f"k {args.k}, min_candidates {args.min_candidates or args.k}; clusters "
+          f"{args.centres}, zipf {args.zipf}, mean flips {args.mean_flips}", flush=True)
+
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="bench_search_") if own_workdir else args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for n in args.sizes:
+            dim = choose_fc7_dim(n, args)
+            # The store gets the codes of the first code length; only its
+            # fc7 table is read by the benchmark.
+            store_codes, _ = synthetic_codes(n, 0, args.bits[0], np.random.default_rng(
+                [args.seed, n]), args.centres, args.zipf, args.mean_flips)
+            store, write_s = open_or_write_store(workdir / f"fc7_n{n}_d{dim}.lmdb", n, dim,
+                                                 args.bits[0], store_codes,
+                                                 fc7_pool(dim, np.random.default_rng(args.seed)))
+            del store_codes
+            try:
+                print(f"N={n}: fc7 store {dim} values/image, {disk_bytes(store.path) / 1e9:.2f} GB"
+                      + (f", written in {write_s:.0f} s" if write_s else " (reused)"), flush=True)
+                for bits in args.bits:
+                    row = bench_config(n, bits, store, args,
+                                       np.random.default_rng([args.seed, n, bits]), faiss)
+                    row["store_write_s"] = write_s
+                    rows.append(row)
+                    print(format_rows([row]).splitlines()[-1], flush=True)
+            finally:
+                store.close()
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(format_rows(rows))
+    verdicts = check_targets(rows)
+    for v in verdicts:
+        print(f"target N=2.5M 128 bits (fc7 dim {v['fc7_dim']}): coarse p50 "
+              f"{v['coarse_p50_ms']:.2f} ms vs faiss {v['faiss_p50_ms']:.2f} ms -> "
+              f"{'met' if v['coarse_not_slower_than_faiss'] else 'NOT met'}; coarse+rerank "
+              f"p50 {v['rerank_p50_ms']:.2f} ms -> "
+              f"{'met' if v['rerank_p50_within_10ms'] else 'NOT met'} (<= 10 ms)")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+                               "results": rows, "targets": verdicts}, indent=2))
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Find the images of a feature database most similar to a query image.
+
+    python python/retrieve.py query.jpg --db runs/cifar_hash48/db_train.lmdb
+    python python/retrieve.py --id 17 --db DB --top-k 1000 --json
+    python python/retrieve.py --queries list.txt --db DB --json > answers.json
+    python python/retrieve.py query.jpg --db DB --montage results.png
+
+Coarse-to-fine, as the paper: the database images in the query's code bucket
+and the buckets at Hamming distance 1, 2, ... until at least --candidates
+images (or --max-radius), re-ranked by fc7 Euclidean distance. The query is
+prepared with the preprocessing recorded in the database, by the net recorded
+there (or --deploy/--weights, which must match it).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.errors import UserError, run_main  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("query", nargs="*", help="query image file(s)")
+    p.add_argument("--db", required=True, help="feature database made by extract.py")
+    p.add_argument("--id", type=int, action="append", default=[],
+                   help="use the database's own image ID as the query (repeatable); "
+                        "the image itself is left out of its results")
+    p.add_argument("--queries", help="list file of query images (`path [label]` lines)")
+    p.add_argument("--root", help="folder that relative paths in --queries start from")
+    p.add_argument("--top-k", type=int, default=10, help="results per query (up to 1000+)")
+    p.add_argument("--show", type=int, default=10, help="rows printed per query (table)")
+    p.add_argument("--candidates", type=int,
+                   help="coarse stage gathers at least this many (default 2 x top-k)")
+    p.add_argument("--max-radius", type=int, help="never look beyond this Hamming radius")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--montage", metavar="PNG", help="write a picture of the results "
+                   "(the first query's; with several queries, one PNG each: NAME_0.png ...)")
+    p.add_argument("--deploy", help="deploy prototxt (default: the one the database records)")
+    p.add_argument("--weights", help="weights (default: the ones the database records)")
+    add_gpu_argument(p)
+    args = p.parse_args(argv)
+    if not (args.query or args.id or args.queries):
+        p.error("give a query image, --id N or --queries LIST")
+    if args.top_k < 1:
+        p.error("--top-k must be at least 1")
+    return args
+
+
+def montage_paths(base, n):
+    base = Path(base)
+    if n == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}_{i}{base.suffix or '.png'}") for i in range(n)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from dlbhc.images import list_images
+    from dlbhc.retrieval import Retriever, format_table, montage, to_json
+    retriever = Retriever(args.db)
+    try:
+        image_queries = [(str(q), -1) for q in args.query]
+        if args.queries:
+            items = list_images(args.queries, root=args.root).items
+            image_queries += [(str(it.path), int(it.label)) for it in items]
+        answers = []
+        search = dict(k=args.top_k, candidates=args.candidates, max_radius=args.max_radius)
+        for image_id in args.id:
+            fc7, code = retriever.features_of_id(image_id)
+            info = retriever.store.infos([image_id])[0]
+            answers.append(retriever.search(code, fc7, query=f"id {image_id}: {info['path']}",
+                                            query_label=int(info["label"]), exclude_id=image_id,
+                                            query_path=info["path"], **search))
+        if image_queries:
+            for q, _ in image_queries:
+                if not Path(q).is_file():
+                    raise UserError(f"query image {q} does not exist")
+            retriever.load_model(args.deploy, args.weights, gpu=args.gpu)
+            batch = 50
+            for start in range(0, len(image_queries), batch):
+                chunk = image_queries[start:start + batch]
+                fc7s, codes = retriever.features_of_images([q for q, _ in chunk])
+                for (q, label), fc7, code in zip(chunk, fc7s, codes):
+                    answers.append(retriever.search(code, fc7, query=q, query_label=label,
+                                                    **search))
+        if args.json:
+            print(to_json(answers))
+        else:
+            print("\n\n".join(format_table(a, args.show) for a in answers))
+        if args.montage:
+            for answer, path in zip(answers, montage_paths(args.montage, len(answers))):
+                montage(answer, path, shown=min(args.show, args.top_k))
+                print(f"montage: {path}", file=sys.stderr)
+    finally:
+        retriever.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,257 @@
+"""Issue: bulk extraction into the feature store (extract.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRACT = ROOT / "python" / "extract.py"
+MEAN = "104,117,123"
+
+
+@pytest.fixture(scope="module")
+def caffe():
+    from dlbhc.caffe_env import import_caffe
+    caffe = import_caffe()
+    caffe.set_mode_cpu()
+    return caffe
+
+
+def make_tiny_net(caffe, folder, bits=12, size=24, seed=0, fc7=32):
+    """A deploy net with the project's blob names and random weights."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[4, 3, size, size]))
+    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2)
+    n.relu1 = L.ReLU(n.conv1, in_place=True)
+    n.fc7 = L.InnerProduct(n.conv1, num_output=fc7)
+    n.relu7 = L.ReLU(n.fc7, in_place=True)
+    n.fc8_latent = L.InnerProduct(n.fc7, num_output=bits)
+    n.latent = L.Sigmoid(n.fc8_latent)
+    n.fc9_classifier = L.InnerProduct(n.latent, num_output=3)
+    deploy = folder / f"tiny{bits}_{fc7}_deploy.prototxt"
+    deploy.write_text(str(n.to_proto()))
+    net = caffe.Net(str(deploy), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    for params in net.params.values():
+        params[0].data[...] = rng.normal(0, 0.05, size=params[0].data.shape)
+        params[1].data[...] = rng.normal(0, 0.05, size=params[1].data.shape)
+    weights = folder / f"tiny{bits}_{fc7}_s{seed}.caffemodel"
+    net.save(str(weights))
+    return deploy, weights
+
+
+def make_images(folder, n, classes=("cats", "dogs"), size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+        path = folder / cls / f"img{i:04d}.png"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_extract(args, check=True, **kw):
+    out = subprocess.run([sys.executable, str(EXTRACT), *map(str, args)],
+                         capture_output=True, text=True, timeout=300, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(caffe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    deploy, weights = make_tiny_net(caffe, folder)
+    return deploy, weights
+
+
+def model_args(tiny):
+    deploy, weights = tiny
+    return ["--deploy", deploy, "--weights", weights, "--mean", MEAN, "--batch-size", 4]
+
+
+def test_store_fields_codes_and_fc7_match_pycaffe(caffe, tiny, tmp_path):
+    from dlbhc.store import FeatureStore
+    images = make_images(tmp_path / "imgs", 10)
+    out = tmp_path / "db.lmdb"
+    run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
+    with FeatureStore.open(out) as store:
+        assert store.count == 10 and store.bits == 12 and store.fc7_dim == 32
+        meta = store.meta
+        assert meta["preprocessing"]["crop"] == 24 and meta["preprocessing"]["channel_order"] == "BGR"
+        assert meta["model"]["weights_sha1"] and meta["schema_version"] == 1
+        infos = store.infos()
+        assert sorted(i["path"] for i in infos) == sorted(str(p) for p in images)
+        assert {i["label"] for i in infos} == {0, 1}
+        latent = store.latent(np.arange(10))
+        np.testing.assert_array_equal(store.codes(), np.packbits(latent > 0.5, axis=1))
+        # fc7 of image 3 by a direct pycaffe forward with caffe.io.Transformer
+        path = infos[3]["path"]
+        deploy, weights = tiny
+        net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
+        t = caffe.io.Transformer({"data": (1, 3, 24, 24)})
+        t.set_transpose("data", (2, 0, 1))
+        t.set_channel_swap("data", (2, 1, 0))
+        t.set_raw_scale("data", 255)
+        t.set_mean("data", np.array([104, 117, 123], dtype=np.float32))
+        from dlbhc.images import read_image, resize_for_net
+        rgb = resize_for_net(read_image(path), 24)
+        net.blobs["data"].reshape(1, 3, 24, 24)
+        net.blobs["data"].data[0] = t.preprocess("data", rgb.astype(np.float32) / 255)
+        net.forward()
+        np.testing.assert_allclose(store.fc7([3])[0], net.blobs["fc7"].data[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(latent[3], net.blobs["latent"].data[0], rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_adds_nothing_and_new_images_are_appended(tiny, tmp_path):
+    from dlbhc.store import FeatureStore
+    make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "db.lmdb"
+    run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
+    second = run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
+    assert "stored 0 new images" in second.stdout
+    make_images(tmp_path / "imgs", 3, classes=("birds",), seed=5)
+    run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
+    with FeatureStore.open(out) as store:
+        paths = [i["path"] for i in store.infos()]
+    assert len(paths) == len(set(paths)) == 9
+
+
+def test_killed_run_then_rerun_holds_every_image_once(caffe, tmp_path):
+    from dlbhc.errors import UserError
+    from dlbhc.store import FeatureStore
+    # a heavier net and many small batches, so the kill lands mid-way
+    deploy, weights = make_tiny_net(caffe, tmp_path, size=24, fc7=2048)
+    make_images(tmp_path / "imgs", 240)
+    out = tmp_path / "db.lmdb"
+    args = [sys.executable, str(EXTRACT), tmp_path / "imgs", "--out", out, "--deploy", deploy,
+            "--weights", weights, "--mean", MEAN, "--batch-size", 2]
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if (out / "data.mdb").exists():
+            try:
+                store = FeatureStore.open(out)
+            except UserError:  # created but not yet complete: look again
+                continue
+            with store:
+                if store.count >= 20:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = store.count
+                    break
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, \
+        "the run finished before it could be killed"
+    with FeatureStore.open(out) as store:
+        assert 20 <= store.count < 240
+    run_extract([tmp_path / "imgs", "--out", out, "--deploy", deploy, "--weights", weights,
+                 "--mean", MEAN, "--batch-size", 8])
+    with FeatureStore.open(out) as store:
+        paths = [i["path"] for i in store.infos()]
+        assert store.count == 240
+        assert len(set(paths)) == 240
+        assert store.codes().shape == (240, 2)
+
+
+def write_bad_and_odd_images(folder):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, size=(30, 30, 3), dtype=np.uint8)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(500))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    Image.fromarray(rgb).save(folder / "truncated.jpg")
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(rgb[:, :, 0]).save(folder / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(folder / "alpha.png")
+    Image.fromarray(rgb).save(folder / "ok.jpg")
+    return {"corrupt.jpg", "empty.jpg", "notes.jpg", "truncated.jpg"}, \
+        {"gray.png", "cmyk.jpg", "sixteen.png", "palette.png", "alpha.png", "ok.jpg"}
+
+
+def test_bad_images_are_reported_and_skipped(tiny, tmp_path):
+    from dlbhc.store import FeatureStore
+    bad, good = write_bad_and_odd_images(tmp_path / "mixed")
+    out = tmp_path / "db.lmdb"
+    result = run_extract([tmp_path / "mixed", "--out", out, *model_args(tiny)], check=False)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    for name in bad:
+        assert name in result.stderr
+    listed = (tmp_path / "db.lmdb.skipped.tsv").read_text()
+    assert {Path(line.split("\t")[0]).name for line in listed.splitlines()
+            if not line.startswith("#")} == bad
+    with FeatureStore.open(out) as store:
+        assert {Path(i["path"]).name for i in store.infos()} == good
+
+
+def test_leveldb_backend_holds_the_same_records(tiny, tmp_path):
+    from dlbhc.store import FeatureStore
+    make_images(tmp_path / "imgs", 7)
+    run_extract([tmp_path / "imgs", "--out", tmp_path / "a.lmdb", *model_args(tiny)])
+    run_extract([tmp_path / "imgs", "--out", tmp_path / "b.leveldb", "--backend", "leveldb",
+                 *model_args(tiny)])
+    with FeatureStore.open(tmp_path / "a.lmdb") as a, FeatureStore.open(tmp_path / "b.leveldb") as b:
+        assert b.meta["backend"] == "leveldb" and a.count == b.count == 7
+        assert a.infos() == b.infos()
+        np.testing.assert_array_equal(a.codes(), b.codes())
+        np.testing.assert_array_equal(a.fc7(range(7)), b.fc7(range(7)))
+
+
+def test_two_shards_merged_equal_a_single_run(tiny, tmp_path):
+    from dlbhc.store import FeatureStore
+    make_images(tmp_path / "imgs", 9)
+    common = [tmp_path / "imgs", *model_args(tiny)]
+    run_extract([*common, "--out", tmp_path / "single.lmdb"])
+    run_extract([*common, "--out", tmp_path / "s0.lmdb", "--shard", "0/2"])
+    run_extract([*common, "--out", tmp_path / "s1.lmdb", "--shard", "1/2"])
+    run_extract(["--merge", tmp_path / "s0.lmdb", tmp_path / "s1.lmdb",
+                 "--out", tmp_path / "merged.lmdb", *common])
+    with FeatureStore.open(tmp_path / "single.lmdb") as s, \
+            FeatureStore.open(tmp_path / "merged.lmdb") as m:
+        assert s.count == m.count == 9
+        assert s.infos() == m.infos()
+        np.testing.assert_array_equal(s.codes(), m.codes())
+        np.testing.assert_array_equal(s.fc7(range(9)), m.fc7(range(9)))
+        np.testing.assert_array_equal(s.latent(range(9)), m.latent(range(9)))
+
+
+def test_a_different_model_is_refused(caffe, tiny, tmp_path):
+    make_images(tmp_path / "imgs", 4)
+    out = tmp_path / "db.lmdb"
+    run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
+    deploy20, weights20 = make_tiny_net(caffe, tmp_path, bits=20)
+    result = run_extract([tmp_path / "imgs", "--out", out, "--deploy", deploy20,
+                          "--weights", weights20, "--mean", MEAN], check=False)
+    assert result.returncode == 2
+    assert "does not match the feature database" in result.stderr and "bits" in result.stderr
+    assert "Traceback" not in result.stderr
+    # weights of another shape than the deploy net: a message, not a Caffe abort
+    result = run_extract([tmp_path / "imgs", "--out", tmp_path / "other.lmdb",
+                          "--deploy", tiny[0], "--weights", weights20, "--mean", MEAN], check=False)
+    assert result.returncode == 2 and "does not fit" in result.stderr, result.stderr[-500:]
+
+
+def test_missing_inputs_give_clear_errors(tiny, tmp_path):
+    result = run_extract([tmp_path / "nowhere", "--out", tmp_path / "db.lmdb", *model_args(tiny)],
+                         check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "nowhere" in result.stderr
