@@ -90,9 +90,13 @@ def render_config(gpu=False, cudnn=False, cuda_dir="/usr/local/cuda",
     else:
         device = ["CPU_ONLY := 1"]
     extra_inc = extra_lib = ""
+    if gpu and (Path(cuda_dir) / "include" / "cccl").is_dir():
+        # CUDA 13 moved thrust/cub under include/cccl: nvcc adds it by itself,
+        # g++ compiling Caffe's .cpp files that include thrust does not.
+        extra_inc += f" {cuda_dir}/include/cccl"
     if cudnn and cudnn_dir:
-        extra_inc = f" {cudnn_dir}/include"
-        extra_lib = f" {cudnn_dir}/lib"
+        extra_inc += f" {cudnn_dir}/include"
+        extra_lib += f" {cudnn_dir}/lib"
     values = dict(python or python_settings())
     values.update(
         DEVICE_LINES="\n".join(device),

@@ -21,6 +21,7 @@ JOBS=${JOBS:-$(nproc)}
 LOG=${LOG:-/tmp}
 say() { printf '[gpu-check] %s\n' "$*"; }
 
+echo "host compiler: $(command -v g++ || echo none) $(g++ --version 2>/dev/null | head -1)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$CUDA_DIR/bin/nvcc" --version | tail -2
 
@@ -31,7 +32,7 @@ export PATH="$PREFIX/usr/bin:$PATH"
 export LD_LIBRARY_PATH="$LIBDIR:$LIBDIR/hdf5/serial:$LIBDIR/openblas-pthread:${LD_LIBRARY_PATH:-}"
 
 if [ -z "${CUDNN_DIR:-}" ]; then
-  wheel=$(python3 -c 'import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__))')
+  wheel=$(python3 -c 'import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0])')
   CUDNN_DIR=/tmp/cudnn
   mkdir -p $CUDNN_DIR/lib
   ln -sfn "$wheel/include" $CUDNN_DIR/include
@@ -43,7 +44,8 @@ export LD_LIBRARY_PATH="$CUDNN_DIR/lib:$CUDA_DIR/lib64:$LD_LIBRARY_PATH"
 
 rm -rf "$WORK" && mkdir -p "$WORK"
 tar -xzf "$DEBS"/brocolli-caffe-9.0.2.tar.gz -C "$WORK" --strip-components=1
-rm -f "$WORK/python/caffe/proto/caffe_pb2.py" "$WORK/Makefile.config"
+rm -f "$WORK/python/caffe/proto/caffe_pb2.py" "$WORK/include/caffe/proto/caffe.pb.h" \
+      "$WORK/src/caffe/proto/caffe.pb.cc" "$WORK/Makefile.config"
 for p in "$HERE"/patches/*.patch; do patch -d "$WORK" -p1 --quiet --forward < "$p"; done
 python3 "$HERE/configure.py" config --gpu --cudnn --cuda-dir "$CUDA_DIR" \
     --cudnn-dir "$CUDNN_DIR" \

@@ -352,8 +352,10 @@ class CoarseResult:
 class SearchResult:
     """Top-k of a coarse-to-fine search, ordered by (fc7 distance, id).
 
-    l2 is the Euclidean fc7 distance (float32); candidates is how many images
-    the coarse stage passed to the re-rank, radius where it stopped."""
+    l2 is the Euclidean fc7 distance: the float64 square root of the float32
+    squared distance the ranking uses (so equal l2 values are exactly the
+    ties ordered by id); candidates is how many images the coarse stage
+    passed to the re-rank, radius where it stopped."""
     ids: np.ndarray
     hamming: np.ndarray
     l2: np.ndarray
@@ -516,7 +518,7 @@ class HashIndex:
                 arrays = {name: data[name] for name in cls._ARRAYS}
                 return cls(int(data["bits"]), int(data["count"]),
                            hash_seed=int(data["hash_seed"]), **arrays)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile):
             # A truncated or foreign file is a stale cache, not a user error.
             return None
 
@@ -543,7 +545,7 @@ class HashIndex:
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [getattr(self, name) for name in self._ARRAYS]
-        arrays += [self._sizes, self._sizes_f, self._img_cum]
+        arrays += [self._sizes, self._sizes_f, self._img_cum, self._band_min, self._band_max]
         return int(sum(a.nbytes for a in arrays))
 
     # ---- coarse stage ------------------------------------------------------
@@ -637,7 +639,7 @@ class HashIndex:
                 break
             # Next radius worth scanning: the smallest where the exact counts
             # plus the images of the runs not scanned yet could reach `need`
-            # (monotone in r, so a binary search).
+            # (monotone in r).
             base_ub = bounds.upper_bound(r_s)
             r_next = _first_true(
                 lambda r: cum[r] + bounds.upper_bound(r) - base_ub >= need, r_s + 1, limit)
@@ -713,7 +715,7 @@ class HashIndex:
         if len(d2) != len(ids):
             raise ValueError(f"fc7_lookup returned {len(d2)} rows for {len(ids)} ids")
         top = np.lexsort((ids, d2))[:max(k, 0)]
-        return SearchResult(ids[top], ham[top], np.sqrt(d2[top]), len(ids), coarse.radius)
+        return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids), coarse.radius)
 
 
 def _first_true(predicate, lo, hi):
@@ -820,8 +822,9 @@ def fc7_sq_distances(rows, query_fc7):
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[1] != q.shape[0]:
         raise ValueError(f"fc7 rows {rows.shape} do not match the query's {q.shape[0]} values")
-    diff = np.array(rows, dtype=np.float32, order="C", copy=True)
-    diff -= q
+    # One new C-ordered float32 array (float16 rows are widened here), squared
+    # in place: each row's sum then runs the same pairwise reduction.
+    diff = np.subtract(rows, q, dtype=np.float32, order="C")
     np.square(diff, out=diff)
     return diff.sum(axis=1, dtype=np.float32)
 
@@ -840,7 +843,7 @@ def brute_force_search(codes, fc7_all, query_code, query_fc7, k, max_radius=None
     d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], query_fc7)
     top = np.lexsort((ids, d2))[:max(int(k), 0)]
     radius = int(ham.max()) if len(ham) else 0
-    return SearchResult(ids[top], ham[top], np.sqrt(d2[top]), len(ids), radius)
+    return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids), radius)
 
 
 # ---- pivots ------------------------------------------------------------------

@@ -13,15 +13,19 @@ Two rankings of the whole database are evaluated per query:
     fine    coarse-to-fine: the coarse candidates (every image within the
             smallest Hamming radius holding >= min_candidates images, exactly
             what index.HashIndex.coarse returns) re-ranked by fc7 Euclidean
-            distance with ties by id (index.HashIndex.search's order), then
-            every other image in coarse order, so the ranking is complete.
+            distance with ties by id, then every other image in coarse order,
+            so the ranking is complete.  Distances are exact to float64
+            (exact_sq_distances); index.HashIndex.search works in float32, so
+            the two orders can differ only between candidates whose distances
+            agree to ~1e-7 relative, which moves no figure beyond that.
 
 Never imports caffe or the feature store: it works on arrays.
 """
 import numpy as np
 
-from .index import (default_min_candidates, fc7_sq_distances, hamming_matrix,
-                    shell_radius, _check_codes, _to_words)
+from .index import (default_min_candidates, hamming_matrix,
+                    shell_radius, _assign_to_pivots, _check_codes, _choose_pivots,
+                    _to_words)
 
 # Queries evaluated together: the (batch, N) work arrays stay around this
 # many elements (a few hundred MB at the peak for int64 rankings).
@@ -153,34 +157,47 @@ def fine_ranking(db_codes, q_codes, db_fc7, q_fc7, min_candidates, max_radius=No
                        int(min_candidates), max_radius, bits)
 
 
-def _row_sq_norms(x, chunk=8192):
-    out = np.empty(len(x), dtype=np.float32)
+def _row_sq_norms(x, chunk=4096):
+    """Squared norms of the rows of x, in float64."""
+    out = np.empty(len(x), dtype=np.float64)
     for lo in range(0, len(x), chunk):
-        block = np.asarray(x[lo:lo + chunk], dtype=np.float32)
+        block = np.asarray(x[lo:lo + chunk], dtype=np.float64)
         out[lo:lo + chunk] = np.einsum("ij,ij->i", block, block)
     return out
 
 
-def _tie_tolerance(dim, q_sq, x_sq_max):
-    """Bound on |GEMM-formula distance - fc7_sq_distances| for one query.
+def exact_sq_distances(rows, query):
+    """Squared Euclidean distances in float64, row by row (difference, square,
+    numpy's pairwise sum along the row): the same arithmetic for every row,
+    so equal rows get equal distances.  The fine ranking's ordering key."""
+    q = np.asarray(query, dtype=np.float64).ravel()
+    diff = np.subtract(rows, q, dtype=np.float64)
+    np.square(diff, out=diff)
+    return diff.sum(axis=1)
 
-    ||x||^2 - 2 x.q + ||q||^2 in float32 has rounding errors proportional to
-    eps * (||x||^2 + ||q||^2) (cancellation), growing slowly with the
-    dimension; measured worst cases on ReLU-like data were 1.7, 2.6 and 4.8
-    eps * (||x||^2 + ||q||^2) at D = 16, 256, 4096 (fc7_sq_distances adds at
-    most ~1.4).  (8 + sqrt(D)) * 2 leaves a 4x or wider margin at every D.
+
+def _tie_tolerance(dim, d2_max, q_sq, x_sq_max):
+    """Twice a bound on |float64 GEMM-formula distance - exact_sq_distances|.
+
+    exact_sq_distances rounds each difference and square (3u relative per
+    term, u = float64 unit roundoff) and sums with numpy's pairwise sum (8
+    accumulators over 128-value blocks, then halving: <= (19 + log2 D) u
+    relative for non-negative terms), so it is within (24 + log2 D) u d2 of
+    the true d2; ||x||^2 - 2 x.q + ||q||^2 in float64 is within about
+    2 (D + 2) u (||x||^2 + ||q||^2) of it.  Two candidates whose formula
+    distances differ by more than twice the sum cannot swap.
     """
-    eps = float(np.finfo(np.float32).eps)
-    return 2.0 * (8.0 + np.sqrt(dim)) * eps * (float(q_sq) + float(x_sq_max))
+    u = np.finfo(np.float64).eps / 2
+    return 2.0 * ((24 + np.log2(max(dim, 2))) * u * d2_max
+                  + 2 * (dim + 2) * u * (q_sq + x_sq_max))
 
 
 def _rerank_exact(ids, approx, db_fc7, q, tol):
-    """Order of candidates by (exact fc7 distance, id), from approximate
-    distances accurate to tol/2: sort by the approximation, then recompute
-    with fc7_sq_distances (index.search's arithmetic) every run of
-    neighbours closer than tol, and order those runs by the exact value.
-    Pairs further apart than tol cannot change order, so the result is the
-    exact order, ties included."""
+    """Order of candidates by (exact_sq_distances, id) from approximate
+    distances within tol/2 of it: sort by the approximation, recompute every
+    run of neighbours closer than tol (in practice: duplicated rows) and
+    order those runs by the exact value.  Candidates further apart than tol
+    cannot change order, so the result is the exact order, ties included."""
     order = np.lexsort((ids, approx))
     a = approx[order]
     close = np.diff(a) <= tol
@@ -188,13 +205,12 @@ def _rerank_exact(ids, approx, db_fc7, q, tol):
         return order
     group = np.concatenate([[0], np.cumsum(~close)])
     in_multi = np.bincount(group)[group] > 1
-    key = a.astype(np.float64)
-    members = order[in_multi]
-    key[in_multi] = fc7_sq_distances(db_fc7[ids[members]], q)
+    key = a.copy()
+    key[in_multi] = exact_sq_distances(db_fc7[ids[order[in_multi]]], q)
     return order[np.lexsort((ids[order], key, group))]
 
 
-def _fine_batch(ham, coarse, db_fc7, db_sq, q_fc7, need, max_radius, bits):
+def _fine_batch(ham, coarse, db_fc7, db_sq, q_fc7, need, max_radius, bits, block=2048):
     q, n = ham.shape
     n_r = bits + 1
     counts = np.bincount((ham.astype(np.int64) + n_r * np.arange(q)[:, None]).ravel(),
@@ -202,24 +218,45 @@ def _fine_batch(ham, coarse, db_fc7, db_sq, q_fc7, need, max_radius, bits):
     radius = shell_radius(np.cumsum(counts, axis=1), need, max_radius)
     n_cand = np.cumsum(counts, axis=1)[np.arange(q), radius]
     cands = [coarse[i, :n_cand[i]] for i in range(q)]
-    # fc7 distances by one matrix product over the batch's candidates (the
-    # union is small when queries with similar codes share a batch).
+    # Distances of the batch's queries to the union of their candidates by
+    # matrix products in float64 (accurate to ~1e-12, so only exact ties need
+    # the row-wise recomputation); the union is small when the queries of a
+    # batch have similar codes.
     union = np.unique(np.concatenate(cands)) if q else np.empty(0, np.int64)
-    if len(union) > n // 2:
-        union = None
-    rows = db_fc7 if union is None else db_fc7[union]
-    rows_sq = db_sq if union is None else db_sq[union]
-    q_sq = np.einsum("ij,ij->i", q_fc7, q_fc7)
-    approx = rows_sq[None, :] - 2.0 * (q_fc7 @ np.asarray(rows, dtype=np.float32).T)
+    q64 = np.asarray(q_fc7, dtype=np.float64)
+    q_sq = np.einsum("ij,ij->i", q64, q64)
+    approx = np.empty((q, len(union)))
+    for lo in range(0, len(union), block):
+        part = union[lo:lo + block]
+        rows = np.asarray(db_fc7[part], dtype=np.float64)
+        approx[:, lo:lo + block] = db_sq[part][None, :] - 2.0 * (q64 @ rows.T)
     approx += q_sq[:, None]
+    dim = q_fc7.shape[1]
     fine = coarse.copy()
     for i, cand in enumerate(cands):
         if not len(cand):
             continue
-        pos = cand if union is None else np.searchsorted(union, cand)
-        tol = _tie_tolerance(q_fc7.shape[1], q_sq[i], rows_sq[pos].max())
-        fine[i, :len(cand)] = cand[_rerank_exact(cand, approx[i, pos], db_fc7, q_fc7[i], tol)]
+        pos = np.searchsorted(union, cand)
+        a = approx[i, pos]
+        tol = _tie_tolerance(dim, a.max(), q_sq[i], db_sq[cand].max())
+        fine[i, :len(cand)] = cand[_rerank_exact(cand, a, db_fc7, q_fc7[i], tol)]
     return fine, n_cand
+
+
+def _query_order(db_codes, q_codes, bits):
+    """Queries sorted by their nearest pivot (index.py's choice: the most
+    populated database codes, i.e. the modes of the code clusters), then by
+    their distance to it."""
+    words = _to_words(db_codes)
+    order = np.lexsort(tuple(words[:, j] for j in range(words.shape[1] - 1, -1, -1)))
+    ordered = words[order]
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, len(ordered)))
+    pivots = _choose_pivots(ordered[starts], sizes, bits)
+    group, band = _assign_to_pivots(_to_words(q_codes), pivots, bits)
+    return np.lexsort((band, group))
 
 
 # ---- evaluation ----------------------------------------------------------------
@@ -324,11 +361,10 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, k=
     radius_p = np.zeros(bits + 1)
     radius_r = np.zeros(bits + 1)
     candidates = []
-    # Queries in code order: a batch of similar codes shares candidates, so
-    # the fine stage's matrix product covers few database rows.  The sums
-    # below do not depend on the order.
-    words = _to_words(q_codes)
-    order = np.lexsort(tuple(words[:, j] for j in range(words.shape[1] - 1, -1, -1)))
+    # Queries grouped by the database's code clusters: a batch of similar
+    # queries shares candidates, so the fine stage's matrix product covers
+    # few database rows.  The sums below do not depend on the order.
+    order = _query_order(db_codes, q_codes, bits) if fine else np.arange(nq)
     for lo in range(0, nq, batch_size):
         batch = order[lo:lo + batch_size]
         ham = hamming_matrix(db_codes, q_codes[batch], bits)

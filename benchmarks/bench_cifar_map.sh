@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Retrieval-quality benchmark of the small net on CIFAR-10 (the paper's protocol).
+#
+#   benchmarks/bench_cifar_map.sh              # 48 bits (make bench-map)
+#   BITS=12 benchmarks/bench_cifar_map.sh      # or 128
+#
+# Prepares CIFAR-10 (make data + the 4-pixel padded training LMDB), trains
+# prototxt/cifar_hash$BITS from scratch on the CPU (python/train.py), extracts
+# codes and fc7 of the 50,000 training images (database) and the 10,000 test
+# images (queries), and evaluates: mAP@1000 by Hamming ranking (ties broken by
+# database order) and coarse-to-fine (Hamming candidates re-ranked by fc7 L2),
+# mAP over the whole ranking, P@1000, plus the classifier's test accuracy.
+#
+# Environment:
+#   BITS=48         code length (12, 48, 128: the checked-in solvers)
+#   MAX_ITER=N      shorter/longer schedule (train.py scales the lr steps)
+#   SKIP_TRAIN=1    reuse runs/cifar_hash$BITS/cifar_hash$BITS.caffemodel
+#   RUNS_DIR=runs   where the run folder goes
+# Everything lands in $RUNS_DIR/cifar_hash$BITS/: train.log, train_summary.json,
+# db_train.lmdb, db_test.lmdb, evaluation/ and bench_summary.json.
+# Timings depend on what else the machine runs; report the load with them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BITS=${BITS:-48}
+PY=${PY:-.venv/bin/python}
+D=${CIFAR_DIR:-data/cifar10}
+RUNS_DIR=${RUNS_DIR:-runs}
+NAME=cifar_hash$BITS
+RUN=$RUNS_DIR/$NAME
+DEPLOY=prototxt/${NAME}_deploy.prototxt
+WEIGHTS=$RUN/$NAME.caffemodel
+MEAN=$D/cifar10_train_32_mean.npy
+PAD_LMDB=$D/cifar10_train_32pad4_lmdb
+
+log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+t0=$(date +%s)
+
+# ---- data ------------------------------------------------------------------
+log "data: make data (CIFAR-10 folders, 32x32 LMDBs, mean)"
+make --no-print-directory data CIFAR_DIR="$D"
+if [ ! -e "$PAD_LMDB/data.mdb" ]; then
+    log "data: padded training LMDB $PAD_LMDB (pad-and-crop augmentation)"
+    "$PY" data/pad_lmdb.py "$D/cifar10_train_32_lmdb" "$PAD_LMDB" --pad 4
+fi
+
+# ---- training --------------------------------------------------------------
+if [ "${SKIP_TRAIN:-0}" = 1 ] && [ -e "$WEIGHTS" ]; then
+    log "train: skipped (SKIP_TRAIN=1), using $WEIGHTS"
+else
+    log "train: $NAME from scratch ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$PY" python/train.py --net cifar --bits "$BITS" --runs-dir "$RUNS_DIR" \
+        ${MAX_ITER:+--max-iter "$MAX_ITER"}
+    # features of other weights must not be mixed in: start the stores afresh
+    rm -rf "$RUN/db_train.lmdb" "$RUN/db_test.lmdb"
+fi
+
+# ---- extraction ------------------------------------------------------------
+for split in train test; do
+    log "extract: $D/$split.txt -> $RUN/db_$split.lmdb"
+    "$PY" python/extract.py "$D/$split.txt" --root "$D" --deploy "$DEPLOY" \
+        --weights "$WEIGHTS" --mean "$MEAN" --out "$RUN/db_$split.lmdb" \
+        | tee "$RUN/extract_$split.txt"
+done
+
+# ---- evaluation ------------------------------------------------------------
+mkdir -p "$RUN/evaluation"
+if [ -f python/evaluate.py ]; then
+    log "evaluate: python/evaluate.py"
+    "$PY" python/evaluate.py --database "$RUN/db_train.lmdb" --queries "$RUN/db_test.lmdb" \
+        --k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
+else
+    log "evaluate: python/evaluate.py not found, using the inline fallback"
+    "$PY" benchmarks/cifar_map_fallback.py "$RUN/db_train.lmdb" "$RUN/db_test.lmdb" \
+        --k 1000 --out "$RUN/evaluation/fallback_metrics.json"
+fi
+
+# ---- summary ---------------------------------------------------------------
+"$PY" - "$RUN" "$BITS" "$(( $(date +%s) - t0 ))" <<'EOF'
+import json, re, sys
+from pathlib import Path
+run, bits, total = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+summary = {"bits": bits, "wall_seconds_total": total}
+ts = run / "train_summary.json"
+if ts.exists():
+    t = json.loads(ts.read_text())
+    summary.update(train_seconds=t["seconds"], train_iterations=t["iterations"],
+                   seconds_per_iter=t["seconds_per_iter"], test_accuracy=t["test"].get("accuracy"),
+                   test_loss=t["test"].get("loss"))
+for split in ("train", "test"):
+    f = run / f"extract_{split}.txt"
+    m = re.search(r"\(([\d.]+) img/s\)", f.read_text()) if f.exists() else None
+    summary[f"extract_{split}_img_per_s"] = float(m.group(1)) if m else None
+ev = run / "evaluation"
+for f in sorted(ev.glob("*.json")):
+    try:
+        summary[f"evaluation/{f.name}"] = json.loads(f.read_text())
+    except ValueError:
+        pass
+(run / "bench_summary.json").write_text(json.dumps(summary, indent=2))
+print(json.dumps(summary, indent=2))
+EOF
+log "done in $(( $(date +%s) - t0 )) s; summary: $RUN/bench_summary.json"

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Evaluate retrieval with the paper's protocol: mAP@k, precision@k,
+precision within Hamming radius 2 and precision-recall curves, for the
+Hamming ranking (coarse) and the coarse-to-fine fc7 re-ranking (fine).
+
+    python python/evaluate.py --database db/cifar10_train_48.lmdb \
+        --queries db/cifar10_test_48.lmdb --out-dir runs/eval_48
+
+Each of --database and --queries is either
+  * a .npz file with arrays `codes` (uint8, numpy.packbits of the latent
+    bits), `labels` (int), `bits` and, for the fine ranking, `fc7`; or
+  * a feature database folder made by extract.py (all its fc7 is read into
+    memory: fine for CIFAR-10's 50,000 images, about 800 MB).
+An image is relevant to a query when their labels are equal.  --out-dir
+receives figures.json, precision_at_k.png and precision_recall.png.
+"""
+import argparse
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dlbhc import metrics  # noqa: E402
+from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.progress import Progress  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--database", required=True, help="database features (.npz or feature db)")
+    p.add_argument("--queries", required=True, help="query features (.npz or feature db)")
+    p.add_argument("--k", type=int, default=1000, help="mAP@k and P@k cut-off (default 1000)")
+    p.add_argument("--out-dir", help="write figures.json and the PNG plots here")
+    p.add_argument("--no-fine", action="store_true",
+                   help="skip the fc7 re-ranking (Hamming ranking only)")
+    p.add_argument("--min-candidates", type=int,
+                   help="coarse candidates re-ranked by fc7 (default 2 x k)")
+    p.add_argument("--max-radius", type=int, help="largest Hamming radius of the candidates")
+    p.add_argument("--radius", type=int, default=2,
+                   help="Hamming radius of the precision-within-radius figure (default 2)")
+    args = p.parse_args(argv)
+    if args.k < 1:
+        raise UserError("--k must be at least 1")
+    return args
+
+
+def load_features(path, with_fc7=True):
+    """{codes, labels, bits, fc7 (or None)} from a .npz file or a feature database."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if path.is_dir():
+        return _load_store(path, with_fc7)
+    if path.suffix == ".npz":
+        return _load_npz(path, with_fc7)
+    raise UserError(f"{path}: expected a .npz file or a feature database folder")
+
+
+def _load_npz(path, with_fc7):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ("codes", "labels", "bits") if name not in data]
+            if missing:
+                raise UserError(f"{path} lacks the array(s) {', '.join(missing)} "
+                                f"(needs codes, labels, bits and optionally fc7)")
+            fc7 = data["fc7"] if with_fc7 and "fc7" in data else None
+            return {"codes": data["codes"], "labels": data["labels"],
+                    "bits": int(data["bits"]), "fc7": fc7}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot read {path}: {err}") from err
+
+
+def _load_store(path, with_fc7):
+    from dlbhc.store import FeatureStore
+    with FeatureStore.open(path) as store:
+        fc7 = store.fc7(np.arange(store.count)) if with_fc7 and store.count else None
+        return {"codes": store.codes(), "labels": store.labels(), "bits": store.bits,
+                "fc7": fc7}
+
+
+def check_pair(db, queries, db_path, q_path):
+    if db["bits"] != queries["bits"]:
+        raise UserError(f"{db_path} has {db['bits']}-bit codes, {q_path} {queries['bits']}-bit")
+    for feats, where in ((db, db_path), (queries, q_path)):
+        if len(feats["codes"]) == 0:
+            raise UserError(f"{where} holds no images")
+        if feats["codes"].ndim != 2 or feats["codes"].shape[1] != (feats["bits"] + 7) // 8:
+            raise UserError(f"{where}: codes of shape {feats['codes'].shape} are not "
+                            f"packed {feats['bits']}-bit codes")
+        if len(feats["labels"]) != len(feats["codes"]):
+            raise UserError(f"{where}: {len(feats['labels'])} labels for "
+                            f"{len(feats['codes'])} codes")
+    if np.any(np.asarray(queries["labels"]) < 0):
+        raise UserError(f"{q_path}: some queries have no label (-1): evaluation needs "
+                        "labelled queries")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    db = load_features(args.database, with_fc7=not args.no_fine)
+    queries = load_features(args.queries, with_fc7=not args.no_fine)
+    check_pair(db, queries, args.database, args.queries)
+    fine = not args.no_fine and db["fc7"] is not None and queries["fc7"] is not None
+    if not args.no_fine and not fine:
+        print("no fc7 in the inputs: evaluating the Hamming ranking only", file=sys.stderr)
+
+    progress = Progress(len(queries["codes"]), label="evaluating", unit="query", interval=5)
+    try:
+        results = metrics.evaluate(
+            db["codes"], db["labels"], queries["codes"], queries["labels"],
+            db_fc7=db["fc7"] if fine else None, q_fc7=queries["fc7"] if fine else None,
+            k=args.k, bits=db["bits"], min_candidates=args.min_candidates,
+            max_radius=args.max_radius, radius=args.radius, progress=progress)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    progress.close()
+    results["database"] = str(args.database)
+    results["queries"] = str(args.queries)
+
+    print(metrics.format_table(results))
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "figures.json").write_text(json.dumps(results, indent=1))
+        metrics.plot_precision_at_k(results, out / "precision_at_k.png")
+        metrics.plot_precision_recall(results, out / "precision_recall.png")
+        print(f"figures and plots written to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

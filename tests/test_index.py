@@ -1,0 +1,311 @@
+"""dlbhc.index: packed codes, Hamming distances, the bucket table's coarse
+search (every strategy), the fc7 re-rank and the cached index file."""
+import os
+
+import numpy as np
+import pytest
+
+from dlbhc import index as hindex
+from dlbhc.index import (HashIndex, brute_force_search, default_min_candidates,
+                         fc7_sq_distances, hamming_distances, hamming_matrix, pack_codes)
+
+# Cost tables that force one coarse strategy (the results must not change).
+STRATEGIES = {
+    "default": None,
+    # enumerate flip patterns as far as MAX_SHELL_PROBES allows
+    "probe": {"probe": 1e-9, "gather": 1.0, "scan": 1.0, "step": 0.0},
+    # pivot runs, never the full scan
+    "runs": {"probe": 1e12, "gather": 0.0, "scan": 1.0, "step": 0.0},
+    # contiguous scan of every unique code
+    "full": {"probe": 1e12, "gather": 1.0, "scan": 0.0, "step": 0.0},
+    # runs whose growing steps soon cost more than a full scan: switch midway
+    "switch": {"probe": 1e12, "gather": 1.0, "scan": 20.0, "step": 500.0},
+}
+
+
+def _with_strategy(index, strategy):
+    if STRATEGIES[strategy] is not None:
+        index.costs = dict(STRATEGIES[strategy])
+    return index
+
+
+def naive_hamming(codes, query, bits):
+    """Bit by bit: unpack both and count differing positions."""
+    a = np.unpackbits(codes, axis=1, count=bits)
+    b = np.unpackbits(query[None, :], axis=1, count=bits)
+    return (a != b).sum(axis=1)
+
+
+def reference_coarse(codes, query, bits, min_candidates, max_radius=None):
+    """The coarse rule written out plainly over all codes."""
+    d = naive_hamming(codes, query, bits)
+    limit = bits if max_radius is None else min(max_radius, bits)
+    radius = limit
+    for r in range(limit + 1):
+        if (d <= r).sum() >= min_candidates:
+            radius = r
+            break
+    ids = np.flatnonzero(d <= radius)
+    ids = ids[np.lexsort((ids, d[ids]))]
+    return ids, d[ids], radius
+
+
+def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):
+    centres = rng.random((n_centres, bits)) < 0.5
+    latent = centres[rng.integers(0, n_centres, n)] ^ (rng.random((n, bits)) < flip_p)
+    return pack_codes(latent.astype(np.float32))
+
+
+def codes_from_ints(values, bits):
+    """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
+    latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
+    return pack_codes(latent.astype(np.float32))
+
+
+# ---- codes and distances -----------------------------------------------------
+def test_pack_codes_is_big_endian_threshold_half_with_zero_pad_bits():
+    latent = np.array([[0.9, 0.1, 0.5, 0.51, 0, 0, 0, 0, 1.0, 0.7],
+                       [0.0] * 10], dtype=np.float32)
+    codes = pack_codes(latent)
+    assert codes.dtype == np.uint8 and codes.shape == (2, 2)
+    # bits 0 and 3 set in byte 0 (bit 0 is the most significant); 0.5 is not > 0.5
+    assert codes[0, 0] == 0b10010000
+    # bits 8, 9 -> the two high bits of byte 1; the 6 pad bits stay zero
+    assert codes[0, 1] == 0b11000000
+    assert not codes[1].any()
+    assert np.array_equal(pack_codes(latent[0]), codes[0])
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 12, 20, 48, 64, 65, 128, 300])
+def test_hamming_distances_match_bit_by_bit_reference(bits):
+    rng = np.random.default_rng(bits)
+    codes = pack_codes(rng.random((257, bits)).astype(np.float32))
+    query = pack_codes(rng.random(bits).astype(np.float32))
+    expected = naive_hamming(codes, query, bits)
+    got = hamming_distances(codes, query, bits)
+    assert np.array_equal(got.astype(np.int64), expected)
+    queries = codes[:5]
+    matrix = hamming_matrix(codes, queries, bits)
+    for i in range(5):
+        assert np.array_equal(matrix[i].astype(np.int64), naive_hamming(codes, queries[i], bits))
+
+
+def test_codes_with_wrong_width_or_pad_bits_are_rejected():
+    with pytest.raises(ValueError, match="uint8"):
+        HashIndex.build(np.zeros((3, 3), np.uint8), 12)
+    bad = np.zeros((2, 2), np.uint8)
+    bad[1, 1] = 0b00000001   # a pad bit of a 12-bit code
+    with pytest.raises(ValueError, match="pad bits"):
+        HashIndex.build(bad, 12)
+    index = HashIndex.build(np.zeros((2, 2), np.uint8), 12)
+    with pytest.raises(ValueError, match="pad bits"):
+        index.coarse(bad[1], 1)
+
+
+# ---- coarse stage ------------------------------------------------------------
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("bits", [5, 12, 20, 48, 128, 200])
+def test_coarse_equals_exhaustive_rule(bits, strategy):
+    rng = np.random.default_rng(1000 + bits)
+    codes = clustered_codes(rng, 1500, bits)
+    index = _with_strategy(HashIndex.build(codes, bits), strategy)
+    queries = np.concatenate([clustered_codes(rng, 10, bits), codes[:5]])
+    for i, query in enumerate(queries):
+        for min_candidates, max_radius in ((1, None), (40, None), (700, None), (5000, None),
+                                           (300, bits // 4), (0, None)):
+            ids, ham, radius = reference_coarse(codes, query, bits, min_candidates, max_radius)
+            got = index.coarse(query, min_candidates, max_radius)
+            assert got.radius == radius, (i, min_candidates, max_radius)
+            assert np.array_equal(got.ids, ids)
+            assert np.array_equal(got.hamming, ham)
+            assert got.ids.dtype == np.int64
+
+
+def test_coarse_growth_stops_at_the_first_radius_with_enough_images():
+    # 8-bit codes, query 0; distances by id: 3, 0, 1, 1, 2, 3, 5
+    codes = codes_from_ints([0b00000111, 0, 0b10000000, 0b00000001, 0b00011000,
+                             0b11100000, 0b11111000], 8)
+    index = HashIndex.build(codes, 8)
+    q = codes_from_ints([0], 8)[0]
+    # radius 0 holds 1 image, radius 1 holds 3, radius 2 holds 4, radius 3 holds 6
+    r = index.coarse(q, 3)
+    assert (r.radius, r.ids.tolist(), r.hamming.tolist()) == (1, [1, 2, 3], [0, 1, 1])
+    r = index.coarse(q, 4)
+    assert (r.radius, r.ids.tolist()) == (2, [1, 2, 3, 4])
+    # 5 wanted: radius 3, and both images at distance 3 (ids 0 and 5) come
+    # in, ordered by id, although one would have been enough
+    r = index.coarse(q, 5)
+    assert (r.radius, r.ids.tolist(), r.hamming.tolist()) == (3, [1, 2, 3, 4, 0, 5],
+                                                             [0, 1, 1, 2, 3, 3])
+    # more than the index holds: everything, radius grown to the code length
+    r = index.coarse(q, 100)
+    assert (r.radius, r.ids.tolist()) == (8, [1, 2, 3, 4, 0, 5, 6])
+    # ... unless max_radius stops the growth first
+    r = index.coarse(q, 100, max_radius=2)
+    assert (r.radius, r.ids.tolist()) == (2, [1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_empty_neighbourhood_still_returns_the_nearest_images(strategy):
+    # 16-bit codes; nothing within distance 9 of the query 0
+    values = [0b1111111111000000, 0b0000001111111111, 0b1111111111110000,
+              0b1111111111111111, 0b0101010101111111]
+    codes = codes_from_ints(values, 16)
+    index = _with_strategy(HashIndex.build(codes, 16), strategy)
+    q = codes_from_ints([0], 16)[0]
+    r = index.coarse(q, 1)
+    assert (r.radius, r.ids.tolist(), r.hamming.tolist()) == (10, [0, 1], [10, 10])
+    r = index.coarse(q, 3)
+    assert (r.radius, r.ids.tolist()) == (11, [0, 1, 4])
+    r = index.coarse(q, 1, max_radius=5)
+    assert (r.radius, len(r.ids)) == (5, 0)
+
+
+def test_empty_index_returns_nothing():
+    index = HashIndex.build(np.zeros((0, 6), np.uint8), 48)
+    r = index.coarse(np.zeros(6, np.uint8), 10)
+    assert len(r.ids) == 0 and len(r.hamming) == 0
+    s = index.search(np.zeros(6, np.uint8), np.zeros(4, np.float32),
+                     lambda ids: np.zeros((len(ids), 4), np.float32), k=5)
+    assert len(s.ids) == 0 and s.candidates == 0
+
+
+# ---- fine stage --------------------------------------------------------------
+def _tied_data(rng, n, bits, dim):
+    """Few distinct codes (big buckets, Hamming ties) and duplicated fc7 rows
+    (exact fc7 ties), float16 like a half-precision store."""
+    distinct = pack_codes(rng.random((7, bits)).astype(np.float32))
+    codes = distinct[rng.integers(0, 7, n)]
+    pool = rng.standard_normal((n // 3, dim)).astype(np.float16)
+    fc7 = pool[rng.integers(0, len(pool), n)]
+    return codes, fc7
+
+
+@pytest.mark.parametrize("bits", [12, 20, 48, 128])
+def test_search_covering_everything_equals_brute_force_ties_included(bits):
+    rng = np.random.default_rng(bits)
+    codes, fc7 = _tied_data(rng, 600, bits, 24)
+    index = HashIndex.build(codes, bits)
+    for i in range(8):
+        q_code, q_fc7 = codes[i * 11], fc7[i * 7].astype(np.float32)
+        fast = index.search(q_code, q_fc7, lambda ids: fc7[ids], k=600, min_candidates=600)
+        slow = brute_force_search(codes, fc7, q_code, q_fc7, k=600, bits=bits)
+        assert fast.candidates == 600
+        assert np.array_equal(fast.ids, slow.ids)
+        assert np.array_equal(fast.hamming, slow.hamming)
+        assert np.array_equal(fast.l2, slow.l2)
+        # the duplicated fc7 rows produce real ties, and they are in id order
+        tied = np.flatnonzero(np.diff(fast.l2) == 0)
+        assert len(tied) > 0
+        assert np.all(fast.ids[tied] < fast.ids[tied + 1])
+
+
+def test_search_with_a_radius_equals_brute_force_within_that_radius():
+    rng = np.random.default_rng(7)
+    bits = 20
+    codes = clustered_codes(rng, 2000, bits)
+    fc7 = rng.standard_normal((2000, 16)).astype(np.float32)
+    index = HashIndex.build(codes, bits)
+    for i in range(10):
+        q_code, q_fc7 = codes[i], rng.standard_normal(16).astype(np.float32)
+        fast = index.search(q_code, q_fc7, lambda ids: fc7[ids], k=50)
+        assert fast.candidates >= default_min_candidates(50)
+        slow = brute_force_search(codes, fc7, q_code, q_fc7, k=50, max_radius=fast.radius)
+        assert slow.candidates == fast.candidates
+        assert np.array_equal(fast.ids, slow.ids)
+        assert np.array_equal(fast.l2, slow.l2)
+
+
+def test_fc7_lookup_is_called_once_with_the_candidates_in_ascending_order():
+    rng = np.random.default_rng(3)
+    codes = clustered_codes(rng, 800, 48)
+    fc7 = rng.standard_normal((800, 8)).astype(np.float32)
+    index = HashIndex.build(codes, 48)
+    calls = []
+
+    def lookup(ids):
+        calls.append(ids.copy())
+        return fc7[ids]
+    result = index.search(codes[0], fc7[0], lookup, k=10, min_candidates=100)
+    coarse = index.coarse(codes[0], 100)
+    assert len(calls) == 1
+    assert calls[0].dtype == np.int64
+    assert np.array_equal(calls[0], np.sort(coarse.ids))
+    assert result.ids[0] == 0 and result.l2[0] == 0   # the query's own image
+    assert len(result.ids) == 10
+
+
+def test_fc7_distances_do_not_depend_on_where_a_row_sits():
+    rng = np.random.default_rng(5)
+    row = rng.standard_normal(4099).astype(np.float32)
+    q = rng.standard_normal(4099).astype(np.float32)
+    block = rng.standard_normal((9, 4099)).astype(np.float32)
+    block[[2, 7]] = row
+    # an odd byte offset makes the buffer unaligned
+    raw = np.zeros(4099 * 4 + 1, np.uint8)
+    unaligned = raw[1:].view(np.float32).reshape(1, 4099)
+    unaligned[0] = row
+    d = fc7_sq_distances(block, q)
+    assert d[2] == d[7] == fc7_sq_distances(row[None, :], q)[0] == \
+        fc7_sq_distances(unaligned, q)[0]
+    np.testing.assert_allclose(d, ((block.astype(np.float64) - q) ** 2).sum(axis=1), rtol=1e-5)
+
+
+def test_default_min_candidates_is_twice_k():
+    assert default_min_candidates(1000) == 2000
+    assert default_min_candidates(1) == 2
+
+
+# ---- the cached index file ---------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(11)
+    codes = clustered_codes(rng, 1200, 20)
+    index = HashIndex.build(codes, 20)
+    path = tmp_path / "db.lmdb.index.npz"
+    index.save(path, "count=1200|mtime=42")
+    assert os.listdir(tmp_path) == ["db.lmdb.index.npz"]   # no temp file left
+    loaded = HashIndex.load(path, "count=1200|mtime=42")
+    assert loaded is not None
+    assert (loaded.bits, loaded.count, loaded.n_buckets) == (20, 1200, index.n_buckets)
+    for name in HashIndex._ARRAYS:
+        assert np.array_equal(getattr(loaded, name), getattr(index, name)), name
+    for query in codes[:20]:
+        a, b = index.coarse(query, 150), loaded.coarse(query, 150)
+        assert np.array_equal(a.ids, b.ids) and a.radius == b.radius
+    with open(path, "rb") as f:
+        assert f.read(2) == b"PK"   # a plain .npz (zip of .npy), no pickle
+    np.load(path, allow_pickle=False).close()
+
+
+def test_stale_missing_or_damaged_cache_loads_as_none_and_is_rebuilt(tmp_path):
+    rng = np.random.default_rng(12)
+    codes = clustered_codes(rng, 300, 12)
+    path = tmp_path / "idx.npz"
+    assert HashIndex.load(path, "v1") is None   # missing
+    HashIndex.build(codes, 12).save(path, "v1")
+    assert HashIndex.load(path, "v1") is not None
+    assert HashIndex.load(path, "v2") is None   # the database changed
+
+    built = []
+
+    def get_codes():
+        built.append(1)
+        return codes
+    index, rebuilt = HashIndex.load_or_build(path, "v2", get_codes, 12)
+    assert rebuilt and built == [1] and index.count == 300
+    index, rebuilt = HashIndex.load_or_build(path, "v2", get_codes, 12)
+    assert not rebuilt and built == [1]
+
+    path.write_bytes(path.read_bytes()[:100])   # truncated by a crash
+    assert HashIndex.load(path, "v2") is None
+    path.write_bytes(b"not an index at all")
+    assert HashIndex.load(path, "v2") is None
+
+
+def test_memory_bytes_counts_the_tables():
+    rng = np.random.default_rng(13)
+    codes = clustered_codes(rng, 1000, 128)
+    index = HashIndex.build(codes, 128)
+    assert index.memory_bytes() >= index.bucket_words.nbytes + index.ids.nbytes
+    assert index.n_buckets <= 1000 and index.n_pivots >= 1
+    assert hindex.code_bytes(128) == 16 and hindex.code_bytes(12) == 2
