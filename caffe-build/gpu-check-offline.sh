@@ -9,6 +9,20 @@
 # the pinned sdist. Only libcaffe and the caffe tool are built (no pycaffe;
 # OpenCV, LevelDB and LMDB off), for one architecture ($ARCH) to save time.
 # The build itself is the project's: same patches, same config generator.
+#
+# The packages (Debian 12, `apt-get download` into .debs/, plus the sdist
+# brocolli-caffe-9.0.2.tar.gz from ~/.cache/dlbhc/caffe/downloads):
+#   libboost1.74-dev libboost-{system,thread,filesystem,atomic,regex}1.74-dev
+#   libboost-{system,thread,filesystem,atomic,regex}1.74.0 libicu72
+#   libgoogle-glog-dev libgoogle-glog0v6 libgflags-dev libgflags2.2 libunwind8
+#   libunwind-dev libprotobuf-dev libprotobuf32 libprotoc32 protobuf-compiler
+#   libopenblas-dev libopenblas0-pthread libopenblas-pthread-dev libopenblas0
+#   libgfortran5 libquadmath0 libhdf5-dev libhdf5-103-1 libhdf5-hl-100 libaec0
+#   libsz2 libcurl4 libnghttp2-14 librtmp1 libssh2-1 libpsl5 libbrotli1
+#   libldap-2.5-0 libsasl2-2 libssl3 libzstd1 libidn2-0 libunistring2
+#   libgnutls30 libhogweed6 libnettle8 libtasn1-6 libp11-kit0 libffi8 libgmp10
+#   libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1
+#   libcom-err2 zlib1g-dev
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
