@@ -22,7 +22,7 @@
 #   libldap-2.5-0 libsasl2-2 libssl3 libzstd1 libidn2-0 libunistring2
 #   libgnutls30 libhogweed6 libnettle8 libtasn1-6 libp11-kit0 libffi8 libgmp10
 #   libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1
-#   libcom-err2 zlib1g-dev
+#   libcom-err2
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
