@@ -18,13 +18,18 @@ latency of a top-k search without the CNN:
     rerank-dir  the same search reading the same LMDB with DirectFc7Reader
               (py-lmdb Cursor.getmulti, one transaction per query): what a
               faster store reader would give
+    rerank-flat (--flat-fc7) the same search reading fc7 from a flat float32
+              file (numpy.memmap): what a layout without per-row B-tree
+              lookups would give
     faiss     faiss.IndexBinaryFlat exhaustive top-k on the same codes
               (faiss.omp_set_num_threads(--threads), 1 by default: numpy runs
               single-threaded too); skipped for bits not a multiple of 8
     numpy     full scan: Hamming distance to all N codes + argpartition top-k
 
-Before timing, every query runs once through coarse, rerank and faiss, so
-the figures are warm (store pages in the page cache, code paths loaded).
+Before timing, every query runs once through every method but the numpy
+scan, so the figures are warm (store pages in the page cache, code paths
+loaded); that pass also checks that all fc7 readers give the same top k and
+that the coarse stage's Hamming distances match faiss's.
 
 Synthetic data (the distribution hash codes of a trained net have: images of
 one kind share nearly the same code, and kinds are unequally common):
@@ -66,7 +71,7 @@ from dlbhc.store import FeatureStore, disk_bytes  # noqa: E402
 
 FC7_POOL_ROWS = 4096
 FC7_DIMS = (4096, 2048, 1024, 512, 256, 128)
-METHODS = ("coarse", "rerank", "rerank_direct", "faiss", "numpy")
+METHODS = ("coarse", "rerank", "rerank_direct", "rerank_flat", "faiss", "numpy")
 
 
 def parse_args(argv):
@@ -92,6 +97,9 @@ def parse_args(argv):
                                      "folder, deleted at the end); kept and reused if given")
     p.add_argument("--json", default="out/bench_search.json",
                    help="results file (default %(default)s)")
+    p.add_argument("--flat-fc7", action="store_true",
+                   help="also time the re-rank reading fc7 from a flat float32 file "
+                        "(numpy.memmap, row i at offset i * D * 4) instead of LMDB")
     p.add_argument("--calibrate", action="store_true",
                    help="measure the unit costs of index.py's cost model and exit")
     args = p.parse_args(argv)
@@ -236,7 +244,22 @@ class NumpyScan:
         return top[np.lexsort((top, d[top]))]
 
 
-def bench_config(n, bits, store, args, rng, faiss):
+def open_or_write_flat(path, n, dim, pool):
+    """N x dim float32 .npy with the store's rows, opened as a read-only memmap."""
+    path = Path(path)
+    if not path.exists():
+        tmp = path.with_name(path.name + ".part")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        for lo in range(0, n, 65536):
+            ids = np.arange(lo, min(n, lo + 65536))
+            out[lo:lo + len(ids)] = pool[ids % len(pool)]
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def bench_config(n, bits, store, args, rng, faiss, flat=None):
     codes, queries = synthetic_codes(n, args.queries, bits, rng, args.centres, args.zipf,
                                      args.mean_flips)
     q_fc7 = fc7_pool(store.fc7_dim, rng)[rng.integers(0, FC7_POOL_ROWS, args.queries)]
@@ -279,11 +302,15 @@ def bench_config(n, bits, store, args, rng, faiss):
             return index.search(queries[i], q_fc7[i], fc7_lookup, k, min_candidates=m)
         if method == "rerank_direct":
             return index.search(queries[i], q_fc7[i], direct_lookup, k, min_candidates=m)
+        if method == "rerank_flat":
+            return index.search(queries[i], q_fc7[i], lambda ids: flat[ids], k,
+                                min_candidates=m)
         if method == "faiss":
             return fx.search(queries[i][None, :], k)
         return scan.search(queries[i], k)
 
-    methods = [mt for mt in METHODS if mt != "faiss" or fx is not None]
+    methods = [mt for mt in METHODS
+               if (mt != "faiss" or fx is not None) and (mt != "rerank_flat" or flat is not None)]
     # Warm-up pass (page cache, lazily built flip masks); also checks that
     # both readers give the same results and that the coarse stage agrees
     # with faiss on the Hamming distances of the top k (faiss orders ties
@@ -293,6 +320,8 @@ def bench_config(n, bits, store, args, rng, faiss):
         coarse = run("coarse", i)
         same = run("rerank", i).ids
         agree &= bool(np.array_equal(same, run("rerank_direct", i).ids))
+        if flat is not None:
+            agree &= bool(np.array_equal(same, run("rerank_flat", i).ids))
         if fx is not None:
             dist, _ = run("faiss", i)
             kk = min(k, len(coarse.hamming))
@@ -334,7 +363,9 @@ def bench_config(n, bits, store, args, rng, faiss):
 def format_rows(rows):
     head = (f"{'N':>9} {'bits':>4} {'fc7':>4} {'U':>8} {'build':>5} {'idxMB':>5} "
             f"{'anonMB':>6} {'cand':>5} | {'coarse':>11} {'rerank':>11} {'(read)':>11} "
-            f"{'rerank-dir':>11} {'faiss':>11} {'numpy':>11}")
+            f"{'rerank-dir':>11} {'faiss':>11} {'numpy':>11}"
+            + (f" {'rerank-flat':>11}" if any("rerank_flat" in r["latency_ms"] for r in rows)
+               else ""))
     lines = ["latency in ms as p50/p99; rerank = coarse + fc7 via FeatureStore.fc7 (read = its "
              "share), rerank-dir = the same with DirectFc7Reader; cand = candidates p50",
              head, "-" * len(head)]
@@ -348,7 +379,8 @@ def format_rows(rows):
             f"{r['index_bytes'] / 1e6:>5.0f} {r['rss_mb']['anon']:>6.0f} "
             f"{r['candidates']['p50']:>5.0f} | {cell(lat['coarse'])} {cell(lat['rerank'])} "
             f"{cell(r['fc7_read_ms'])} {cell(lat['rerank_direct'])} {cell(lat.get('faiss'))} "
-            f"{cell(lat['numpy'])}")
+            f"{cell(lat['numpy'])}"
+            + (f" {cell(lat['rerank_flat'])}" if "rerank_flat" in lat else ""))
     return "\n".join(lines)
 
 
@@ -359,7 +391,9 @@ def check_targets(rows):
     for r in rows:
         if r["n"] == 2_500_000 and r["bits"] == 128 and "faiss" in r["latency_ms"]:
             lat = r["latency_ms"]
+            flat = lat.get("rerank_flat")
             verdicts.append({
+                "rerank_flat_p50_ms": flat["p50"] if flat else None,
                 "coarse_p50_ms": lat["coarse"]["p50"], "faiss_p50_ms": lat["faiss"]["p50"],
                 "coarse_not_slower_than_faiss": lat["coarse"]["p50"] <= lat["faiss"]["p50"],
                 "rerank_p50_ms": lat["rerank"]["p50"],
@@ -457,9 +491,13 @@ def main(argv=None):
             try:
                 print(f"N={n}: fc7 store {dim} values/image, {disk_bytes(store.path) / 1e9:.2f} GB"
                       + (f", written in {write_s:.0f} s" if write_s else " (reused)"), flush=True)
+                flat = None
+                if args.flat_fc7:
+                    flat = open_or_write_flat(workdir / f"fc7_n{n}_d{dim}.npy", n, dim,
+                                              fc7_pool(dim, np.random.default_rng(args.seed)))
                 for bits in args.bits:
                     row = bench_config(n, bits, store, args,
-                                       np.random.default_rng([args.seed, n, bits]), faiss)
+                                       np.random.default_rng([args.seed, n, bits]), faiss, flat)
                     row["store_write_s"] = write_s
                     rows.append(row)
                     print(format_rows([row]).splitlines()[-1], flush=True)
@@ -480,7 +518,8 @@ def main(argv=None):
               f"{'met' if v['rerank_p50_within_10ms'] else 'NOT met'} (<= 10 ms) with "
               f"FeatureStore.fc7, {v['rerank_direct_p50_ms']:.2f} ms -> "
               f"{'met' if v['rerank_direct_p50_within_10ms'] else 'NOT met'} with the direct "
-              f"reader")
+              f"reader" + (f", {v['rerank_flat_p50_ms']:.2f} ms with a flat fc7 file"
+                           if v["rerank_flat_p50_ms"] is not None else ""))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},

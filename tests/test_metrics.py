@@ -177,7 +177,8 @@ def test_evaluate_in_batches_equals_per_query_reference():
         rel = dbl[ranking] == ql[:, None]
         assert res[name]["map_at_k"] == pytest.approx(
             np.mean([metrics.average_precision_at_k(r, 100) for r in rel]))
-        assert res[name]["map"] == pytest.approx(np.mean([metrics.average_precision(r) for r in rel]))
+        assert res[name]["map"] == pytest.approx(
+            np.mean([metrics.average_precision(r) for r in rel]))
         assert np.allclose(res[name]["precision_curve"],
                            np.mean([metrics.precision_at_k(r, 100) for r in rel], axis=0))
     ham = np.stack([hamming_distances(db, c, bits) for c in q])

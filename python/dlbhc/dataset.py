@@ -30,6 +30,7 @@ from PIL import Image
 
 from .caffe_env import import_caffe
 from .errors import UserError
+from .store import detect_backend as store_backend
 from .images import BadImage, read_image, resize_for_net
 from .progress import Progress
 
@@ -486,13 +487,11 @@ class MeanResult(NamedTuple):
 
 def detect_backend(db_path):
     """'lmdb' or 'leveldb' from the files inside a Caffe database directory."""
-    db_path = Path(db_path)
-    if (db_path / "data.mdb").is_file():
-        return "lmdb"
-    if (db_path / "CURRENT").is_file():
-        return "leveldb"
-    raise UserError(f"{db_path} is not an LMDB or LevelDB database directory "
-                    "(no data.mdb or CURRENT file in it)")
+    backend = store_backend(db_path)
+    if backend is None:
+        raise UserError(f"{db_path} is not an LMDB or LevelDB database directory "
+                        "(no data.mdb or CURRENT file in it)")
+    return backend
 
 
 def _iterate_db(db_path, backend):

@@ -377,7 +377,7 @@ class HashIndex:
         band_cum      (G*(bits+1)+1,) first bucket of (group g, band b) at
                                       index g*(bits+1)+b; group ends at b=bits+1
         probe_keys    (U,) uint64     sorted hash keys of the unique codes
-        probe_buckets (U,) int64      bucket of each sorted key
+        probe_buckets (U,) int32/64   bucket of each sorted key
     """
 
     _ARRAYS = ("bucket_words", "bucket_offsets", "ids", "pivot_words", "band_cum",
@@ -399,7 +399,8 @@ class HashIndex:
         self.hash_seed = int(hash_seed)
         self._columns = tuple(np.ascontiguousarray(w) for w in bucket_words)
         self._pivot_columns = tuple(np.ascontiguousarray(w) for w in pivot_words)
-        self._sizes = np.diff(bucket_offsets)
+        self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
+        # bincount's weights are float64 anyway: converted once, not per query.
         self._sizes_f = self._sizes.astype(np.float64)
         self._img_cum = bucket_offsets[band_cum]
         # First and last non-empty band of each group (see _PivotBounds).
@@ -471,7 +472,7 @@ class HashIndex:
                 raise RuntimeError("cannot find a collision-free hash for the codes")
         return cls(bits, n, bucket_words, new_offsets, ids,
                    np.ascontiguousarray(pivots.T), band_cum,
-                   np.ascontiguousarray(sorted_keys), key_order.astype(np.int64), seed)
+                   np.ascontiguousarray(sorted_keys), key_order.astype(id_dtype), seed)
 
     # ---- persistence -------------------------------------------------------
     def save(self, path, fingerprint):
@@ -715,7 +716,8 @@ class HashIndex:
         if len(d2) != len(ids):
             raise ValueError(f"fc7_lookup returned {len(d2)} rows for {len(ids)} ids")
         top = np.lexsort((ids, d2))[:max(k, 0)]
-        return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids), coarse.radius)
+        return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids),
+                            coarse.radius)
 
 
 def _first_true(predicate, lo, hi):
@@ -842,8 +844,10 @@ def brute_force_search(codes, fc7_all, query_code, query_fc7, k, max_radius=None
         ids, ham = ids[keep], ham[keep]
     d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], query_fc7)
     top = np.lexsort((ids, d2))[:max(int(k), 0)]
-    radius = int(ham.max()) if len(ham) else 0
-    return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids), radius)
+    # The radius of the ball searched: max_radius, or the farthest code.
+    radius = int(max_radius) if max_radius is not None else int(ham.max()) if len(ham) else 0
+    return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids),
+                        radius)
 
 
 # ---- pivots ------------------------------------------------------------------

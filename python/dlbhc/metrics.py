@@ -145,7 +145,8 @@ def fine_ranking(db_codes, q_codes, db_fc7, q_fc7, min_candidates, max_radius=No
     For each query the coarse candidates (images within the smallest radius
     holding >= min_candidates, capped at max_radius: the rule of
     index.HashIndex.coarse) come first, ordered by fc7 distance then id; all
-    other images follow in coarse order.
+    other images follow in coarse order.  All queries are ranked at once
+    (Q x N arrays): evaluate() works through large query sets in batches.
     """
     db_codes = np.asarray(db_codes, dtype=np.uint8)
     bits = 8 * db_codes.shape[1] if bits is None else int(bits)
