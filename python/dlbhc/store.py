@@ -1,26 +1,34 @@
 """The feature store: per image fc7, latent activations, packed code, label, path.
 
-One database per collection, LMDB by default (LevelDB with backend="leveldb").
-It is laid out as five tables, each keyed like Caffe's extract_features
-(`%010d`, the image id, counting from 0):
+One database per collection: a directory holding an LMDB environment (or a
+LevelDB with backend="leveldb") and one flat file:
 
     meta    one record, key b"meta": JSON (schema_version, bits, fc7_dim,
             fc7_dtype, threshold, preprocessing, model hashes, count, ...)
-    fc7     raw little-endian float32 (or float16) fc7, fc7_dim values
     latent  raw little-endian float32 sigmoid activations, bits values
     code    numpy.packbits(latent > threshold), big-endian bit order
     info    JSON {"path": source path, "label": int (-1 unknown), "seq": n}
+    fc7.bin the fc7 of image i at byte offset i * fc7_dim * itemsize: raw
+            little-endian float32 (or float16) rows, nothing else
 
-Fixed-size raw records rather than pickles or Datum protobufs: a search reads
-fc7 for ~1,000 random candidates per query, and a raw record becomes a numpy
-row without parsing (np.frombuffer over LMDB's memory map). LMDB tables are
-named sub-databases; LevelDB, which has none, gets the table name and a slash
-as a key prefix (b"fc7/0000000001").
+The keyed tables use Caffe's extract_features keys (`%010d`, the image id,
+counting from 0); LMDB tables are named sub-databases, LevelDB keys get the
+table name and a slash as prefix (b"code/0000000001").
 
-Every append is one transaction over all tables and the meta count, so a
-crash (even kill -9) leaves either the whole batch or none of it.
+fc7 sits in a flat file of fixed-size rows because search reads it at random:
+~1,000-2,000 candidates per query. Through a memory map a candidate's row is
+one address computation, where a keyed store pays a B-tree descent per row
+(measured: 5.7 us per row in a 7 GB LMDB, which alone broke the 10 ms budget
+of a 2.5M-image query; see benchmarks/bench_search.py).
+
+Crash safety: an append writes the batch's fc7 rows first (and fsyncs them),
+then commits the keyed records and the new count in one transaction. Only
+rows below the committed count are ever read, so a crash at any point (even
+kill -9) leaves either the whole batch or none of it; rows written past the
+count by a crashed run are simply overwritten by the next append.
 """
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +37,8 @@ import numpy as np
 from .errors import UserError
 
 SCHEMA_VERSION = 1
-TABLES = ("meta", "fc7", "latent", "code", "info")
+TABLES = ("meta", "latent", "code", "info")
+FC7_FILE = "fc7.bin"
 META_KEY = b"meta"
 # LMDB reserves address space, not disk: 1 TiB holds 60M images of fc7.
 LMDB_MAP_SIZE = 1 << 40
@@ -165,6 +174,18 @@ class FeatureStore:
         self._db = backend
         self.meta = meta
         self.readonly = readonly
+        self._fc7_map = None        # memory map of fc7.bin, sized to count rows
+        self._fc7_fd = None         # write handle (appending stores only)
+        fc7_path = self.path / FC7_FILE
+        if readonly:
+            need = self.count * self.fc7_row_bytes
+            have = fc7_path.stat().st_size if fc7_path.exists() else -1
+            if have < need:
+                raise UserError(f"{self.path}: {FC7_FILE} holds {max(have, 0)} bytes, the "
+                                f"{self.count} images need {need}: the database is damaged; "
+                                "re-extract it")
+        else:
+            self._fc7_fd = os.open(fc7_path, os.O_RDWR | os.O_CREAT, 0o644)
 
     # ---- opening ---------------------------------------------------------
     @classmethod
@@ -211,6 +232,10 @@ class FeatureStore:
         return cls(path, db, meta, readonly=readonly)
 
     def close(self):
+        self._fc7_map = None
+        if self._fc7_fd is not None:
+            os.close(self._fc7_fd)
+            self._fc7_fd = None
         self._db.close()
 
     def __enter__(self):
@@ -237,6 +262,10 @@ class FeatureStore:
         return np.dtype(self.meta["fc7_dtype"]).newbyteorder("<")
 
     @property
+    def fc7_row_bytes(self):
+        return self.fc7_dim * self.fc7_dtype.itemsize
+
+    @property
     def code_bytes(self):
         return (self.bits + 7) // 8
 
@@ -258,16 +287,19 @@ class FeatureStore:
             raise ValueError(f"batch shapes {fc7.shape} {latent.shape} {codes.shape} "
                              f"do not match the store ({self.fc7_dim}, {self.bits} bits)")
         start = self.count
+        # fc7 rows first, durable before the count that makes them visible
+        os.pwrite(self._fc7_fd, fc7.tobytes(), start * self.fc7_row_bytes)
+        os.fsync(self._fc7_fd)
         items = []
         for j in range(n):
             k = key(start + j)
-            items += [("fc7", k, fc7[j].tobytes()), ("latent", k, latent[j].tobytes()),
-                      ("code", k, codes[j].tobytes()),
+            items += [("latent", k, latent[j].tobytes()), ("code", k, codes[j].tobytes()),
                       ("info", k, json.dumps(infos[j], sort_keys=True).encode())]
         meta = dict(self.meta, count=start + n)
         items.append(("meta", META_KEY, json.dumps(meta, sort_keys=True).encode()))
         self._db.write(items)
         self.meta = meta
+        self._fc7_map = None
         return np.arange(start, start + n)
 
     def update_meta(self, **fields):
@@ -276,13 +308,21 @@ class FeatureStore:
         self.meta = meta
 
     # ---- reading ---------------------------------------------------------
+    def fc7_rows(self):
+        """All fc7 rows as a read-only memory map (count, fc7_dim): nothing is
+        read until indexed, so this is cheap for any database size."""
+        if self._fc7_map is None or self._fc7_map.shape[0] != self.count:
+            if self.count == 0:
+                return np.empty((0, self.fc7_dim), dtype=self.fc7_dtype)
+            self._fc7_map = np.memmap(self.path / FC7_FILE, dtype=self.fc7_dtype, mode="r",
+                                      shape=(self.count, self.fc7_dim))
+        return self._fc7_map
+
     def fc7(self, ids):
         """fc7 rows for ids, as float32 (len(ids), fc7_dim)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
-        out = np.empty((len(ids), self.fc7_dim), dtype=self.fc7_dtype)
         self._check_ids(ids)
-        self._db.read_rows("fc7", [key(int(i)) for i in ids], out)
-        return out.astype(np.float32, copy=False)
+        return np.asarray(self.fc7_rows()[ids], dtype=np.float32)
 
     def latent(self, ids):
         ids = np.asarray(ids, dtype=np.int64).ravel()
