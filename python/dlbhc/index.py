@@ -813,22 +813,37 @@ class _PivotBounds:
         return min(self.runs_cost(r), self.index.n_buckets * self.index.costs["scan"])
 
 
+# Rows per block of fc7_sq_distances's work buffer: ~1 MB of float32, so the
+# differences are written and read back in cache (and the buffer is reused)
+# instead of a new (M, D) array going through memory.
+_FC7_BLOCK_BYTES = 1 << 20
+
+
 def fc7_sq_distances(rows, query_fc7):
     """Squared Euclidean distances (float32) of fc7 rows (M, D) to a query (D,).
 
-    Every row goes through the same float32 arithmetic (difference, square,
-    numpy's pairwise sum along the row), so identical rows give identical
-    distances wherever they sit in memory: the basis of the exact tie rules.
+    Every row goes through the same float32 arithmetic: its difference to the
+    query (float16 rows are widened first) is written to a contiguous float32
+    buffer and reduced by numpy.vecdot, a generalized ufunc whose core is one
+    whole row, i.e. one call of the same dot routine (BLAS sdot) per row.  So
+    identical rows give identical distances wherever they sit in memory or in
+    the block: the basis of the exact tie rules.  (einsum is not safe here: it
+    splits rows longer than numpy's buffer, 8192 values, at offsets that
+    depend on the row's position.)
     """
     q = np.asarray(query_fc7, dtype=np.float32).ravel()
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[1] != q.shape[0]:
         raise ValueError(f"fc7 rows {rows.shape} do not match the query's {q.shape[0]} values")
-    # One new C-ordered float32 array (float16 rows are widened here), squared
-    # in place: each row's sum then runs the same pairwise reduction.
-    diff = np.subtract(rows, q, dtype=np.float32, order="C")
-    np.square(diff, out=diff)
-    return diff.sum(axis=1, dtype=np.float32)
+    m, dim = rows.shape
+    out = np.empty(m, dtype=np.float32)
+    step = max(1, _FC7_BLOCK_BYTES // (4 * max(dim, 1)))
+    buf = np.empty((min(step, m), dim), dtype=np.float32)
+    for lo in range(0, m, step):
+        diff = buf[:min(m - lo, step)]
+        np.subtract(rows[lo:lo + len(diff)], q, out=diff, dtype=np.float32)
+        np.vecdot(diff, diff, out=out[lo:lo + len(diff)])
+    return out
 
 
 def brute_force_search(codes, fc7_all, query_code, query_fc7, k, max_radius=None, bits=None):

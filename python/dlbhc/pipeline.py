@@ -83,8 +83,11 @@ _WORKER_PREPARER = None
 def _init_worker(preparer):
     global _WORKER_PREPARER
     _WORKER_PREPARER = preparer
-    # one BLAS thread per worker: the net in the main process needs the cores
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # The net's BLAS threads in the main process are the bottleneck, and a
+    # BLAS thread that loses its core stalls its whole GEMM: decoding yields
+    # to them (a lower priority) and runs in the gaps, the prefetch window
+    # keeping enough prepared images queued.
+    os.nice(10)
 
 
 def _worker_chunk(chunk):
