@@ -62,6 +62,8 @@ TRAIN32       := $(CIFAR_DIR)/cifar10_train_32_lmdb/data.mdb
 TEST32        := $(CIFAR_DIR)/cifar10_test_32_lmdb/data.mdb
 TRAIN256      := $(CIFAR_DIR)/cifar10_train_256_lmdb/data.mdb
 TEST256       := $(CIFAR_DIR)/cifar10_test_256_lmdb/data.mdb
+# the small net's training images padded by 4 (pad-and-crop augmentation)
+TRAIN32PAD    := $(CIFAR_DIR)/cifar10_train_32pad4_lmdb/data.mdb
 
 $(CIFAR_READY): | venv
 	$(PY) data/get_cifar10.py --dest $(CIFAR_DIR)
@@ -80,7 +82,10 @@ $(TRAIN256): $(CIFAR_READY) | caffe
 $(TEST256): $(CIFAR_READY) | caffe
 	$(PY) data/convert_imageset.py $(CIFAR_DIR)/test.txt $(dir $@) --size 256 --overwrite
 
-data: $(TRAIN32) $(TEST32)
+$(TRAIN32PAD): $(TRAIN32)
+	$(PY) data/pad_lmdb.py $(dir $(TRAIN32)) $(dir $@) --pad 4 --overwrite
+
+data: $(TRAIN32) $(TEST32) $(TRAIN32PAD)
 
 # The 256x256 LMDBs AlexNet fine-tunes on (about 12 GB for CIFAR-10).
 data-alexnet: $(TRAIN256) $(TEST256)

@@ -117,9 +117,20 @@ def tool_version(cmd):
 
 
 def cache_key(config_text, toolchain=None):
-    """Hash of everything the build output depends on (16 hex digits)."""
+    """Hash of everything the build output depends on (16 hex digits).
+
+    numpy's include folder lies inside the virtual environment, whose path
+    differs in every clone; what the build depends on is numpy's version
+    (part of the toolchain below), so the path is left out of the key and a
+    clean clone finds the cached build.
+    """
     h = hashlib.sha256()
     h.update(read_source_pin()["sha256"].encode())
+    try:
+        import numpy
+        config_text = config_text.replace(numpy.get_include(), "<numpy include>")
+    except ImportError:
+        pass
     h.update(config_text.encode())
     for path in sorted(PATCH_DIR.glob("*.patch")) + [HERE / "build.sh"]:
         h.update(path.name.encode())
