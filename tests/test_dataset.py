@@ -304,6 +304,21 @@ def test_convert_folder_to_lmdb(tmp_path, capsys):
 
 
 @needs_caffe
+def test_pad_imageset_keeps_the_image_at_the_centre(tmp_path):
+    from dlbhc.dataset import pad_imageset
+    convert_imageset(_image_folder(tmp_path / "imgs"), tmp_path / "src_lmdb", 8)
+    n = pad_imageset(tmp_path / "src_lmdb", tmp_path / "pad_lmdb", pad=2)
+    original, padded = _read_lmdb(tmp_path / "src_lmdb"), _read_lmdb(tmp_path / "pad_lmdb")
+    assert n == len(padded) == 3
+    for (k1, l1, a), (k2, l2, b) in zip(original, padded):
+        assert (k1, l1) == (k2, l2) and b.shape == (3, 12, 12)
+        np.testing.assert_array_equal(b[:, 2:10, 2:10], a)        # centre crop = original
+        np.testing.assert_array_equal(b[:, 0, 2:10], a[:, 2, :])  # reflected border
+    with pytest.raises(UserError, match="exists"):
+        pad_imageset(tmp_path / "src_lmdb", tmp_path / "pad_lmdb", pad=2)
+
+
+@needs_caffe
 def test_convert_refuses_existing_output_unless_overwrite(tmp_path):
     found = _image_folder(tmp_path / "imgs")
     out = tmp_path / "db"

@@ -479,6 +479,63 @@ def _replace_dir(new, target):
 
 # --- mean image -----------------------------------------------------------------
 
+def pad_imageset(src, dst, pad, mode="reflect", overwrite=False, batch=1000):
+    """Copy a Datum LMDB with every image padded by `pad` pixels on each side.
+
+    The small CIFAR-10 net trains on random 32x32 crops of 40x40 images (the
+    usual pad-and-crop augmentation); Caffe's Data layer can crop but not pad,
+    so the padding is stored. Unlike a squash resize, padding keeps objects at
+    the scale of the test images: the centre crop of a padded image is the
+    original. Keys and order are kept. Built in DST.partial, renamed when
+    complete. Returns the number of images.
+    """
+    import lmdb
+    src, dst = Path(src), Path(dst)
+    if not (src / "data.mdb").exists():
+        raise UserError(f"{src} is not an LMDB (no data.mdb): run `make data` first")
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} exists: pass --overwrite to replace it")
+    if pad < 1:
+        raise UserError("--pad must be at least 1")
+    Datum = import_caffe().proto.caffe_pb2.Datum
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    src_env = lmdb.open(str(src), readonly=True, lock=False, readahead=True)
+    size = src_env.info()["map_size"]
+    dst_env = lmdb.open(str(partial), map_size=max(4 * size, 1 << 30))
+    count, pending = 0, []
+    datum = Datum()
+
+    def flush():
+        with dst_env.begin(write=True) as txn:
+            for k, v in pending:
+                txn.put(k, v)
+        pending.clear()
+
+    try:
+        with src_env.begin() as txn:
+            for k, v in txn.cursor():
+                datum.ParseFromString(v)
+                if datum.encoded:
+                    raise UserError(f"{src} holds encoded images; write it without --encoded")
+                img = np.frombuffer(datum.data, dtype=np.uint8).reshape(
+                    datum.channels, datum.height, datum.width)
+                img = np.pad(img, ((0, 0), (pad, pad), (pad, pad)), mode=mode)
+                out = Datum(channels=datum.channels, height=img.shape[1], width=img.shape[2],
+                            data=np.ascontiguousarray(img).tobytes(), label=datum.label)
+                pending.append((bytes(k), out.SerializeToString()))
+                count += 1
+                if len(pending) >= batch:
+                    flush()
+        flush()
+    finally:
+        src_env.close()
+        dst_env.close()
+    _replace_dir(partial, dst)
+    return count
+
+
+
 class MeanResult(NamedTuple):
     mean: np.ndarray        # C x H x W float32, BGR, as Caffe's mean_file holds
     channel_mean: tuple     # per-channel (B, G, R) mean, for a mean_value
