@@ -144,7 +144,7 @@ def _run_and_watch(cmd, env, log_path, max_iter, log):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             text=True, bufsize=1, cwd=PROJECT_ROOT)
     try:
-        with open(log_path, "w") as logfile:
+        with open(log_path, "w", buffering=1) as logfile:  # line-buffered: tail -f works
             logfile.write("# " + " ".join(cmd) + "\n")
             for line in proc.stdout:
                 logfile.write(line)
