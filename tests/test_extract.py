@@ -255,3 +255,14 @@ def test_missing_inputs_give_clear_errors(tiny, tmp_path):
                          check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "nowhere" in result.stderr
+
+
+def test_gpu_switch_on_a_cpu_only_build_is_a_clear_error(tiny, tmp_path):
+    from dlbhc.caffe_env import is_cpu_only_build
+    if not is_cpu_only_build():
+        pytest.skip("this Caffe is a GPU build")
+    make_images(tmp_path / "imgs", 2)
+    result = run_extract([tmp_path / "imgs", "--out", tmp_path / "db.lmdb", *model_args(tiny),
+                          "--gpu"], check=False)
+    assert result.returncode == 2 and "CPU_ONLY" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "db.lmdb").exists()

@@ -48,20 +48,28 @@ def import_caffe():
     return caffe
 
 
+def is_cpu_only_build():
+    """True when the Caffe in use was built CPU_ONLY (its Makefile.config says
+    so). Asked before set_mode_gpu, which would abort the process there."""
+    config = caffe_root() / "Makefile.config"
+    if not config.exists():
+        return False  # a Caffe built some other way: let Caffe itself decide
+    return any(line.split("#")[0].replace(" ", "") == "CPU_ONLY:=1"
+               for line in config.read_text().splitlines())
+
+
 def set_mode(gpu=None):
     """Caffe's convention: `--gpu N` selects set_mode_gpu + set_device(N),
     otherwise set_mode_cpu. Returns the caffe module."""
     caffe = import_caffe()
     if gpu is None or gpu < 0:
         caffe.set_mode_cpu()
+    elif is_cpu_only_build():
+        raise UserError(f"--gpu {gpu}: this Caffe ({caffe_root()}) is a CPU_ONLY build; "
+                        "rebuild with `make caffe GPU=1 CUDNN=1`, or drop --gpu")
     else:
-        try:
-            caffe.set_device(gpu)
-            caffe.set_mode_gpu()
-        except Exception as err:  # a CPU_ONLY build raises on set_device
-            raise UserError(
-                f"cannot use GPU {gpu}: {err}. This Caffe may be a CPU_ONLY build; "
-                "rebuild with `make caffe GPU=1 CUDNN=1` or drop --gpu") from err
+        caffe.set_device(gpu)
+        caffe.set_mode_gpu()
     return caffe
 
 
