@@ -136,8 +136,10 @@ def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb
         if shard:
             store.update_meta(shard=f"{shard[0]}/{shard[1]}")
         done = store.stored_paths() if store.count else set()
-        todo = [(seq, str(it.path), int(it.label)) for seq, it in pairs
-                if str(it.path) not in done]
+        # Absolute paths: the database is read from other folders later
+        # (retrieve.py's montage opens the images it returns).
+        todo = [(seq, os.path.abspath(it.path), int(it.label)) for seq, it in pairs
+                if os.path.abspath(it.path) not in done]
         report.already = len(pairs) - len(todo)
         if report.already:
             print(f"{out}: {report.already} of {len(pairs)} images already stored; "
