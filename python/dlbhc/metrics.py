@@ -446,6 +446,18 @@ def _figure():
     return fig, fig.add_subplot(1, 1, 1)
 
 
+def _save(fig, ax, xlabel, title, path):
+    """The styling both plots share (precision on y), then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small")
+    ax.set_title(title)
+    fig.savefig(path, format="png")
+    return path
+
+
 def plot_precision_at_k(results, path):
     """PNG of precision at rank 1..k for every run and method."""
     fig, ax = _figure()
@@ -455,14 +467,7 @@ def plot_precision_at_k(results, path):
                 curve = res[method]["precision_curve"]
                 ax.plot(np.arange(1, len(curve) + 1), curve,
                         label=f"{label}, {METHOD_NAMES[method]}")
-    ax.set_xlabel("number of top retrieved images (k)")
-    ax.set_ylabel("precision")
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
-    ax.set_title("precision at k")
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, ax, "number of top retrieved images (k)", "precision at k", path)
 
 
 def plot_precision_recall(results, path):
@@ -477,12 +482,5 @@ def plot_precision_recall(results, path):
         pr = res["coarse"]["pr_radius"]
         ax.plot(pr["recall"], pr["precision"], linestyle=":", marker=".",
                 label=f"{label}, Hamming radius 0..{res['bits']}")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
-    ax.set_title("precision-recall")
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, ax, "recall", "precision-recall", path)
