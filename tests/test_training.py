@@ -19,6 +19,7 @@ def test_derived_solver_scales_the_schedule(no_data_check, tmp_path, net, bits):
                                            gpu=True)
     assert path == tmp_path / "solver.prototxt" and path.exists()
     assert solver.max_iter == original.max_iter // 10
+    assert solver.max_iter % solver.test_interval == 0  # a test at the last iteration
     if original.lr_policy == "step":
         assert solver.stepsize == round(original.stepsize / 10)
     if original.lr_policy == "multistep":
@@ -58,3 +59,8 @@ def test_log_lines_are_parsed():
     assert m and (m.group(1), m.group(2)) == ("850", "1.1694")
     t = training.TEST_RE.search("I1127 solver.cpp:418]     Test net output #0: accuracy = 0.8123")
     assert t and (t.group(1), t.group(2)) == ("accuracy", "0.8123")
+
+
+def test_a_short_schedule_still_ends_with_a_test(no_data_check, tmp_path):
+    _, solver = training.derived_solver("cifar", 48, tmp_path, max_iter=1000)
+    assert solver.test_interval <= 1000 and 1000 % solver.test_interval == 0

@@ -65,6 +65,12 @@ def derived_solver(net, bits, run_dir, max_iter=None, gpu=False):
             steps = [max(1, int(round(s * scale))) for s in solver.stepvalue]
             del solver.stepvalue[:]
             solver.stepvalue.extend(steps)
+        if solver.test_interval:
+            # Caffe tests every test_interval iterations: keep about as many
+            # tests, one of them at the last iteration, so the run reports
+            # its final accuracy.
+            tests = max(1, round(max_iter / solver.test_interval))
+            solver.test_interval = max_iter // tests if max_iter % tests == 0 else max_iter
         solver.max_iter = max_iter
         solver.snapshot = min(solver.snapshot, max_iter) if solver.snapshot else max_iter
     caffe_pb2 = import_caffe().proto.caffe_pb2
