@@ -40,6 +40,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=2,
                    help="image decoding processes (0: decode in the main process)")
+    p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
+                   help="commit finished batches to the database at most this often "
+                        "(default 2; 0 = every batch); a crash loses at most that much work")
     p.add_argument("--shard", help="I/N: process only every N-th image starting at I")
     p.add_argument("--merge", nargs="+", metavar="SHARD_DB",
                    help="instead of extracting, merge these shard databases into --out")
@@ -64,7 +67,7 @@ def main(argv=None):
     report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
                      workers=args.workers, backend=args.backend,
                      fc7_dtype="float16" if args.float16 else "float32",
-                     shard=shard, limit=args.limit)
+                     shard=shard, limit=args.limit, commit_seconds=args.commit_every)
     print(f"{args.out}: stored {report.stored} new images ({report.rate:.1f} img/s), "
           f"{report.already} were already there, {len(report.skipped)} skipped "
           f"({net.bits} bits, fc7 {net.fc7_dim})")

@@ -136,7 +136,7 @@ def test_killed_run_then_rerun_holds_every_image_once(caffe, tmp_path):
     make_images(tmp_path / "imgs", 240)
     out = tmp_path / "db.lmdb"
     args = [sys.executable, str(EXTRACT), tmp_path / "imgs", "--out", out, "--deploy", deploy,
-            "--weights", weights, "--mean", MEAN, "--batch-size", 2]
+            "--weights", weights, "--mean", MEAN, "--batch-size", 2, "--commit-every", 0]
     proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     killed_at = None

@@ -23,6 +23,12 @@ from .progress import Progress
 from .store import FeatureStore, check_compatible, detect_backend
 
 
+# A transaction (two fsyncs) per net batch costs more than the forward of a
+# small net: batches are committed together until this much time has passed.
+# A crash loses at most these uncommitted images, which a rerun redoes.
+COMMIT_SECONDS = 2.0
+
+
 @dataclass
 class ExtractionReport:
     stored: int = 0
@@ -123,7 +129,8 @@ def open_or_create_store(out, net, backend, fc7_dtype):
 
 
 def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb",
-            fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr, limit=None):
+            fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr, limit=None,
+            commit_seconds=COMMIT_SECONDS):
     """Extract every image of `source` (folder or list file) into store `out`."""
     start = time.monotonic()
     items = list_images(source, root=root)[0]
@@ -145,7 +152,7 @@ def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb
             print(f"{out}: {report.already} of {len(pairs)} images already stored; "
                   f"{len(todo)} to go", file=log)
         if todo:
-            _run(todo, net, store, report, batch_size, workers, prefetch, log)
+            _run(todo, net, store, report, batch_size, workers, prefetch, log, commit_seconds)
     finally:
         store.close()
     report.seconds = time.monotonic() - start
@@ -158,21 +165,35 @@ def _chunks(todo, size):
         yield todo[i:i + size]
 
 
-def _run(todo, net, store, report, batch_size, workers, prefetch, log):
+def _run(todo, net, store, report, batch_size, workers, prefetch, log,
+         commit_seconds=COMMIT_SECONDS):
     preparer = ImagePreparer(net.prep)
     progress = Progress(len(todo), label="extract", unit="img")
     chunk_size = max(1, min(batch_size, 16))
     pending_arrays, pending_infos = [], []
+    uncommitted = {"fc7": [], "latent": [], "infos": [], "since": time.monotonic()}
+
+    def commit():
+        if not uncommitted["infos"]:
+            return
+        latent = np.concatenate(uncommitted["latent"])
+        store.append(np.concatenate(uncommitted["fc7"]), latent, net.codes(latent),
+                     uncommitted["infos"])
+        report.stored += len(uncommitted["infos"])
+        uncommitted.update(fc7=[], latent=[], infos=[], since=time.monotonic())
 
     def flush():
         if not pending_arrays:
             return
         fc7, latent = net.forward(np.stack(pending_arrays))
-        store.append(fc7, latent, net.codes(latent), list(pending_infos))
-        report.stored += len(pending_arrays)
+        uncommitted["fc7"].append(fc7)
+        uncommitted["latent"].append(latent)
+        uncommitted["infos"].extend(pending_infos)
         progress.update(len(pending_arrays))
         pending_arrays.clear()
         pending_infos.clear()
+        if time.monotonic() - uncommitted["since"] >= commit_seconds:
+            commit()
 
     def consume(results):
         for seq, path, label, array, reason in results:
@@ -202,6 +223,7 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log):
             while in_flight:
                 consume(in_flight.popleft().get())
     flush()
+    commit()
     progress.close()
 
 
