@@ -76,16 +76,9 @@ done
 
 # ---- evaluation ------------------------------------------------------------
 mkdir -p "$RUN/evaluation"
-if [ -f python/evaluate.py ]; then
-    log "evaluate: python/evaluate.py"
-    "$PY" python/evaluate.py --database "$RUN/db_train.lmdb" --queries "$RUN/db_test.lmdb" \
-        --k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
-fi
-if [ ! -f python/evaluate.py ] || [ "${CROSSCHECK:-0}" = 1 ]; then
-    log "evaluate: benchmarks/cifar_map_fallback.py"
-    "$PY" benchmarks/cifar_map_fallback.py "$RUN/db_train.lmdb" "$RUN/db_test.lmdb" \
-        --k 1000 --out "$RUN/evaluation/fallback_metrics.json"
-fi
+log "evaluate: python/evaluate.py"
+"$PY" python/evaluate.py --database "$RUN/db_train.lmdb" --queries "$RUN/db_test.lmdb" \
+    --k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
 
 # ---- summary ---------------------------------------------------------------
 "$PY" - "$RUN" "$BITS" "$(( $(date +%s) - t0 ))" <<'EOF'
@@ -103,10 +96,14 @@ for split in ("train", "test"):
     f = run / f"extract_{split}.txt"
     m = re.search(r"\(([\d.]+) img/s\)", f.read_text()) if f.exists() else None
     summary[f"extract_{split}_img_per_s"] = float(m.group(1)) if m else None
+def scalars(d):
+    """The figures without the curves (lists)."""
+    return {k: scalars(v) if isinstance(v, dict) else v for k, v in d.items()
+            if not isinstance(v, list)}
 ev = run / "evaluation"
 for f in sorted(ev.glob("*.json")):
     try:
-        summary[f"evaluation/{f.name}"] = json.loads(f.read_text())
+        summary[f"evaluation/{f.name}"] = scalars(json.loads(f.read_text()))
     except ValueError:
         pass
 (run / "bench_summary.json").write_text(json.dumps(summary, indent=2))
