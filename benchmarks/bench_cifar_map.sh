@@ -16,7 +16,6 @@
 #   MAX_ITER=N      shorter/longer schedule (train.py scales the lr steps)
 #   SKIP_TRAIN=1    reuse runs/cifar_hash$BITS/cifar_hash$BITS.caffemodel
 #   RUNS_DIR=runs   where the run folder goes
-#   CROSSCHECK=1    also compute the figures with benchmarks/cifar_map_fallback.py
 #   OPENBLAS_NUM_THREADS (default 1): on the 2 shared cores one BLAS thread
 #                   trains faster than two as soon as anything else runs
 #                   (measured under load ~4: 0.55-0.58 vs 1.16 s/iter);
