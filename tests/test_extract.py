@@ -114,6 +114,31 @@ def test_store_fields_codes_and_fc7_match_pycaffe(caffe, tiny, tmp_path):
         np.testing.assert_allclose(latent[3], net.blobs["latent"].data[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("crop,mean,order", [(24, (104.0, 117.0, 123.0), "BGR"),
+                                              (32, (113.86, 122.93, 125.27), "BGR"),
+                                              (7, (1.5, 2.25, 3.125), "RGB")])
+def test_batch_transform_is_bit_identical_to_caffe_transformer(caffe, crop, mean, order):
+    """extract.py prepares a whole batch of uint8 crops at once; the result
+    must be exactly what caffe.io.Transformer gives image by image."""
+    from dlbhc.model import BatchTransformer, Preprocessing
+    prep = Preprocessing(resize=crop, crop=crop, mean_bgr=mean, channel_order=order)
+    crops = np.random.default_rng(crop).integers(0, 256, (5, crop, crop, 3), dtype=np.uint8)
+    t = caffe.io.Transformer({"data": (1, 3, crop, crop)})
+    t.set_transpose("data", (2, 0, 1))
+    if order == "BGR":
+        t.set_channel_swap("data", (2, 1, 0))
+    t.set_raw_scale("data", 255.0)
+    t.set_mean("data", np.asarray(mean, dtype=np.float32))
+    expected = np.stack([t.preprocess("data", c.astype(np.float32) / 255) for c in crops])
+    got = BatchTransformer(prep)(crops)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+    # and the channels really are swapped (a no-op transform would not pass)
+    if order == "BGR":
+        assert not np.array_equal(got[:, 0], crops[..., 0].astype(np.float32) - mean[0])
+        np.testing.assert_allclose(got[:, 0], crops[..., 2].astype(np.float32) - mean[0], atol=1e-3)
+
+
 def test_rerun_adds_nothing_and_new_images_are_appended(tiny, tmp_path):
     from dlbhc.store import FeatureStore
     make_images(tmp_path / "imgs", 6)

@@ -136,15 +136,17 @@ def default_resize(crop):
     return 256 if crop == 227 else crop
 
 
-def prepare_rgb(rgb, prep):
-    """Resize + centre crop a HxWx3 uint8 RGB image; returns float32 in [0,1]."""
+def prepare_crop(rgb, prep):
+    """Resize + centre crop a HxWx3 uint8 RGB image; stays uint8 (the worker
+    processes hand a quarter of the bytes of float32 to the net's process)."""
     img = resize_for_net(rgb, prep.resize)
     off = (prep.resize - prep.crop) // 2
-    img = img[off:off + prep.crop, off:off + prep.crop]
-    return img.astype(np.float32) / 255.0
+    return np.ascontiguousarray(img[off:off + prep.crop, off:off + prep.crop])
 
 
 def make_transformer(prep):
+    """caffe.io.Transformer for `prep`: the reference the batch path is tested
+    against (tests/test_extract.py)."""
     caffe = import_caffe()
     t = caffe.io.Transformer({"data": (1, 3, prep.crop, prep.crop)})
     t.set_transpose("data", (2, 0, 1))
@@ -155,20 +157,40 @@ def make_transformer(prep):
     return t
 
 
+class BatchTransformer:
+    """caffe.io.Transformer.preprocess for a whole batch of uint8 crops.
+
+    The same float32 operations in the same order as Caffe's Transformer
+    applied to caffe.io.load_image's [0, 1] floats (x / 255, HWC -> CHW,
+    RGB -> BGR, x raw_scale, - mean), so the result is bit-identical to
+    preprocessing image by image; done on the batch at once, it costs a few
+    vectorised passes instead of ~10 numpy calls per image, which for the
+    small net were 15% of the forward's time.
+    """
+
+    def __init__(self, prep):
+        self.order = [2, 1, 0] if prep.channel_order == "BGR" else [0, 1, 2]
+        self.raw_scale = prep.raw_scale
+        self.mean = np.asarray(prep.mean_bgr, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def __call__(self, crops):
+        """(n, H, W, 3) uint8 RGB -> (n, 3, H, W) float32 net input."""
+        x = np.asarray(crops)[..., self.order].astype(np.float32)
+        x /= 255.0
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        x *= self.raw_scale
+        x -= self.mean
+        return x
+
+
 class ImagePreparer:
-    """Path -> net input (3, crop, crop) float32. Picklable for worker pools."""
+    """Path -> uint8 crop (crop, crop, 3) RGB. Picklable for worker pools."""
 
     def __init__(self, prep):
         self.prep = prep
-        self._transformer = None
 
     def __call__(self, path):
-        if self._transformer is None:
-            self._transformer = make_transformer(self.prep)
-        return self._transformer.preprocess("data", prepare_rgb(read_image(path), self.prep))
-
-    def __getstate__(self):
-        return {"prep": self.prep, "_transformer": None}
+        return prepare_crop(read_image(path), self.prep)
 
 
 class HashNet:
@@ -198,6 +220,7 @@ class HashNet:
         self.fc7_dim = self.net.blobs[FEATURE_BLOB].data[0].size
         self.prep = Preprocessing(resize=int(resize or default_resize(crop)), crop=crop,
                                   mean_bgr=load_mean_bgr(mean))
+        self.transform = BatchTransformer(self.prep)
         if self.prep.resize < crop:
             raise UserError(f"resize {self.prep.resize} is smaller than the net input {crop}")
 
@@ -226,12 +249,15 @@ class HashNet:
         latent = self.net.blobs[LATENT_BLOB].data.reshape(len(batch), -1).copy()
         return fc7, latent
 
+    def forward_crops(self, crops):
+        """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7, latent."""
+        return self.forward(self.transform(crops))
+
     def codes(self, latent):
         return np.packbits(np.asarray(latent) > CODE_THRESHOLD, axis=1)
 
     def features_of_paths(self, paths):
         """fc7, latent, codes for a few image files (queries)."""
         prepare = ImagePreparer(self.prep)
-        batch = np.stack([prepare(p) for p in paths])
-        fc7, latent = self.forward(batch)
+        fc7, latent = self.forward_crops(np.stack([prepare(p) for p in paths]))
         return fc7, latent, self.codes(latent)

@@ -183,7 +183,7 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
     def flush():
         if not pending_arrays:
             return
-        fc7, latent = net.forward(np.stack(pending_arrays))
+        fc7, latent = net.forward_crops(np.stack(pending_arrays))
         uncommitted["fc7"].append(fc7)
         uncommitted["latent"].append(latent)
         uncommitted["infos"].extend(pending_infos)
