@@ -16,10 +16,12 @@
 #   MAX_ITER=N      shorter/longer schedule (train.py scales the lr steps)
 #   SKIP_TRAIN=1    reuse runs/cifar_hash$BITS/cifar_hash$BITS.caffemodel
 #   RUNS_DIR=runs   where the run folder goes
-#   OPENBLAS_NUM_THREADS (default 2): on 2 quiet cores two BLAS threads train
-#                   faster (caffe time 0.42 vs 0.49 s/iter); as soon as
-#                   anything else runs, one is faster (measured under load ~4:
-#                   0.55-0.58 vs 1.16 s/iter): pass 1 on a busy machine.
+#   OPENBLAS_NUM_THREADS (default 1): one BLAS thread trains fastest on the
+#                   2 cores, quiet or not: measured on a quiet machine, 0.49 s
+#                   per iteration with 1 thread, 0.68 s with 2 (OpenBLAS's
+#                   idle thread spins against Caffe's data prefetch thread),
+#                   0.51 s with 2 and OPENBLAS_THREAD_TIMEOUT=4; under load ~4
+#                   0.55-0.58 vs 1.16 s.
 # Everything lands in $RUNS_DIR/cifar_hash$BITS/: train.log, train_summary.json,
 # db_train.lmdb, db_test.lmdb, evaluation/ and bench_summary.json.
 # Timings depend on what else the machine runs; report the load with them.
@@ -37,7 +39,7 @@ WEIGHTS=$RUN/$NAME.caffemodel
 MEAN=$D/cifar10_train_32_mean.npy
 PAD_LMDB=$D/cifar10_train_32pad4_lmdb
 
-export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-2}
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 
 log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
 t0=$(date +%s)

@@ -325,14 +325,15 @@ def cifar_deploy(bits):
 
 
 def cifar_solver(bits):
-    # 7,000 iterations of 100 = 14 epochs: the most that fits the 60-minute
-    # training budget on 2 quiet cores (caffe time: 0.42 s per iteration
-    # with two BLAS threads, 0.49 s with one; see benchmarks/bench_cifar_map.sh).
+    # 6,500 iterations of 100 = 13 epochs: what fits the 60-minute training
+    # budget on 2 quiet cores at 0.49 s per iteration (OPENBLAS_NUM_THREADS=1;
+    # two BLAS threads took 0.68 s beside the Data layer's prefetch thread,
+    # see benchmarks/bench_cifar_map.sh).
     # Nesterov, lr 0.1 decaying linearly to 0 (poly, power 1), no steps.
     return [
         ("net", f"prototxt/cifar_hash{bits}_train_val.prototxt"),
-        ("test_iter", 100), ("test_interval", 3500), ("test_initialization", False),
-        ("base_lr", 0.1), ("lr_policy", "poly"), ("power", 1.0), ("max_iter", 7000),
+        ("test_iter", 100), ("test_interval", 3250), ("test_initialization", False),
+        ("base_lr", 0.1), ("lr_policy", "poly"), ("power", 1.0), ("max_iter", 6500),
         ("type", "Nesterov"), ("momentum", 0.9), ("weight_decay", 0.0005),
         ("display", 50), ("snapshot", 1000),
         ("snapshot_prefix", f"runs/cifar_hash{bits}/snapshots/cifar_hash{bits}"),
