@@ -163,24 +163,30 @@ class BatchTransformer:
     The same float32 operations in the same order as Caffe's Transformer
     applied to caffe.io.load_image's [0, 1] floats (x / 255, HWC -> CHW,
     RGB -> BGR, x raw_scale, - mean), so the result is bit-identical to
-    preprocessing image by image; done on the batch at once, it costs a few
-    vectorised passes instead of ~10 numpy calls per image, which for the
-    small net were 15% of the forward's time.
+    preprocessing image by image (tests/test_extract.py). It works one
+    output channel at a time, written straight into the destination (the
+    net's input blob): for a 227x227 batch that is 0.18 ms per image against
+    0.84 ms for whole-array numpy steps and ~0.6 ms for the Transformer.
     """
 
     def __init__(self, prep):
         self.order = [2, 1, 0] if prep.channel_order == "BGR" else [0, 1, 2]
-        self.raw_scale = prep.raw_scale
-        self.mean = np.asarray(prep.mean_bgr, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.raw_scale = np.float32(prep.raw_scale)
+        self.mean = np.asarray(prep.mean_bgr, dtype=np.float32)
 
-    def __call__(self, crops):
-        """(n, H, W, 3) uint8 RGB -> (n, 3, H, W) float32 net input."""
-        x = np.asarray(crops)[..., self.order].astype(np.float32)
-        x /= 255.0
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        x *= self.raw_scale
-        x -= self.mean
-        return x
+    def __call__(self, crops, out=None):
+        """(n, H, W, 3) uint8 RGB -> (n, 3, H, W) float32 net input, in `out`
+        when given (a C-contiguous float32 array of that shape)."""
+        crops = np.asarray(crops)
+        n, height, width, _ = crops.shape
+        if out is None:
+            out = np.empty((n, 3, height, width), dtype=np.float32)
+        for channel, source in enumerate(self.order):
+            plane = out[:, channel]
+            np.divide(crops[..., source], np.float32(255.0), out=plane, dtype=np.float32)
+            plane *= self.raw_scale
+            plane -= self.mean[channel]
+        return out
 
 
 class ImagePreparer:
@@ -236,22 +242,30 @@ class HashNet:
             "feature_blob": FEATURE_BLOB, "latent_blob": LATENT_BLOB,
         }
 
+    def _input_blob(self, n):
+        data = self.net.blobs["data"]
+        if data.data.shape[0] != n:
+            data.reshape(n, *data.data.shape[1:])
+            self.net.reshape()
+        return data.data
+
+    def _run(self, n):
+        self.net.forward(end=LATENT_BLOB)
+        fc7 = self.net.blobs[FEATURE_BLOB].data.reshape(n, -1).copy()
+        latent = self.net.blobs[LATENT_BLOB].data.reshape(n, -1).copy()
+        return fc7, latent
+
     def forward(self, batch):
         """batch: (n, 3, crop, crop) float32 -> fc7 (n, D), latent (n, bits)."""
         batch = np.asarray(batch, dtype=np.float32)
-        data = self.net.blobs["data"]
-        if data.data.shape[0] != len(batch):
-            data.reshape(*batch.shape)
-            self.net.reshape()
-        data.data[...] = batch
-        self.net.forward(end=LATENT_BLOB)
-        fc7 = self.net.blobs[FEATURE_BLOB].data.reshape(len(batch), -1).copy()
-        latent = self.net.blobs[LATENT_BLOB].data.reshape(len(batch), -1).copy()
-        return fc7, latent
+        self._input_blob(len(batch))[...] = batch
+        return self._run(len(batch))
 
     def forward_crops(self, crops):
-        """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7, latent."""
-        return self.forward(self.transform(crops))
+        """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7, latent;
+        preprocessed straight into the net's input blob."""
+        self.transform(crops, out=self._input_blob(len(crops)))
+        return self._run(len(crops))
 
     def codes(self, latent):
         return np.packbits(np.asarray(latent) > CODE_THRESHOLD, axis=1)
