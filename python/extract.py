@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.caffe_env import add_gpu_argument, tune_blas_for_extraction  # noqa: E402
+from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 
 EXIT_SKIPPED = 3
@@ -60,7 +60,6 @@ def main(argv=None):
         return 0
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    tune_blas_for_extraction()  # before numpy and caffe load OpenBLAS
     from dlbhc.model import HashNet
     from dlbhc.pipeline import extract, parse_shard, skipped_list_path
     shard = parse_shard(args.shard)

@@ -292,18 +292,3 @@ def test_gpu_switch_on_a_cpu_only_build_is_a_clear_error(tiny, tmp_path):
     assert result.returncode == 2 and "CPU_ONLY" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "db.lmdb").exists()
 
-
-def test_blas_tuning_applies_before_import_and_respects_the_user(tmp_path):
-    """extract.py sets OpenBLAS's thread timeout before numpy/caffe load it;
-    a value the user exported wins, and once numpy is loaded it is too late."""
-    code = ("import os, sys; sys.path.insert(0, sys.argv[1]);"
-            "from dlbhc.caffe_env import tune_blas_for_extraction as t;"
-            "first = t(); import numpy; print(first, os.environ.get('OPENBLAS_THREAD_TIMEOUT'), t())")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "python")], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["{'OPENBLAS_THREAD_TIMEOUT':", "'4'}", "4", "None"]
-    env["OPENBLAS_THREAD_TIMEOUT"] = "12"
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "python")], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["{'OPENBLAS_THREAD_TIMEOUT':", "'12'}", "12", "None"]

@@ -79,29 +79,3 @@ def add_gpu_argument(parser):
                         metavar="ID", help="run the net on GPU ID (default 0 "
                         "when given without ID); CPU otherwise")
 
-
-# Debian's OpenBLAS (pthreads build) keeps a thread that runs out of GEMM
-# work spinning for 2^28 cycles (~0.1 s) before it sleeps, so on a machine
-# with as many cores as BLAS threads the cores look busy through every
-# single-threaded layer (im2col, ReLU, pooling, BatchNorm's loops) too, and
-# extract.py's decoding workers can only run by preempting BLAS threads in
-# the middle of a GEMM, which then waits for them. A 16-cycle timeout lets
-# the idle core go to the workers. Measured in benchmarks/bench_extract.py.
-EXTRACTION_BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
-
-
-def blas_settings_for_extraction():
-    """The BLAS settings extract.py runs with: EXTRACTION_BLAS_ENV, except
-    where the user's environment sets those variables itself."""
-    return {k: os.environ.get(k, v) for k, v in EXTRACTION_BLAS_ENV.items()}
-
-
-def tune_blas_for_extraction():
-    """Apply blas_settings_for_extraction() to this process. OpenBLAS reads
-    them when it is loaded, so this must run before numpy or caffe is
-    imported; returns the settings, or None when that is too late."""
-    if "numpy" in sys.modules or "caffe" in sys.modules:
-        return None
-    settings = blas_settings_for_extraction()
-    os.environ.update(settings)
-    return settings
