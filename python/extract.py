@@ -40,6 +40,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=2,
                    help="image decoding processes (0: decode in the main process)")
+    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                   help="BLAS threads of the CPU forward (default: the first batches try "
+                        "all threads and one while the workers decode, and keep the faster)")
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished batches to the database at most this often "
                         "(default 2; 0 = every batch); a crash loses at most that much work")
@@ -60,6 +63,8 @@ def main(argv=None):
         return 0
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if args.blas_threads is not None and args.blas_threads < 1:
+        raise UserError("--blas-threads must be at least 1")
     from dlbhc.model import HashNet
     from dlbhc.pipeline import extract, parse_shard, skipped_list_path
     shard = parse_shard(args.shard)
@@ -67,10 +72,13 @@ def main(argv=None):
     report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
                      workers=args.workers, backend=args.backend,
                      fc7_dtype="float16" if args.float16 else "float32",
-                     shard=shard, limit=args.limit, commit_seconds=args.commit_every)
+                     shard=shard, limit=args.limit, commit_seconds=args.commit_every,
+                     blas_threads=args.blas_threads)
     print(f"{args.out}: stored {report.stored} new images ({report.rate:.1f} img/s), "
           f"{report.already} were already there, {len(report.skipped)} skipped "
           f"({net.bits} bits, fc7 {net.fc7_dim})")
+    if report.blas:
+        print(report.blas)
     if report.skipped:
         print(f"skipped images are listed in {skipped_list_path(args.out)}", file=sys.stderr)
         return EXIT_SKIPPED

@@ -292,3 +292,60 @@ def test_gpu_switch_on_a_cpu_only_build_is_a_clear_error(tiny, tmp_path):
     assert result.returncode == 2 and "CPU_ONLY" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "db.lmdb").exists()
 
+
+
+class FakeBlas:
+    """Stands in for OpenBLAS's get/set_num_threads."""
+
+    def __init__(self, threads):
+        self.threads, self.history = threads, []
+
+    def control(self):
+        return (lambda: self.threads), self._set
+
+    def _set(self, n):
+        self.threads = n
+        self.history.append(n)
+
+
+@pytest.mark.parametrize("faster", [1, 4])
+def test_blas_tuner_keeps_the_faster_thread_count(faster):
+    from dlbhc.pipeline import BlasThreadTuner
+    blas = FakeBlas(4)
+    tuner = BlasThreadTuner(blas.control(), trials=3)
+    for _ in range(1 + 2 * 3):          # a warm-up batch, then 3 timed batches of each
+        assert tuner.tuning
+        tuner.before_batch()
+        seconds = 1.0 if blas.threads == faster else 1.5
+        tuner.after_batch(seconds, 100)
+    assert not tuner.tuning and tuner.choice == faster and blas.threads == faster
+    assert sorted(set(blas.history[:7])) == [1, 4]      # both were tried
+    tuner.before_batch()
+    assert blas.threads == faster                       # and it stays
+    assert f"BLAS threads {faster}" in tuner.describe()
+
+
+def test_blas_tuner_fixed_single_or_absent():
+    from dlbhc.pipeline import BlasThreadTuner
+    blas = FakeBlas(2)
+    tuner = BlasThreadTuner(blas.control(), fixed=1)
+    assert not tuner.tuning and blas.threads == 1 and tuner.describe() == "BLAS threads 1"
+    assert not BlasThreadTuner(FakeBlas(1).control()).tuning
+    absent = BlasThreadTuner(None)
+    absent.before_batch()
+    absent.after_batch(1.0, 10)
+    assert not absent.tuning and absent.describe() is None
+
+
+def test_blas_control_reaches_caffes_openblas(caffe):
+    from dlbhc.caffe_env import blas_threads_control
+    control = blas_threads_control()
+    if control is None:
+        pytest.skip("Caffe is not linked with OpenBLAS here")
+    get, set_ = control
+    before = get()
+    try:
+        set_(1)
+        assert get() == 1
+    finally:
+        set_(before)

@@ -79,3 +79,16 @@ def add_gpu_argument(parser):
                         metavar="ID", help="run the net on GPU ID (default 0 "
                         "when given without ID); CPU otherwise")
 
+
+
+def blas_threads_control():
+    """(get, set) functions for the thread count of the OpenBLAS that
+    libcaffe calls, or None when Caffe was linked with another BLAS. dlopen
+    of the already loaded soname returns the same library, so this changes
+    the running Caffe's GEMMs (numpy's wheels bundle a separate OpenBLAS)."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL("libopenblas.so.0")
+        return lib.openblas_get_num_threads, lib.openblas_set_num_threads
+    except (OSError, AttributeError):
+        return None

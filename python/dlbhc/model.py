@@ -207,6 +207,7 @@ class HashNet:
             if not Path(path).is_file():
                 raise UserError(f"{what} {path} does not exist")
         caffe = set_mode(gpu)
+        self.gpu = gpu
         self.deploy = str(deploy)
         self.weights = str(weights)
         # Caffe aborts the whole process (glog FATAL) on a malformed prototxt

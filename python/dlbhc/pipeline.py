@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .caffe_env import blas_threads_control
 from .errors import UserError
 from .images import BadImage, list_images
 from .model import ImagePreparer
@@ -36,6 +37,7 @@ class ExtractionReport:
     skipped: list = field(default_factory=list)   # (path, reason)
     total: int = 0
     seconds: float = 0.0
+    blas: str = None                              # BLAS thread choice, for the summary
 
     @property
     def rate(self):
@@ -128,7 +130,7 @@ def open_or_create_store(out, net, backend, fc7_dtype):
 
 def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb",
             fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr, limit=None,
-            commit_seconds=COMMIT_SECONDS):
+            commit_seconds=COMMIT_SECONDS, blas_threads=None):
     """Extract every image of `source` (folder or list file) into store `out`."""
     start = time.monotonic()
     items = list_images(source, root=root)[0]
@@ -150,7 +152,8 @@ def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb
             print(f"{out}: {report.already} of {len(pairs)} images already stored; "
                   f"{len(todo)} to go", file=log)
         if todo:
-            _run(todo, net, store, report, batch_size, workers, prefetch, log, commit_seconds)
+            _run(todo, net, store, report, batch_size, workers, prefetch, log, commit_seconds,
+                 blas_threads)
     finally:
         store.close()
     report.seconds = time.monotonic() - start
@@ -163,9 +166,77 @@ def _chunks(todo, size):
         yield todo[i:i + size]
 
 
+class BlasThreadTuner:
+    """Chooses how many BLAS threads the net's forward uses while the
+    decoding workers share the cores.
+
+    On a machine with few cores the workers preempt BLAS threads in the
+    middle of a GEMM, and a multi-threaded GEMM then waits for its slowest
+    thread: for the small CIFAR net one BLAS thread plus the workers beat two
+    threads plus the workers, for AlexNet's large GEMMs two threads win. So
+    the first batches alternate between all threads and one, timing the
+    forward per image, and the rest of the run uses the faster setting.
+    `fixed` (extract.py --blas-threads N) skips the trial.
+    """
+
+    def __init__(self, control, trials=3, fixed=None):
+        self.control = control
+        self.choice = None
+        self.samples = {}
+        if control is None:
+            return
+        get, set_ = control
+        self.most = int(get())
+        if fixed:
+            set_(int(fixed))
+            self.choice = int(fixed)
+        elif self.most <= 1:
+            self.choice = self.most
+        else:
+            self.candidates = [self.most, 1]
+            self.samples = {c: [] for c in self.candidates}
+            self.trials = trials
+            self._batches = 0
+
+    @property
+    def tuning(self):
+        return self.control is not None and self.choice is None
+
+    def before_batch(self):
+        if self.tuning:
+            # batch 0 warms caches and allocations up: not timed
+            self._current = self.candidates[max(0, self._batches - 1) % 2]
+            self.control[1](self._current)
+
+    def after_batch(self, seconds, images):
+        if not self.tuning:
+            return
+        self._batches += 1
+        if self._batches == 1:
+            return
+        self.samples[self._current].append(seconds / images)
+        if all(len(v) >= self.trials for v in self.samples.values()):
+            medians = {c: sorted(v)[len(v) // 2] for c, v in self.samples.items()}
+            self.choice = min(medians, key=medians.get)
+            self.control[1](self.choice)
+            self.medians_ms = {c: round(1000 * m, 2) for c, m in medians.items()}
+
+    def describe(self):
+        if self.control is None:
+            return None
+        if getattr(self, "medians_ms", None):
+            tried = ", ".join(f"{c}: {ms} ms/img" for c, ms in self.medians_ms.items())
+            return f"BLAS threads {self.choice} (forward with the workers running: {tried})"
+        return f"BLAS threads {self.choice if self.choice is not None else self.most}"
+
+
 def _run(todo, net, store, report, batch_size, workers, prefetch, log,
-         commit_seconds=COMMIT_SECONDS):
+         commit_seconds=COMMIT_SECONDS, blas_threads=None):
     preparer = ImagePreparer(net.prep)
+    # Only the CPU forward competes with the workers for cores.
+    on_gpu = net.gpu is not None and net.gpu >= 0
+    tuner = BlasThreadTuner(None if on_gpu or workers <= 0
+                            else blas_threads_control(), fixed=blas_threads)
     progress = Progress(len(todo), label="extract", unit="img")
     chunk_size = max(1, min(batch_size, 16))
     pending_arrays, pending_infos = [], []
@@ -183,7 +254,10 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
     def flush():
         if not pending_arrays:
             return
+        tuner.before_batch()
+        started = time.perf_counter()
         fc7, latent = net.forward_crops(np.stack(pending_arrays))
+        tuner.after_batch(time.perf_counter() - started, len(pending_arrays))
         uncommitted["fc7"].append(fc7)
         uncommitted["latent"].append(latent)
         uncommitted["infos"].extend(pending_infos)
@@ -223,6 +297,7 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
     flush()
     commit()
     progress.close()
+    report.blas = tuner.describe()
 
 
 def _write_skipped(out, skipped):
