@@ -349,3 +349,27 @@ def test_blas_control_reaches_caffes_openblas(caffe):
         assert get() == 1
     finally:
         set_(before)
+
+
+def test_forward_workers_store_what_the_main_process_net_stores(tiny, tmp_path):
+    """On the CPU with 2+ workers each worker runs its own single-threaded
+    net; the store must hold what one net in the main process computes (up
+    to BLAS summation order), in the same order, bad files skipped alike."""
+    from dlbhc.store import FeatureStore
+    make_images(tmp_path / "imgs", 11)
+    (tmp_path / "imgs" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
+    runs = {}
+    for mode, extra in (("main", ["--workers", "0"]), ("workers", ["--workers", "2"]),
+                        ("tuned", ["--workers", "1"])):
+        out = run_extract([tmp_path / "imgs", "--out", tmp_path / f"{mode}.lmdb",
+                           *model_args(tiny), *extra], check=False)
+        assert out.returncode == 3, out.stderr[-2000:]          # the broken file
+        runs[mode] = out.stdout
+    assert "forward in 2 worker processes" in runs["workers"]
+    assert "forward in" not in runs["main"] and "forward in" not in runs["tuned"]
+    with FeatureStore.open(tmp_path / "main.lmdb") as a, \
+            FeatureStore.open(tmp_path / "workers.lmdb") as b:
+        assert a.count == b.count == 11
+        assert [i["path"] for i in a.infos()] == [i["path"] for i in b.infos()]
+        np.testing.assert_allclose(a.fc7(range(11)), b.fc7(range(11)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.latent(range(11)), b.latent(range(11)), rtol=1e-5, atol=1e-6)

@@ -202,7 +202,7 @@ class ImagePreparer:
 class HashNet:
     """A deploy net with the blobs fc7 and latent."""
 
-    def __init__(self, deploy, weights, mean, gpu=None, resize=None):
+    def __init__(self, deploy, weights, mean, gpu=None, resize=None, check=True):
         for what, path in (("deploy prototxt", deploy), ("weights", weights)):
             if not Path(path).is_file():
                 raise UserError(f"{what} {path} does not exist")
@@ -213,7 +213,8 @@ class HashNet:
         # Caffe aborts the whole process (glog FATAL) on a malformed prototxt
         # or a weight shape mismatch, so both are checked here first, where a
         # clear message can still be given.
-        check_weights_match(self.deploy, self.weights)
+        if check:  # (extract.py's forward workers skip it: the parent checked)
+            check_weights_match(self.deploy, self.weights)
         self.net = caffe.Net(self.deploy, caffe.TEST, weights=self.weights)
         for blob in (FEATURE_BLOB, LATENT_BLOB):
             if blob not in self.net.blobs:

@@ -100,6 +100,32 @@ def _worker_chunk(chunk):
     return _prepare_chunk(_WORKER_PREPARER, chunk)
 
 
+_WORKER_NET = None
+
+
+def _init_net_worker(preparer, net_args):
+    """A forward worker: its own copy of the net, one BLAS thread."""
+    global _WORKER_PREPARER, _WORKER_NET
+    _WORKER_PREPARER = preparer
+    control = blas_threads_control()
+    if control is not None:
+        control[1](1)
+    from .model import HashNet
+    _WORKER_NET = HashNet(*net_args, check=False)
+
+
+def _net_worker_chunk(chunk):
+    """Worker: decode a batch and run the net on it -> (results without the
+    arrays, fc7, latent) for the images that decoded."""
+    results = _prepare_chunk(_WORKER_PREPARER, chunk)
+    good = [r[3] for r in results if r[3] is not None]
+    fc7 = latent = None
+    if good:
+        fc7, latent = _WORKER_NET.forward_crops(np.stack(good))
+    return [(seq, path, label, array is not None, reason)
+            for seq, path, label, array, reason in results], fc7, latent
+
+
 def open_or_create_store(out, net, backend, fc7_dtype):
     """Open an existing store for appending (refusing a different model) or
     create a new one."""
@@ -279,7 +305,44 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
             if len(pending_arrays) >= batch_size:
                 flush()
 
-    if workers <= 0:
+    def consume_forwarded(result):
+        results, fc7, latent = result
+        infos = []
+        for seq, path, label, ok, reason in results:
+            if ok:
+                infos.append({"path": path, "label": label, "seq": seq})
+            else:
+                report.skipped.append((path, reason))
+                print(f"skipped {path}: {reason}", file=log)
+        if infos:
+            uncommitted["fc7"].append(fc7)
+            uncommitted["latent"].append(latent)
+            uncommitted["infos"].extend(infos)
+        progress.update(len(results))
+        if time.monotonic() - uncommitted["since"] >= commit_seconds:
+            commit()
+
+    if not on_gpu and workers >= 2 and not blas_threads:
+        # On the CPU, one single-threaded net per worker, each decoding and
+        # running whole batches, beats one net whose BLAS threads share the
+        # cores with decoding workers: Caffe's layers between the GEMMs run on
+        # one thread, and small GEMMs gain little from a second one (measured
+        # for the small net on 2 cores: 2-thread caffe time ~650 img/s, one
+        # net + workers <= 580 img/s, see benchmarks/bench_extract.py).
+        ctx = mp.get_context("fork")
+        window = prefetch or 2 * workers
+        net_args = (net.deploy, net.weights, net.prep.mean_bgr, None, net.prep.resize)
+        report.blas = f"forward in {workers} worker processes, 1 BLAS thread each"
+        with ctx.Pool(workers, initializer=_init_net_worker,
+                      initargs=(preparer, net_args)) as pool:
+            in_flight = deque()
+            for chunk in _chunks(todo, batch_size):
+                in_flight.append(pool.apply_async(_net_worker_chunk, (chunk,)))
+                if len(in_flight) >= window:
+                    consume_forwarded(in_flight.popleft().get())
+            while in_flight:
+                consume_forwarded(in_flight.popleft().get())
+    elif workers <= 0:
         for chunk in _chunks(todo, chunk_size):
             consume(_prepare_chunk(preparer, chunk))
     else:
@@ -297,7 +360,7 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
     flush()
     commit()
     progress.close()
-    report.blas = tuner.describe()
+    report.blas = report.blas or tuner.describe()
 
 
 def _write_skipped(out, skipped):
