@@ -1,10 +1,14 @@
 """Bulk extraction: images -> net -> feature store, resumable and safe.
 
-Decoding and resizing run in worker processes while the main process runs
-the net, so the net does not wait for images; at most `prefetch` chunks are
-in flight, which bounds memory however large the collection is. Batches are
-appended in input order, each as one transaction, so a kill at any moment
-loses at most the batch being written, and a rerun continues from there.
+Decoding and resizing run in worker processes so the net does not wait for
+images. On the CPU with two or more workers, each worker also runs its own
+single-threaded copy of the net on whole batches (the main process only
+writes the store); otherwise (GPU, or fewer workers) the net runs in the
+main process and the workers only decode. At most a few chunks are in
+flight, which bounds memory however large the collection is. Results are
+appended in input order and committed together every `commit_seconds`, each
+commit one transaction, so a kill at any moment loses at most the uncommitted
+batches, and a rerun continues from there.
 """
 import multiprocessing as mp
 import os
