@@ -128,8 +128,8 @@ demo: data
 
 # ---- benchmarks (not tests: they time and measure; see README) -----------------
 bench-extract: data
-	$(PY) benchmarks/bench_extract.py --net cifar --images 20000
-	$(PY) benchmarks/bench_extract.py --net alexnet --images 1500
+	$(PY) benchmarks/bench_extract.py --net cifar
+	$(PY) benchmarks/bench_extract.py --net alexnet
 
 bench-search: venv
 	$(PY) benchmarks/bench_search.py
