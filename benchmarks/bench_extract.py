@@ -48,11 +48,10 @@ def random_weights(deploy, dst):
     return dst
 
 
-def caffe_time_forward(deploy, batch, iterations, env=None):
+def caffe_time_forward(deploy, batch, iterations):
     out = subprocess.run([str(caffe_tool("caffe")), "time", "-model", str(deploy),
                           "-iterations", str(iterations)], capture_output=True, text=True,
-                         env=dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0",
-                                  **(env or {})))
+                         env=dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0"))
     m = re.search(r"Average Forward pass: ([0-9.]+) ms", out.stderr)
     if not m:
         raise SystemExit("caffe time failed:\n" + out.stderr[-2000:])

@@ -39,7 +39,8 @@ def parse_args(argv):
     p.add_argument("--float16", action="store_true", help="store fc7 as float16 (half the size)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=2,
-                   help="image decoding processes (0: decode in the main process)")
+                   help="worker processes (0: all in the main process); on the CPU 2 or "
+                        "more also run one single-threaded net each, else they only decode")
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="BLAS threads of the CPU forward (default: the first batches try "
                         "all threads and one while the workers decode, and keep the faster)")
@@ -77,8 +78,8 @@ def main(argv=None):
     print(f"{args.out}: stored {report.stored} new images ({report.rate:.1f} img/s), "
           f"{report.already} were already there, {len(report.skipped)} skipped "
           f"({net.bits} bits, fc7 {net.fc7_dim})")
-    if report.blas:
-        print(report.blas)
+    if report.forward_mode:
+        print(report.forward_mode)
     if report.skipped:
         print(f"skipped images are listed in {skipped_list_path(args.out)}", file=sys.stderr)
         return EXIT_SKIPPED

@@ -80,7 +80,6 @@ def add_gpu_argument(parser):
                         "when given without ID); CPU otherwise")
 
 
-
 def blas_threads_control():
     """(get, set) functions for the thread count of the OpenBLAS that
     libcaffe calls, or None when Caffe was linked with another BLAS. dlopen

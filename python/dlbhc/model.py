@@ -4,9 +4,10 @@ Preprocessing follows Caffe's own tools and the training data exactly:
 the image is squash-resized to the size the training LMDB was made at (256
 for AlexNet, 32 for the small net; see data/convert_imageset.py), centre-
 cropped to the net's input (227 / 32, as the TEST phase of the Data layer
-does), then caffe.io.Transformer turns it into the net's input: HWC -> CHW,
-RGB -> BGR, [0,1] -> [0,255], minus the per-channel mean (the average of the
-training set's mean image, as Caffe's classify.py does).
+does), then caffe.io.Transformer's steps turn it into the net's input: HWC ->
+CHW, RGB -> BGR, [0,1] -> [0,255], minus the per-channel mean (the average of
+the training set's mean image, as Caffe's classify.py does). BatchTransformer
+does those steps for a whole batch, bit-identical to the Transformer.
 
 The whole recipe is a plain dict (`Preprocessing.as_dict()`), recorded in the
 feature store so that a query is always prepared like its database.
@@ -142,19 +143,6 @@ def prepare_crop(rgb, prep):
     img = resize_for_net(rgb, prep.resize)
     off = (prep.resize - prep.crop) // 2
     return np.ascontiguousarray(img[off:off + prep.crop, off:off + prep.crop])
-
-
-def make_transformer(prep):
-    """caffe.io.Transformer for `prep`: the reference the batch path is tested
-    against (tests/test_extract.py)."""
-    caffe = import_caffe()
-    t = caffe.io.Transformer({"data": (1, 3, prep.crop, prep.crop)})
-    t.set_transpose("data", (2, 0, 1))
-    if prep.channel_order == "BGR":
-        t.set_channel_swap("data", (2, 1, 0))
-    t.set_raw_scale("data", prep.raw_scale)
-    t.set_mean("data", np.asarray(prep.mean_bgr, dtype=np.float32))
-    return t
 
 
 class BatchTransformer:

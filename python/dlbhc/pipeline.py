@@ -41,7 +41,7 @@ class ExtractionReport:
     skipped: list = field(default_factory=list)   # (path, reason)
     total: int = 0
     seconds: float = 0.0
-    blas: str = None                              # BLAS thread choice, for the summary
+    forward_mode: str = None   # where the net ran / BLAS threads, for the summary
 
     @property
     def rate(self):
@@ -260,12 +260,31 @@ class BlasThreadTuner:
         return f"BLAS threads {self.choice if self.choice is not None else self.most}"
 
 
+def _in_order(pool, function, chunks, window):
+    """pool.apply_async over chunks with at most `window` in flight; yields
+    the results in input order (the store keeps the input order)."""
+    in_flight = deque()
+    for chunk in chunks:
+        in_flight.append(pool.apply_async(function, (chunk,)))
+        if len(in_flight) >= window:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
 def _run(todo, net, store, report, batch_size, workers, prefetch, log,
          commit_seconds=COMMIT_SECONDS, blas_threads=None):
     preparer = ImagePreparer(net.prep)
-    # Only the CPU forward competes with the workers for cores.
     on_gpu = net.gpu is not None and net.gpu >= 0
-    tuner = BlasThreadTuner(None if on_gpu or workers <= 0
+    # On the CPU, one single-threaded net per worker, each decoding and
+    # running whole batches, beats one net whose BLAS threads share the
+    # cores with decoding workers: Caffe's layers between the GEMMs run on
+    # one thread, and small GEMMs gain little from a second one (measured
+    # for the small net on 2 cores: 2-thread caffe time ~650 img/s, one
+    # net + workers <= 580 img/s, see benchmarks/bench_extract.py).
+    forward_in_workers = not on_gpu and workers >= 2 and not blas_threads
+    # Otherwise only a CPU forward beside decoding workers has threads to tune.
+    tuner = BlasThreadTuner(None if on_gpu or workers <= 0 or forward_in_workers
                             else blas_threads_control(), fixed=blas_threads)
     progress = Progress(len(todo), label="extract", unit="img")
     chunk_size = max(1, min(batch_size, 16))
@@ -281,6 +300,19 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
         report.stored += len(uncommitted["infos"])
         uncommitted.update(fc7=[], latent=[], infos=[], since=time.monotonic())
 
+    def stage(fc7, latent, infos):
+        """Queue a computed batch; commit when commit_seconds have passed."""
+        if infos:
+            uncommitted["fc7"].append(fc7)
+            uncommitted["latent"].append(latent)
+            uncommitted["infos"].extend(infos)
+        if time.monotonic() - uncommitted["since"] >= commit_seconds:
+            commit()
+
+    def skip(path, reason):
+        report.skipped.append((path, reason))
+        print(f"skipped {path}: {reason}", file=log)
+
     def flush():
         if not pending_arrays:
             return
@@ -288,20 +320,15 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
         started = time.perf_counter()
         fc7, latent = net.forward_crops(np.stack(pending_arrays))
         tuner.after_batch(time.perf_counter() - started, len(pending_arrays))
-        uncommitted["fc7"].append(fc7)
-        uncommitted["latent"].append(latent)
-        uncommitted["infos"].extend(pending_infos)
         progress.update(len(pending_arrays))
+        stage(fc7, latent, list(pending_infos))
         pending_arrays.clear()
         pending_infos.clear()
-        if time.monotonic() - uncommitted["since"] >= commit_seconds:
-            commit()
 
     def consume(results):
         for seq, path, label, array, reason in results:
             if array is None:
-                report.skipped.append((path, reason))
-                print(f"skipped {path}: {reason}", file=log)
+                skip(path, reason)
                 progress.update(1)
                 continue
             pending_arrays.append(array)
@@ -316,55 +343,31 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
             if ok:
                 infos.append({"path": path, "label": label, "seq": seq})
             else:
-                report.skipped.append((path, reason))
-                print(f"skipped {path}: {reason}", file=log)
-        if infos:
-            uncommitted["fc7"].append(fc7)
-            uncommitted["latent"].append(latent)
-            uncommitted["infos"].extend(infos)
+                skip(path, reason)
         progress.update(len(results))
-        if time.monotonic() - uncommitted["since"] >= commit_seconds:
-            commit()
+        stage(fc7, latent, infos)
 
-    if not on_gpu and workers >= 2 and not blas_threads:
-        # On the CPU, one single-threaded net per worker, each decoding and
-        # running whole batches, beats one net whose BLAS threads share the
-        # cores with decoding workers: Caffe's layers between the GEMMs run on
-        # one thread, and small GEMMs gain little from a second one (measured
-        # for the small net on 2 cores: 2-thread caffe time ~650 img/s, one
-        # net + workers <= 580 img/s, see benchmarks/bench_extract.py).
-        ctx = mp.get_context("fork")
-        window = prefetch or 2 * workers
+    if forward_in_workers:
         net_args = (net.deploy, net.weights, net.prep.mean_bgr, None, net.prep.resize)
-        report.blas = f"forward in {workers} worker processes, 1 BLAS thread each"
-        with ctx.Pool(workers, initializer=_init_net_worker,
-                      initargs=(preparer, net_args)) as pool:
-            in_flight = deque()
-            for chunk in _chunks(todo, batch_size):
-                in_flight.append(pool.apply_async(_net_worker_chunk, (chunk,)))
-                if len(in_flight) >= window:
-                    consume_forwarded(in_flight.popleft().get())
-            while in_flight:
-                consume_forwarded(in_flight.popleft().get())
+        report.forward_mode = f"forward in {workers} worker processes, 1 BLAS thread each"
+        with mp.get_context("fork").Pool(workers, initializer=_init_net_worker,
+                                         initargs=(preparer, net_args)) as pool:
+            for result in _in_order(pool, _net_worker_chunk, _chunks(todo, batch_size),
+                                    prefetch or 2 * workers):
+                consume_forwarded(result)
     elif workers <= 0:
         for chunk in _chunks(todo, chunk_size):
             consume(_prepare_chunk(preparer, chunk))
     else:
-        ctx = mp.get_context("fork")
-        window = prefetch or max(4, 4 * workers)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(preparer,)) as pool:
-            in_flight = deque()
-            chunks = _chunks(todo, chunk_size)
-            for chunk in chunks:
-                in_flight.append(pool.apply_async(_worker_chunk, (chunk,)))
-                if len(in_flight) >= window:
-                    consume(in_flight.popleft().get())
-            while in_flight:
-                consume(in_flight.popleft().get())
+        with mp.get_context("fork").Pool(workers, initializer=_init_worker,
+                                         initargs=(preparer,)) as pool:
+            for results in _in_order(pool, _worker_chunk, _chunks(todo, chunk_size),
+                                     prefetch or max(4, 4 * workers)):
+                consume(results)
     flush()
     commit()
     progress.close()
-    report.blas = report.blas or tuner.describe()
+    report.forward_mode = report.forward_mode or tuner.describe()
 
 
 def _write_skipped(out, skipped):
