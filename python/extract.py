@@ -67,7 +67,8 @@ def main(argv=None):
     if args.blas_threads is not None and args.blas_threads < 1:
         raise UserError("--blas-threads must be at least 1")
     from dlbhc.model import HashNet
-    from dlbhc.pipeline import extract, parse_shard, skipped_list_path
+    from dlbhc.images import skipped_list_path
+    from dlbhc.pipeline import extract, parse_shard
     shard = parse_shard(args.shard)
     net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
     report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,

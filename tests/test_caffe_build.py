@@ -20,14 +20,6 @@ def load_configure():
     return module
 
 
-@pytest.fixture(scope="module")
-def caffe():
-    from dlbhc.caffe_env import import_caffe
-    caffe = import_caffe()
-    caffe.set_mode_cpu()
-    return caffe
-
-
 def test_import_caffe_cpu_mode(caffe):
     print("caffe", caffe.__version__)
     assert caffe.__version__.startswith("1.0")

@@ -16,14 +16,6 @@ EXTRACT = ROOT / "python" / "extract.py"
 MEAN = "104,117,123"
 
 
-@pytest.fixture(scope="module")
-def caffe():
-    from dlbhc.caffe_env import import_caffe
-    caffe = import_caffe()
-    caffe.set_mode_cpu()
-    return caffe
-
-
 def make_tiny_net(caffe, folder, bits=12, size=24, seed=0, fc7=32):
     """A deploy net with the project's blob names and random weights."""
     L = caffe.layers

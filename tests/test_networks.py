@@ -14,14 +14,6 @@ PROTOTXT = ROOT / "prototxt"
 ALEXNET_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
 
 
-@pytest.fixture(scope="module")
-def caffe():
-    from dlbhc.caffe_env import import_caffe
-    caffe = import_caffe()
-    caffe.set_mode_cpu()
-    return caffe
-
-
 def parse(caffe, path, message="NetParameter"):
     from google.protobuf import text_format
     msg = getattr(caffe.proto.caffe_pb2, message)()

@@ -14,12 +14,6 @@ RETRIEVE = ROOT / "python" / "retrieve.py"
 
 
 @pytest.fixture(scope="module")
-def caffe():
-    from dlbhc.caffe_env import import_caffe
-    return import_caffe()
-
-
-@pytest.fixture(scope="module")
 def database(caffe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("retrieve")
     deploy, weights = make_tiny_net(caffe, folder, bits=12)

@@ -352,3 +352,34 @@ def _looks_numeric(token):
     except ValueError:
         return False
     return True
+
+
+# --- the list of images a tool could not read ------------------------------------
+
+SKIPPED_SUFFIX = ".skipped.tsv"
+
+
+def skipped_list_path(out):
+    """Where the unreadable images of a run writing `out` are listed:
+    `<out>.skipped.tsv` beside it (extract.py's feature database, or
+    convert_imageset's Datum database)."""
+    out = Path(out)
+    return out.with_name(out.name + SKIPPED_SUFFIX)
+
+
+def write_skipped_list(out, skipped, tool):
+    """List (path, reason) pairs in `<out>.skipped.tsv`: a `#` header line,
+    then `path<TAB>reason` lines, readable by any TSV tool. With nothing
+    skipped, a list left by an earlier run is removed, so the file always
+    describes the last run. Returns the path, or None when nothing was skipped.
+    """
+    path = skipped_list_path(out)
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"# path\treason (files {tool} could not read; fix or remove them, "
+                "then rerun)\n")
+        for image_path, reason in skipped:
+            f.write(f"{image_path}\t{reason}\n")
+    return path

@@ -22,7 +22,7 @@ import numpy as np
 
 from .caffe_env import blas_threads_control
 from .errors import UserError
-from .images import BadImage, list_images
+from .images import BadImage, list_images, write_skipped_list
 from .model import ImagePreparer
 from .progress import Progress
 from .store import FeatureStore, check_compatible, detect_backend
@@ -69,11 +69,6 @@ def select_inputs(items, shard=None):
         i, n = shard
         pairs = [p for p in pairs if p[0] % n == i]
     return pairs
-
-
-def skipped_list_path(out):
-    out = Path(out)
-    return out.with_name(out.name + ".skipped.tsv")
 
 
 def _prepare_chunk(preparer, chunk):
@@ -187,7 +182,7 @@ def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb
     finally:
         store.close()
     report.seconds = time.monotonic() - start
-    _write_skipped(out, report.skipped)
+    write_skipped_list(out, report.skipped, "extract.py")
     return report
 
 
@@ -368,14 +363,3 @@ def _run(todo, net, store, report, batch_size, workers, prefetch, log,
     commit()
     progress.close()
     report.forward_mode = report.forward_mode or tuner.describe()
-
-
-def _write_skipped(out, skipped):
-    path = skipped_list_path(out)
-    if skipped:
-        with open(path, "w") as f:
-            f.write("# path\treason (files extract.py could not read; fix or remove them, then rerun)\n")
-            for p, reason in skipped:
-                f.write(f"{p}\t{reason}\n")
-    elif path.exists():
-        path.unlink()

@@ -3,7 +3,8 @@ import sys
 import time
 
 
-def _fmt_seconds(s):
+def format_seconds(s):
+    """Seconds as M:SS or H:MM:SS (for ETAs and durations)."""
     s = int(max(0, s))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
@@ -42,7 +43,7 @@ class Progress:
         rate = self.rate
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            eta_s = _fmt_seconds(eta) if eta != float("inf") else "--:--"
+            eta_s = format_seconds(eta) if eta != float("inf") else "--:--"
             pct = 100.0 * self.done / self.total
             return (f"{self.label} {self.done}/{self.total} ({pct:5.1f}%) "
                     f"{rate:8.1f} {self.unit}/s  ETA {eta_s}")
@@ -56,5 +57,5 @@ class Progress:
         elapsed = time.monotonic() - self.start
         if self._tty:
             print(file=self.stream)
-        print(f"{self.label} done: {self.done} {self.unit} in {_fmt_seconds(elapsed)} "
+        print(f"{self.label} done: {self.done} {self.unit} in {format_seconds(elapsed)} "
               f"({self.rate:.1f} {self.unit}/s)", file=self.stream, flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .caffe_env import PROJECT_ROOT, caffe_tool, import_caffe
 from .errors import UserError
-from .progress import _fmt_seconds
+from .progress import format_seconds
 
 ITER_RE = re.compile(r"Iteration (\d+).*?, loss = ([-+0-9.eE]+|nan)")
 TEST_RE = re.compile(r"Test net output #\d+: (\w+) = ([-+0-9.eE]+|nan)")
@@ -163,7 +163,7 @@ def _run_and_watch(cmd, env, log_path, max_iter, log):
                     done_iters = it - first_iter[0]
                     elapsed = time.monotonic() - first_iter[1]
                     rate = done_iters / elapsed if elapsed > 0 and done_iters else 0
-                    eta = _fmt_seconds((max_iter - it) / rate) if rate else "--:--"
+                    eta = format_seconds((max_iter - it) / rate) if rate else "--:--"
                     print(f"train iter {it}/{max_iter} loss {last['loss']:.4f} "
                           f"{rate:.2f} it/s ETA {eta}", file=log, flush=True)
                 m = TEST_RE.search(line)
