@@ -18,6 +18,6 @@ so search can be tested and benchmarked without a net.
 # Blob names shared by every deploy net, the store and the tools.
 FEATURE_BLOB = "fc7"
 LATENT_BLOB = "latent"
-CODE_THRESHOLD = 0.5
+from .codes import CODE_THRESHOLD  # noqa: E402,F401  (the public surface is stated at the end of the cleanup)
 
 __version__ = "0.1.0"
