@@ -71,6 +71,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from dlbhc import codes as hcodes  # noqa: E402
 from dlbhc import index as hindex  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
@@ -116,8 +117,8 @@ def parse_args(argv):
     if args.queries < 1 or args.k < 1 or min(args.sizes) < 1:
         raise UserError("--queries, --k and --sizes must be positive")
     for b in args.bits:
-        if not 1 <= b <= hindex.MAX_BITS:
-            raise UserError(f"--bits {b}: must be in 1..{hindex.MAX_BITS}")
+        if not 1 <= b <= hcodes.MAX_BITS:
+            raise UserError(f"--bits {b}: must be in 1..{hcodes.MAX_BITS}")
     return args
 
 
@@ -208,13 +209,13 @@ class NumpyScan:
     """Baseline: Hamming distance to every code, argpartition, sort the top k."""
 
     def __init__(self, codes):
-        words = hindex._to_words(codes)
-        self.columns = hindex._word_columns(words)
+        words = hcodes.to_words(codes)
+        self.columns = hcodes.word_columns(words)
         self.bits = 8 * codes.shape[1]
 
     def search(self, query_code, k):
-        qwords = hindex._to_words(query_code[None, :])[0]
-        d = hindex._distances_to(self.columns, qwords, hindex._dist_dtype(self.bits))
+        qwords = hcodes.to_words(query_code[None, :])[0]
+        d = hcodes.distances_to_words(self.columns, qwords, hcodes.distance_dtype(self.bits))
         k = min(k, len(d))
         top = np.argpartition(d, k - 1)[:k]
         return top[np.lexsort((top, d[top]))]
@@ -253,7 +254,8 @@ def bench_config(n, bits, store, args, rng, faiss):
         if method == "coarse":
             return index.coarse(queries[i], m)
         if method == "rerank":
-            return index.search(queries[i], q_fc7[i], fc7_lookup, k, min_candidates=m)
+            return index.search(queries[i:i + 1], q_fc7[i:i + 1], fc7_lookup, k,
+                                min_candidates=m)[0]
         if method == "faiss":
             return fx.search(queries[i][None, :], k)
         return scan.search(queries[i], k)
@@ -268,8 +270,8 @@ def bench_config(n, bits, store, args, rng, faiss):
     for i in range(args.queries):
         coarse = run("coarse", i)
         got = run("rerank", i)
-        ref = index.search(queries[i], q_fc7[i], lambda ids: pool[ids % FC7_POOL_ROWS], k,
-                           min_candidates=m)
+        ref = index.search(queries[i:i + 1], q_fc7[i:i + 1],
+                           lambda ids: pool[ids % FC7_POOL_ROWS], k, min_candidates=m)[0]
         agree &= bool(np.array_equal(got.ids, ref.ids) and np.array_equal(got.l2, ref.l2))
         if fx is not None:
             dist, _ = run("faiss", i)
@@ -354,7 +356,7 @@ def calibrate(args, rng):
         codes, queries = synthetic_codes(n, args.queries, bits, rng, args.centres, args.zipf,
                                          args.mean_flips)
         index = hindex.HashIndex.build(codes, bits)
-        qwords = [hindex._query_words(q, bits) for q in queries]
+        qwords = [hcodes.query_words(q, bits) for q in queries]
         r = 2 if math.comb(bits, 2) <= hindex.MAX_SHELL_PROBES else 1
         index._probe_shell(qwords[0], r)   # builds the flip masks outside the timing
 
@@ -383,7 +385,7 @@ def calibrate(args, rng):
         def step(qw):
             # The fixed part of one growing step: bounds search, runs of the
             # active groups, a (tiny) distance + histogram pass.
-            bounds = hindex._PivotBounds(index, qw)
+            bounds = index.pivots.runs(qw, index.costs, index.n_buckets)
             rr = bounds.radius_lower_bound(1, 0, bits)
             lo, hi = bounds.cells(rr)
             b = hindex._concat_ranges(index.band_cum[lo], index.band_cum[hi])[:1]

@@ -9,10 +9,12 @@ Hamming ranking (coarse) and the coarse-to-fine fc7 re-ranking (fine).
 Each of --database and --queries is either
   * a .npz file with arrays `codes` (uint8, numpy.packbits of the latent
     bits), `labels` (int), `bits` and, for the fine ranking, `fc7`; or
-  * a feature database folder made by extract.py (all its fc7 is read into
-    memory: fine for CIFAR-10's 50,000 images, about 800 MB).
-An image is relevant to a query when their labels are equal.  --out-dir
-receives figures.json, precision_at_k.png and precision_recall.png.
+  * a feature database folder made by extract.py (its fc7 is read through
+    the store's memory map, and a database's search index is the one
+    retrieve.py caches beside it).
+The fine ranking is HashIndex.search, the search retrieve.py runs, with the
+same defaults.  An image is relevant to a query when their labels are equal.
+--out-dir receives figures.json, precision_at_k.png and precision_recall.png.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc import metrics  # noqa: E402
+from dlbhc.codes import code_bytes  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
 
@@ -46,16 +49,22 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.k < 1:
         raise UserError("--k must be at least 1")
+    if args.min_candidates is not None and args.min_candidates < 1:
+        raise UserError("--min-candidates must be at least 1")
+    if args.max_radius is not None and args.max_radius < 0:
+        raise UserError("--max-radius must be 0 or more")
     return args
 
 
-def load_features(path, with_fc7=True):
-    """{codes, labels, bits, fc7 (or None)} from a .npz file or a feature database."""
+def load_features(path, with_fc7=True, with_index=False):
+    """{codes, labels, bits, fc7 (or None), index (or None)} from a .npz file
+    or a feature database (fc7 as its memory map; with_index: the search
+    index retrieve.py caches beside a database, built if missing)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if path.is_dir():
-        return _load_store(path, with_fc7)
+        return _load_store(path, with_fc7, with_index)
     if path.suffix == ".npz":
         return _load_npz(path, with_fc7)
     raise UserError(f"{path}: expected a .npz file or a feature database folder")
@@ -70,17 +79,26 @@ def _load_npz(path, with_fc7):
                                 f"(needs codes, labels, bits and optionally fc7)")
             fc7 = data["fc7"] if with_fc7 and "fc7" in data else None
             return {"codes": data["codes"], "labels": data["labels"],
-                    "bits": int(data["bits"]), "fc7": fc7}
+                    "bits": int(data["bits"]), "fc7": fc7, "index": None}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"cannot read {path}: {err}") from err
 
 
-def _load_store(path, with_fc7):
+def _load_store(path, with_fc7, with_index):
+    from dlbhc.retrieval import Retriever
     from dlbhc.store import FeatureStore
-    with FeatureStore.open(path) as store:
-        fc7 = store.fc7(np.arange(store.count)) if with_fc7 and store.count else None
+    if with_index:
+        retriever = Retriever(path)
+        store, index = retriever.store, retriever.index
+    else:
+        store, index = FeatureStore.open(path), None
+    try:
+        if store.count == 0:
+            raise UserError(f"{path} holds no images")
         return {"codes": store.codes(), "labels": store.labels(), "bits": store.bits,
-                "fc7": fc7}
+                "fc7": store.fc7_rows() if with_fc7 else None, "index": index}
+    finally:
+        store.close()
 
 
 def check_pair(db, queries, db_path, q_path):
@@ -89,7 +107,7 @@ def check_pair(db, queries, db_path, q_path):
     for feats, where in ((db, db_path), (queries, q_path)):
         if len(feats["codes"]) == 0:
             raise UserError(f"{where} holds no images")
-        if feats["codes"].ndim != 2 or feats["codes"].shape[1] != (feats["bits"] + 7) // 8:
+        if feats["codes"].ndim != 2 or feats["codes"].shape[1] != code_bytes(feats["bits"]):
             raise UserError(f"{where}: codes of shape {feats['codes'].shape} are not "
                             f"packed {feats['bits']}-bit codes")
         if len(feats["labels"]) != len(feats["codes"]):
@@ -102,7 +120,7 @@ def check_pair(db, queries, db_path, q_path):
 
 def main(argv=None):
     args = parse_args(argv)
-    db = load_features(args.database, with_fc7=not args.no_fine)
+    db = load_features(args.database, with_fc7=not args.no_fine, with_index=not args.no_fine)
     queries = load_features(args.queries, with_fc7=not args.no_fine)
     check_pair(db, queries, args.database, args.queries)
     fine = not args.no_fine and db["fc7"] is not None and queries["fc7"] is not None
@@ -115,7 +133,8 @@ def main(argv=None):
             db["codes"], db["labels"], queries["codes"], queries["labels"],
             db_fc7=db["fc7"] if fine else None, q_fc7=queries["fc7"] if fine else None,
             k=args.k, bits=db["bits"], min_candidates=args.min_candidates,
-            max_radius=args.max_radius, radius=args.radius, progress=progress)
+            max_radius=args.max_radius, radius=args.radius, progress=progress,
+            index=db["index"])
     except ValueError as err:
         raise UserError(str(err)) from err
     progress.close()

@@ -48,6 +48,10 @@ def parse_args(argv):
         p.error("give a query image, --id N or --queries LIST")
     if args.top_k < 1:
         p.error("--top-k must be at least 1")
+    if args.candidates is not None and args.candidates < 1:
+        p.error("--candidates must be at least 1")
+    if args.max_radius is not None and args.max_radius < 0:
+        p.error("--max-radius must be 0 or more")
     return args
 
 
@@ -58,36 +62,38 @@ def montage_paths(base, n):
     return [base.with_name(f"{base.stem}_{i}{base.suffix or '.png'}") for i in range(n)]
 
 
+# Query images whose features are computed (and searched) together.
+IMAGE_BATCH = 50
+
+
 def main(argv=None):
     args = parse_args(argv)
     from dlbhc.images import list_images
-    from dlbhc.retrieval import Retriever, format_table, montage, to_json
+    from dlbhc.retrieval import Query, Retriever, format_table, montage, to_json
     retriever = Retriever(args.db)
     try:
-        image_queries = [(str(q), -1) for q in args.query]
+        image_queries = [Query(str(q)) for q in args.query]
         if args.queries:
             items = list_images(args.queries, root=args.root).items
-            image_queries += [(str(it.path), int(it.label)) for it in items]
+            image_queries += [Query(str(it.path), label=int(it.label)) for it in items]
         answers = []
         search = dict(k=args.top_k, candidates=args.candidates, max_radius=args.max_radius)
-        for image_id in args.id:
-            fc7, code = retriever.features_of_id(image_id)
-            info = retriever.store.infos([image_id])[0]
-            answers.append(retriever.search(code, fc7, query=f"id {image_id}: {info['path']}",
-                                            query_label=int(info["label"]), exclude_id=image_id,
-                                            query_path=info["path"], **search))
+        if args.id:
+            fc7, codes = retriever.features_of_ids(args.id)
+            infos = retriever.store.infos(args.id)
+            id_queries = [Query(f"id {i}: {info['path']}", label=int(info["label"]),
+                                path=info["path"], exclude_id=i)
+                          for i, info in zip(args.id, infos)]
+            answers += retriever.search(id_queries, codes, fc7, **search)
         if image_queries:
-            for q, _ in image_queries:
-                if not Path(q).is_file():
-                    raise UserError(f"query image {q} does not exist")
+            for q in image_queries:
+                if not Path(q.name).is_file():
+                    raise UserError(f"query image {q.name} does not exist")
             retriever.load_model(args.deploy, args.weights, gpu=args.gpu)
-            batch = 50
-            for start in range(0, len(image_queries), batch):
-                chunk = image_queries[start:start + batch]
-                fc7s, codes = retriever.features_of_images([q for q, _ in chunk])
-                for (q, label), fc7, code in zip(chunk, fc7s, codes):
-                    answers.append(retriever.search(code, fc7, query=q, query_label=label,
-                                                    **search))
+            for start in range(0, len(image_queries), IMAGE_BATCH):
+                chunk = image_queries[start:start + IMAGE_BATCH]
+                fc7, codes = retriever.features_of_images([q.name for q in chunk])
+                answers += retriever.search(chunk, codes, fc7, **search)
         if args.json:
             print(to_json(answers))
         else:

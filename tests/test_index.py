@@ -1,13 +1,15 @@
-"""dlbhc.index: packed codes, Hamming distances, the bucket table's coarse
-search (every strategy), the fc7 re-rank and the cached index file."""
+"""dlbhc.index: the bucket table's coarse search (every strategy), the
+batched coarse-to-fine search against the brute-force reference, and the
+cached index file (the code format's own tests are in test_codes.py)."""
 import os
 
 import numpy as np
 import pytest
 
-from dlbhc import index as hindex
-from dlbhc.index import (HashIndex, brute_force_search, default_min_candidates,
-                         fc7_sq_distances, hamming_distances, hamming_matrix, pack_codes)
+from dlbhc.codes import code_bytes, pack_codes
+from dlbhc.index import HashIndex, SearchResults, default_min_candidates
+from dlbhc.reference import brute_force_search, reference_coarse
+from dlbhc.rerank import fc7_sq_distances
 
 # Cost tables that force one coarse strategy (the results must not change).
 STRATEGIES = {
@@ -29,27 +31,6 @@ def _with_strategy(index, strategy):
     return index
 
 
-def naive_hamming(codes, query, bits):
-    """Bit by bit: unpack both and count differing positions."""
-    a = np.unpackbits(codes, axis=1, count=bits)
-    b = np.unpackbits(query[None, :], axis=1, count=bits)
-    return (a != b).sum(axis=1)
-
-
-def reference_coarse(codes, query, bits, min_candidates, max_radius=None):
-    """The coarse rule written out plainly over all codes."""
-    d = naive_hamming(codes, query, bits)
-    limit = bits if max_radius is None else min(max_radius, bits)
-    radius = limit
-    for r in range(limit + 1):
-        if (d <= r).sum() >= min_candidates:
-            radius = r
-            break
-    ids = np.flatnonzero(d <= radius)
-    ids = ids[np.lexsort((ids, d[ids]))]
-    return ids, d[ids], radius
-
-
 def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):
     centres = rng.random((n_centres, bits)) < 0.5
     latent = centres[rng.integers(0, n_centres, n)] ^ (rng.random((n, bits)) < flip_p)
@@ -60,46 +41,6 @@ def codes_from_ints(values, bits):
     """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
     latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
     return pack_codes(latent.astype(np.float32))
-
-
-# ---- codes and distances -----------------------------------------------------
-def test_pack_codes_is_big_endian_threshold_half_with_zero_pad_bits():
-    latent = np.array([[0.9, 0.1, 0.5, 0.51, 0, 0, 0, 0, 1.0, 0.7],
-                       [0.0] * 10], dtype=np.float32)
-    codes = pack_codes(latent)
-    assert codes.dtype == np.uint8 and codes.shape == (2, 2)
-    # bits 0 and 3 set in byte 0 (bit 0 is the most significant); 0.5 is not > 0.5
-    assert codes[0, 0] == 0b10010000
-    # bits 8, 9 -> the two high bits of byte 1; the 6 pad bits stay zero
-    assert codes[0, 1] == 0b11000000
-    assert not codes[1].any()
-    assert np.array_equal(pack_codes(latent[0]), codes[0])
-
-
-@pytest.mark.parametrize("bits", [1, 7, 8, 12, 20, 48, 64, 65, 128, 300])
-def test_hamming_distances_match_bit_by_bit_reference(bits):
-    rng = np.random.default_rng(bits)
-    codes = pack_codes(rng.random((257, bits)).astype(np.float32))
-    query = pack_codes(rng.random(bits).astype(np.float32))
-    expected = naive_hamming(codes, query, bits)
-    got = hamming_distances(codes, query, bits)
-    assert np.array_equal(got.astype(np.int64), expected)
-    queries = codes[:5]
-    matrix = hamming_matrix(codes, queries, bits)
-    for i in range(5):
-        assert np.array_equal(matrix[i].astype(np.int64), naive_hamming(codes, queries[i], bits))
-
-
-def test_codes_with_wrong_width_or_pad_bits_are_rejected():
-    with pytest.raises(ValueError, match="uint8"):
-        HashIndex.build(np.zeros((3, 3), np.uint8), 12)
-    bad = np.zeros((2, 2), np.uint8)
-    bad[1, 1] = 0b00000001   # a pad bit of a 12-bit code
-    with pytest.raises(ValueError, match="pad bits"):
-        HashIndex.build(bad, 12)
-    index = HashIndex.build(np.zeros((2, 2), np.uint8), 12)
-    with pytest.raises(ValueError, match="pad bits"):
-        index.coarse(bad[1], 1)
 
 
 # ---- coarse stage ------------------------------------------------------------
@@ -165,8 +106,8 @@ def test_empty_index_returns_nothing():
     index = HashIndex.build(np.zeros((0, 6), np.uint8), 48)
     r = index.coarse(np.zeros(6, np.uint8), 10)
     assert len(r.ids) == 0 and len(r.hamming) == 0
-    s = index.search(np.zeros(6, np.uint8), np.zeros(4, np.float32),
-                     lambda ids: np.zeros((len(ids), 4), np.float32), k=5)
+    s = index.search(np.zeros((1, 6), np.uint8), np.zeros((1, 4), np.float32),
+                     lambda ids: np.zeros((len(ids), 4), np.float32), k=5)[0]
     assert len(s.ids) == 0 and s.candidates == 0
 
 
@@ -188,8 +129,9 @@ def test_search_covering_everything_equals_brute_force_ties_included(bits):
     index = HashIndex.build(codes, bits)
     for i in range(8):
         q_code, q_fc7 = codes[i * 11], fc7[i * 7].astype(np.float32)
-        fast = index.search(q_code, q_fc7, lambda ids: fc7[ids], k=600, min_candidates=600)
-        slow = brute_force_search(codes, fc7, q_code, q_fc7, k=600, bits=bits)
+        fast = index.search(q_code[None], q_fc7[None], lambda ids: fc7[ids], k=600,
+                            min_candidates=600)[0]
+        slow = brute_force_search(codes, fc7, q_code, q_fc7, k=600, bits=bits)[0]
         assert fast.candidates == 600
         assert np.array_equal(fast.ids, slow.ids)
         assert np.array_equal(fast.hamming, slow.hamming)
@@ -208,12 +150,77 @@ def test_search_with_a_radius_equals_brute_force_within_that_radius():
     index = HashIndex.build(codes, bits)
     for i in range(10):
         q_code, q_fc7 = codes[i], rng.standard_normal(16).astype(np.float32)
-        fast = index.search(q_code, q_fc7, lambda ids: fc7[ids], k=50)
+        fast = index.search(q_code[None], q_fc7[None], lambda ids: fc7[ids], k=50)[0]
         assert fast.candidates >= default_min_candidates(50)
-        slow = brute_force_search(codes, fc7, q_code, q_fc7, k=50, max_radius=fast.radius)
+        slow = brute_force_search(codes, fc7, q_code, q_fc7, k=50, max_radius=fast.radius)[0]
         assert slow.candidates == fast.candidates
         assert np.array_equal(fast.ids, slow.ids)
         assert np.array_equal(fast.l2, slow.l2)
+
+
+def test_batched_search_equals_brute_force_for_every_query_and_source():
+    """Many queries at once, faiss-style: row i equals query i's brute-force
+    answer within the radius the index stopped at, whether the fc7 rows come
+    as an array, a float16 memory map or a lookup function."""
+    rng = np.random.default_rng(21)
+    bits, n, dim = 48, 1500, 12
+    codes = clustered_codes(rng, n, bits)
+    fc7 = rng.standard_normal((n, dim)).astype(np.float16)
+    q_codes = np.concatenate([clustered_codes(rng, 20, bits), codes[:5]])
+    q_fc7 = rng.standard_normal((len(q_codes), dim)).astype(np.float32)
+    index = HashIndex.build(codes, bits)
+    sources = {"array": fc7, "function": lambda ids: fc7[ids].astype(np.float32)}
+    results = {name: index.search(q_codes, q_fc7, src, k=30) for name, src in sources.items()}
+    first = results["array"]
+    assert isinstance(first, SearchResults) and first.ids.shape == (len(q_codes), 30)
+    for other in results.values():
+        assert np.array_equal(other.ids, first.ids) and np.array_equal(other.l2, first.l2)
+    for i in range(len(q_codes)):
+        slow = brute_force_search(codes, fc7, q_codes[i], q_fc7[i], k=30,
+                                  max_radius=int(first.radius[i]))
+        assert np.array_equal(first.ids[i], slow.ids[0])
+        assert np.array_equal(first.hamming[i], slow.hamming[0])
+        assert np.array_equal(first.l2[i], slow.l2[0])
+        assert first.candidates[i] == slow.candidates[0] >= default_min_candidates(30)
+        assert first[i].seconds == first.seconds[i] > 0
+
+
+def test_search_pads_short_rows_and_k_none_ranks_every_candidate():
+    rng = np.random.default_rng(22)
+    codes = clustered_codes(rng, 300, 20)
+    fc7 = rng.standard_normal((300, 6)).astype(np.float32)
+    index = HashIndex.build(codes, 20)
+    q_codes, q_fc7 = codes[:4], fc7[:4]
+    # max_radius 0: only the query's own bucket, often fewer than k images
+    res = index.search(q_codes, q_fc7, fc7, k=50, max_radius=0)
+    for i in range(4):
+        n = int(res.candidates[i])
+        assert n >= 1 and (res.hamming[i, :min(n, 50)] == 0).all()
+        assert (res.ids[i, n:] == -1).all() and np.isinf(res.l2[i, n:]).all()
+        assert (res.hamming[i, n:] == -1).all()
+        assert len(res[i].ids) == min(n, 50)
+    # k=None: every candidate, ranked; the width is the largest candidate set
+    full = index.search(q_codes, q_fc7, fc7, None, min_candidates=60)
+    assert full.ids.shape[1] == full.candidates.max()
+    for i in range(4):
+        n = int(full.candidates[i])
+        ids, _, _ = reference_coarse(codes, q_codes[i], 20, 60)
+        assert sorted(full.ids[i, :n].tolist()) == sorted(ids.tolist())
+        assert np.all(np.diff(full.l2[i, :n]) >= 0)
+        top = index.search(q_codes[i:i + 1], q_fc7[i:i + 1], fc7, 10, min_candidates=60)
+        assert np.array_equal(top.ids[0], full.ids[i, :10])
+
+
+def test_search_rejects_mismatched_queries():
+    codes = clustered_codes(np.random.default_rng(23), 50, 12)
+    index = HashIndex.build(codes, 12)
+    fc7 = np.zeros((50, 4), np.float32)
+    with pytest.raises(ValueError, match="query fc7"):
+        index.search(codes[:3], fc7[:2], fc7, 5)
+    with pytest.raises(ValueError, match="query codes must be uint8"):
+        index.search(codes[0], fc7[:1], fc7, 5)   # one code, not a batch (1, B)
+    with pytest.raises(ValueError, match="do not match the query"):
+        index.search(codes[:1], np.zeros((1, 5), np.float32), fc7, 5)
 
 
 def test_fc7_lookup_is_called_once_with_the_candidates_in_ascending_order():
@@ -226,7 +233,7 @@ def test_fc7_lookup_is_called_once_with_the_candidates_in_ascending_order():
     def lookup(ids):
         calls.append(ids.copy())
         return fc7[ids]
-    result = index.search(codes[0], fc7[0], lookup, k=10, min_candidates=100)
+    result = index.search(codes[:1], fc7[:1], lookup, k=10, min_candidates=100)[0]
     coarse = index.coarse(codes[0], 100)
     assert len(calls) == 1
     assert calls[0].dtype == np.int64
@@ -308,4 +315,4 @@ def test_memory_bytes_counts_the_tables():
     index = HashIndex.build(codes, 128)
     assert index.memory_bytes() >= index.bucket_words.nbytes + index.ids.nbytes
     assert index.n_buckets <= 1000 and index.n_pivots >= 1
-    assert hindex.code_bytes(128) == 16 and hindex.code_bytes(12) == 2
+    assert code_bytes(128) == 16 and code_bytes(12) == 2

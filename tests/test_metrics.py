@@ -1,10 +1,13 @@
-"""dlbhc.metrics: hand-computed mAP@k, P@k and radius precision, rankings
-(coarse tie order, fine = index search order), batching, plots, table."""
+"""dlbhc.metrics against hand-computed figures and the per-query reference
+(dlbhc.reference, itself checked by hand here): mAP@k, P@k, radius
+precision, rankings (coarse tie order, fine = the index's search), batching,
+plots, table."""
 import numpy as np
 import pytest
 
-from dlbhc import metrics
-from dlbhc.index import HashIndex, hamming_distances, pack_codes
+from dlbhc import metrics, reference
+from dlbhc.codes import hamming_distances, pack_codes
+from dlbhc.index import HashIndex
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,33 +39,33 @@ Q_LABELS = np.array([0, 2, 0])
 def test_average_precision_at_k_normalises_by_relevant_found_in_top_k():
     rel = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
     # top 4 = 1 0 1 0: P@1 = 1, P@3 = 2/3; 2 relevant found -> (1 + 2/3) / 2
-    assert metrics.average_precision_at_k(rel, 4) == pytest.approx(5 / 6)
+    assert reference.average_precision_at_k(rel, 4) == pytest.approx(5 / 6)
     # whole ranking: relevant at 1, 3, 6 -> (1 + 2/3 + 3/6) / 3
-    assert metrics.average_precision(rel) == pytest.approx((1 + 2 / 3 + 0.5) / 3)
+    assert reference.average_precision(rel) == pytest.approx((1 + 2 / 3 + 0.5) / 3)
     # the same with 4 relevant items in the database (one never retrieved)
-    assert metrics.average_precision(rel, n_relevant=4) == pytest.approx((1 + 2 / 3 + 0.5) / 4)
+    assert reference.average_precision(rel, n_relevant=4) == pytest.approx((1 + 2 / 3 + 0.5) / 4)
     # nothing relevant in the top k (or at all): 0, not a division by zero
-    assert metrics.average_precision_at_k(np.array([0, 0, 1], bool), 2) == 0.0
-    assert metrics.average_precision(np.zeros(5, bool)) == 0.0
+    assert reference.average_precision_at_k(np.array([0, 0, 1], bool), 2) == 0.0
+    assert reference.average_precision(np.zeros(5, bool)) == 0.0
     # batches give the same per-query values
     both = np.stack([rel, np.zeros(6, bool)])
-    assert np.allclose(metrics.average_precision_at_k(both, 4), [5 / 6, 0])
+    assert np.allclose(reference.average_precision_at_k(both, 4), [5 / 6, 0])
 
 
 def test_precision_at_k_and_within_radius():
     rel = np.array([1, 0, 1, 0], dtype=bool)
-    assert np.allclose(metrics.precision_at_k(rel, 4), [1, 1 / 2, 2 / 3, 1 / 2])
+    assert np.allclose(reference.precision_at_k(rel, 4), [1, 1 / 2, 2 / 3, 1 / 2])
     # radius 2: ids with d <= 2 are 0, 2, 3 -> relevant 0 and 3 -> 2/3
     ham = np.array([1, 5, 2, 0])
     relevant = np.array([1, 1, 0, 1], dtype=bool)
-    assert metrics.precision_within_radius(ham, relevant, 2) == pytest.approx(2 / 3)
+    assert reference.precision_within_radius(ham, relevant, 2) == pytest.approx(2 / 3)
     # an empty ball counts as precision 0
-    assert metrics.precision_within_radius(np.array([3, 4]), np.array([1, 1], bool), 2) == 0.0
+    assert reference.precision_within_radius(np.array([3, 4]), np.array([1, 1], bool), 2) == 0.0
 
 
 # ---- rankings ----------------------------------------------------------------
 def test_coarse_ranking_breaks_hamming_ties_by_database_order():
-    ranking = metrics.coarse_ranking(DB_CODES, Q_CODES, bits=8)
+    ranking = reference.coarse_ranking(DB_CODES, Q_CODES, bits=8)
     # q0: d = 2 1 0 1 4 2 -> 2 (0), then 1, 3 (1), then 0, 5 (2), then 4
     assert ranking[0].tolist() == [2, 1, 3, 0, 5, 4]
     # q2: d = 5 4 5 6 1 7 -> 4, 1, then 0 before 2 (both 5), 3, 5
@@ -73,7 +76,7 @@ def test_fine_ranking_reranks_the_candidates_and_appends_the_rest():
     # fc7 (one value): q0 has 0; ids 1 and 3 both at 1 (a tie), id 2 at 3
     db_fc7 = np.array([[9.0], [1.0], [3.0], [-1.0], [0.5], [0.0]], np.float32)
     q_fc7 = np.zeros((3, 1), np.float32)
-    ranking, n_cand = metrics.fine_ranking(DB_CODES, Q_CODES[:1], db_fc7, q_fc7[:1],
+    ranking, n_cand = reference.fine_ranking(DB_CODES, Q_CODES[:1], db_fc7, q_fc7[:1],
                                            min_candidates=3, bits=8)
     # 3 wanted: radius 1 holds ids 2, 1, 3 -> by |fc7|: 1 and 3 tie at 1
     # (id order), then 2 at 3; then the others in coarse order 0, 5, 4
@@ -87,17 +90,19 @@ def test_fine_ranking_equals_hash_index_search():
     centres = rng.random((6, bits)) < 0.5
     labels = rng.integers(0, 6, n + 30)
     codes = pack_codes((centres[labels] ^ (rng.random((n + 30, bits)) < 0.1)).astype(np.float32))
-    # Small integers: every squared distance is an exact integer in float32
-    # (index.search) and float64 (metrics), and many distinct rows tie.
+    # Small integers: every squared distance is an exact integer, and many
+    # distinct rows tie.
     fc7 = rng.integers(-3, 4, (n + 30, dim)).astype(np.float32)
     fc7[10:20] = fc7[3]          # duplicated rows too
     db, q = codes[:n], codes[n:]
-    ranking, n_cand = metrics.fine_ranking(db, q, fc7[:n], fc7[n:], min_candidates=150, bits=bits)
+    ranking, n_cand = reference.fine_ranking(db, q, fc7[:n], fc7[n:], min_candidates=150,
+                                             bits=bits)
     index = HashIndex.build(db, bits)
-    coarse = metrics.coarse_ranking(db, q, bits)
+    coarse = reference.coarse_ranking(db, q, bits)
+    found = index.search(q, fc7[n:], fc7[:n], k=n, min_candidates=150)
     ties = 0
     for i in range(len(q)):
-        s = index.search(q[i], fc7[n + i], lambda ids: fc7[ids], k=n, min_candidates=150)
+        s = found[i]
         ties += int(np.sum(np.diff(s.l2) == 0))
         assert s.candidates == n_cand[i]
         assert np.array_equal(ranking[i, :n_cand[i]], s.ids)
@@ -111,7 +116,7 @@ def test_exact_sq_distances_tie_equal_rows_and_match_float64():
     rows = rng.standard_normal((7, 300)).astype(np.float32)
     rows[5] = rows[1]
     q = rng.standard_normal(300).astype(np.float32)
-    d = metrics.exact_sq_distances(rows, q)
+    d = reference.exact_sq_distances(rows, q)
     assert d.dtype == np.float64 and d[1] == d[5]
     ref = ((rows.astype(np.float64) - q.astype(np.float64)) ** 2).sum(axis=1)
     np.testing.assert_allclose(d, ref, rtol=1e-13)
@@ -171,20 +176,20 @@ def test_evaluate_in_batches_equals_per_query_reference():
     db, q, dbl, ql = codes[:n], codes[n:], labels[:n], labels[n:]
     res = metrics.evaluate(db, dbl, q, ql, fc7[:n], fc7[n:], k=100, bits=bits,
                            min_candidates=60, batch_size=4)
-    coarse = metrics.coarse_ranking(db, q, bits)
-    fine, _ = metrics.fine_ranking(db, q, fc7[:n], fc7[n:], 60, bits=bits)
+    coarse = reference.coarse_ranking(db, q, bits)
+    fine, _ = reference.fine_ranking(db, q, fc7[:n], fc7[n:], 60, bits=bits)
     for name, ranking in (("coarse", coarse), ("fine", fine)):
         rel = dbl[ranking] == ql[:, None]
         assert res[name]["map_at_k"] == pytest.approx(
-            np.mean([metrics.average_precision_at_k(r, 100) for r in rel]))
+            np.mean([reference.average_precision_at_k(r, 100) for r in rel]))
         assert res[name]["map"] == pytest.approx(
-            np.mean([metrics.average_precision(r) for r in rel]))
+            np.mean([reference.average_precision(r) for r in rel]))
         assert np.allclose(res[name]["precision_curve"],
-                           np.mean([metrics.precision_at_k(r, 100) for r in rel], axis=0))
+                           np.mean([reference.precision_at_k(r, 100) for r in rel], axis=0))
     ham = np.stack([hamming_distances(db, c, bits) for c in q])
     rel_db = dbl[None, :] == ql[:, None]
     assert res["coarse"]["precision_radius"] == pytest.approx(
-        np.mean([metrics.precision_within_radius(h, r, 2) for h, r in zip(ham, rel_db)]))
+        np.mean([reference.precision_within_radius(h, r, 2) for h, r in zip(ham, rel_db)]))
 
 
 def test_evaluate_rejects_mismatched_inputs():

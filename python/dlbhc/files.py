@@ -39,6 +39,9 @@ def atomic_write(path, write, fsync=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); the result gets the mode a
+        # plain open() would have given it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             if fsync:
@@ -48,6 +51,12 @@ def atomic_write(path, write, fsync=False):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def download(url, target, algo, expected, label=None, opener=urllib.request.urlopen,

@@ -1,32 +1,26 @@
-"""Packed binary codes, the bucket table, Hamming search and fc7 re-ranking.
+"""The bucket table over binary codes and coarse-to-fine search, batched.
 
 Pure numpy: this module never imports caffe, the feature store or faiss, so
-search can be tested and benchmarked without a net or a database.
+search can be tested and benchmarked without a net or a database.  The code
+format (packing, width, Hamming distance) is codes.py's; the fc7 distance
+and its tie rule are rerank.py's.
 
-Code convention
-    A code is ``numpy.packbits(latent > 0.5, axis=1)``: bit j of a code is bit
-    ``7 - j % 8`` of byte ``j // 8`` (big-endian within each byte), so a
-    ``bits``-bit code takes ``code_bytes(bits) = ceil(bits / 8)`` bytes and the
-    unused low bits of the last byte ("pad bits") are zero.  Internally codes
-    are widened to whole 64-bit words (zero bytes appended) so that one XOR and
-    one popcount handle 64 bits; the word byte order does not matter because
-    XOR and popcount are bitwise.
-
-Search (the paper's coarse-to-fine retrieval)
+Search (the paper's coarse-to-fine retrieval), HashIndex.search(query_codes,
+query_fc7, fc7, k) for a batch of queries, like faiss's search(xq, k):
     coarse   all images within the smallest Hamming radius R that holds at
              least ``min_candidates`` images (R capped by ``max_radius``).
              The whole shell at distance R is always included, so images tied
              at the boundary are never cut by their position in the database.
     fine     the coarse candidates re-ranked by the Euclidean distance of
-             their fc7 features to the query's fc7; top k returned.
+             their fc7 features to the query's fc7; top k returned (or every
+             candidate, ranked, with k=None: the evaluation's full ranking).
+retrieve.py, the evaluation (metrics.evaluate) and the benchmarks all call
+this one implementation.
 
-Ordering rules (the brute-force functions follow the same rules, so the fast
-path can be compared with them exactly)
+Ordering rules (the brute-force functions of reference.py follow the same
+rules, so the fast path can be compared with them exactly)
     coarse   by (Hamming distance, image id).
-    fine     by (squared fc7 distance, image id).  Distances are computed by
-             ``fc7_sq_distances`` in float32, row by row (the same arithmetic
-             for every row, wherever it sits in memory), so equal fc7 rows get
-             equal distances and are ordered by id.
+    fine     by (squared fc7 distance, image id): rerank.fc7_sq_distances.
 
 How the coarse stage avoids scanning everything
     Images with identical codes share a bucket: the table keeps the U unique
@@ -37,29 +31,29 @@ How the coarse stage avoids scanning everything
            query (C(bits, r) flip patterns) and look each up in a hash table
            of the unique codes.  Cheap when C(bits, r) is small.
     scan   compute the Hamming distance of the query to unique codes, with
-           pivots to skip most of them: buckets are grouped by their nearest
-           pivot p and sorted by their distance to it (their "band").  By the
-           triangle inequality a bucket x can only be within r of query q if
-           |d(q, p) - d(x, p)| <= r, so each group contributes one contiguous
-           run of buckets.  Real hash codes cluster (images of one kind get
-           nearly the same code), so the runs cover the query's own cluster
-           and little else.  When the runs cover most buckets anyway a plain
-           scan of all unique codes is used instead.
+           pivots to skip most of them (pivots.py: each pivot's group of
+           buckets contributes one contiguous run per radius).  When the
+           runs cover most buckets anyway a plain scan of all unique codes
+           is used instead.
 
     Which one runs is decided per query by a cost model whose unit costs were
     measured (see _COST_NS).
 """
 import math
-import os
-import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .codes import (check_codes, code_bytes, distance_dtype, distances_to_words,
+                    group_equal_codes, query_words, to_words)
+from .files import atomic_write
+from .pivots import PivotTable, first_true, pivot_layout
+from .rerank import candidate_sq_distances, rank_by_distance
+
 FORMAT_VERSION = 1
-MAX_BITS = 1024
 
 # --- cost model -------------------------------------------------------------
 # Unit costs of the coarse stage, in nanoseconds, by code width in 64-bit
@@ -90,33 +84,9 @@ def _unit_costs(n_words):
 # patterns a scan is always cheaper anyway.
 MAX_SHELL_PROBES = 1 << 18
 
-# Pivot selection: at most this many pivots (query overhead and build time
-# grow with it) and about one per this many unique codes.
-MAX_PIVOTS = 1024
-CODES_PER_PIVOT = 64
-
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def code_bytes(bits):
-    """Bytes in one packed code of `bits` bits."""
-    bits = int(bits)
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
-    return (bits + 7) // 8
-
-
-def _pad_mask(bits):
-    """Mask of the pad bits in the last byte of a packed code."""
-    spare = 8 * code_bytes(bits) - bits
-    return (1 << spare) - 1
-
-
-def _dist_dtype(bits):
-    # bitwise_count of a uint64 is uint8; sums of words need uint16 past 255.
-    return np.uint8 if bits <= 255 else np.uint16
 
 
 def default_min_candidates(k):
@@ -131,114 +101,8 @@ def default_min_candidates(k):
     return 2 * int(k)
 
 
-def pack_codes(latent, threshold=0.5):
-    """Binary codes from latent activations: packbits(latent > threshold).
-
-    latent (N, bits) -> uint8 (N, code_bytes(bits)); a 1-D latent gives one
-    code of shape (code_bytes(bits),).  Big-endian bit order; pad bits zero.
-    """
-    latent = np.asarray(latent)
-    if latent.ndim not in (1, 2):
-        raise ValueError(f"latent must be 1-D or 2-D, got shape {latent.shape}")
-    code_bytes(latent.shape[-1])
-    return np.packbits(latent > threshold, axis=-1)
-
-
-def _check_codes(codes, bits, what="codes"):
-    codes = np.asarray(codes)
-    nbytes = code_bytes(bits)
-    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != nbytes:
-        raise ValueError(f"{what} must be uint8 (N, {nbytes}) for {bits} bits, "
-                         f"got {codes.dtype} {codes.shape}")
-    mask = _pad_mask(bits)
-    if mask and len(codes) and np.any(codes[:, -1] & mask):
-        raise ValueError(f"{what} have pad bits set: they were not packed from "
-                         f"{bits}-bit latents with pack_codes")
-    return codes
-
-
-def _to_words(codes):
-    """(N, B) uint8 codes -> (N, W) uint64, W = ceil(B / 8), zero padded.
-
-    A view when B is a multiple of 8 and rows are contiguous, else a copy.
-    """
-    codes = np.asarray(codes, dtype=np.uint8)
-    n, nbytes = codes.shape
-    n_words = (nbytes + 7) // 8
-    if nbytes == 8 * n_words and codes.flags.c_contiguous:
-        return codes.view(np.uint64).reshape(n, n_words)
-    padded = np.zeros((n, 8 * n_words), dtype=np.uint8)
-    padded[:, :nbytes] = codes
-    return padded.view(np.uint64).reshape(n, n_words)
-
-
-def _query_words(query_code, bits):
-    q = np.asarray(query_code, dtype=np.uint8).reshape(1, -1)
-    _check_codes(q, bits, "query code")
-    return _to_words(q)[0].copy()
-
-
-def _word_columns(words):
-    """(N, W) uint64 -> tuple of W contiguous (N,) arrays (fast per-word ops)."""
-    return tuple(np.ascontiguousarray(words[:, j]) for j in range(words.shape[1]))
-
-
-def _distances_to(columns, qwords, dtype):
-    """Hamming distances of the codes held in word columns to a query."""
-    out = np.bitwise_count(np.bitwise_xor(columns[0], qwords[0]))
-    if dtype != out.dtype:
-        out = out.astype(dtype)
-    tmp = np.empty_like(columns[0])
-    for col, qw in zip(columns[1:], qwords[1:]):
-        np.bitwise_xor(col, qw, out=tmp)
-        out += np.bitwise_count(tmp)
-    return out
-
-
-def hamming_distances(codes, query_code, bits=None):
-    """Hamming distance of every code (N, B) to query_code (B,).
-
-    Returns uint8 (uint16 for codes over 255 bits) of shape (N,).  `bits`
-    only serves validation; by default it is 8 * B.
-    """
-    codes = np.asarray(codes, dtype=np.uint8)
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be 2-D (N, bytes), got shape {codes.shape}")
-    bits = 8 * codes.shape[1] if bits is None else int(bits)
-    _check_codes(codes, bits)
-    qwords = _query_words(query_code, bits)
-    if not len(codes):
-        return np.empty(0, dtype=_dist_dtype(bits))
-    # Strided columns of the (N, W) view: no copy of the database.
-    words = _to_words(codes)
-    columns = tuple(words[:, j] for j in range(words.shape[1]))
-    return _distances_to(columns, qwords, _dist_dtype(bits))
-
-
-def hamming_matrix(db_codes, query_codes, bits=None):
-    """Hamming distances (Q, N) between query codes (Q, B) and database codes (N, B).
-
-    uint8 (uint16 over 255 bits).  Memory is Q * N * 9 bytes at the peak:
-    callers with large Q pass batches of queries.
-    """
-    db_codes = np.asarray(db_codes, dtype=np.uint8)
-    query_codes = np.asarray(query_codes, dtype=np.uint8)
-    bits = 8 * db_codes.shape[1] if bits is None else int(bits)
-    _check_codes(db_codes, bits, "database codes")
-    _check_codes(query_codes, bits, "query codes")
-    dtype = _dist_dtype(bits)
-    db_cols = _word_columns(_to_words(db_codes))
-    q_words = _to_words(query_codes)
-    out = np.zeros((len(query_codes), len(db_codes)), dtype=dtype)
-    tmp = np.empty(out.shape, dtype=np.uint64)
-    for j, col in enumerate(db_cols):
-        np.bitwise_xor(q_words[:, j, None], col[None, :], out=tmp)
-        out += np.bitwise_count(tmp).astype(dtype, copy=False)
-    return out
-
-
 def shell_radius(cum_counts, min_candidates, max_radius=None):
-    """The coarse stage's stopping rule, shared with metrics.fine_ranking.
+    """The coarse stage's stopping rule.
 
     cum_counts[..., r] = number of images within Hamming radius r (r = 0..bits).
     Returns the smallest r with cum_counts[r] >= min_candidates, or
@@ -350,32 +214,70 @@ class CoarseResult:
 
 @dataclass
 class SearchResult:
-    """Top-k of a coarse-to-fine search, ordered by (fc7 distance, id).
+    """Top-k of one query's coarse-to-fine search, ordered by (fc7 distance, id).
 
     l2 is the Euclidean fc7 distance: the float64 square root of the float32
     squared distance the ranking uses (so equal l2 values are exactly the
     ties ordered by id); candidates is how many images the coarse stage
-    passed to the re-rank, radius where it stopped."""
+    passed to the re-rank, radius where it stopped; seconds the time the
+    query's coarse and fine stages took."""
     ids: np.ndarray
     hamming: np.ndarray
     l2: np.ndarray
     candidates: int
     radius: int
+    seconds: float = 0.0
+
+
+@dataclass
+class SearchResults:
+    """A batch of searches in faiss's layout: row i is query i's top k.
+
+        ids        (Q, k) int64    -1 where a query found fewer than k images
+        hamming    (Q, k) int32    Hamming distance to the query, -1 padding
+        l2         (Q, k) float64  fc7 distance (see SearchResult), inf padding
+        candidates (Q,)   int64    images the coarse stage passed to the re-rank
+        radius     (Q,)   int32    Hamming radius the coarse stage stopped at
+        seconds    (Q,)   float64  time of each query's search
+
+    results[i] is query i's SearchResult, without the padding."""
+    ids: np.ndarray
+    hamming: np.ndarray
+    l2: np.ndarray
+    candidates: np.ndarray
+    radius: np.ndarray
+    seconds: np.ndarray
+
+    @classmethod
+    def empty(cls, n_queries, k):
+        return cls(np.full((n_queries, k), -1, dtype=np.int64),
+                   np.full((n_queries, k), -1, dtype=np.int32),
+                   np.full((n_queries, k), np.inf),
+                   np.zeros(n_queries, dtype=np.int64), np.zeros(n_queries, dtype=np.int32),
+                   np.zeros(n_queries))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        found = int(np.count_nonzero(self.ids[i] >= 0))
+        return SearchResult(self.ids[i, :found], self.hamming[i, :found], self.l2[i, :found],
+                            int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]))
 
 
 class HashIndex:
     """Bucket table over packed codes with exact radius-growing Hamming search.
 
     Build once with HashIndex.build(codes, bits) (or load a cached copy);
-    query with coarse() and search().  Arrays (all plain numpy, saved as .npz):
+    query with search() (coarse-to-fine, batched) or coarse() (one query's
+    candidates).  Arrays (all plain numpy, saved as .npz):
 
         bucket_words  (W, U) uint64   unique codes, in scan order (pivot, band)
         bucket_offsets (U+1,) int64   CSR: images of bucket b are
                                       ids[bucket_offsets[b]:bucket_offsets[b+1]]
         ids           (N,) int32/64   image ids, ascending within a bucket
-        pivot_words   (W, G) uint64   pivot codes
-        band_cum      (G*(bits+1)+1,) first bucket of (group g, band b) at
-                                      index g*(bits+1)+b; group ends at b=bits+1
+        pivot_words   (W, G) uint64   pivot codes        } pivots.PivotTable
+        band_cum      (G*(bits+1)+1,) bucket cell bounds }
         probe_keys    (U,) uint64     sorted hash keys of the unique codes
         probe_buckets (U,) int32/64   bucket of each sorted key
     """
@@ -388,125 +290,73 @@ class HashIndex:
         self.bits = int(bits)
         self.nbytes = code_bytes(self.bits)
         self.count = int(count)
-        self.n_words = (self.nbytes + 7) // 8
+        self.n_words = bucket_words.shape[0]
         self.bucket_words = bucket_words
         self.bucket_offsets = bucket_offsets
         self.ids = ids
-        self.pivot_words = pivot_words
-        self.band_cum = band_cum
         self.probe_keys = probe_keys
         self.probe_buckets = probe_buckets
         self.hash_seed = int(hash_seed)
+        self.pivots = PivotTable(self.bits, pivot_words, band_cum, bucket_offsets)
         self._columns = tuple(np.ascontiguousarray(w) for w in bucket_words)
-        self._pivot_columns = tuple(np.ascontiguousarray(w) for w in pivot_words)
         self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
         # bincount's weights are float64 anyway: converted once, not per query.
         self._sizes_f = self._sizes.astype(np.float64)
-        self._img_cum = bucket_offsets[band_cum]
-        # First and last non-empty band of each group (see _PivotBounds).
-        n_groups = self.pivot_words.shape[1]
-        filled = np.diff(band_cum).reshape(n_groups, self.bits + 1) > 0
-        any_filled = filled.any(axis=1)
-        self._band_min = np.where(any_filled, np.argmax(filled, axis=1), self.bits + 1)
-        self._band_max = np.where(any_filled, self.bits - np.argmax(filled[:, ::-1], axis=1), -1)
-        self._dtype = _dist_dtype(self.bits)
+        self._dtype = distance_dtype(self.bits)
         self._shell_masks = {}
         self.costs = _unit_costs(self.n_words)
+
+    @property
+    def pivot_words(self):
+        return self.pivots.pivot_words
+
+    @property
+    def band_cum(self):
+        return self.pivots.band_cum
 
     # ---- building ----------------------------------------------------------
     @classmethod
     def build(cls, codes, bits):
         """Index packed codes (N, code_bytes(bits)) uint8; image id = row number."""
         bits = int(bits)
-        codes = _check_codes(codes, bits)
+        codes = check_codes(codes, bits)
         n = len(codes)
-        words = _to_words(codes)
-        n_words = words.shape[1]
+        words = to_words(codes)
         id_dtype = np.int32 if n < 2**31 else np.int64
 
-        # Group equal codes: a stable sort keeps ids ascending within a bucket.
-        if n_words == 1:
-            order = np.argsort(words[:, 0], kind="stable")
-        else:
-            order = np.lexsort(tuple(words[:, j] for j in range(n_words - 1, -1, -1)))
-        sorted_words = words[order]
-        if n:
-            new_bucket = np.ones(n, dtype=bool)
-            new_bucket[1:] = np.any(sorted_words[1:] != sorted_words[:-1], axis=1)
-            starts = np.flatnonzero(new_bucket)
-        else:
-            starts = np.empty(0, dtype=np.int64)
-        unique_words = sorted_words[starts]
-        offsets = np.append(starts, n).astype(np.int64)
+        # Buckets of equal codes (ids ascending within each), then laid out
+        # in the pivots' scan order.
+        order, offsets = group_equal_codes(words)
+        unique_words = words[order[offsets[:-1]]]
         sizes = np.diff(offsets)
-        u = len(starts)
-
-        pivots = _choose_pivots(unique_words, sizes, bits)
-        group, band = _assign_to_pivots(unique_words, pivots, bits)
-
-        # Scan order: by (group, band); within a cell keep code order.
-        perm = np.lexsort((band, group))
-        new_sizes = sizes[perm]
-        new_offsets = np.zeros(u + 1, dtype=np.int64)
-        np.cumsum(new_sizes, out=new_offsets[1:])
+        pivot_words, band_cum, perm = pivot_layout(unique_words, sizes, bits)
+        new_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes[perm], out=new_offsets[1:])
         ids = order[_concat_ranges(offsets[:-1][perm], offsets[1:][perm])].astype(id_dtype)
         bucket_words = np.ascontiguousarray(unique_words[perm].T)
-
-        n_bands = bits + 1
-        cell_counts = np.bincount(group.astype(np.int64) * n_bands + band,
-                                  minlength=len(pivots) * n_bands)
-        band_cum = np.zeros(len(pivots) * n_bands + 1, dtype=np.int64)
-        np.cumsum(cell_counts, out=band_cum[1:])
-
-        columns = tuple(bucket_words)
-        seed = 0
-        while True:
-            keys = _hash_words(columns, seed)
-            key_order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[key_order]
-            if not np.any(sorted_keys[1:] == sorted_keys[:-1]):
-                break
-            # Two distinct codes with one 64-bit key: pick another hash.
-            seed += 1
-            if seed > 16:
-                raise RuntimeError("cannot find a collision-free hash for the codes")
-        return cls(bits, n, bucket_words, new_offsets, ids,
-                   np.ascontiguousarray(pivots.T), band_cum,
-                   np.ascontiguousarray(sorted_keys), key_order.astype(id_dtype), seed)
+        keys, key_order, seed = _probe_table(tuple(bucket_words))
+        return cls(bits, n, bucket_words, new_offsets, ids, pivot_words, band_cum,
+                   keys, key_order.astype(id_dtype), seed)
 
     # ---- persistence -------------------------------------------------------
-    def save(self, path, fingerprint):
-        """Write the index to `path` (.npz) atomically, tagged with `fingerprint`.
+    def save(self, path, revision):
+        """Write the index to `path` (.npz) atomically, tagged with `revision`.
 
-        The fingerprint is any string the caller derives from the database
-        (count, modification time, ...); load() compares it to decide whether
-        the cached index is still valid.
+        The revision is any string the caller derives from the database's
+        state (FeatureStore.revision(): creation time, count, model); load()
+        compares it to decide whether the cached index is still valid.
         """
-        path = Path(path)
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
         arrays.update(format_version=np.array(FORMAT_VERSION), bits=np.array(self.bits),
                       count=np.array(self.count), hash_seed=np.array(self.hash_seed),
-                      fingerprint=np.array(str(fingerprint)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+                      revision=np.array(str(revision)))
+        atomic_write(path, lambda f: np.savez(f, **arrays), fsync=True)
 
     @classmethod
-    def load(cls, path, expected_fingerprint):
+    def load(cls, path, expected_revision):
         """The index saved at `path`, or None when it is missing, unreadable,
-        from another format version or built for another fingerprint (the
-        caller then rebuilds and saves)."""
+        from another format version or saved for another revision of the
+        database (the caller then rebuilds and saves)."""
         path = Path(path)
         if not path.is_file():
             return None
@@ -514,7 +364,7 @@ class HashIndex:
             with np.load(path, allow_pickle=False) as data:
                 if int(data["format_version"]) != FORMAT_VERSION:
                     return None
-                if str(data["fingerprint"]) != str(expected_fingerprint):
+                if str(data["revision"]) != str(expected_revision):
                     return None
                 arrays = {name: data[name] for name in cls._ARRAYS}
                 return cls(int(data["bits"]), int(data["count"]),
@@ -524,14 +374,14 @@ class HashIndex:
             return None
 
     @classmethod
-    def load_or_build(cls, path, fingerprint, get_codes, bits):
-        """Cached index at `path` if its fingerprint matches, else build it from
-        get_codes() and save it there.  Returns (index, rebuilt: bool)."""
-        index = cls.load(path, fingerprint)
+    def load_or_build(cls, path, revision, get_codes, bits):
+        """Cached index at `path` if saved for this revision, else build it
+        from get_codes() and save it there.  Returns (index, rebuilt: bool)."""
+        index = cls.load(path, revision)
         if index is not None and index.bits == int(bits):
             return index, False
         index = cls.build(get_codes(), bits)
-        index.save(path, fingerprint)
+        index.save(path, revision)
         return index, True
 
     # ---- introspection -----------------------------------------------------
@@ -541,13 +391,57 @@ class HashIndex:
 
     @property
     def n_pivots(self):
-        return self.pivot_words.shape[1]
+        return self.pivots.n_groups
 
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
-        arrays = [getattr(self, name) for name in self._ARRAYS]
-        arrays += [self._sizes, self._sizes_f, self._img_cum, self._band_min, self._band_max]
-        return int(sum(a.nbytes for a in arrays))
+        arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
+                  self.probe_buckets, self._sizes, self._sizes_f]
+        return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
+
+    # ---- coarse-to-fine search ---------------------------------------------
+    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None):
+        """Coarse-to-fine top-k of a batch of queries: each query's coarse
+        candidates re-ranked by fc7 distance (ties by id).
+
+        query_codes (Q, B) uint8 packed codes, query_fc7 (Q, D).  fc7 is the
+        database's rows: an array (N, D) (ndarray or the store's memory map)
+        or a function ids -> rows, called once per query with its candidates'
+        ids in ascending order (friendlier to a B-tree or a file).
+        k: results per query; None ranks every candidate (rows as wide as the
+        largest candidate set).  min_candidates defaults to
+        default_min_candidates(k); max_radius caps the Hamming radius.
+        Returns SearchResults.
+        """
+        query_codes = check_codes(query_codes, self.bits, "query codes")
+        query_fc7 = np.asarray(query_fc7)
+        if query_fc7.ndim != 2 or len(query_fc7) != len(query_codes):
+            raise ValueError(f"query fc7 {query_fc7.shape} does not match "
+                             f"{len(query_codes)} query codes")
+        if k is not None and int(k) < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if min_candidates is None:
+            min_candidates = default_min_candidates(k if k is not None else 0)
+        ranked = []
+        for code, q_fc7 in zip(query_codes, query_fc7):
+            start = time.perf_counter()
+            coarse = self.coarse(code, min_candidates, max_radius)
+            # Ascending ids: one sequential pass over the fc7 rows.
+            by_id = np.argsort(coarse.ids, kind="stable")
+            ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
+            d2 = candidate_sq_distances(fc7, ids, q_fc7) if len(ids) else \
+                np.empty(0, dtype=np.float32)
+            top = rank_by_distance(ids, d2, k)
+            ranked.append((ids[top], ham[top], d2[top], len(ids), coarse.radius,
+                           time.perf_counter() - start))
+        width = max((len(r[0]) for r in ranked), default=0) if k is None else int(k)
+        out = SearchResults.empty(len(ranked), width)
+        for i, (ids, ham, d2, n_cand, radius, seconds) in enumerate(ranked):
+            out.ids[i, :len(ids)] = ids
+            out.hamming[i, :len(ids)] = ham
+            out.l2[i, :len(ids)] = np.sqrt(d2.astype(np.float64))
+            out.candidates[i], out.radius[i], out.seconds[i] = n_cand, radius, seconds
+        return out
 
     # ---- coarse stage ------------------------------------------------------
     def coarse(self, query_code, min_candidates, max_radius=None):
@@ -558,7 +452,7 @@ class HashIndex:
         no limit; the whole index when min_candidates > count).  All images at
         distance <= R are returned, ordered by (hamming, id).
         """
-        qwords = _query_words(query_code, self.bits)
+        qwords = query_words(query_code, self.bits)
         limit = self.bits if max_radius is None else max(0, min(int(max_radius), self.bits))
         need = max(0, int(min_candidates))
         if self.count == 0:
@@ -583,12 +477,12 @@ class HashIndex:
             if n_probes > MAX_SHELL_PROBES:
                 break
             if bounds is None:
-                bounds = _PivotBounds(self, qwords)
+                bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
             r_lb = bounds.radius_lower_bound(need, r, limit)
             if n_probes * self.costs["probe"] >= bounds.scan_cost(r_lb):
                 break
         if bounds is None:
-            bounds = _PivotBounds(self, qwords)
+            bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(qwords, bounds, need, r, limit)
 
     def _probe_shell(self, qwords, r):
@@ -627,7 +521,8 @@ class HashIndex:
             return self._full_scan(qwords, need, limit)
 
         lo, hi = bounds.cells(r_s)
-        scanned_b = [_concat_ranges(self.band_cum[lo], self.band_cum[hi])]
+        band_cum = self.pivots.band_cum
+        scanned_b = [_concat_ranges(band_cum[lo], band_cum[hi])]
         scanned_d = [self._bucket_distances(scanned_b[0], qwords)]
         hist = np.zeros(self.bits + 1)
         while True:
@@ -642,13 +537,13 @@ class HashIndex:
             # plus the images of the runs not scanned yet could reach `need`
             # (monotone in r).
             base_ub = bounds.upper_bound(r_s)
-            r_next = _first_true(
+            r_next = first_true(
                 lambda r: cum[r] + bounds.upper_bound(r) - base_ub >= need, r_s + 1, limit)
             new_lo, new_hi = bounds.cells(r_next)
             # Old runs over the same (possibly larger) set of groups.
             lo, hi = bounds.cells(r_s, len(new_lo))
-            starts = np.concatenate([self.band_cum[new_lo], self.band_cum[hi]])
-            stops = np.concatenate([self.band_cum[lo], self.band_cum[new_hi]])
+            starts = np.concatenate([band_cum[new_lo], band_cum[hi]])
+            stops = np.concatenate([band_cum[lo], band_cum[new_hi]])
             spent += costs["step"] + costs["gather"] * int(stops.sum() - starts.sum())
             if spent >= full_cost:
                 return self._full_scan(qwords, need, limit)
@@ -661,7 +556,7 @@ class HashIndex:
                             [d[m] for d, m in zip(scanned_d, keep)], radius)
 
     def _full_scan(self, qwords, need, limit):
-        d = _distances_to(self._columns, qwords, self._dtype)
+        d = distances_to_words(self._columns, qwords, self._dtype)
         cum = np.cumsum(np.bincount(d, weights=self._sizes_f, minlength=self.bits + 1))
         radius = int(shell_radius(cum, need, limit))
         b = np.flatnonzero(d <= radius)
@@ -690,230 +585,16 @@ class HashIndex:
         order = np.lexsort((ids, ham))
         return CoarseResult(ids[order], ham[order], int(radius))
 
-    # ---- fine stage ----------------------------------------------------------
-    def search(self, query_code, query_fc7, fc7_lookup, k, min_candidates=None,
-               max_radius=None):
-        """Coarse-to-fine top-k: coarse candidates re-ranked by fc7 distance.
 
-        fc7_lookup(ids) must return the fc7 rows (len(ids), D), float32 or
-        float16, for an int64 id array; it is called once per query, with the
-        ids in ascending order (friendlier to a B-tree store).  min_candidates
-        defaults to default_min_candidates(k).  Ties in fc7 distance are
-        ordered by id ascending.
-        """
-        k = int(k)
-        if min_candidates is None:
-            min_candidates = default_min_candidates(k)
-        coarse = self.coarse(query_code, min_candidates, max_radius)
-        order = np.argsort(coarse.ids, kind="stable")
-        ids = coarse.ids[order]
-        ham = coarse.hamming[order]
-        if len(ids):
-            rows = fc7_lookup(ids)
-            d2 = fc7_sq_distances(rows, query_fc7)
-        else:
-            d2 = np.empty(0, dtype=np.float32)
-        if len(d2) != len(ids):
-            raise ValueError(f"fc7_lookup returned {len(d2)} rows for {len(ids)} ids")
-        top = np.lexsort((ids, d2))[:max(k, 0)]
-        return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids),
-                            coarse.radius)
-
-
-def _first_true(predicate, lo, hi):
-    """Smallest r in [lo, hi] with predicate(r) true, for a predicate monotone
-    in r; hi when none is.  Gallops up from lo (1, 2, 4, ... steps) before
-    bisecting: the answer is usually a few steps above lo, and evaluating
-    small radii is cheaper than large ones."""
-    step = 1
-    prev = lo - 1
-    r = lo
-    while r < hi and not predicate(r):
-        prev = r
-        r = min(hi, r + step)
-        step *= 2
-    # predicate(r) is true or r == hi; the answer lies in (prev, r].
-    lo_r, hi_r = prev + 1, r
-    while lo_r < hi_r:
-        mid = (lo_r + hi_r) // 2
-        if predicate(mid):
-            hi_r = mid
-        else:
-            lo_r = mid + 1
-    return lo_r
-
-
-class _PivotBounds:
-    """Per-query view of the pivot runs.
-
-    For a radius r, group g can only hold buckets within r of the query in
-    bands [d(q, p_g) - r, d(q, p_g) + r] (triangle inequality), one contiguous
-    run of buckets.  A group whose bands all lie outside that window for
-    every r below its "gap" contributes nothing, and for hash codes most
-    groups (other clusters) have gaps far above the radii a query needs; so
-    groups are sorted by gap once and each radius only looks at the groups
-    active at it.  Results are memoised: the coarse stage asks for the same
-    radii several times while it decides and searches.
-    """
-
-    def __init__(self, index, qwords):
-        self.index = index
-        self.n_bands = index.bits + 1
-        dq = _distances_to(index._pivot_columns, qwords, index._dtype).astype(np.int64)
-        gap = np.maximum(np.maximum(dq - index._band_max, index._band_min - dq), 0)
-        order = np.argsort(gap, kind="stable")
-        self.gaps = gap[order]
-        self.dq = dq[order]
-        self.base = order * self.n_bands
-        self._cells = {}
-        self._ub = {}
-
-    def active(self, r):
-        """Number of groups (in gap order) that can hold buckets within r."""
-        return int(np.searchsorted(self.gaps, r, side="right"))
-
-    def cells(self, r, n_groups=None):
-        """Flat (group, band) indices bounding the runs at radius r of the
-        first n_groups groups in gap order (default: those active at r)."""
-        if n_groups is None:
-            n_groups = self.active(r)
-        got = self._cells.get((r, n_groups))
-        if got is None:
-            dq = self.dq[:n_groups]
-            base = self.base[:n_groups]
-            lo = np.maximum(dq - r, 0) + base
-            hi = np.minimum(dq + (r + 1), self.n_bands) + base
-            got = self._cells[(r, n_groups)] = (lo, hi)
-        return got
-
-    def upper_bound(self, r):
-        """Images in the runs at radius r: every image within r is among them."""
-        got = self._ub.get(r)
-        if got is None:
-            lo, hi = self.cells(r)
-            img_cum = self.index._img_cum
-            got = self._ub[r] = int(img_cum[hi].sum() - img_cum[lo].sum())
-        return got
-
-    def radius_lower_bound(self, need, r_min, limit):
-        """Smallest r in [r_min, limit] whose runs hold >= need images (else limit):
-        no smaller radius can gather `need` images."""
-        return _first_true(lambda r: self.upper_bound(r) >= need, r_min, limit)
-
-    def runs_cost(self, r):
-        """Estimated cost of one step scanning the runs at radius r."""
-        lo, hi = self.cells(r)
-        band_cum = self.index.band_cum
-        in_runs = int(band_cum[hi].sum() - band_cum[lo].sum())
-        costs = self.index.costs
-        return costs["step"] + in_runs * costs["gather"]
-
-    def scan_cost(self, r):
-        """Estimated cost of the cheaper scan (runs or all codes) at radius r."""
-        return min(self.runs_cost(r), self.index.n_buckets * self.index.costs["scan"])
-
-
-# Rows per block of fc7_sq_distances's work buffer: ~1 MB of float32, so the
-# differences are written and read back in cache (and the buffer is reused)
-# instead of a new (M, D) array going through memory.
-_FC7_BLOCK_BYTES = 1 << 20
-
-
-def fc7_sq_distances(rows, query_fc7):
-    """Squared Euclidean distances (float32) of fc7 rows (M, D) to a query (D,).
-
-    Every row goes through the same float32 arithmetic: its difference to the
-    query (float16 rows are widened first) is written to a contiguous float32
-    buffer and reduced by numpy.vecdot, a generalized ufunc whose core is one
-    whole row, i.e. one call of the same dot routine (BLAS sdot) per row.  So
-    identical rows give identical distances wherever they sit in memory or in
-    the block: the basis of the exact tie rules.  (einsum is not safe here: it
-    splits rows longer than numpy's buffer, 8192 values, at offsets that
-    depend on the row's position.)
-    """
-    q = np.asarray(query_fc7, dtype=np.float32).ravel()
-    rows = np.asarray(rows)
-    if rows.ndim != 2 or rows.shape[1] != q.shape[0]:
-        raise ValueError(f"fc7 rows {rows.shape} do not match the query's {q.shape[0]} values")
-    m, dim = rows.shape
-    out = np.empty(m, dtype=np.float32)
-    step = max(1, _FC7_BLOCK_BYTES // (4 * max(dim, 1)))
-    buf = np.empty((min(step, m), dim), dtype=np.float32)
-    for lo in range(0, m, step):
-        diff = buf[:min(m - lo, step)]
-        np.subtract(rows[lo:lo + len(diff)], q, out=diff, dtype=np.float32)
-        np.vecdot(diff, diff, out=out[lo:lo + len(diff)])
-    return out
-
-
-def brute_force_search(codes, fc7_all, query_code, query_fc7, k, max_radius=None, bits=None):
-    """The slow reference: exhaustive Hamming over all N codes, keep those
-    within max_radius (all when None), rank them by fc7 distance with ties by
-    id.  Returns a SearchResult like HashIndex.search."""
-    codes = np.asarray(codes, dtype=np.uint8)
-    bits = 8 * codes.shape[1] if bits is None else int(bits)
-    ham = hamming_distances(codes, query_code, bits).astype(np.int32)
-    ids = np.arange(len(codes), dtype=np.int64)
-    if max_radius is not None:
-        keep = ham <= int(max_radius)
-        ids, ham = ids[keep], ham[keep]
-    d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], query_fc7)
-    top = np.lexsort((ids, d2))[:max(int(k), 0)]
-    # The radius of the ball searched: max_radius, or the farthest code.
-    radius = int(max_radius) if max_radius is not None else int(ham.max()) if len(ham) else 0
-    return SearchResult(ids[top], ham[top], np.sqrt(d2[top].astype(np.float64)), len(ids),
-                        radius)
-
-
-# ---- pivots ------------------------------------------------------------------
-def _choose_pivots(unique_words, sizes, bits):
-    """Pivot codes for the pruned scan: the most populated buckets, kept only
-    when far enough from the pivots already chosen.
-
-    Hash codes cluster around modes (many images share the code of their
-    kind), and the biggest buckets sit at those modes, so these pivots land
-    near cluster centres.  The separation (bits // 8) keeps several pivots
-    from crowding into one cluster.  Equal sizes are broken by a fixed-seed
-    shuffle so indexes are reproducible.  Only speed depends on this choice.
-    """
-    u = len(unique_words)
-    if u == 0:
-        return np.zeros((1, unique_words.shape[1]), dtype=np.uint64)
-    target = int(min(MAX_PIVOTS, max(1, u // CODES_PER_PIVOT)))
-    separation = max(1, bits // 8)
-    tie_break = np.random.default_rng(0).permutation(u)
-    candidates = np.lexsort((tie_break, -sizes))[:max(20 * target, 1000)]
-    cand_words = unique_words[candidates]
-    chosen = np.empty((target, unique_words.shape[1]), dtype=np.uint64)
-    n_chosen = 0
-    for w in cand_words:
-        if n_chosen:
-            d = np.bitwise_count(chosen[:n_chosen] ^ w).sum(axis=1)
-            if d.min() < separation:
-                continue
-        chosen[n_chosen] = w
-        n_chosen += 1
-        if n_chosen == target:
-            break
-    return chosen[:n_chosen]
-
-
-def _assign_to_pivots(unique_words, pivots, bits, chunk=4096):
-    """Nearest pivot (group) and distance to it (band) for every unique code."""
-    u = len(unique_words)
-    dtype = _dist_dtype(bits)
-    group = np.empty(u, dtype=np.int32)
-    band = np.empty(u, dtype=np.int64)
-    pivot_cols = [np.ascontiguousarray(pivots[:, j]) for j in range(pivots.shape[1])]
-    tmp = np.empty((chunk, len(pivots)), dtype=np.uint64)
-    for start in range(0, u, chunk):
-        block = unique_words[start:start + chunk]
-        t = tmp[:len(block)]
-        d = np.zeros((len(block), len(pivots)), dtype=dtype)
-        for j, col in enumerate(pivot_cols):
-            np.bitwise_xor(block[:, j, None], col[None, :], out=t)
-            d += np.bitwise_count(t).astype(dtype, copy=False)
-        g = np.argmin(d, axis=1)
-        group[start:start + chunk] = g
-        band[start:start + chunk] = d[np.arange(len(block)), g]
-    return group, band
+def _probe_table(columns):
+    """Sorted 64-bit keys of the unique codes (word columns), the bucket of
+    each key, and the hash seed: a seed under which no two codes share a key
+    (tried from 0 upwards)."""
+    for seed in range(17):
+        keys = _hash_words(columns, seed)
+        key_order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[key_order]
+        if not np.any(sorted_keys[1:] == sorted_keys[:-1]):
+            return np.ascontiguousarray(sorted_keys), key_order, seed
+        # Two distinct codes with one 64-bit key: try another hash.
+    raise RuntimeError("cannot find a collision-free hash for the codes")

@@ -4,9 +4,11 @@ montage picture).
 
 The index (packed codes + bucket table) is built once from the database and
 cached beside it as `<db>.index.npz`; it is rebuilt whenever the database's
-fingerprint (creation time, image count, model) changes, e.g. after extract.py
-appended images. Codes stay in RAM; fc7 rows are read from the database only
-for the candidates of each query.
+revision (creation time, image count, model) changes, e.g. after extract.py
+appended images. Codes stay in RAM; fc7 rows are read from the database's
+memory-mapped fc7 file only for the candidates of each query.  The search
+itself is HashIndex.search, batched: retrieve.py sends its queries in
+batches, and evaluate.py runs the same search.
 """
 import json
 import sys
@@ -17,13 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .index import HashIndex, default_min_candidates
+from .index import HashIndex
 from .store import FeatureStore, check_compatible
 
 
 def index_cache_path(db_path):
     db_path = Path(db_path)
     return db_path.with_name(db_path.name + ".index.npz")
+
+
+@dataclass
+class Query:
+    """What a user asked about: `name` as shown (a file, or "id 17: path"),
+    its label when known (-1 otherwise), its image file when it has one,
+    and, for an image of the database used as the query, its id (left out
+    of its own results)."""
+    name: str
+    label: int = -1
+    path: str = ""
+    exclude_id: int = None
 
 
 @dataclass
@@ -38,17 +52,15 @@ class Hit:
 
 @dataclass
 class Answer:
-    query: str
-    query_label: int
+    query: Query
     hits: list
     candidates: int
     radius: int
     search_ms: float
-    query_path: str = ""   # the query's image file, when it has one
 
     def as_dict(self):
-        return {"query": self.query, "query_path": self.query_path,
-                "query_label": self.query_label,
+        return {"query": self.query.name, "query_path": self.query.path or self.query.name,
+                "query_label": self.query.label,
                 "candidates": self.candidates, "radius": self.radius,
                 "search_ms": round(self.search_ms, 3),
                 "results": [h.__dict__ for h in self.hits]}
@@ -65,7 +77,7 @@ class Retriever:
         start = time.monotonic()
         try:
             self.index, rebuilt = HashIndex.load_or_build(
-                index_cache_path(self.db_path), self.store.fingerprint(),
+                index_cache_path(self.db_path), self.store.revision(),
                 self.store.codes, self.store.bits)
         except OSError:  # a read-only folder: build in memory, do not cache
             self.index, rebuilt = HashIndex.build(self.store.codes(), self.store.bits), True
@@ -113,36 +125,43 @@ class Retriever:
             raise UserError(f"cannot read query image {err.path}: {err.reason}") from None
         return fc7, codes
 
-    def features_of_id(self, image_id):
-        if not 0 <= image_id < self.store.count:
-            raise UserError(f"--id {image_id}: the database holds ids 0..{self.store.count - 1}")
-        return self.store.fc7([image_id])[0], self.store.code_rows([image_id])[0]
+    def features_of_ids(self, image_ids):
+        """fc7 (Q, D) and codes (Q, B) of database images used as queries."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        bad = [int(i) for i in ids if not 0 <= i < self.store.count]
+        if bad:
+            raise UserError(f"--id {bad[0]}: the database holds ids 0..{self.store.count - 1}")
+        return self.store.fc7(ids), self.store.code_rows(ids)
 
     # ---- search ------------------------------------------------------------
-    def search(self, code, fc7, k=10, candidates=None, max_radius=None, query="", query_label=-1,
-               exclude_id=None, query_path=""):
-        start = time.perf_counter()
-        want = k + (1 if exclude_id is not None else 0)
-        result = self.index.search(code, fc7, self.store.fc7, want,
-                                   min_candidates=candidates or default_min_candidates(want),
-                                   max_radius=max_radius)
-        elapsed = (time.perf_counter() - start) * 1000
-        keep = [i for i in range(len(result.ids)) if result.ids[i] != exclude_id][:k]
-        infos = self.store.infos(result.ids[keep]) if keep else []
-        hits = [Hit(rank=r + 1, id=int(result.ids[i]), path=info["path"],
-                    label=int(info["label"]), hamming=int(result.hamming[i]),
-                    l2=float(result.l2[i]))
-                for r, (i, info) in enumerate(zip(keep, infos))]
-        return Answer(query=query, query_label=query_label, hits=hits,
-                      candidates=int(result.candidates), radius=int(result.radius),
-                      search_ms=elapsed, query_path=query_path or query)
+    def search(self, queries, codes, fc7, k=10, candidates=None, max_radius=None):
+        """Answers for a batch of queries (Query objects) with their codes
+        (Q, B) and fc7 (Q, D): HashIndex.search over the database's fc7 rows,
+        then the results' paths and labels.  A query with exclude_id gets
+        k results besides that image."""
+        want = k + (1 if any(q.exclude_id is not None for q in queries) else 0)
+        found = self.index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
+                                  min_candidates=candidates, max_radius=max_radius)
+        answers = []
+        for i, query in enumerate(queries):
+            result = found[i]
+            keep = [j for j, image_id in enumerate(result.ids)
+                    if image_id != query.exclude_id][:k]
+            infos = self.store.infos(result.ids[keep]) if keep else []
+            hits = [Hit(rank=r + 1, id=int(result.ids[j]), path=info["path"],
+                        label=int(info["label"]), hamming=int(result.hamming[j]),
+                        l2=float(result.l2[j]))
+                    for r, (j, info) in enumerate(zip(keep, infos))]
+            answers.append(Answer(query, hits, candidates=result.candidates,
+                                  radius=result.radius, search_ms=1000 * result.seconds))
+        return answers
 
 
 # ---- showing results ---------------------------------------------------------
 
 def format_table(answer, shown=10):
-    lines = [f"query {answer.query}" + (f" (label {answer.query_label})"
-                                        if answer.query_label >= 0 else ""),
+    query = answer.query
+    lines = [f"query {query.name}" + (f" (label {query.label})" if query.label >= 0 else ""),
              f"{answer.candidates} candidates within Hamming radius {answer.radius}, "
              f"search {answer.search_ms:.2f} ms",
              f"{'rank':>4}  {'id':>8}  {'ham':>3}  {'L2':>9}  {'label':>5}  path"]
@@ -175,7 +194,7 @@ def montage(answer, out_path, shown=10):
     cols = len(hits) + 1
     fig, axes = plt.subplots(1, cols, figsize=(MONTAGE_TILE_INCHES * cols, MONTAGE_TILE_INCHES + 0.5),
                              dpi=MONTAGE_DPI, squeeze=False)
-    tiles = [("query", answer.query_path, None)] + \
+    tiles = [("query", answer.query.path or answer.query.name, None)] + \
         [(f"#{h.rank} H{h.hamming} L2 {h.l2:.1f}", h.path, h.label) for h in hits]
     for ax, (title, path, label) in zip(axes[0], tiles):
         try:
@@ -187,8 +206,8 @@ def montage(answer, out_path, shown=10):
         ax.set_title(title, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-        if label is not None and answer.query_label >= 0 and label >= 0:
-            color = "tab:green" if label == answer.query_label else "tab:red"
+        if label is not None and answer.query.label >= 0 and label >= 0:
+            color = "tab:green" if label == answer.query.label else "tab:red"
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3)

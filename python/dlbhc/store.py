@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .codes import CODE_THRESHOLD, code_bytes
 from .errors import UserError
+from .files import database_backend
 
 SCHEMA_VERSION = 1
 TABLES = ("meta", "latent", "code", "info")
@@ -46,15 +48,6 @@ LMDB_MAP_SIZE = 1 << 40
 
 def key(i):
     return b"%010d" % i
-
-
-def detect_backend(path):
-    path = Path(path)
-    if (path / "data.mdb").exists():
-        return "lmdb"
-    if (path / "CURRENT").exists():
-        return "leveldb"
-    return None
 
 
 class _LmdbBackend:
@@ -202,7 +195,7 @@ class FeatureStore:
             if field not in meta:
                 raise ValueError(f"store meta needs {field}")
         meta.setdefault("fc7_dtype", "float32")
-        meta.setdefault("threshold", 0.5)
+        meta.setdefault("threshold", CODE_THRESHOLD)
         meta.update(schema_version=SCHEMA_VERSION, backend=backend, count=0,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         db = _BACKENDS[backend](path, readonly=False)
@@ -216,7 +209,7 @@ class FeatureStore:
             raise UserError(
                 f"feature database {path} does not exist: build it with "
                 f"`python python/extract.py IMAGES --deploy ... --weights ... --out {path}`")
-        backend = detect_backend(path)
+        backend = database_backend(path)
         if backend is None:
             raise UserError(f"{path} is not a feature database (no LMDB or LevelDB files in it)")
         db = _BACKENDS[backend](path, readonly=readonly)
@@ -267,10 +260,12 @@ class FeatureStore:
 
     @property
     def code_bytes(self):
-        return (self.bits + 7) // 8
+        return code_bytes(self.bits)
 
-    def fingerprint(self):
-        """Changes whenever records are added: count + creation time + path."""
+    def revision(self):
+        """A string that changes whenever the database does: its creation
+        time, image count and model.  Caches derived from the database (the
+        search index) are valid for one revision."""
         return f"{self.meta.get('created')}|{self.count}|{self.meta.get('model', {})}"
 
     # ---- writing ---------------------------------------------------------
@@ -424,16 +419,6 @@ def check_compatible(expected, actual, what="the model"):
         raise UserError(f"{what} does not match the feature database:\n  " + "\n  ".join(diffs)
                         + "\nUse the deploy net and weights the database was built with, "
                           "or extract a new database (--out NEW).")
-
-
-def model_fingerprint(path):
-    """sha1 of a file (deploy or weights), recorded in meta to detect mismatches."""
-    import hashlib
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def disk_bytes(path):

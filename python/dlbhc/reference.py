@@ -1,0 +1,170 @@
+"""Slow, plainly written truths that the fast paths are tested against.
+
+For tests and benchmarks only: no production module imports this one (a
+test checks that).  Everything here follows the documented rules the
+straightforward way, query by query, over every database image:
+
+    naive_hamming         bit by bit, from unpacked bits
+    reference_coarse      the coarse stage's rule (smallest radius holding
+                          >= min_candidates images, capped at max_radius)
+    brute_force_search    coarse-to-fine by exhaustive Hamming + re-rank
+    coarse_ranking        the evaluation's Hamming ranking of the database
+    fine_ranking          the evaluation's coarse-to-fine ranking
+    exact_sq_distances    float64 distances, to bound the float32 ones
+    average_precision_at_k, average_precision, precision_at_k,
+    precision_within_radius
+                          per-query measures of the paper's protocol, as
+                          the authors' analysis/precision.m computes them
+
+The fine orderings use rerank.fc7_sq_distances, the distance whose exact
+ties the fast path orders by id: what is checked is which candidates are
+ranked and in what order, not the float arithmetic itself.
+"""
+import numpy as np
+
+from .index import SearchResults
+from .rerank import fc7_sq_distances
+
+
+# ---- codes and coarse stage ----------------------------------------------------
+def naive_hamming(codes, query, bits):
+    """Hamming distances of codes (N, B) to one query code, counted bit by
+    bit on the unpacked codes."""
+    a = np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1, count=bits)
+    b = np.unpackbits(np.asarray(query, dtype=np.uint8)[None, :], axis=1, count=bits)
+    return (a != b).sum(axis=1)
+
+
+def reference_coarse(codes, query, bits, min_candidates, max_radius=None):
+    """The coarse rule over all codes: (ids, Hamming distances, radius),
+    ids ordered by (distance, id)."""
+    d = naive_hamming(codes, query, bits)
+    limit = bits if max_radius is None else min(max_radius, bits)
+    radius = limit
+    for r in range(limit + 1):
+        if (d <= r).sum() >= min_candidates:
+            radius = r
+            break
+    ids = np.flatnonzero(d <= radius)
+    ids = ids[np.lexsort((ids, d[ids]))]
+    return ids, d[ids], radius
+
+
+def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=None, bits=None):
+    """Exhaustive Hamming over all N codes, keep those within max_radius
+    (all when None), rank them by fc7 distance with ties by id.  Returns
+    SearchResults like HashIndex.search; radius is max_radius, or the
+    farthest code's distance when None."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    bits = 8 * codes.shape[1] if bits is None else int(bits)
+    query_codes = np.atleast_2d(np.asarray(query_codes, dtype=np.uint8))
+    query_fc7 = np.atleast_2d(query_fc7)
+    out = SearchResults.empty(len(query_codes), int(k))
+    for i, (code, q_fc7) in enumerate(zip(query_codes, query_fc7)):
+        ham = naive_hamming(codes, code, bits).astype(np.int32)
+        ids = np.arange(len(codes), dtype=np.int64)
+        if max_radius is not None:
+            keep = ham <= int(max_radius)
+            ids, ham = ids[keep], ham[keep]
+        d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], q_fc7)
+        top = np.lexsort((ids, d2))[:int(k)]
+        n = len(top)
+        out.ids[i, :n], out.hamming[i, :n] = ids[top], ham[top]
+        out.l2[i, :n] = np.sqrt(d2[top].astype(np.float64))
+        out.candidates[i] = len(ids)
+        out.radius[i] = (int(max_radius) if max_radius is not None
+                         else int(ham.max()) if len(ham) else 0)
+    return out
+
+
+def exact_sq_distances(rows, query):
+    """Squared Euclidean distances in float64, row by row (difference,
+    square, sum along the row)."""
+    q = np.asarray(query, dtype=np.float64).ravel()
+    diff = np.subtract(rows, q, dtype=np.float64)
+    np.square(diff, out=diff)
+    return diff.sum(axis=1)
+
+
+# ---- rankings of the whole database ------------------------------------------------
+def coarse_ranking(db_codes, q_codes, bits):
+    """(Q, N) database ids by Hamming distance, equal distances in database
+    order (MATLAB's stable sort in precision.m)."""
+    return np.stack([np.argsort(naive_hamming(db_codes, q, bits), kind="stable")
+                     for q in np.asarray(q_codes, dtype=np.uint8)])
+
+
+def fine_ranking(db_codes, q_codes, db_fc7, q_fc7, min_candidates, max_radius=None,
+                 bits=None):
+    """Coarse-to-fine rankings (Q, N) and candidate counts (Q,): the coarse
+    candidates of each query (reference_coarse) ordered by (fc7 distance,
+    id), then every other image in coarse_ranking order."""
+    db_codes = np.asarray(db_codes, dtype=np.uint8)
+    bits = 8 * db_codes.shape[1] if bits is None else int(bits)
+    coarse = coarse_ranking(db_codes, q_codes, bits)
+    rankings, counts = [], []
+    for i, code in enumerate(np.asarray(q_codes, dtype=np.uint8)):
+        cand, _, _ = reference_coarse(db_codes, code, bits, min_candidates, max_radius)
+        cand = np.sort(cand)
+        d2 = fc7_sq_distances(np.asarray(db_fc7)[cand], q_fc7[i])
+        first = cand[np.lexsort((cand, d2))]
+        rest = coarse[i][~np.isin(coarse[i], cand)]
+        rankings.append(np.concatenate([first, rest]))
+        counts.append(len(cand))
+    return np.stack(rankings), np.array(counts)
+
+
+# ---- per-query measures (relevance given in ranked order) -------------------
+def average_precision_at_k(relevant_ranked, k):
+    """AP over the top k, as the official DLBHC code (analysis/precision.m):
+
+        AP@k = sum_{j<=k, rel_j} P@j / (number of relevant items in the top k)
+
+    and 0 when the top k holds no relevant item.  Note the normaliser: the
+    relevant items *found* in the top k, not all relevant items.
+    relevant_ranked: bool (N,) for one query (returns a float) or (Q, N)
+    (returns (Q,) floats).
+    """
+    rel = np.asarray(relevant_ranked, dtype=bool)
+    rel = rel[..., :int(k)]
+    hits = np.cumsum(rel, axis=-1)
+    ranks = np.arange(1, rel.shape[-1] + 1)
+    summed = np.sum(np.where(rel, hits / ranks, 0.0), axis=-1)
+    found = hits[..., -1] if rel.shape[-1] else np.zeros(rel.shape[:-1], dtype=np.int64)
+    ap = np.where(found > 0, summed / np.maximum(found, 1), 0.0)
+    return float(ap) if ap.ndim == 0 else ap
+
+
+def average_precision(relevant_ranked, n_relevant=None):
+    """Plain AP over a whole ranking: sum over relevant ranks j of P@j,
+    divided by the number of relevant items in the database (n_relevant,
+    default: those in the ranking, which is all of them for a complete
+    ranking); 0 for a query with no relevant item."""
+    rel = np.asarray(relevant_ranked, dtype=bool)
+    hits = np.cumsum(rel, axis=-1)
+    ranks = np.arange(1, rel.shape[-1] + 1)
+    summed = np.sum(np.where(rel, hits / ranks, 0.0), axis=-1)
+    total = rel.sum(axis=-1) if n_relevant is None else np.asarray(n_relevant)
+    ap = np.where(total > 0, summed / np.maximum(total, 1), 0.0)
+    return float(ap) if ap.ndim == 0 else ap
+
+
+def precision_at_k(relevant_ranked, k):
+    """Precision at every rank 1..k: (k,) for one query, (Q, k) for many."""
+    rel = np.asarray(relevant_ranked, dtype=bool)[..., :int(k)]
+    return np.cumsum(rel, axis=-1) / np.arange(1, rel.shape[-1] + 1)
+
+
+def precision_within_radius(hamming, relevant, radius=2):
+    """Precision of the images within Hamming distance `radius` of the query.
+
+    hamming, relevant: (N,) or (Q, N) in any (the same) database order.  A
+    query with no image within the radius counts as precision 0 (the common
+    convention, e.g. in the CNNH and DPSH evaluations); it is not skipped.
+    """
+    inside = np.asarray(hamming) <= radius
+    relevant = np.asarray(relevant, dtype=bool)
+    retrieved = inside.sum(axis=-1)
+    good = (inside & relevant).sum(axis=-1)
+    p = np.where(retrieved > 0, good / np.maximum(retrieved, 1), 0.0)
+    return float(p) if p.ndim == 0 else p

@@ -1,0 +1,76 @@
+"""The fine stage: candidates re-ranked by the Euclidean distance of their
+fc7 features (or any re-rank rows) to the query's.
+
+Ordering rule: by (squared distance, image id).  Distances are computed by
+fc7_sq_distances in float32, row by row (the same arithmetic for every row,
+wherever it sits in memory), so equal rows get equal distances and are
+ordered by id.  The reported distance is the float64 square root of that
+float32 value, so equal distances are exactly the ties.
+
+Pure numpy: knows nothing of codes, Caffe or the store.
+"""
+import numpy as np
+
+# Rows per block of fc7_sq_distances's work buffer: ~1 MB of float32, so the
+# differences are written and read back in cache (and the buffer is reused)
+# instead of a new (M, D) array going through memory.
+BLOCK_BYTES = 1 << 20
+
+
+def fc7_sq_distances(rows, query_fc7, ids=None):
+    """Squared Euclidean distances (float32) of rows (M, D) to a query (D,).
+
+    With `ids`, the rows are rows[ids] of a larger array (an ndarray or the
+    store's memory map), gathered block by block into the work buffer
+    instead of into a separate (M, D) copy.
+
+    Every row goes through the same float32 arithmetic: its difference to the
+    query (float16 rows are widened first) is written to a contiguous float32
+    buffer and reduced by numpy.vecdot, a generalized ufunc whose core is one
+    whole row, i.e. one call of the same dot routine (BLAS sdot) per row.  So
+    identical rows give identical distances wherever they sit in memory or in
+    the block: the basis of the exact tie rules.  (einsum is not safe here: it
+    splits rows longer than numpy's buffer, 8192 values, at offsets that
+    depend on the row's position.)
+    """
+    q = np.asarray(query_fc7, dtype=np.float32).ravel()
+    if not hasattr(rows, "shape"):
+        rows = np.asarray(rows)
+    if len(rows.shape) != 2 or rows.shape[1] != q.shape[0]:
+        raise ValueError(f"fc7 rows {tuple(rows.shape)} do not match the query's "
+                         f"{q.shape[0]} values")
+    m = rows.shape[0] if ids is None else len(ids)
+    dim = rows.shape[1]
+    out = np.empty(m, dtype=np.float32)
+    step = max(1, BLOCK_BYTES // (4 * max(dim, 1)))
+    buf = np.empty((min(step, m), dim), dtype=np.float32)
+    for lo in range(0, m, step):
+        diff = buf[:min(m - lo, step)]
+        block = rows[lo:lo + len(diff)] if ids is None else rows[ids[lo:lo + len(diff)]]
+        np.subtract(block, q, out=diff, dtype=np.float32)
+        np.vecdot(diff, diff, out=out[lo:lo + len(diff)])
+    return out
+
+
+def rank_by_distance(ids, sq_distances, k=None):
+    """Positions of the k best candidates by (squared distance, id); all of
+    them, ranked, when k is None."""
+    order = np.lexsort((ids, sq_distances))
+    return order if k is None else order[:max(int(k), 0)]
+
+
+def candidate_sq_distances(fc7, ids, query_fc7):
+    """Squared distances of candidates `ids` (ascending int64) to the query.
+
+    fc7 is either an array (N, D) of every image's rows (ndarray or memory
+    map: rows are gathered block by block), or a function ids -> rows
+    (len(ids), D), called once with the ascending ids (friendlier to a B-tree
+    or a file than random order)."""
+    if callable(fc7):
+        rows = fc7(ids)
+        d2 = fc7_sq_distances(rows, query_fc7)
+    else:
+        d2 = fc7_sq_distances(fc7, query_fc7, ids=ids)
+    if len(d2) != len(ids):
+        raise ValueError(f"the fc7 source returned {len(d2)} rows for {len(ids)} ids")
+    return d2
