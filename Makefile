@@ -5,7 +5,7 @@
 #   make caffe [GPU=1 [CUDNN=1]]   build Caffe (cached under ~/.cache/dlbhc/caffe)
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
-#   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [RESUME=file.solverstate]
+#   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
 #
 # Everything runs in the project's virtual environment .venv (made here).
 
@@ -102,6 +102,7 @@ train: caffe
 	    $(if $(filter 1,$(GPU)),--gpu 0) \
 	    $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	    $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
+	    $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	    $(if $(RESUME),--resume $(RESUME))
 
 clean-runs:

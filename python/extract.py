@@ -40,10 +40,12 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes (0: all in the main process); on the CPU 2 or "
-                        "more also run one single-threaded net each, else they only decode")
+                        "more also run one single-threaded net each (unless --blas-threads), "
+                        "else they only decode")
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
-                   help="BLAS threads of the CPU forward (default: the first batches try "
-                        "all threads and one while the workers decode, and keep the faster)")
+                   help="run the CPU forward once, in the main process, with N BLAS threads "
+                        "(default with one worker: the first batches try all threads and "
+                        "one while the worker decodes, and keep the faster)")
     p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
                    help="commit finished batches to the database at most this often "
                         "(default 2; 0 = every batch); a crash loses at most that much work")

@@ -28,7 +28,7 @@ def test_import_caffe_cpu_mode(caffe):
 
 def latent_net(caffe, tmp_path, batch=4, dim=16, bits=48, classes=5):
     """fc -> InnerProduct(bits) -> Sigmoid -> classifier -> SoftmaxWithLoss."""
-    L, P = caffe.layers, caffe.params
+    L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[batch, dim]))
     n.label = L.Input(shape=dict(dim=[batch]))

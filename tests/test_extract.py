@@ -1,6 +1,5 @@
 """Issue: bulk extraction into the feature store (extract.py)."""
-import json
-import os
+import hashlib
 import signal
 import subprocess
 import sys
@@ -11,54 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-EXTRACT = ROOT / "python" / "extract.py"
-MEAN = "104,117,123"
-
-
-def make_tiny_net(caffe, folder, bits=12, size=24, seed=0, fc7=32):
-    """A deploy net with the project's blob names and random weights."""
-    L = caffe.layers
-    n = caffe.NetSpec()
-    n.data = L.Input(shape=dict(dim=[4, 3, size, size]))
-    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2)
-    n.relu1 = L.ReLU(n.conv1, in_place=True)
-    n.fc7 = L.InnerProduct(n.conv1, num_output=fc7)
-    n.relu7 = L.ReLU(n.fc7, in_place=True)
-    n.fc8_latent = L.InnerProduct(n.fc7, num_output=bits)
-    n.latent = L.Sigmoid(n.fc8_latent)
-    n.fc9_classifier = L.InnerProduct(n.latent, num_output=3)
-    deploy = folder / f"tiny{bits}_{fc7}_deploy.prototxt"
-    deploy.write_text(str(n.to_proto()))
-    net = caffe.Net(str(deploy), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    for params in net.params.values():
-        params[0].data[...] = rng.normal(0, 0.05, size=params[0].data.shape)
-        params[1].data[...] = rng.normal(0, 0.05, size=params[1].data.shape)
-    weights = folder / f"tiny{bits}_{fc7}_s{seed}.caffemodel"
-    net.save(str(weights))
-    return deploy, weights
-
-
-def make_images(folder, n, classes=("cats", "dogs"), size=(40, 30), seed=0):
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        cls = classes[i % len(classes)]
-        (folder / cls).mkdir(parents=True, exist_ok=True)
-        arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-        path = folder / cls / f"img{i:04d}.png"
-        Image.fromarray(arr).save(path)
-        paths.append(path)
-    return paths
-
-
-def run_extract(args, check=True, **kw):
-    out = subprocess.run([sys.executable, str(EXTRACT), *map(str, args)],
-                         capture_output=True, text=True, timeout=300, **kw)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+from helpers import EXTRACT, MEAN, make_images, make_tiny_net, run_extract
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +317,107 @@ def test_forward_workers_store_what_the_main_process_net_stores(tiny, tmp_path):
         assert [i["path"] for i in a.infos()] == [i["path"] for i in b.infos()]
         np.testing.assert_allclose(a.fc7(range(11)), b.fc7(range(11)), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.latent(range(11)), b.latent(range(11)), rtol=1e-5, atol=1e-6)
+
+
+# ---- the model and the committer, in this process ---------------------------
+
+def test_hashnet_loads_what_caffe_net_loads(caffe, tiny, tmp_path):
+    """HashNet builds the net once and copies the weights in after its
+    checks: the same parameters and outputs as caffe.Net(..., weights=...),
+    checked or not (forward workers), and describe() hashes both files."""
+    from dlbhc.codes import pack_codes
+    from dlbhc.model import BatchTransformer, HashNet, ImagePreparer
+    deploy, weights = tiny
+    reference = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
+    paths = make_images(tmp_path / "imgs", 5)
+    results = []
+    for check in (True, False):
+        net = HashNet(deploy, weights, MEAN, check=check)
+        assert list(net.net.params) == list(reference.params)
+        for name, params in reference.params.items():
+            for mine, theirs in zip(net.net.params[name], params):
+                np.testing.assert_array_equal(mine.data, theirs.data, err_msg=name)
+        model = net.describe()["model"]
+        assert model["weights_sha1"] == hashlib.sha1(weights.read_bytes()).hexdigest()
+        assert model["deploy_sha1"] == hashlib.sha1(deploy.read_bytes()).hexdigest()
+        assert (model["deploy"], model["weights"]) == (str(deploy), str(weights))
+        results.append(net.features_of_paths(paths))
+    (fc7, latent, codes), again = results
+    assert fc7.shape == (5, 32) and latent.shape == (5, 12) and codes.shape == (5, 2)
+    np.testing.assert_array_equal(codes, pack_codes(latent))
+    np.testing.assert_array_equal(codes, np.packbits(latent > 0.5, axis=1))
+    for a, b in zip(results[0], again):
+        np.testing.assert_array_equal(a, b)
+    # the reference net on the same input blob gives the same outputs
+    batch = BatchTransformer(net.prep)(np.stack([ImagePreparer(net.prep)(p) for p in paths]))
+    reference.blobs["data"].reshape(*batch.shape)
+    reference.blobs["data"].data[...] = batch
+    reference.forward()
+    np.testing.assert_array_equal(reference.blobs["fc7"].data, fc7)
+    np.testing.assert_array_equal(reference.blobs["latent"].data, latent)
+
+
+def test_hashnet_refuses_a_broken_deploy_or_weights_file(caffe, tiny, tmp_path):
+    from dlbhc.errors import UserError
+    from dlbhc.model import HashNet
+    deploy, weights = tiny
+    broken = tmp_path / "broken_deploy.prototxt"
+    broken.write_text('layer { name: "data" type: "Input" top: "data"\n')
+    with pytest.raises(UserError, match="broken_deploy.prototxt"):
+        HashNet(broken, weights, MEAN)
+    garbage = tmp_path / "garbage.caffemodel"
+    garbage.write_bytes(b"\x00not a caffemodel at all")
+    with pytest.raises(UserError, match="garbage.caffemodel"):
+        HashNet(deploy, garbage, MEAN)
+
+
+class FakeStore:
+    """Records what the committer appends."""
+
+    def __init__(self):
+        self.appends = []
+
+    def append(self, fc7, latent, codes, infos):
+        self.appends.append((fc7, latent, codes, list(infos)))
+
+
+def test_committer_stages_batches_and_commits_them_together():
+    from dlbhc.pipeline import Committer, ExtractionReport
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(n, 6)).astype(np.float32), rng.random((n, 10)),
+                [{"path": f"p{n}_{i}", "label": 0, "seq": i} for i in range(n)])
+               for n in (3, 2, 4)]
+    store, report = FakeStore(), ExtractionReport()
+    committer = Committer(store, report, commit_seconds=3600)
+    for fc7, latent, infos in batches:
+        committer.stage(fc7, latent, infos)
+    committer.stage(None, None, [])                 # a batch of skipped images only
+    assert store.appends == [] and report.stored == 0
+    committer.commit()
+    committer.commit()                              # nothing left: no empty append
+    assert len(store.appends) == 1 and report.stored == 9
+    fc7, latent, codes, infos = store.appends[0]
+    np.testing.assert_array_equal(fc7, np.concatenate([b[0] for b in batches]))
+    np.testing.assert_array_equal(latent, np.concatenate([b[1] for b in batches]))
+    np.testing.assert_array_equal(codes, np.packbits(latent > 0.5, axis=1))
+    assert infos == [info for b in batches for info in b[2]]
+    # commit_seconds 0: every batch is its own transaction
+    store, report = FakeStore(), ExtractionReport()
+    committer = Committer(store, report, commit_seconds=0)
+    for fc7, latent, infos in batches:
+        committer.stage(fc7, latent, infos)
+    assert [len(a[3]) for a in store.appends] == [3, 2, 4] and report.stored == 9
+
+
+
+def test_blas_threads_is_applied_with_or_without_decoding_workers(tiny, tmp_path):
+    """--blas-threads N runs the net in the main process with N threads, also
+    with --workers 0 (decoding in the main process too)."""
+    from dlbhc.caffe_env import blas_threads_control
+    if blas_threads_control() is None:
+        pytest.skip("Caffe is not linked with OpenBLAS here")
+    make_images(tmp_path / "imgs", 5)
+    for workers in (0, 1, 2):
+        out = run_extract([tmp_path / "imgs", "--out", tmp_path / f"w{workers}.lmdb",
+                           *model_args(tiny), "--workers", workers, "--blas-threads", 1])
+        assert "BLAS threads 1" in out.stdout and "forward in" not in out.stdout, out.stdout

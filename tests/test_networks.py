@@ -1,24 +1,23 @@
 """Issue: the hashing networks. Prototxts parse and expose the shared blobs;
 fine-tuning copies conv1..fc7 and nothing else; the small net learns."""
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PROTOTXT = ROOT / "prototxt"
+from helpers import (PROTOTXT, ROOT, derive_train_val, learnable_images,
+                     write_training_data)
+
 ALEXNET_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
 
 
 def parse(caffe, path, message="NetParameter"):
-    from google.protobuf import text_format
-    msg = getattr(caffe.proto.caffe_pb2, message)()
-    text_format.Merge(path.read_text(), msg)
-    return msg
+    """A checked-in prototxt through the project's one reader (needs the
+    caffe fixture: the messages are pycaffe's)."""
+    from dlbhc.protos import read_prototxt
+    return read_prototxt(path, message)
 
 
 def test_checked_in_prototxts_match_the_generator():
@@ -70,30 +69,6 @@ def test_official_solver_settings(caffe):
 
 # ---- fine-tuning mechanics ----------------------------------------------------
 
-def write_lmdb(caffe, path, images, labels):
-    import lmdb
-    env = lmdb.open(str(path), map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        for i, (img, label) in enumerate(zip(images, labels)):
-            datum = caffe.io.array_to_datum(img, int(label))  # img: C,H,W uint8
-            txn.put(b"%08d" % i, datum.SerializeToString())
-    env.close()
-
-
-def write_mean(caffe, path, shape):
-    blob = caffe.io.array_to_blobproto(np.full((1,) + shape, 100.0, dtype=np.float32))
-    path.write_bytes(blob.SerializeToString())
-
-
-def derive_train_val(src, dst, train_lmdb, test_lmdb, mean, batch):
-    text = src.read_text()
-    text = re.sub(r'source: "[^"]*train[^"]*"', f'source: "{train_lmdb}"', text)
-    text = re.sub(r'source: "[^"]*test[^"]*"', f'source: "{test_lmdb}"', text)
-    text = re.sub(r'mean_file: "[^"]*"', f'mean_file: "{mean}"', text)
-    text = re.sub(r"batch_size: \d+", f"batch_size: {batch}", text)
-    dst.write_text(text)
-
-
 def test_finetuning_copies_conv1_to_fc7_only(caffe, tmp_path):
     """`caffe train -weights` with an ImageNet-shaped AlexNet caffemodel (made
     here with random values, since the real one cannot be downloaded)."""
@@ -110,13 +85,10 @@ def test_finetuning_copies_conv1_to_fc7_only(caffe, tmp_path):
     del imagenet
 
     images = rng.integers(0, 255, size=(2, 3, 256, 256), dtype=np.uint8)
-    write_lmdb(caffe, tmp_path / "train_lmdb", images, [0, 1])
-    write_lmdb(caffe, tmp_path / "test_lmdb", images, [0, 1])
-    write_mean(caffe, tmp_path / "mean.binaryproto", (3, 256, 256))
+    data = write_training_data(caffe, tmp_path, (images, [0, 1]), (images, [0, 1]),
+                               (3, 256, 256))
     train_val = tmp_path / "train_val.prototxt"
-    derive_train_val(PROTOTXT / "alexnet_hash48_train_val.prototxt", train_val,
-                     tmp_path / "train_lmdb", tmp_path / "test_lmdb",
-                     tmp_path / "mean.binaryproto", batch=2)
+    derive_train_val(PROTOTXT / "alexnet_hash48_train_val.prototxt", train_val, *data, batch=2)
     solver = tmp_path / "solver.prototxt"
     # base_lr 0: one iteration runs forward/backward but changes no weight,
     # so the snapshot shows exactly what -weights copied.
@@ -142,28 +114,14 @@ def test_finetuning_copies_conv1_to_fc7_only(caffe, tmp_path):
 
 # ---- the small net learns -------------------------------------------------------
 
-def learnable_images(rng, n, classes=4, size=32):
-    """Class k: a bright square in quadrant k on noise; easy but not trivial."""
-    labels = np.arange(n) % classes
-    images = rng.integers(0, 80, size=(n, 3, size, size)).astype(np.uint8)
-    half = size // 2
-    for img, k in zip(images, labels):
-        y, x = divmod(int(k), 2)
-        img[:, y * half:(y + 1) * half, x * half:(x + 1) * half] += 150
-    return images, labels
-
-
 def test_small_net_loss_goes_down(caffe, tmp_path):
     rng = np.random.default_rng(0)
     images, labels = learnable_images(rng, 200)
-    write_lmdb(caffe, tmp_path / "train_lmdb", images, labels)
-    write_lmdb(caffe, tmp_path / "test_lmdb", images[:20], labels[:20])
-    write_mean(caffe, tmp_path / "mean.binaryproto", (3, 32, 32))
+    data = write_training_data(caffe, tmp_path, (images, labels), (images[:20], labels[:20]),
+                               (3, 32, 32))
     train_val = tmp_path / "train_val.prototxt"
-    derive_train_val(PROTOTXT / "cifar_hash48_train_val.prototxt", train_val,
-                     tmp_path / "train_lmdb", tmp_path / "test_lmdb",
-                     tmp_path / "mean.binaryproto", batch=20)
-    # drop any crop so the 32x32 test images fit whatever the net expects
+    derive_train_val(PROTOTXT / "cifar_hash48_train_val.prototxt", train_val, *data, batch=20)
+    # (unpadded 32x32 training images: the Data layer's 32x32 crop is the whole image)
     solver = tmp_path / "solver.prototxt"
     solver.write_text(f'net: "{train_val}"\nbase_lr: 0.01\nlr_policy: "fixed"\n'
                       'momentum: 0.9\nweight_decay: 0.0005\nmax_iter: 100\n'

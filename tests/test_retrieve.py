@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_extract import MEAN, make_images, make_tiny_net, run_extract
+from helpers import MEAN, make_images, make_tiny_net, run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVE = ROOT / "python" / "retrieve.py"
@@ -33,7 +33,7 @@ def retrieve(*args, check=True):
 
 
 def test_full_radius_equals_brute_force(database):
-    from dlbhc.index import brute_force_search
+    from dlbhc.reference import brute_force_search
     from dlbhc.store import FeatureStore
     with FeatureStore.open(database["db"]) as store:
         codes, fc7 = store.codes(), store.fc7(range(store.count))
@@ -42,7 +42,7 @@ def test_full_radius_equals_brute_force(database):
         out = retrieve("--db", database["db"], "--id", query_id, "--top-k", 39,
                        "--candidates", 1000, "--json")
         got = json.loads(out.stdout)[0]["results"]
-        truth = brute_force_search(codes, fc7, codes[query_id], fc7[query_id], k=40)
+        truth = brute_force_search(codes, fc7, codes[query_id], fc7[query_id], k=40)[0]
         expected = [int(i) for i in truth.ids if int(i) != query_id][:39]
         assert [r["id"] for r in got] == expected
         assert [r["path"] for r in got] == [paths[i] for i in expected]
@@ -127,3 +127,39 @@ def test_bad_query_image_is_a_clear_error(database, tmp_path):
     bad.write_text("not an image")
     out = retrieve(bad, "--db", database["db"], check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "bad.jpg" in out.stderr
+
+
+def test_float16_database_from_extraction_to_retrieval(caffe, database, tmp_path):
+    """extract.py --float16 stores fc7 as float16 (half the bytes, values
+    within float16 rounding of the float32 database's); retrieve.py answers
+    from it exactly as the brute-force search over those stored rows does."""
+    from dlbhc.reference import brute_force_search
+    from dlbhc.store import FeatureStore
+    db16 = tmp_path / "db16.lmdb"
+    run_extract([database["folder"] / "imgs", "--out", db16, "--deploy", database["deploy"],
+                 "--weights", database["weights"], "--mean", MEAN, "--batch-size", 8,
+                 "--float16"])
+    with FeatureStore.open(db16) as store16, FeatureStore.open(database["db"]) as store32:
+        assert store16.meta["fc7_dtype"] == "float16" and store16.count == store32.count == 40
+        assert (db16 / "fc7.bin").stat().st_size == 40 * store16.fc7_dim * 2
+        codes = store16.codes()
+        assert np.array_equal(codes, store32.codes())
+        fc7_16 = store16.fc7(range(40))
+        np.testing.assert_allclose(fc7_16, store32.fc7(range(40)), rtol=1e-3, atol=1e-3)
+    for query_id in (2, 30):
+        got = json.loads(retrieve("--db", db16, "--id", query_id, "--top-k", 10,
+                                  "--candidates", 1000, "--json").stdout)[0]["results"]
+        truth = brute_force_search(codes, fc7_16, codes[query_id], fc7_16[query_id], k=11)[0]
+        expected = [int(i) for i in truth.ids if int(i) != query_id][:10]
+        assert [r["id"] for r in got] == expected
+        assert [r["l2"] for r in got] == pytest.approx(
+            [float(d) for i, d in zip(truth.ids, truth.l2) if int(i) != query_id][:10],
+            rel=1e-6)
+
+
+def test_bad_search_parameters_are_clear_errors(database):
+    for args in (["--top-k", 0], ["--candidates", 0], ["--max-radius", -1], ["--id", 40]):
+        out = retrieve("--db", database["db"], "--id", 1, *args, check=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, args
+    out = retrieve("--db", database["db"], "--id", 40, check=False)
+    assert "holds ids 0..39" in out.stderr

@@ -1,20 +1,25 @@
-"""python/train.py's library part: the derived solver, data checks, resume."""
+"""python/train.py and its library part: the derived solver (and train_val
+with --data-dir), data checks, resume, and a real short run of `caffe train`."""
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dlbhc import training
 from dlbhc.errors import UserError
+from dlbhc.protos import read_prototxt
+from helpers import PROTOTXT, ROOT, TRAIN, learnable_images, run_script, write_training_data
 
 
 @pytest.fixture
 def no_data_check(monkeypatch):
-    monkeypatch.setattr(training, "check_data", lambda train_val: None)
+    monkeypatch.setattr(training, "check_data", lambda train_val, data_dir=None: None)
 
 
 @pytest.mark.parametrize("net,bits", [("cifar", 48), ("alexnet", 48), ("alexnet", 128)])
 def test_derived_solver_scales_the_schedule(no_data_check, tmp_path, net, bits):
-    original = training.read_solver(training.solver_path(net, bits))
+    original = read_prototxt(training.solver_path(net, bits), "SolverParameter")
     path, solver = training.derived_solver(net, bits, tmp_path, max_iter=original.max_iter // 10,
                                            gpu=True)
     assert path == tmp_path / "solver.prototxt" and path.exists()
@@ -28,7 +33,7 @@ def test_derived_solver_scales_the_schedule(no_data_check, tmp_path, net, bits):
     assert solver.snapshot_prefix == str(tmp_path / "snapshots" / f"{net}_hash{bits}")
     assert Path(solver.net).is_absolute() and Path(solver.net).exists()
     # the written file reads back to the same settings
-    assert training.read_solver(path).max_iter == solver.max_iter
+    assert read_prototxt(path, "SolverParameter").max_iter == solver.max_iter
 
 
 def test_unknown_net_lists_the_available_ones():
@@ -64,3 +69,106 @@ def test_log_lines_are_parsed():
 def test_a_short_schedule_still_ends_with_a_test(no_data_check, tmp_path):
     _, solver = training.derived_solver("cifar", 48, tmp_path, max_iter=1000)
     assert solver.test_interval <= 1000 and 1000 % solver.test_interval == 0
+
+
+# ---- --data-dir: the run's own train_val ------------------------------------
+
+def data_layers(net):
+    return [layer for layer in net.layer if layer.type == "Data"]
+
+
+def without_data_paths(net):
+    """The NetParameter with its Data layers' paths cleared (to compare the rest)."""
+    net = type(net).FromString(net.SerializeToString())
+    for layer in data_layers(net):
+        layer.data_param.source = layer.transform_param.mean_file = ""
+    return net
+
+
+@pytest.mark.parametrize("net,bits", [("cifar", 12), ("alexnet", 48)])
+def test_data_dir_gives_the_run_its_own_train_val(tmp_path, net, bits):
+    checked_in = read_prototxt(PROTOTXT / f"{net}_hash{bits}_train_val.prototxt")
+    data_dir = tmp_path / "data"
+    names = set()
+    for layer in data_layers(checked_in):
+        for path in (layer.data_param.source, layer.transform_param.mean_file):
+            if path:
+                names.add(Path(path).name)
+                (data_dir / Path(path).name).mkdir(parents=True, exist_ok=True)
+    assert names
+    run_dir = tmp_path / "run"
+    path, solver = training.derived_solver(net, bits, run_dir, max_iter=10, data_dir=data_dir)
+    assert solver.net == str(run_dir / "train_val.prototxt")
+    assert read_prototxt(path, "SolverParameter").net == solver.net
+    derived = read_prototxt(solver.net)
+    rewritten = {p for layer in data_layers(derived)
+                 for p in (layer.data_param.source, layer.transform_param.mean_file) if p}
+    assert rewritten == {str(data_dir / name) for name in names}
+    assert without_data_paths(derived) == without_data_paths(checked_in)
+    # a folder without the files is refused, naming the file and --data-dir
+    with pytest.raises(UserError, match="--data-dir"):
+        training.derived_solver(net, bits, tmp_path / "run2", data_dir=tmp_path / "empty")
+
+
+def test_without_data_dir_the_solver_uses_the_checked_in_train_val(no_data_check, tmp_path):
+    _, solver = training.derived_solver("cifar", 12, tmp_path, max_iter=10)
+    assert solver.net == str(ROOT / "prototxt" / "cifar_hash12_train_val.prototxt")
+    assert not (tmp_path / "train_val.prototxt").exists()
+
+
+def test_train_script_refuses_a_data_dir_without_the_data(tmp_path):
+    out = run_script(TRAIN, ["--net", "cifar", "--bits", "12", "--max-iter", "2",
+                             "--data-dir", tmp_path / "empty", "--runs-dir", tmp_path / "runs"],
+                     check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "cifar10_train_32pad4_lmdb" in out.stderr and "--data-dir" in out.stderr
+
+
+# ---- python/train.py for real: a few iterations on tiny generated data -------
+
+def test_train_script_runs_caffe_train_on_a_data_dir(caffe, tmp_path):
+    """`python/train.py --data-dir` trains the small 12-bit net for a few
+    iterations on LMDBs written here (40x40 padded training images, 32x32
+    test images, as `make data` writes them) and leaves a usable run folder."""
+    rng = np.random.default_rng(0)
+    train_images, train_labels = learnable_images(rng, 60, size=40)
+    test_images, test_labels = learnable_images(rng, 20, size=32)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_training_data(caffe, data_dir, (train_images, train_labels),
+                        (test_images, test_labels), (3, 32, 32),
+                        names=("cifar10_train_32pad4_lmdb", "cifar10_test_32_lmdb",
+                               "cifar10_train_32_mean.binaryproto"))
+    runs = tmp_path / "runs"
+    iters = 3
+    out = run_script(TRAIN, ["--net", "cifar", "--bits", "12", "--max-iter", iters,
+                             "--data-dir", data_dir, "--runs-dir", runs], timeout=600)
+    run_dir = runs / "cifar_hash12"
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["returncode"] == 0 and summary["net"] == "cifar_hash12"
+    assert summary["max_iter"] == iters and summary["seconds"] > 0
+    assert np.isfinite(summary["final_loss"]) and 0 <= summary["test"]["accuracy"] <= 1
+    command = summary["command"]
+    assert command[1:3] == ["train", "-solver"] and command[3] == str(run_dir / "solver.prototxt")
+    # the command is printed and heads the log; the data came from --data-dir
+    log = (run_dir / "train.log").read_text()
+    assert log.splitlines()[0] == "# " + " ".join(command)
+    assert "running: " + " ".join(command) in out.stderr
+    assert str(data_dir / "cifar10_train_32pad4_lmdb") in log
+    assert str(data_dir / "cifar10_test_32_lmdb") in log
+    # progress lines on stderr, the summary line on stdout
+    assert f"train iter 0/{iters} loss " in out.stderr and " it/s ETA " in out.stderr
+    assert "test  iter" in out.stderr and "accuracy = " in out.stderr
+    assert "trained cifar_hash12: " in out.stdout
+    # the final weights: a link to the last snapshot, loadable with the deploy net
+    weights = Path(summary["weights"])
+    assert weights == run_dir / "cifar_hash12.caffemodel"
+    assert weights.resolve() == run_dir / "snapshots" / f"cifar_hash12_iter_{iters}.caffemodel"
+    net = caffe.Net(str(PROTOTXT / "cifar_hash12_deploy.prototxt"), caffe.TEST,
+                    weights=str(weights))
+    net.blobs["data"].reshape(2, 3, 32, 32)
+    net.blobs["data"].data[...] = test_images[:2].astype(np.float32) - 120
+    net.forward()
+    latent = net.blobs["latent"].data
+    assert latent.shape == (2, 12) and np.all((latent > 0) & (latent < 1))
+    assert (run_dir / "snapshots" / f"cifar_hash12_iter_{iters}.solverstate").exists()

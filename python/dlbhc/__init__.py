@@ -1,23 +1,59 @@
 """dlbhc: content-based image retrieval with deep binary hash codes.
 
 A Caffe reproduction of Lin et al., "Deep Learning of Binary Hash Codes for
-Fast Image Retrieval" (CVPR 2015 workshops). One module per concern:
+Fast Image Retrieval" (CVPR 2015 workshops). One module per concern, in
+dependency order (a module imports only modules above it):
 
-    caffe_env   find the built pycaffe/libcaffe, CPU/GPU mode
-    images      read any image file robustly, walk folders and list files
-    dataset     CIFAR-10 download/unpack, image set -> Caffe Datum LMDB, mean
-    model       deploy net, preprocessing, forward -> fc7 + latent + code
-    store       the feature database (LMDB/LevelDB), metadata, resume, shards
-    index       packed codes, bucket table, Hamming search, fc7 re-rank
-    metrics     mAP@k, P@k, radius precision, PR curves, plots
+    errors      UserError: a mistake the user can fix, shown without traceback
+    progress    the progress line of long jobs (count, rate, ETA)
+    files       file digests, atomic writes, checked downloads, database kind
+    caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
+    protos      Caffe's prototxt and .caffemodel files, read with clear errors
+    codes       the code format: threshold, packing, width, Hamming distance
+    images      reading any image file into RGB, folder/list walking, labels,
+                the list of unreadable images
+    cifar10     CIFAR-10 acquisition: download or local archive -> folders
+    datum       image sets -> Caffe Datum LMDB/LevelDB, padding, mean images
+    model       deploy net, preprocessing, forward -> fc7 + latent
+    weights     pretrained weights from Caffe's model zoo, sha1-checked
+    training    `caffe train` runs with progress, per-run prototxts, resume
+    store       the feature database: schema, backends, metadata, shards
+    pipeline    bulk extraction: workers, batching, commits, resume
+    pivots      the coarse stage's pruned scan (pivot groups and runs)
+    rerank      the fine stage: fc7 distances and their tie rule
+    index       bucket table and the batched coarse-to-fine search
+    retrieval   a database opened for queries; tables, JSON, montages
+    metrics     mAP@k, P@k, radius precision, PR curves, plots (runs the
+                index's search)
+    reference   brute-force truths, for tests and benchmarks only
 
-Only caffe_env, dataset and model import Caffe; index and metrics never do,
-so search can be tested and benchmarked without a net.
+Only caffe_env, protos, datum, model, training and pipeline import Caffe
+(and only when a function needs it); codes, pivots, rerank, index, store,
+retrieval and metrics never do, so search can be tested and benchmarked
+without a net.  The names below are the public surface; everything else is
+reached through its module.
 """
+from .cifar10 import get_cifar10
+from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
+from .datum import compute_mean, convert_imageset
+from .errors import UserError
+from .images import BadImage, list_images, read_image
+from .index import HashIndex, SearchResult, SearchResults, default_min_candidates
+from .metrics import evaluate
+from .model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
+from .pipeline import extract
+from .rerank import fc7_sq_distances
+from .retrieval import Query, Retriever
+from .store import FeatureStore
+from .training import train
 
-# Blob names shared by every deploy net, the store and the tools.
-FEATURE_BLOB = "fc7"
-LATENT_BLOB = "latent"
-from .codes import CODE_THRESHOLD  # noqa: E402,F401  (the public surface is stated at the end of the cleanup)
+__all__ = [
+    "CODE_THRESHOLD", "FEATURE_BLOB", "LATENT_BLOB",
+    "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Query",
+    "Retriever", "SearchResult", "SearchResults", "UserError",
+    "code_bytes", "compute_mean", "convert_imageset", "default_min_candidates", "evaluate",
+    "extract", "fc7_sq_distances", "get_cifar10", "hamming_distances", "hamming_matrix",
+    "list_images", "pack_codes", "read_image", "train",
+]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

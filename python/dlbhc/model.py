@@ -12,15 +12,24 @@ does those steps for a whole batch, bit-identical to the Transformer.
 The whole recipe is a plain dict (`Preprocessing.as_dict()`), recorded in the
 feature store so that a query is always prepared like its database.
 """
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import CODE_THRESHOLD, FEATURE_BLOB, LATENT_BLOB
 from .caffe_env import import_caffe, set_mode
+from .codes import CODE_THRESHOLD, pack_codes
 from .errors import UserError
+from .files import file_digest
 from .images import read_image, resize_for_net
+from .protos import layer_param_shapes, parse_caffemodel, read_prototxt
+
+
+# Blob names every deploy net exposes, whatever its backbone: the re-rank
+# feature and the latent layer's sigmoid output (codes are latent > 0.5).
+FEATURE_BLOB = "fc7"
+LATENT_BLOB = "latent"
 
 
 @dataclass(frozen=True)
@@ -44,46 +53,20 @@ class Preprocessing:
                    raw_scale=float(d.get("raw_scale", 255.0)))
 
 
-def parse_net_text(path):
-    """NetParameter from a prototxt, or UserError saying where it is wrong."""
-    caffe = import_caffe()
-    from google.protobuf import text_format
-    net = caffe.proto.caffe_pb2.NetParameter()
-    try:
-        text_format.Merge(Path(path).read_text(), net)
-    except (text_format.ParseError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a valid Caffe prototxt: {err}") from None
-    return net
-
-
-def layer_param_shapes(net_param):
-    """{layer name: [blob shapes]} of a NetParameter holding weights."""
-    return {layer.name: [tuple(b.shape.dim) if b.HasField("shape")
-                         else tuple(d for d in (b.num, b.channels, b.height, b.width))
-                         for b in layer.blobs]
-            for layer in net_param.layer if layer.blobs}
-
-
 def _squeezed(shape):
     # Old caffemodels store 4-d (num, channels, height, width) shapes with
     # leading 1s where current nets use 2-d or 1-d blobs: compare without them.
     return tuple(int(d) for d in shape if d != 1)
 
 
-def check_weights_match(deploy, weights):
-    """Refuse weights whose layers have other shapes than the deploy net's."""
-    caffe = import_caffe()
-    parse_net_text(deploy)  # a syntax error gets a message, not an abort
-    trained = caffe.proto.caffe_pb2.NetParameter()
-    try:
-        trained.ParseFromString(Path(weights).read_bytes())
-    except Exception as err:
-        raise UserError(f"{weights} is not a Caffe .caffemodel: {err}") from None
-    if not trained.layer:
-        raise UserError(f"{weights} holds no layers: not a (current-format) .caffemodel")
+def check_weights_match(net, trained, weights, deploy):
+    """Refuse weights whose layers have other shapes than the deploy net's.
+
+    net: the caffe.Net built from `deploy` without weights; trained: the
+    NetParameter parsed from the `weights` file (protos.parse_caffemodel).
+    Caffe's copy of mismatched weights aborts the process; this says why.
+    """
     trained_shapes = layer_param_shapes(trained)
-    # The shapes the deploy net expects, from the net built without weights.
-    net = caffe.Net(str(deploy), caffe.TEST)
     problems = []
     for name, params in net.params.items():
         expected = [tuple(p.data.shape) for p in params]
@@ -188,7 +171,7 @@ class ImagePreparer:
 
 
 class HashNet:
-    """A deploy net with the blobs fc7 and latent."""
+    """A deploy net with the blobs fc7 and latent, its weights loaded."""
 
     def __init__(self, deploy, weights, mean, gpu=None, resize=None, check=True):
         for what, path in (("deploy prototxt", deploy), ("weights", weights)):
@@ -198,12 +181,8 @@ class HashNet:
         self.gpu = gpu
         self.deploy = str(deploy)
         self.weights = str(weights)
-        # Caffe aborts the whole process (glog FATAL) on a malformed prototxt
-        # or a weight shape mismatch, so both are checked here first, where a
-        # clear message can still be given.
-        if check:  # (extract.py's forward workers skip it: the parent checked)
-            check_weights_match(self.deploy, self.weights)
-        self.net = caffe.Net(self.deploy, caffe.TEST, weights=self.weights)
+        self._weights_sha1 = None
+        self.net = self._load(caffe, check)
         for blob in (FEATURE_BLOB, LATENT_BLOB):
             if blob not in self.net.blobs:
                 raise UserError(f"{deploy} has no blob '{blob}': the deploy net must expose "
@@ -220,15 +199,38 @@ class HashNet:
         if self.prep.resize < crop:
             raise UserError(f"resize {self.prep.resize} is smaller than the net input {crop}")
 
+    def _load(self, caffe, check):
+        """The net built once, then its weights copied in: what
+        caffe.Net(deploy, TEST, weights=...) does, with the checks between.
+
+        Caffe aborts the whole process (glog FATAL) on a malformed prototxt
+        or a weight shape mismatch, so with `check` both are checked first,
+        where a clear message can still be given: the weights file is read
+        once here, parsed for the shape check and hashed for describe().
+        extract.py's forward workers pass check=False (the parent checked).
+        """
+        trained = None
+        if check:
+            read_prototxt(self.deploy, "NetParameter")
+            data = Path(self.weights).read_bytes()
+            self._weights_sha1 = hashlib.sha1(data).hexdigest()
+            trained = parse_caffemodel(data, self.weights)
+        net = caffe.Net(self.deploy, caffe.TEST)
+        if trained is not None:
+            check_weights_match(net, trained, self.weights, self.deploy)
+        net.copy_from(self.weights)
+        return net
+
     def describe(self):
         """What the feature store records about the model."""
-        from .store import model_fingerprint
+        if self._weights_sha1 is None:
+            self._weights_sha1 = file_digest(self.weights, "sha1")
         return {
             "bits": int(self.bits), "fc7_dim": int(self.fc7_dim),
             "threshold": CODE_THRESHOLD, "preprocessing": self.prep.as_dict(),
             "model": {"deploy": self.deploy, "weights": self.weights,
-                      "deploy_sha1": model_fingerprint(self.deploy),
-                      "weights_sha1": model_fingerprint(self.weights)},
+                      "deploy_sha1": file_digest(self.deploy, "sha1"),
+                      "weights_sha1": self._weights_sha1},
             "feature_blob": FEATURE_BLOB, "latent_blob": LATENT_BLOB,
         }
 
@@ -239,29 +241,18 @@ class HashNet:
             self.net.reshape()
         return data.data
 
-    def _run(self, n):
+    def forward_crops(self, crops):
+        """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7 (n, D),
+        latent (n, bits); preprocessed straight into the net's input blob."""
+        n = len(crops)
+        self.transform(crops, out=self._input_blob(n))
         self.net.forward(end=LATENT_BLOB)
         fc7 = self.net.blobs[FEATURE_BLOB].data.reshape(n, -1).copy()
         latent = self.net.blobs[LATENT_BLOB].data.reshape(n, -1).copy()
         return fc7, latent
 
-    def forward(self, batch):
-        """batch: (n, 3, crop, crop) float32 -> fc7 (n, D), latent (n, bits)."""
-        batch = np.asarray(batch, dtype=np.float32)
-        self._input_blob(len(batch))[...] = batch
-        return self._run(len(batch))
-
-    def forward_crops(self, crops):
-        """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7, latent;
-        preprocessed straight into the net's input blob."""
-        self.transform(crops, out=self._input_blob(len(crops)))
-        return self._run(len(crops))
-
-    def codes(self, latent):
-        return np.packbits(np.asarray(latent) > CODE_THRESHOLD, axis=1)
-
     def features_of_paths(self, paths):
-        """fc7, latent, codes for a few image files (queries)."""
+        """fc7, latent, codes (codes.pack_codes) for a few image files (queries)."""
         prepare = ImagePreparer(self.prep)
         fc7, latent = self.forward_crops(np.stack([prepare(p) for p in paths]))
-        return fc7, latent, self.codes(latent)
+        return fc7, latent, pack_codes(latent)

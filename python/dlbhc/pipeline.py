@@ -1,14 +1,16 @@
 """Bulk extraction: images -> net -> feature store, resumable and safe.
 
 Decoding and resizing run in worker processes so the net does not wait for
-images. On the CPU with two or more workers, each worker also runs its own
-single-threaded copy of the net on whole batches (the main process only
-writes the store); otherwise (GPU, or fewer workers) the net runs in the
-main process and the workers only decode. At most a few chunks are in
-flight, which bounds memory however large the collection is. Results are
-appended in input order and committed together every `commit_seconds`, each
-commit one transaction, so a kill at any moment loses at most the uncommitted
-batches, and a rerun continues from there.
+images. On the CPU with two or more workers (and no fixed --blas-threads),
+each worker also runs its own single-threaded copy of the net on whole
+batches and the main process only writes the store (_forward_in_workers);
+otherwise (GPU, fewer workers, or --blas-threads N) the net runs in the main
+process, beside decoding workers or none (_forward_in_main). At most a few
+chunks are in flight, which bounds memory however large the collection is.
+Results are appended in input order by a Committer, which commits the
+finished batches together every `commit_seconds`, each commit one
+transaction, so a kill at any moment loses at most the uncommitted batches,
+and a rerun continues from there.
 """
 import multiprocessing as mp
 import os
@@ -21,11 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from .caffe_env import blas_threads_control
+from .codes import pack_codes
 from .errors import UserError
+from .files import database_backend
 from .images import BadImage, list_images, write_skipped_list
-from .model import ImagePreparer
+from .model import HashNet, ImagePreparer
 from .progress import Progress
-from .store import FeatureStore, check_compatible, detect_backend
+from .store import FeatureStore, check_compatible
 
 
 # A transaction (two fsyncs) per net batch costs more than the forward of a
@@ -72,7 +76,8 @@ def select_inputs(items, shard=None):
 
 
 def _prepare_chunk(preparer, chunk):
-    """Worker: [(seq, path, label)] -> [(seq, path, label, array | None, reason)]."""
+    """Decode a chunk (in a worker, or in the main process with no workers):
+    [(seq, path, label)] -> [(seq, path, label, uint8 crop | None, reason)]."""
     result = []
     for seq, path, label in chunk:
         try:
@@ -88,14 +93,15 @@ _WORKER_PREPARER = None
 
 
 def _init_worker(preparer):
-    # Workers run at the net's priority: lowered (nice 10), they starved
-    # whenever other processes shared the cores and the net waited for
-    # images (measured: median ratio 0.75 against 0.82 for the small net).
+    """A decoding worker: keeps the preparer that _worker_chunk uses. Workers
+    keep the default priority (at a lower one they starved whenever other
+    processes shared the cores, and the net waited for images)."""
     global _WORKER_PREPARER
     _WORKER_PREPARER = preparer
 
 
 def _worker_chunk(chunk):
+    """Decoding worker: _prepare_chunk with the preparer _init_worker kept."""
     return _prepare_chunk(_WORKER_PREPARER, chunk)
 
 
@@ -109,7 +115,6 @@ def _init_net_worker(preparer, net_args):
     control = blas_threads_control()
     if control is not None:
         control[1](1)
-    from .model import HashNet
     _WORKER_NET = HashNet(*net_args, check=False)
 
 
@@ -130,7 +135,7 @@ def open_or_create_store(out, net, backend, fc7_dtype):
     create a new one."""
     out = Path(out)
     wanted = dict(net.describe(), fc7_dtype=fc7_dtype)
-    existing = detect_backend(out) if out.exists() else None
+    existing = database_backend(out) if out.exists() else None
     if existing is None:
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} exists and is not a feature database: choose another --out")
@@ -156,7 +161,9 @@ def open_or_create_store(out, net, backend, fc7_dtype):
 def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb",
             fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr, limit=None,
             commit_seconds=COMMIT_SECONDS, blas_threads=None):
-    """Extract every image of `source` (folder or list file) into store `out`."""
+    """Extract every image of `source` (folder or list file) into store `out`
+    (created, or appended to when it holds the same model); returns an
+    ExtractionReport. Skipped images are listed in `out`.skipped.tsv."""
     start = time.monotonic()
     items = list_images(source, root=root)[0]
     if limit:
@@ -267,99 +274,146 @@ def _in_order(pool, function, chunks, window):
         yield in_flight.popleft().get()
 
 
+class Committer:
+    """Stages computed batches and commits them together: one store.append
+    (one transaction) when `commit_seconds` have passed since the last
+    commit, and a final commit(). Codes are packed here (codes.pack_codes);
+    report.stored counts the committed images."""
+
+    def __init__(self, store, report, commit_seconds=COMMIT_SECONDS):
+        self.store, self.report, self.commit_seconds = store, report, commit_seconds
+        self._fc7, self._latent, self._infos = [], [], []
+        self._since = time.monotonic()
+
+    def stage(self, fc7, latent, infos):
+        """Queue a computed batch (none when `infos` is empty); commit when
+        commit_seconds have passed."""
+        if infos:
+            self._fc7.append(fc7)
+            self._latent.append(latent)
+            self._infos.extend(infos)
+        if time.monotonic() - self._since >= self.commit_seconds:
+            self.commit()
+
+    def commit(self):
+        """Append everything staged as one transaction (nothing when empty)."""
+        if not self._infos:
+            return
+        latent = np.concatenate(self._latent)
+        self.store.append(np.concatenate(self._fc7), latent, pack_codes(latent), self._infos)
+        self.report.stored += len(self._infos)
+        self._fc7, self._latent, self._infos = [], [], []
+        self._since = time.monotonic()
+
+
+@dataclass
+class _Sink:
+    """Where both forward loops hand their results: skipped images are
+    reported, progress counted, computed batches staged for the committer."""
+    committer: Committer
+    progress: Progress
+    report: ExtractionReport
+    log: object
+
+    def skip(self, path, reason):
+        self.report.skipped.append((path, reason))
+        print(f"skipped {path}: {reason}", file=self.log)
+
+
+def _forward_in_workers(todo, net, preparer, workers, batch_size, prefetch, sink):
+    """The net in worker processes: each worker decodes a whole batch and
+    runs its own single-threaded copy of the net on it; results come back in
+    input order, and this process only reports and stages them."""
+    net_args = (net.deploy, net.weights, net.prep.mean_bgr, None, net.prep.resize)
+    with mp.get_context("fork").Pool(workers, initializer=_init_net_worker,
+                                     initargs=(preparer, net_args)) as pool:
+        for results, fc7, latent in _in_order(pool, _net_worker_chunk,
+                                              _chunks(todo, batch_size),
+                                              prefetch or 2 * workers):
+            infos = []
+            for seq, path, label, ok, reason in results:
+                if ok:
+                    infos.append({"path": path, "label": label, "seq": seq})
+                else:
+                    sink.skip(path, reason)
+            sink.progress.update(len(results))
+            sink.committer.stage(fc7, latent, infos)
+
+
+class _Batcher:
+    """The net in the main process: gathers decoded crops into batches of
+    `batch_size` and runs the forward on each, timed for the BLAS tuner."""
+
+    def __init__(self, net, batch_size, tuner, sink):
+        self.net, self.batch_size, self.tuner, self.sink = net, batch_size, tuner, sink
+        self.arrays, self.infos = [], []
+
+    def add(self, results):
+        """Take decoded (seq, path, label, array | None, reason) results;
+        a full batch is run at once."""
+        for seq, path, label, array, reason in results:
+            if array is None:
+                self.sink.skip(path, reason)
+                self.sink.progress.update(1)
+                continue
+            self.arrays.append(array)
+            self.infos.append({"path": path, "label": label, "seq": seq})
+            if len(self.arrays) >= self.batch_size:
+                self.flush()
+
+    def flush(self):
+        """Run the forward on the gathered crops and stage the results."""
+        if not self.arrays:
+            return
+        self.tuner.before_batch()
+        started = time.perf_counter()
+        fc7, latent = self.net.forward_crops(np.stack(self.arrays))
+        self.tuner.after_batch(time.perf_counter() - started, len(self.arrays))
+        self.sink.progress.update(len(self.arrays))
+        self.sink.committer.stage(fc7, latent, self.infos)
+        self.arrays, self.infos = [], []
+
+
+def _forward_in_main(todo, net, preparer, workers, batch_size, prefetch, tuner, sink):
+    """The net in the main process; `workers` processes decode small chunks
+    (0: decoding in this process too), in input order."""
+    batcher = _Batcher(net, batch_size, tuner, sink)
+    chunks = _chunks(todo, max(1, min(batch_size, 16)))
+    if workers <= 0:
+        for chunk in chunks:
+            batcher.add(_prepare_chunk(preparer, chunk))
+    else:
+        with mp.get_context("fork").Pool(workers, initializer=_init_worker,
+                                         initargs=(preparer,)) as pool:
+            for results in _in_order(pool, _worker_chunk, chunks,
+                                     prefetch or max(4, 4 * workers)):
+                batcher.add(results)
+    batcher.flush()
+
+
 def _run(todo, net, store, report, batch_size, workers, prefetch, log,
          commit_seconds=COMMIT_SECONDS, blas_threads=None):
+    """Forward every (seq, path, label) of `todo` into `store`, in order."""
     preparer = ImagePreparer(net.prep)
     on_gpu = net.gpu is not None and net.gpu >= 0
+    sink = _Sink(Committer(store, report, commit_seconds),
+                 Progress(len(todo), label="extract", unit="img"), report, log)
     # On the CPU, one single-threaded net per worker, each decoding and
     # running whole batches, beats one net whose BLAS threads share the
     # cores with decoding workers: Caffe's layers between the GEMMs run on
     # one thread, and small GEMMs gain little from a second one (measured
     # for the small net on 2 cores: 2-thread caffe time ~650 img/s, one
     # net + workers <= 580 img/s, see benchmarks/bench_extract.py).
-    forward_in_workers = not on_gpu and workers >= 2 and not blas_threads
-    # Otherwise only a CPU forward beside decoding workers has threads to tune.
-    tuner = BlasThreadTuner(None if on_gpu or workers <= 0 or forward_in_workers
-                            else blas_threads_control(), fixed=blas_threads)
-    progress = Progress(len(todo), label="extract", unit="img")
-    chunk_size = max(1, min(batch_size, 16))
-    pending_arrays, pending_infos = [], []
-    uncommitted = {"fc7": [], "latent": [], "infos": [], "since": time.monotonic()}
-
-    def commit():
-        if not uncommitted["infos"]:
-            return
-        latent = np.concatenate(uncommitted["latent"])
-        store.append(np.concatenate(uncommitted["fc7"]), latent, net.codes(latent),
-                     uncommitted["infos"])
-        report.stored += len(uncommitted["infos"])
-        uncommitted.update(fc7=[], latent=[], infos=[], since=time.monotonic())
-
-    def stage(fc7, latent, infos):
-        """Queue a computed batch; commit when commit_seconds have passed."""
-        if infos:
-            uncommitted["fc7"].append(fc7)
-            uncommitted["latent"].append(latent)
-            uncommitted["infos"].extend(infos)
-        if time.monotonic() - uncommitted["since"] >= commit_seconds:
-            commit()
-
-    def skip(path, reason):
-        report.skipped.append((path, reason))
-        print(f"skipped {path}: {reason}", file=log)
-
-    def flush():
-        if not pending_arrays:
-            return
-        tuner.before_batch()
-        started = time.perf_counter()
-        fc7, latent = net.forward_crops(np.stack(pending_arrays))
-        tuner.after_batch(time.perf_counter() - started, len(pending_arrays))
-        progress.update(len(pending_arrays))
-        stage(fc7, latent, list(pending_infos))
-        pending_arrays.clear()
-        pending_infos.clear()
-
-    def consume(results):
-        for seq, path, label, array, reason in results:
-            if array is None:
-                skip(path, reason)
-                progress.update(1)
-                continue
-            pending_arrays.append(array)
-            pending_infos.append({"path": path, "label": label, "seq": seq})
-            if len(pending_arrays) >= batch_size:
-                flush()
-
-    def consume_forwarded(result):
-        results, fc7, latent = result
-        infos = []
-        for seq, path, label, ok, reason in results:
-            if ok:
-                infos.append({"path": path, "label": label, "seq": seq})
-            else:
-                skip(path, reason)
-        progress.update(len(results))
-        stage(fc7, latent, infos)
-
-    if forward_in_workers:
-        net_args = (net.deploy, net.weights, net.prep.mean_bgr, None, net.prep.resize)
+    if not on_gpu and workers >= 2 and not blas_threads:
         report.forward_mode = f"forward in {workers} worker processes, 1 BLAS thread each"
-        with mp.get_context("fork").Pool(workers, initializer=_init_net_worker,
-                                         initargs=(preparer, net_args)) as pool:
-            for result in _in_order(pool, _net_worker_chunk, _chunks(todo, batch_size),
-                                    prefetch or 2 * workers):
-                consume_forwarded(result)
-    elif workers <= 0:
-        for chunk in _chunks(todo, chunk_size):
-            consume(_prepare_chunk(preparer, chunk))
+        _forward_in_workers(todo, net, preparer, workers, batch_size, prefetch, sink)
     else:
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker,
-                                         initargs=(preparer,)) as pool:
-            for results in _in_order(pool, _worker_chunk, _chunks(todo, chunk_size),
-                                     prefetch or max(4, 4 * workers)):
-                consume(results)
-    flush()
-    commit()
-    progress.close()
-    report.forward_mode = report.forward_mode or tuner.describe()
+        # Only a CPU forward beside decoding workers has threads to tune;
+        # --blas-threads N sets them on the CPU with or without workers.
+        tunable = not on_gpu and (workers > 0 or blas_threads)
+        tuner = BlasThreadTuner(blas_threads_control() if tunable else None,
+                                fixed=blas_threads)
+        _forward_in_main(todo, net, preparer, workers, batch_size, prefetch, tuner, sink)
+        report.forward_mode = tuner.describe()
+    sink.committer.commit()
+    sink.progress.close()

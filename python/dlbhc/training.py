@@ -5,6 +5,13 @@ runs/<net>_hash<bits>/ with only what the command line changed (max_iter,
 with the learning-rate steps scaled alike; CPU/GPU; snapshot folder). The
 exact `caffe train` command is printed and logged, so a run can be repeated
 with Caffe alone.
+
+The checked-in train_val prototxts read their LMDBs (and AlexNet's mean
+file) from data/cifar10/ in the project. With `data_dir` (train.py
+--data-dir DIR) the run folder also gets its own train_val.prototxt, whose
+Data layers read the same file names from DIR instead (`source` and
+`mean_file` rewritten), and the run's solver.prototxt points at that copy;
+without it the solver's net is the checked-in train_val, as before.
 """
 import json
 import os
@@ -15,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from .caffe_env import PROJECT_ROOT, caffe_tool, import_caffe
+from .caffe_env import PROJECT_ROOT, caffe_tool
 from .errors import UserError
 from .progress import format_seconds
+from .protos import caffe_pb2, read_prototxt
 
 ITER_RE = re.compile(r"Iteration (\d+).*?, loss = ([-+0-9.eE]+|nan)")
 TEST_RE = re.compile(r"Test net output #\d+: (\w+) = ([-+0-9.eE]+|nan)")
-LR_RE = re.compile(r"Iteration (\d+), lr = ([-+0-9.eE]+)")
 
 
 def run_name(net, bits):
@@ -37,65 +44,87 @@ def solver_path(net, bits):
     return path
 
 
-def read_solver(path):
-    caffe = import_caffe()
+def derived_solver(net, bits, run_dir, max_iter=None, gpu=False, data_dir=None):
+    """Write runs/<name>/solver.prototxt and return (path, SolverParameter).
+
+    With `data_dir`, also runs/<name>/train_val.prototxt reading its data
+    from there (derived_train_val), and the solver's net is that copy.
+    """
     from google.protobuf import text_format
-    solver = caffe.proto.caffe_pb2.SolverParameter()
-    text_format.Merge(Path(path).read_text(), solver)
-    return solver
-
-
-def read_net(path):
-    caffe = import_caffe()
-    from google.protobuf import text_format
-    net = caffe.proto.caffe_pb2.NetParameter()
-    text_format.Merge(Path(path).read_text(), net)
-    return net
-
-
-def derived_solver(net, bits, run_dir, max_iter=None, gpu=False):
-    """Write runs/<name>/solver.prototxt and return (path, SolverParameter)."""
-    from google.protobuf import text_format
-    solver = read_solver(solver_path(net, bits))
+    solver = read_prototxt(solver_path(net, bits), "SolverParameter")
     if max_iter:
-        scale = max_iter / solver.max_iter
-        if solver.lr_policy == "step":
-            solver.stepsize = max(1, int(round(solver.stepsize * scale)))
-        if solver.lr_policy == "multistep":
-            steps = [max(1, int(round(s * scale))) for s in solver.stepvalue]
-            del solver.stepvalue[:]
-            solver.stepvalue.extend(steps)
-        if solver.test_interval:
-            # Caffe tests every test_interval iterations: keep about as many
-            # tests, one of them at the last iteration, so the run reports
-            # its final accuracy.
-            tests = max(1, round(max_iter / solver.test_interval))
-            solver.test_interval = max_iter // tests if max_iter % tests == 0 else max_iter
-        solver.max_iter = max_iter
-        solver.snapshot = min(solver.snapshot, max_iter) if solver.snapshot else max_iter
-    caffe_pb2 = import_caffe().proto.caffe_pb2
-    solver.solver_mode = caffe_pb2.SolverParameter.GPU if gpu else caffe_pb2.SolverParameter.CPU
+        scale_schedule(solver, max_iter)
+    modes = caffe_pb2().SolverParameter
+    solver.solver_mode = modes.GPU if gpu else modes.CPU
     name = run_name(net, bits)
+    # Absolute paths: caffe runs in the project root, whatever the caller's
+    # working folder.
+    run_dir = Path(os.path.abspath(run_dir))
     (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
     solver.snapshot_prefix = str(run_dir / "snapshots" / name)
     solver.net = str(PROJECT_ROOT / solver.net) if not os.path.isabs(solver.net) else solver.net
-    check_data(Path(solver.net))
+    if data_dir is not None:
+        solver.net = str(derived_train_val(Path(solver.net), run_dir, data_dir))
+    check_data(Path(solver.net), data_dir)
     out = run_dir / "solver.prototxt"
     out.write_text(f"# derived from prototxt/{name}_solver.prototxt by python/train.py\n"
                    + text_format.MessageToString(solver))
     return out, solver
 
 
-def check_data(train_val):
-    """Refuse early when the LMDBs or mean files the net reads are missing."""
-    net = read_net(train_val)
+def scale_schedule(solver, max_iter):
+    """Set max_iter, scaling the learning-rate steps, tests and snapshots alike."""
+    scale = max_iter / solver.max_iter
+    if solver.lr_policy == "step":
+        solver.stepsize = max(1, int(round(solver.stepsize * scale)))
+    if solver.lr_policy == "multistep":
+        steps = [max(1, int(round(s * scale))) for s in solver.stepvalue]
+        del solver.stepvalue[:]
+        solver.stepvalue.extend(steps)
+    if solver.test_interval:
+        # Caffe tests every test_interval iterations: keep about as many
+        # tests, one of them at the last iteration, so the run reports
+        # its final accuracy.
+        tests = max(1, round(max_iter / solver.test_interval))
+        solver.test_interval = max_iter // tests if max_iter % tests == 0 else max_iter
+    solver.max_iter = max_iter
+    solver.snapshot = min(solver.snapshot, max_iter) if solver.snapshot else max_iter
+
+
+def derived_train_val(train_val, run_dir, data_dir):
+    """Write run_dir/train_val.prototxt: `train_val` with every Data layer's
+    `source` and `mean_file` moved to the same file name under `data_dir`.
+    Returns its path."""
+    from google.protobuf import text_format
+    data_dir = Path(os.path.abspath(data_dir))
+    net = read_prototxt(train_val, "NetParameter")
+    for layer in net.layer:
+        if layer.type != "Data":
+            continue
+        if layer.data_param.source:
+            layer.data_param.source = str(data_dir / Path(layer.data_param.source).name)
+        if layer.transform_param.mean_file:
+            layer.transform_param.mean_file = str(
+                data_dir / Path(layer.transform_param.mean_file).name)
+    out = run_dir / "train_val.prototxt"
+    out.write_text(f"# {train_val.name} reading its data from {data_dir} "
+                   "(python/train.py --data-dir)\n" + text_format.MessageToString(net))
+    return out
+
+
+def check_data(train_val, data_dir=None):
+    """Refuse early when the LMDBs or mean files the net reads are missing
+    (`data_dir`: the --data-dir they were moved to, for the message)."""
+    net = read_prototxt(train_val, "NetParameter")
     for layer in net.layer:
         if layer.type != "Data":
             continue
         for path in (layer.data_param.source, layer.transform_param.mean_file):
             if path and not (PROJECT_ROOT / path).exists() and not Path(path).exists():
-                raise UserError(f"{train_val.name} reads {path}, which does not exist: "
-                                "run `make data` (small net) or `make data-alexnet` (AlexNet) first")
+                hint = (f"--data-dir {data_dir} must hold the files the checked-in "
+                        "train_val reads, under the same names" if data_dir is not None else
+                        "run `make data` (small net) or `make data-alexnet` (AlexNet) first")
+                raise UserError(f"{train_val.name} reads {path}, which does not exist: {hint}")
 
 
 def latest_solverstate(run_dir):
@@ -105,15 +134,22 @@ def latest_solverstate(run_dir):
 
 
 def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
-          runs_dir=None, log=sys.stderr):
+          runs_dir=None, data_dir=None, log=sys.stderr):
+    """Run `caffe train` for <net>_hash<bits> in runs_dir/<net>_hash<bits>/
+    (default runs/), reading the training data from data_dir when given (see
+    the module docstring); returns the summary also written to
+    train_summary.json."""
     name = run_name(net, bits)
-    run_dir = Path(runs_dir or PROJECT_ROOT / "runs") / name
+    run_dir = Path(os.path.abspath(Path(runs_dir or PROJECT_ROOT / "runs") / name))
     run_dir.mkdir(parents=True, exist_ok=True)
-    solver_file, solver = derived_solver(net, bits, run_dir, max_iter, gpu is not None)
+    solver_file, solver = derived_solver(net, bits, run_dir, max_iter, gpu is not None,
+                                         data_dir)
     cmd = [str(caffe_tool("caffe")), "train", "-solver", str(solver_file),
            "-sigint_effect", "snapshot"]
+    # caffe runs in the project root: paths the user gave are made absolute
+    # here, where they were meant relative to the caller's folder.
     if resume:
-        state = latest_solverstate(run_dir) if resume == "auto" else Path(resume)
+        state = latest_solverstate(run_dir) if resume == "auto" else Path(os.path.abspath(resume))
         if state is None or not Path(state).exists():
             raise UserError(f"nothing to resume from in {run_dir / 'snapshots'}" if resume == "auto"
                             else f"solver state {resume} does not exist")
@@ -121,7 +157,7 @@ def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=No
     elif weights:
         if not Path(weights).exists():
             raise UserError(f"weights {weights} do not exist (for bvlc_alexnet: `make weights`)")
-        cmd += ["-weights", str(weights)]
+        cmd += ["-weights", os.path.abspath(weights)]
     if gpu is not None:
         cmd += ["-gpu", str(gpu)]
     print("running: " + " ".join(cmd), file=log)

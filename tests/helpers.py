@@ -1,0 +1,128 @@
+"""Test helpers shared between test files: tiny nets, image folders, Caffe
+Datum LMDBs and means, and running the command-line scripts.
+
+Everything is written under the folder a test gives (its tmp_path), never
+into the checkout.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOTXT = ROOT / "prototxt"
+EXTRACT = ROOT / "python" / "extract.py"
+TRAIN = ROOT / "python" / "train.py"
+MEAN = "104,117,123"
+
+
+# ---- nets and images ---------------------------------------------------------
+
+def make_tiny_net(caffe, folder, bits=12, size=24, seed=0, fc7=32):
+    """A deploy net with the project's blob names and random weights."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[4, 3, size, size]))
+    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2)
+    n.relu1 = L.ReLU(n.conv1, in_place=True)
+    n.fc7 = L.InnerProduct(n.conv1, num_output=fc7)
+    n.relu7 = L.ReLU(n.fc7, in_place=True)
+    n.fc8_latent = L.InnerProduct(n.fc7, num_output=bits)
+    n.latent = L.Sigmoid(n.fc8_latent)
+    n.fc9_classifier = L.InnerProduct(n.latent, num_output=3)
+    deploy = folder / f"tiny{bits}_{fc7}_deploy.prototxt"
+    deploy.write_text(str(n.to_proto()))
+    net = caffe.Net(str(deploy), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    for params in net.params.values():
+        params[0].data[...] = rng.normal(0, 0.05, size=params[0].data.shape)
+        params[1].data[...] = rng.normal(0, 0.05, size=params[1].data.shape)
+    weights = folder / f"tiny{bits}_{fc7}_s{seed}.caffemodel"
+    net.save(str(weights))
+    return deploy, weights
+
+
+def make_images(folder, n, classes=("cats", "dogs"), size=(40, 30), seed=0):
+    """n random PNG images in class subfolders of `folder`; their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+        path = folder / cls / f"img{i:04d}.png"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+def learnable_images(rng, n, classes=4, size=32):
+    """Class k: a bright square in quadrant k on noise; easy but not trivial.
+    (n, 3, size, size) uint8 images and their labels."""
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 80, size=(n, 3, size, size)).astype(np.uint8)
+    half = size // 2
+    for img, k in zip(images, labels):
+        y, x = divmod(int(k), 2)
+        img[:, y * half:(y + 1) * half, x * half:(x + 1) * half] += 150
+    return images, labels
+
+
+# ---- Caffe training data -----------------------------------------------------
+
+def write_lmdb(caffe, path, images, labels):
+    """A Caffe Datum LMDB of (C, H, W) uint8 images, as the Data layer reads."""
+    import lmdb
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for i, (img, label) in enumerate(zip(images, labels)):
+            datum = caffe.io.array_to_datum(img, int(label))  # img: C,H,W uint8
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    env.close()
+
+
+def write_mean(caffe, path, shape):
+    """A constant (100) mean image of `shape` (C, H, W) as a .binaryproto."""
+    blob = caffe.io.array_to_blobproto(np.full((1,) + shape, 100.0, dtype=np.float32))
+    path.write_bytes(blob.SerializeToString())
+
+
+def write_training_data(caffe, folder, train, test, mean_shape,
+                        names=("train_lmdb", "test_lmdb", "mean.binaryproto")):
+    """Train and test LMDBs from (images, labels) pairs and a mean file in
+    `folder`, under `names`; returns their three paths."""
+    paths = [folder / name for name in names]
+    write_lmdb(caffe, paths[0], *train)
+    write_lmdb(caffe, paths[1], *test)
+    write_mean(caffe, paths[2], mean_shape)
+    return paths
+
+
+def derive_train_val(src, dst, train_lmdb, test_lmdb, mean, batch):
+    """A checked-in train_val prototxt reading the given data, in batches of `batch`."""
+    text = src.read_text()
+    text = re.sub(r'source: "[^"]*train[^"]*"', f'source: "{train_lmdb}"', text)
+    text = re.sub(r'source: "[^"]*test[^"]*"', f'source: "{test_lmdb}"', text)
+    text = re.sub(r'mean_file: "[^"]*"', f'mean_file: "{mean}"', text)
+    text = re.sub(r"batch_size: \d+", f"batch_size: {batch}", text)
+    dst.write_text(text)
+
+
+# ---- the scripts -------------------------------------------------------------
+
+def run_script(script, args, check=True, timeout=300, **kw):
+    """Run a python/ script with this Python; the CompletedProcess (text).
+    check: assert it exited 0, showing the end of its stderr if not."""
+    out = subprocess.run([sys.executable, str(script), *map(str, args)],
+                         capture_output=True, text=True, timeout=timeout, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def run_extract(args, check=True, **kw):
+    """python/extract.py with `args` (see run_script)."""
+    return run_script(EXTRACT, args, check=check, **kw)
