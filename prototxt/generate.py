@@ -4,7 +4,7 @@
 The .prototxt files beside this script are the source of truth that users
 read and edit; they are checked in. This generator only keeps the 20/48/128-
 bit variants in step with each other: `python prototxt/generate.py` rewrites
-them, and tests/test_prototxt.py fails when a checked-in file differs from
+them, and tests/test_networks.py fails when a checked-in file differs from
 what the generator makes (edit the generator, then rerun it).
 
 Two families:
@@ -24,7 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ALEXNET_BITS = (20, 48, 128)
 CIFAR_BITS = (12, 48, 128)
-NUM_CLASSES = 10  # CIFAR-10; change with --num-classes in train.py users' own copies
+# CIFAR-10's classes: the classifier fc9_classifier has this many outputs.
+# Another collection needs copies with its own num_output there.
+NUM_CLASSES = 10
 
 # --------------------------------------------------------------------------
 # A tiny prototxt writer: nested dicts/lists -> Caffe's text format.

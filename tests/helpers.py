@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dlbhc.codes import pack_codes
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "prototxt"
 EXTRACT = ROOT / "python" / "extract.py"
@@ -126,3 +128,39 @@ def run_script(script, args, check=True, timeout=300, **kw):
 def run_extract(args, check=True, **kw):
     """python/extract.py with `args` (see run_script)."""
     return run_script(EXTRACT, args, check=check, **kw)
+
+
+# ---- codes and tiny evaluation data -------------------------------------------
+
+def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):
+    """n codes around n_centres random centres, each bit flipped w.p. flip_p
+    (hash codes cluster like this: images of one kind share nearly a code)."""
+    centres = rng.random((n_centres, bits)) < 0.5
+    latent = centres[rng.integers(0, n_centres, n)] ^ (rng.random((n, bits)) < flip_p)
+    return pack_codes(latent.astype(np.float32))
+
+
+def codes_from_ints(values, bits):
+    """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
+    latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
+    return pack_codes(latent.astype(np.float32))
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# A tiny 8-bit database, labels 0/1, and three queries.
+#   id   code       label   d(q0)  d(q1)  d(q2)
+#   0    00000011   0       2      6      5
+#   1    00000001   1       1      7      4
+#   2    00000000   1       0      8      5
+#   3    00000010   0       1      7      6
+#   4    11110000   0       4      4      1
+#   5    00000110   1       2      6      7
+# q0 = 00000000 label 0, q1 = 11111111 label 2 (nothing relevant),
+# q2 = 11110001 label 0.
+DB_CODES = codes_from_ints([0b00000011, 0b00000001, 0b00000000, 0b00000010,
+                            0b11110000, 0b00000110], 8)
+DB_LABELS = np.array([0, 1, 1, 0, 0, 1])
+Q_CODES = codes_from_ints([0b00000000, 0b11111111, 0b11110001], 8)
+Q_LABELS = np.array([0, 2, 0])

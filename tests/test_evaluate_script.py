@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_metrics import DB_CODES, DB_LABELS, PNG_MAGIC, Q_CODES, Q_LABELS
+from helpers import DB_CODES, DB_LABELS, PNG_MAGIC, Q_CODES, Q_LABELS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "python" / "evaluate.py"
 DB_FC7 = np.array([[9.0], [1.0], [3.0], [-1.0], [0.5], [0.0]], np.float32)

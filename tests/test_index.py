@@ -10,6 +10,7 @@ from dlbhc.codes import code_bytes, pack_codes
 from dlbhc.index import HashIndex, SearchResults, default_min_candidates
 from dlbhc.reference import brute_force_search, reference_coarse
 from dlbhc.rerank import fc7_sq_distances
+from helpers import clustered_codes, codes_from_ints
 
 # Cost tables that force one coarse strategy (the results must not change).
 STRATEGIES = {
@@ -29,18 +30,6 @@ def _with_strategy(index, strategy):
     if STRATEGIES[strategy] is not None:
         index.costs = dict(STRATEGIES[strategy])
     return index
-
-
-def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):
-    centres = rng.random((n_centres, bits)) < 0.5
-    latent = centres[rng.integers(0, n_centres, n)] ^ (rng.random((n, bits)) < flip_p)
-    return pack_codes(latent.astype(np.float32))
-
-
-def codes_from_ints(values, bits):
-    """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
-    latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
-    return pack_codes(latent.astype(np.float32))
 
 
 # ---- coarse stage ------------------------------------------------------------

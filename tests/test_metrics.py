@@ -8,32 +8,7 @@ import pytest
 from dlbhc import metrics, reference
 from dlbhc.codes import hamming_distances, pack_codes
 from dlbhc.index import HashIndex
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def codes_from_ints(values, bits):
-    """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
-    latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
-    return pack_codes(latent.astype(np.float32))
-
-
-# A tiny 8-bit database, labels 0/1, and three queries.
-#   id   code       label   d(q0)  d(q1)  d(q2)
-#   0    00000011   0       2      6      5
-#   1    00000001   1       1      7      4
-#   2    00000000   1       0      8      5
-#   3    00000010   0       1      7      6
-#   4    11110000   0       4      4      1
-#   5    00000110   1       2      6      7
-# q0 = 00000000 label 0, q1 = 11111111 label 2 (nothing relevant),
-# q2 = 11110001 label 0.
-DB_CODES = codes_from_ints([0b00000011, 0b00000001, 0b00000000, 0b00000010,
-                            0b11110000, 0b00000110], 8)
-DB_LABELS = np.array([0, 1, 1, 0, 0, 1])
-Q_CODES = codes_from_ints([0b00000000, 0b11111111, 0b11110001], 8)
-Q_LABELS = np.array([0, 2, 0])
-
+from helpers import DB_CODES, DB_LABELS, PNG_MAGIC, Q_CODES, Q_LABELS
 
 # ---- per-query measures ------------------------------------------------------
 def test_average_precision_at_k_normalises_by_relevant_found_in_top_k():

@@ -30,11 +30,6 @@ def code_bytes(bits):
     return (bits + 7) // 8
 
 
-def words_per_code(bits):
-    """64-bit words in one code widened by to_words."""
-    return (code_bytes(bits) + 7) // 8
-
-
 def pad_mask(bits):
     """Mask of the pad bits in the last byte of a packed code."""
     spare = 8 * code_bytes(bits) - bits
