@@ -297,6 +297,19 @@ class FeatureStore:
         self._fc7_map = None
         return np.arange(start, start + n)
 
+    def refresh(self):
+        """Re-read the metadata record, so a store opened for reading sees
+        what another process (extract.py) appended since; True when the
+        revision changed.  The count is committed in the same transaction
+        as the records it counts, so ids below the new count are complete
+        (whole batches only), and their fc7 rows were made durable before."""
+        raw = self._db.get("meta", META_KEY)
+        if raw is None:
+            return False
+        before = self.revision()
+        self.meta = json.loads(raw)
+        return self.revision() != before
+
     def update_meta(self, **fields):
         meta = dict(self.meta, **fields)
         self._db.write([("meta", META_KEY, json.dumps(meta, sort_keys=True).encode())])
