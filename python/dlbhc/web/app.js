@@ -109,7 +109,7 @@ function render(answer, elapsed, timings) {
     img.loading = "lazy";
     img.alt = `result ${hit.rank}: image ${hit.id}`;
     img.src = thumbnailUrl(hit.id);
-    fig.append(img, caption([["#", String(hit.rank)], ["id", String(hit.id)],
+    fig.append(img, caption([["", `#${hit.rank}`], ["id", String(hit.id)],
                              ["label", String(hit.label)], ["H", String(hit.hamming)],
                              ["L2", hit.l2.toFixed(2)]]));
     fig.addEventListener("click", () => searchId(hit.id));
