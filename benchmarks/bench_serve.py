@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Query server benchmark: python/serve.py under concurrent clients.
+
+    .venv/bin/python benchmarks/bench_serve.py --cifar-db runs/demo/cifar_hash48/db_train.lmdb
+    .venv/bin/python benchmarks/bench_serve.py --sizes 100000 --clients 1,8 --seconds 3
+
+serve.py runs in a process of its own (as users run it); this process is the
+load: C client threads, each with one keep-alive HTTP connection, send
+queries back to back for --seconds after a warm-up second (a closed loop:
+C requests are always in flight).  Per configuration: queries/s, latency
+p50/p99 (ms) as the clients see it, the server's resident memory
+afterwards (its net worker processes included), and this load generator's
+own CPU share, which the 2 cores also had to carry.
+
+Databases
+  synthetic  N images x --bits, the codes and fc7 rows of
+             benchmarks/bench_search.py's generator and store writer (its
+             default cluster settings; fc7 width chosen as it does: 256
+             values at 2.5M); no net (serve.py --no-net): by-id queries.
+  cifar      a CIFAR-10 database made by extract.py (--cifar-db; `make demo`
+             makes runs/demo/cifar_hash48/db_train.lmdb): by-id queries and
+             uploads of its own JPEGs (re-encoded CIFAR-10, as on the
+             project's machines); with the net in a thread of the server
+             (--net-processes 0) and in worker processes (--net-processes 2),
+             and "mixed": by-id clients while as many upload clients run,
+             which shows what a forward holding the server's GIL does to
+             searches that need no net.
+
+Uploads are bounded by the net's forward: before the server starts, this
+process times HashNet.forward_crops on one crop (median of 50) with the
+database's own net, and the table states upload p50 minus that figure as
+the overhead (HTTP, decode, queueing, search).  Every query asks top_k
+1000 (--top-k).  The bar of issue 11: by-id top-1000 at 2.5M, 8 clients,
+p50 <= 15 ms.
+"""
+import argparse
+import http.client
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "tests"))   # helpers.Server: serve.py in its own process
+sys.path.insert(0, str(HERE))
+
+import bench_search  # noqa: E402  (the synthetic generator and store writer)
+from dlbhc.errors import UserError, run_main  # noqa: E402
+from helpers import Server  # noqa: E402
+
+BAR_MS = 15.0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="2500000", help="synthetic database sizes (default "
+                   "%(default)s; '' for none)")
+    p.add_argument("--bits", type=int, default=128, help="synthetic code length")
+    p.add_argument("--cifar-db", help="a CIFAR-10 database made by extract.py (skipped if absent)")
+    p.add_argument("--clients", default="1,8,32", help="concurrent clients (default %(default)s)")
+    p.add_argument("--net-processes", default="0,2",
+                   help="serve.py --net-processes settings for the upload runs")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured time per configuration")
+    p.add_argument("--top-k", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="where the synthetic store is written (default: a temp "
+                                     "folder, deleted at the end); kept and reused if given")
+    p.add_argument("--json", default="out/bench_serve.json", help="results file")
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",") if s]
+        args.clients = [int(c) for c in args.clients.split(",")]
+        args.net_processes = [int(c) for c in args.net_processes.split(",")]
+    except ValueError:
+        raise UserError("--sizes, --clients and --net-processes take comma-separated "
+                        "integers") from None
+    if args.seconds <= 0 or min(args.clients) < 1 or args.top_k < 1:
+        raise UserError("--seconds, --clients and --top-k must be positive")
+    return args
+
+
+# ---- the load ------------------------------------------------------------------
+
+class Client:
+    """One keep-alive connection; request() -> (status, ms, Server-Timing)."""
+
+    def __init__(self, url):
+        host, port = url.split("//")[1].strip("/").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def request(self, method, path, body=None, headers=None):
+        start = time.perf_counter()
+        self.conn.request(method, path, body=body, headers=headers or {})
+        response = self.conn.getresponse()
+        response.read()
+        ms = 1000 * (time.perf_counter() - start)
+        return response.status, ms, response.getheader("Server-Timing")
+
+
+def multipart(name, data):
+    boundary = "bench-serve-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"'
+            f'\r\nContent-Type: image/jpeg\r\n\r\n').encode() + data + \
+        f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def make_requests(kind, rng, count, top_k, uploads):
+    """A function i -> (method, path, body, headers) for query i of a client."""
+    if kind == "id":
+        ids = rng.integers(0, count, 100_000)
+        return lambda i: ("GET", f"/api/search?id={ids[i % len(ids)]}&top_k={top_k}", None, None)
+    bodies = [multipart(name, data) for name, data in uploads]
+    order = rng.integers(0, len(bodies), 100_000)
+    return lambda i: ("POST", f"/api/search?top_k={top_k}", *bodies[order[i % len(order)]])
+
+
+def load(url, groups, seconds, warmup=1.0):
+    """Run client groups [(label, clients, request maker)] at once; per
+    label: the measured latencies, statuses and server timings."""
+    stop_at = [None]
+    results = {label: {"ms": [], "bad": 0, "timing": []} for label, _, _ in groups}
+    lock = threading.Lock()
+    start_line = threading.Barrier(sum(c for _, c, _ in groups) + 1)
+
+    def run(label, make, seed):
+        client = Client(url)
+        rng_i = int(seed) * 7919
+        start_line.wait()
+        mine = []
+        i = 0
+        while True:
+            now = time.perf_counter()
+            if now >= stop_at[0]:
+                break
+            method, path, body, headers = make(rng_i + i)
+            i += 1
+            status, ms, timing = client.request(method, path, body, headers)
+            if now >= stop_at[0] - seconds:      # past the warm-up
+                mine.append((status, ms, timing))
+        client.conn.close()
+        with lock:
+            for status, ms, timing in mine:
+                if status == 200:
+                    results[label]["ms"].append(ms)
+                    if timing:
+                        results[label]["timing"].append(timing)
+                else:
+                    results[label]["bad"] += 1
+
+    threads = []
+    for label, clients, make in groups:
+        for c in range(clients):
+            threads.append(threading.Thread(target=run, args=(label, make, c)))
+    for t in threads:
+        t.start()
+    cpu0 = os.times()
+    stop_at[0] = time.perf_counter() + warmup + seconds
+    start_line.wait()
+    for t in threads:
+        t.join()
+    cpu1 = os.times()
+    load_cpu = (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / (warmup + seconds)
+    return results, load_cpu
+
+
+def server_rss_mb(server):
+    """Resident MB of the server and its child processes (net workers)."""
+    def rss(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return 0.0
+        return 0.0
+
+    def children(pid):
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return found
+    pids = [server.pid] + children(server.pid)
+    return {"server": rss(server.pid), "total": sum(rss(p) for p in pids)}
+
+
+def timing_medians(timings):
+    parts = {}
+    for header in timings:
+        for item in header.split(", "):
+            name, _, ms = item.partition(";dur=")
+            parts.setdefault(name, []).append(float(ms))
+    return {name: float(np.median(v)) for name, v in parts.items()}
+
+
+def row_of(database, kind, net, clients, result, seconds, load_cpu, rss):
+    ms = np.asarray(result["ms"])
+    return {"database": database, "kind": kind, "net": net, "clients": clients,
+            "queries": int(len(ms)), "errors": result["bad"],
+            "qps": len(ms) / seconds if len(ms) else 0.0,
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+            "server_timing_ms": timing_medians(result["timing"]),
+            "load_cpu_cores": load_cpu, "rss_mb": rss}
+
+
+def format_row(r):
+    p50 = f"{r['p50_ms']:8.2f}" if r["p50_ms"] is not None else f"{'-':>8}"
+    p99 = f"{r['p99_ms']:8.2f}" if r["p99_ms"] is not None else f"{'-':>8}"
+    timing = " ".join(f"{k} {v:.1f}" for k, v in r["server_timing_ms"].items())
+    return (f"{r['database']:>14} {r['kind']:>13} {r['net']:>9} {r['clients']:>3} "
+            f"{r['qps']:>8.1f} {p50} {p99} {r['rss_mb']['total']:>7.0f} "
+            f"{r['load_cpu_cores']:>5.2f} {r['errors']:>4}  {timing}")
+
+
+HEADER = (f"{'database':>14} {'queries':>13} {'net':>9} {'C':>3} {'q/s':>8} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'RSS MB':>7} {'load':>5} {'err':>4}  server-side ms (median)")
+
+
+# ---- the databases ---------------------------------------------------------------
+
+def synthetic_store(n, args, workdir):
+    """bench_search's synthetic store of n images (its default settings)."""
+    defaults = bench_search.parse_args([])
+    dim = bench_search.choose_fc7_dim(n, defaults)
+    codes, _ = bench_search.synthetic_codes(n, 0, args.bits, np.random.default_rng([args.seed, n]),
+                                            defaults.centres, defaults.zipf, defaults.mean_flips)
+    store, write_s = bench_search.open_or_write_store(
+        workdir / f"serve_n{n}_b{args.bits}_d{dim}", n, dim, args.bits, codes,
+        bench_search.fc7_pool(dim, np.random.default_rng(args.seed)))
+    path = store.path
+    store.close()
+    return path, dim, write_s
+
+
+def forward_ms(db_path, repeats=50):
+    """Median ms of the database's own net on one crop (no HTTP, no decode)."""
+    from dlbhc.retrieval import load_matching_model
+    from dlbhc.store import FeatureStore
+    with FeatureStore.open(db_path) as store:
+        meta = dict(store.meta)
+    net = load_matching_model(meta, db_path)
+    crop = np.zeros((1, net.prep.crop, net.prep.crop, 3), dtype=np.uint8)
+    for _ in range(5):
+        net.forward_crops(crop)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        net.forward_crops(crop)
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def upload_files(db_path, n=64, seed=0):
+    from dlbhc.store import FeatureStore
+    with FeatureStore.open(db_path) as store:
+        ids = np.random.default_rng(seed).choice(store.count, size=min(n, store.count),
+                                                 replace=False)
+        paths = [info["path"] for info in store.infos(np.sort(ids))]
+    return [(Path(p).name, Path(p).read_bytes()) for p in paths]
+
+
+def run_configs(server, database, count, configs, args, rows):
+    rng = np.random.default_rng(args.seed)
+    for kind, net, groups in configs:
+        made = [(label, clients, make_requests(label, rng, count, args.top_k, args.uploads))
+                for label, clients in groups]
+        results, load_cpu = load(server.url, made, args.seconds)
+        rss = server_rss_mb(server)
+        for label, clients in groups:
+            row = row_of(database, kind if len(groups) == 1 else f"{label} (mixed)", net,
+                         clients, results[label], args.seconds, load_cpu, rss)
+            rows.append(row)
+            print(format_row(row), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    uptime = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"{os.cpu_count()} cores, load average {' '.join(uptime)} at the start; "
+          f"{args.seconds:g} s per configuration after 1 s of warm-up; top_k {args.top_k}",
+          flush=True)
+    rows, facts = [], {"load_average_start": uptime}
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="bench_serve_") if own_workdir else args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(HEADER, flush=True)
+    try:
+        for n in args.sizes:
+            path, dim, write_s = synthetic_store(n, args, workdir)
+            started = time.perf_counter()
+            server = Server(["--db", path, "--no-net", "--refresh-seconds", 0], timeout=1800)
+            facts[f"synthetic_{n}"] = {"fc7_dim": dim, "store_write_s": write_s,
+                                       "server_start_s": time.perf_counter() - started}
+            try:
+                args.uploads = []
+                run_configs(server, f"synthetic {n / 1e6:g}M", n,
+                            [("by id", "-", [("id", c)]) for c in args.clients], args, rows)
+            finally:
+                server.stop()
+        if args.cifar_db and Path(args.cifar_db).exists():
+            facts["forward_ms_batch1"] = forward_ms(args.cifar_db)
+            print(f"the net's forward on one image: {facts['forward_ms_batch1']:.2f} ms "
+                  "(median of 50, this process, before the server starts)", flush=True)
+            args.uploads = upload_files(args.cifar_db)
+            for processes in args.net_processes:
+                net = f"{processes} proc" if processes else "thread"
+                server = Server(["--db", args.cifar_db, "--refresh-seconds", 0,
+                                 "--net-processes", processes], timeout=600)
+                count = server.get_json("/api/info")["count"]
+                try:
+                    configs = [] if processes != args.net_processes[0] else \
+                        [("by id", net, [("id", c)]) for c in args.clients]
+                    configs += [("upload", net, [("upload", c)]) for c in args.clients]
+                    configs.append(("mixed", net, [("id", 8), ("upload", 8)]))
+                    run_configs(server, "cifar10", count, configs, args, rows)
+                finally:
+                    server.stop()
+        elif args.cifar_db:
+            print(f"no database at {args.cifar_db}: the CIFAR-10 runs are skipped "
+                  "(`make demo` makes one)", flush=True)
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    facts["load_average_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    print(f"load average: {' '.join(facts['load_average_start'])} at the start, "
+          f"{' '.join(facts['load_average_end'])} at the end")
+    forward = facts.get("forward_ms_batch1")
+    for row in rows:
+        if forward and row["kind"] == "upload" and row["clients"] == 1 and row["p50_ms"]:
+            print(f"upload, 1 client, net in {row['net']}: p50 {row['p50_ms']:.2f} ms = forward "
+                  f"{forward:.2f} ms + {row['p50_ms'] - forward:.2f} ms on top")
+    bar = [r for r in rows if r["database"] == "synthetic 2.5M" and r["kind"] == "by id"
+           and r["clients"] == 8]
+    for r in bar:
+        print(f"bar: by-id top-{args.top_k} at 2.5M, 8 clients: p50 {r['p50_ms']:.2f} ms -> "
+              f"{'met' if r['p50_ms'] <= BAR_MS else 'NOT met'} (<= {BAR_MS:g} ms)")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "uploads"},
+                               "facts": facts, "results": rows}, indent=2))
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
