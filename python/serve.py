@@ -12,6 +12,7 @@ images appended while the server runs are taken in (index rebuilt in the
 background) without a restart.
 """
 import argparse
+import json
 import os
 import socket
 import sys
@@ -42,6 +43,9 @@ def parse_args(argv):
     p.add_argument("--deploy", help="deploy prototxt (default: the one the database records)")
     p.add_argument("--weights", help="weights (default: the ones the database records)")
     add_gpu_argument(p)
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N server processes on the one port, each with its own index and net "
+                        "(default 1; see README for measurements)")
     p.add_argument("--net-processes", type=int, default=0, metavar="N",
                    help="run N nets in worker processes (default 0: one net in a thread of "
                         "the server; see README for the measured difference)")
@@ -71,6 +75,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.net_processes < 0:
         p.error("--net-processes must be 0 or more")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
         p.error("--port must be in 0..65535")
     return args
@@ -103,17 +109,24 @@ def is_loopback(host):
 def main(argv=None):
     args = parse_args(argv)
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
     from dlbhc.service import Limits, QueryService
-    from dlbhc.webapp import create_app
+    from dlbhc.webapp import SETTINGS_ENV, create_app
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                     max_pixels=args.max_pixels, max_images=args.max_images,
                     max_top_k=args.max_top_k)
+    blas_threads = args.blas_threads
+    if blas_threads is None and args.workers > 1 and args.net_processes == 0:
+        blas_threads = max(1, (os.cpu_count() or 1) // args.workers)   # the workers share the cores
+    settings = dict(db_path=str(args.db), net=not args.no_net, deploy=args.deploy,
+                    weights=args.weights, gpu=args.gpu, net_processes=args.net_processes,
+                    max_batch=args.max_batch, blas_threads=blas_threads,
+                    refresh_seconds=args.refresh_seconds)
     sock = bind(args.host, args.port)
-    service = QueryService(args.db, limits=limits, net=not args.no_net, deploy=args.deploy,
-                           weights=args.weights, gpu=args.gpu, net_processes=args.net_processes,
-                           max_batch=args.max_batch, blas_threads=args.blas_threads,
-                           refresh_seconds=args.refresh_seconds)
+    # Everything is loaded and checked here first (with --workers, each
+    # worker then loads its own copy, from the index cached by this one).
+    service = QueryService(limits=limits, **settings)
     try:
         host, port = sock.getsockname()[:2]
         shown_host = f"[{host}]" if ":" in host else host
@@ -125,19 +138,33 @@ def main(argv=None):
         print(f"  model: {model['deploy']} + {model['weights']}"
               + ("" if service.net else " (not loaded: --no-net, search by id only)"), flush=True)
         if service.net:
-            print(f"  net: {service.net.mode}, batches of up to {service.net.max_batch}", flush=True)
+            print(f"  net: {service.net.mode}, batches of up to {service.net.max_batch}"
+                  + (f", in each of {args.workers} workers" if args.workers > 1 else ""),
+                  flush=True)
         if not is_loopback(host) and not args.token:
             print(f"  warning: listening on {host} without a token: anyone who can reach this "
                   f"machine can query it (set --token or ${TOKEN_ENV})", flush=True)
         print(f"  API: {url}api/ (described at {url}api/docs)", flush=True)
-        print(f"serving {url}" + (f"?token={args.token}" if args.token else ""), flush=True)
-        config = uvicorn.Config(create_app(service, token=args.token), log_level="warning",
-                                access_log=args.access_log, server_header=False,
-                                limit_concurrency=args.max_connections, timeout_keep_alive=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        options = dict(log_level="warning", access_log=args.access_log, server_header=False,
+                       limit_concurrency=args.max_connections, timeout_keep_alive=5)
+        if args.workers == 1:
+            print(f"serving {url}" + (f"?token={args.token}" if args.token else ""), flush=True)
+            uvicorn.Server(uvicorn.Config(create_app(service, token=args.token),
+                                          **options)).run(sockets=[sock])
+        else:
+            service.close()
+            service = None
+            os.environ[SETTINGS_ENV] = json.dumps(dict(settings, limits=limits.as_dict(),
+                                                       token=args.token))
+            config = uvicorn.Config("dlbhc.webapp:app_from_environment", factory=True,
+                                    workers=args.workers, **options)
+            print(f"serving {url}" + (f"?token={args.token}" if args.token else "")
+                  + f" ({args.workers} worker processes)", flush=True)
+            Multiprocess(config, sockets=[sock]).run()
     finally:
         sock.close()
-        service.close()
+        if service is not None:
+            service.close()
     return 0
 
 

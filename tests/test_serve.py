@@ -454,3 +454,29 @@ def test_images_extract_appends_are_found_without_restart(database, tmp_path):
         assert "database grew to 17 images" in srv.log()
     finally:
         srv.stop()
+
+
+def test_worker_processes_answer_like_one_server(server, database):
+    path = db_paths(database)[13]
+    srv = Server(["--db", database["db"], "--workers", 2])
+    try:
+        processes = set()
+        deadline = time.monotonic() + 120
+        while len(processes) < 2 and time.monotonic() < deadline:
+            processes.add(srv.get_json("/api/info", {"Connection": "close"})["process"])
+        assert len(processes) == 2 and srv.pid not in processes
+        for _ in range(4):
+            assert without_time(srv.get_json("/api/search?id=13&top_k=6")) == \
+                without_time(server.get_json("/api/search?id=13&top_k=6", AUTH))
+            _, _, body = srv.upload("/api/search?top_k=5", [("q.png", open(path, "rb").read())])
+            _, _, expected = server.upload("/api/search?top_k=5",
+                                           [("q.png", open(path, "rb").read())], AUTH)
+            assert json.loads(body)[0]["results"] == json.loads(expected)[0]["results"]
+    finally:
+        srv.stop()
+    # stopping serve.py stops its workers
+    import os
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in processes)

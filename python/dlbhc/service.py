@@ -421,6 +421,7 @@ class QueryService:
             "net": None if self.net is None else {"mode": self.net.mode,
                                                   "max_batch": self.net.max_batch},
             "limits": self.limits.as_dict(),
+            "process": os.getpid(),      # which of serve.py --workers N answered
         }
 
     # ---- parameters ----------------------------------------------------------

@@ -20,6 +20,7 @@ database images found by id: no request ever names a file.
 """
 import hmac
 import json
+import os
 import sys
 import traceback
 from importlib import resources
@@ -33,9 +34,11 @@ from starlette.requests import HTTPConnection
 
 from .errors import UserError
 from .retrieval import to_json
-from .service import BadRequest, NotFound, Unavailable
+from .service import BadRequest, Limits, NotFound, QueryService, Unavailable
 
 TOKEN_COOKIE = "dlbhc_token"
+# serve.py --workers N: the settings each worker process builds its service from.
+SETTINGS_ENV = "DLBHC_SERVE_SETTINGS"
 # Paths anyone may fetch when the server has a token: the page and its
 # assets hold no data; health says only that the server answers.
 OPEN_PATHS = ("/", "/favicon.ico", "/api/health")
@@ -173,6 +176,17 @@ def create_app(service, token=None):
                         headers={"Cache-Control": "private, max-age=3600"})
 
     return _Guard(app, limits.max_upload_bytes, token)
+
+
+def app_from_environment():
+    """The app of one of serve.py's worker processes (--workers N): a
+    QueryService of its own (index, net, caches) made from the settings
+    serve.py left in the environment (JSON: QueryService's arguments, with
+    limits and token)."""
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    token = settings.pop("token", None)
+    limits = Limits(**settings.pop("limits"))
+    return create_app(QueryService(limits=limits, **settings), token=token)
 
 
 class _BodyTooLarge(HTTPException):
