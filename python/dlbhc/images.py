@@ -189,14 +189,17 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
 
 
 def decode_image(data, name="upload", max_pixels=DEFAULT_MAX_PIXELS):
-    """Decode an image held in memory (an upload) like read_image decodes a
-    file: the same conversions, checks and BadImage reasons; `name` is what
-    BadImage reports.  The decompression-bomb guard reads only the header,
-    so a small file declaring a huge image is refused before any pixel
-    buffer is allocated."""
-    if not data:
+    """Decode an upload, bytes or a seekable binary file object (read from
+    its start, as Pillow does), like read_image decodes a file: the same conversions,
+    checks and BadImage reasons; `name` is what BadImage reports.  The
+    decompression-bomb guard reads only the header, so a small file
+    declaring a huge image is refused before any pixel buffer exists."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    empty = source.seek(0, io.SEEK_END) == 0
+    source.seek(0)
+    if empty:
         raise BadImage(name, "empty file (0 bytes)")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(source, name, max_pixels)
 
 
 def _decode(source, path, max_pixels):

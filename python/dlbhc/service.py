@@ -24,10 +24,16 @@ same transaction as the records it counts (fc7 rows were made durable
 before), and a search uses the index it started with, so every answer
 comes from a whole number of committed batches.
 
-Memory bound (the limits below): at most `decode_slots` uploads are being
-decoded at once, each under max_pixels (refused from the header, before any
-pixel buffer exists); request bodies are refused past max_upload_bytes
-(webapp.py); thumbnails are cached up to thumbnail_cache_bytes.
+Memory bound (the limits below): request bodies are refused past
+max_upload_bytes (webapp.py), and the multipart parser keeps at most 1 MB of
+a part in memory (the rest in a temporary file); an upload is read and
+decoded only while it holds one of `decode_slots` slots, and an image over
+max_pixels is refused from its header, before any pixel buffer exists.
+Decoding takes about 11 bytes per pixel at its peak (Pillow's 4-byte RGBX,
+the 3-byte array, an EXIF rotation's copy), so uploads in flight hold at
+most max_connections x 1 MB + decode_slots x (max_upload_bytes +
+11 x max_pixels): 64 + 2 x (16 + 275) MB = 646 MB with the defaults.
+Thumbnails are cached up to thumbnail_cache_bytes.
 """
 import io
 import multiprocessing as mp
@@ -64,7 +70,7 @@ class Unavailable(UserError):
 class Limits:
     """What one request may ask; serve.py's options set them."""
     max_upload_bytes: int = 16 << 20     # a whole request body
-    max_pixels: int = 40_000_000         # per uploaded image (a 40 MP photo)
+    max_pixels: int = 25_000_000         # per uploaded image (a 6000 x 4000 photo is 24 MP)
     max_images: int = 32                 # query images or ids per request
     max_top_k: int = 10_000
     max_candidates: int = 1_000_000
@@ -460,7 +466,8 @@ class QueryService:
         return self.retriever.search(queries, codes, fc7, **options)
 
     def search_uploads(self, files, top_k=10, candidates=None, max_radius=None):
-        """Answers for uploaded images, files = [(name, bytes)], in order.
+        """Answers for uploaded images, files = [(name, bytes or binary file
+        object)], in order (a file is read only once it holds a decode slot).
         Returns (answers, timings in ms: decode, net, search)."""
         options = self._search_options(top_k, candidates, max_radius)
         self._check_count(len(files), "images")

@@ -155,7 +155,9 @@ def create_app(service, token=None):
                                max_radius: int | None = Query(None, description=radius_doc)):
         if len(image) > limits.max_images:
             raise BadRequest(f"{len(image)} images in one request: at most {limits.max_images}")
-        files = [(upload.filename, await upload.read()) for upload in image]
+        # The parts stay where the multipart parser put them (memory up to
+        # 1 MB, a temporary file beyond): each is read while it is decoded.
+        files = [(upload.filename, upload.file) for upload in image]
         answers, timings = await run_in_threadpool(
             service.search_uploads, files, top_k=top_k, candidates=candidates,
             max_radius=max_radius)
