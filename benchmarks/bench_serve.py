@@ -264,12 +264,17 @@ def synthetic_store(n, args, workdir):
 
 
 def forward_ms(db_path, repeats=50):
-    """Median ms of the database's own net on one crop (no HTTP, no decode)."""
+    """Median ms of the database's own net on one crop (no HTTP, no decode),
+    with one BLAS thread, as serve.py runs it by default."""
+    from dlbhc.caffe_env import blas_threads_control
     from dlbhc.retrieval import load_matching_model
     from dlbhc.store import FeatureStore
     with FeatureStore.open(db_path) as store:
         meta = dict(store.meta)
     net = load_matching_model(meta, db_path)
+    control = blas_threads_control()
+    if control is not None:
+        control[1](1)
     crop = np.zeros((1, net.prep.crop, net.prep.crop, 3), dtype=np.uint8)
     for _ in range(5):
         net.forward_crops(crop)
@@ -347,7 +352,7 @@ def main(argv=None):
         if args.cifar_db and Path(args.cifar_db).exists():
             facts["forward_ms_batch1"] = forward_ms(args.cifar_db)
             print(f"the net's forward on one image: {facts['forward_ms_batch1']:.2f} ms "
-                  "(median of 50, this process, before the server starts)", flush=True)
+                  "(median of 50, one BLAS thread, this process, before the server starts)", flush=True)
             args.uploads = upload_files(args.cifar_db)
             for setup in args.setups:
                 server = Server(["--db", args.cifar_db, "--refresh-seconds", 0, *SETUPS[setup]],

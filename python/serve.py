@@ -52,8 +52,8 @@ def parse_args(argv):
     p.add_argument("--max-batch", type=int, default=32,
                    help="query images run through the net together (default %(default)s)")
     p.add_argument("--blas-threads", type=int,
-                   help="OpenBLAS threads per net (default: all cores for one net in a "
-                        "thread, cores / N for N processes)")
+                   help="OpenBLAS threads per net (default 1: measured fastest for query "
+                        "batches on a shared machine; see README)")
     p.add_argument("--refresh-seconds", type=float, default=2.0,
                    help="how often to look for images appended to the database "
                         "(default %(default)s; 0: never)")
@@ -116,12 +116,9 @@ def main(argv=None):
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                     max_pixels=args.max_pixels, max_images=args.max_images,
                     max_top_k=args.max_top_k)
-    blas_threads = args.blas_threads
-    if blas_threads is None and args.workers > 1 and args.net_processes == 0:
-        blas_threads = max(1, (os.cpu_count() or 1) // args.workers)   # the workers share the cores
     settings = dict(db_path=str(args.db), net=not args.no_net, deploy=args.deploy,
                     weights=args.weights, gpu=args.gpu, net_processes=args.net_processes,
-                    max_batch=args.max_batch, blas_threads=blas_threads,
+                    max_batch=args.max_batch, blas_threads=args.blas_threads,
                     refresh_seconds=args.refresh_seconds)
     sock = bind(args.host, args.port)
     # Everything is loaded and checked here first (with --workers, each

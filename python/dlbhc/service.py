@@ -95,6 +95,7 @@ class _Job:
 
 
 def _set_blas_threads(n):
+    """OpenBLAS threads of the Caffe in this process (when it uses OpenBLAS)."""
     if n:
         from .caffe_env import blas_threads_control
         control = blas_threads_control()
@@ -210,10 +211,13 @@ class NetPool:
     def __init__(self, model_args, processes=0, max_batch=32, blas_threads=None):
         self.processes = int(processes)
         self.max_batch = max(1, int(max_batch))
-        if blas_threads is None and self.processes > 0:
-            # N nets share the cores: one BLAS thread pool each, no oversubscription.
-            blas_threads = max(1, (os.cpu_count() or 1) // self.processes)
-        self.blas_threads = blas_threads
+        # One BLAS thread per net unless asked: query batches are small, and
+        # on the shared 2-core machine a second OpenBLAS thread never helped
+        # the small net's forward and, with other work on the cores, made it
+        # up to 5x slower (its threads spin-wait for each other): batch 1
+        # 2.3 vs 5.6 ms, batch 32 110 vs 608 ms (benchmarks/bench_serve.py
+        # runs the server this way; docs/serving.md has the figures).
+        self.blas_threads = 1 if blas_threads is None else int(blas_threads)
         self._jobs = queue.Queue()
         kind = _ProcessNet if self.processes > 0 else _ThreadNet
         self._nets = [kind(model_args, blas_threads) for _ in range(max(1, self.processes))]
