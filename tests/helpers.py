@@ -130,6 +130,17 @@ def run_extract(args, check=True, **kw):
     return run_script(EXTRACT, args, check=check, **kw)
 
 
+def tiny_database(caffe, folder, n=40, classes=("a", "b", "c"), bits=12):
+    """A feature database of n generated images (folder/imgs) made by
+    extract.py with a tiny random net: {db, deploy, weights, folder}."""
+    deploy, weights = make_tiny_net(caffe, folder, bits=bits)
+    make_images(folder / "imgs", n, classes=classes)
+    db = folder / "db.lmdb"
+    run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
+                 "--mean", MEAN, "--batch-size", 8])
+    return {"db": db, "deploy": deploy, "weights": weights, "folder": folder}
+
+
 # ---- codes and tiny evaluation data -------------------------------------------
 
 def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):

@@ -3,7 +3,6 @@
 retrieve.py's answers, hostile input, and a database that grows."""
 import io
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (MEAN, ROOT, Server, http_request, make_images, make_tiny_net, run_extract,
-                     run_script)
+from helpers import (MEAN, ROOT, Server, http_request, make_images, run_extract, run_script,
+                     tiny_database)
 
 RETRIEVE = ROOT / "python" / "retrieve.py"
 TOKEN = "s3cret-token"
@@ -27,13 +26,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def database(caffe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    deploy, weights = make_tiny_net(caffe, folder, bits=12)
-    make_images(folder / "imgs", 40, classes=("a", "b", "c"))
-    db = folder / "db.lmdb"
-    run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
-                 "--mean", MEAN, "--batch-size", 8])
-    return {"db": db, "deploy": deploy, "weights": weights, "folder": folder}
+    return tiny_database(caffe, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
