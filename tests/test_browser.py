@@ -145,3 +145,29 @@ def test_a_bad_upload_shows_the_servers_reason(site, browser, tmp_path):
     wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
     message = text(browser, "error")
     assert message.startswith("400") and "not an image" in message
+
+
+DROP_AND_PASTE = """
+const [kind, done] = arguments;
+const blob = await (await fetch('/api/images/7/thumbnail?size=32')).blob();
+const file = new File([blob], kind + '.jpg', {type: 'image/jpeg'});
+const data = new DataTransfer();
+data.items.add(file);
+if (kind === 'dropped') {
+  document.getElementById('drop-zone').dispatchEvent(
+    new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+} else {
+  document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));
+}
+done();
+"""
+
+
+@pytest.mark.parametrize("kind", ["dropped", "pasted"])
+def test_drop_or_paste_an_image(site, browser, kind):
+    browser.get(site["server"].url)
+    wait(browser, lambda d: "60 images" in text(d, "db-info"))
+    browser.execute_async_script(DROP_AND_PASTE, kind)
+    wait(browser, lambda d: f"{kind}.jpg" in text(d, "query-meta") and len(results(d)) == 24)
+    # the dropped image is database image 7 (its thumbnail): found first
+    assert results(browser)[0].get_attribute("data-id") == "7"
