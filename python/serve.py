@@ -110,7 +110,7 @@ def main(argv=None):
     args = parse_args(argv)
     import uvicorn
     from uvicorn.supervisors import Multiprocess
-    from dlbhc.service import Limits, QueryService
+    from dlbhc.service import Limits, QueryService, limit_malloc_arenas
     from dlbhc.webapp import SETTINGS_ENV, create_app
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
@@ -120,6 +120,7 @@ def main(argv=None):
                     weights=args.weights, gpu=args.gpu, net_processes=args.net_processes,
                     max_batch=args.max_batch, blas_threads=args.blas_threads,
                     refresh_seconds=args.refresh_seconds)
+    limit_malloc_arenas()
     sock = bind(args.host, args.port)
     # Everything is loaded and checked here first (with --workers, each
     # worker then loads its own copy, from the index cached by this one).

@@ -34,7 +34,8 @@ from starlette.requests import HTTPConnection
 
 from .errors import UserError
 from .retrieval import to_json
-from .service import BadRequest, Limits, NotFound, QueryService, Unavailable
+from .service import (BadRequest, Limits, NotFound, QueryService, Unavailable,
+                      limit_malloc_arenas)
 
 TOKEN_COOKIE = "dlbhc_token"
 # serve.py --workers N: the settings each worker process builds its service from.
@@ -185,6 +186,7 @@ def app_from_environment():
     QueryService of its own (index, net, caches) made from the settings
     serve.py left in the environment (JSON: QueryService's arguments, with
     limits and token)."""
+    limit_malloc_arenas()
     settings = json.loads(os.environ[SETTINGS_ENV])
     token = settings.pop("token", None)
     limits = Limits(**settings.pop("limits"))
