@@ -11,7 +11,10 @@ C requests are always in flight); the database's files are read once
 before its first configuration.  Per configuration: queries/s, latency
 p50/p99 (ms) as the clients see it, the server's resident memory
 afterwards (its net worker processes included), and this load generator's
-own CPU share, which the 2 cores also had to carry.
+own CPU share, which the 2 cores also had to carry, and the server's CPU
+time per request ("cpu ms": user + system of the server and its children
+over the run, warm-up included, divided by the requests answered), which
+other work on the machine inflates far less than it does latencies.
 
 Databases
   synthetic  N images x --bits, the codes and fc7 rows of
@@ -163,6 +166,7 @@ def load(url, groups, seconds, warmup=2.0):
                 mine.append((status, ms, timing))
         client.conn.close()
         with lock:
+            results[label]["all"] = results[label].get("all", 0) + i
             for status, ms, timing in mine:
                 if status == 200:
                     results[label]["ms"].append(ms)
@@ -214,6 +218,26 @@ def server_rss_mb(server):
             "anon": sum(rss(p, "RssAnon") for p in pids)}
 
 
+def server_cpu_s(server):
+    """CPU seconds (user + system) the server and its child processes have used."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick     # utime, stime
+
+    pids = [server.pid]
+    for task in Path(f"/proc/{server.pid}/task").iterdir():
+        try:
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sum(cpu(p) for p in pids)
+
+
 def timing_medians(timings):
     parts = {}
     for header in timings:
@@ -239,13 +263,14 @@ def format_row(r):
     p99 = f"{r['p99_ms']:8.2f}" if r["p99_ms"] is not None else f"{'-':>8}"
     timing = " ".join(f"{k} {v:.1f}" for k, v in r["server_timing_ms"].items())
     return (f"{r['database']:>14} {r['kind']:>13} {r['net']:>9} {r['clients']:>3} "
-            f"{r['qps']:>8.1f} {p50} {p99} {r['rss_mb']['total']:>7.0f} "
+            f"{r['qps']:>8.1f} {p50} {p99} {r['server_cpu_ms_per_request']:>6.1f} "
+            f"{r['rss_mb']['total']:>7.0f} "
             f"{r['rss_mb']['anon']:>7.0f} "
             f"{r['load_cpu_cores']:>5.2f} {r['errors']:>4}  {timing}")
 
 
 HEADER = (f"{'database':>14} {'queries':>13} {'net':>9} {'C':>3} {'q/s':>8} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'RSS MB':>7} {'anon MB':>7} {'load':>5} {'err':>4}  server-side ms (median)")
+          f"{'p99 ms':>8} {'cpu ms':>6} {'RSS MB':>7} {'anon MB':>7} {'load':>5} {'err':>4}  server-side ms (median)")
 
 
 # ---- the databases ---------------------------------------------------------------
@@ -325,11 +350,17 @@ def run_configs(server, database, count, configs, args, rows):
     for kind, net, groups in configs:
         made = [(label, clients, make_requests(label, rng, count, args.top_k, args.uploads))
                 for label, clients in groups]
+        cpu_before = server_cpu_s(server)
         results, load_cpu = load(server.url, made, args.seconds)
+        # Server CPU per request (warm-up included): what a request costs the
+        # cores whatever else runs on the machine, unlike the latencies.
+        cpu_ms = 1000 * (server_cpu_s(server) - cpu_before) / \
+            max(1, sum(r.get("all", 0) for r in results.values()))
         rss = server_rss_mb(server)
         for label, clients in groups:
             row = row_of(database, kind if len(groups) == 1 else f"{label} (mixed)", net,
                          clients, results[label], args.seconds, load_cpu, rss)
+            row["server_cpu_ms_per_request"] = cpu_ms
             rows.append(row)
             print(format_row(row), flush=True)
 
