@@ -295,6 +295,8 @@ def test_a_thousand_bad_requests_then_a_good_query(server, database):
                                     AUTH)
     assert status == 200 and json.loads(body)[0]["results"][0]["id"] == 9
     growth_kb = server.status("VmRSS") - rss_before
+    print(f"1,000 bad requests: resident memory {rss_before} -> {rss_before + growth_kb} kB, "
+          f"open files {fds_before} -> {server.open_files()}")
     assert growth_kb < 40_000, f"resident memory grew by {growth_kb} kB"
     assert server.open_files() <= fds_before + 2
     assert server.proc.poll() is None
