@@ -8,6 +8,7 @@ is there (../shared/data/cifar10, as on the project's machines and CI),
 else generated images; a tiny random net encodes them (the page is under
 test here, not the net).
 """
+import json
 import tarfile
 
 import pytest
@@ -169,5 +170,9 @@ def test_drop_or_paste_an_image(site, browser, kind):
     wait(browser, lambda d: "60 images" in text(d, "db-info"))
     browser.execute_async_script(DROP_AND_PASTE, kind)
     wait(browser, lambda d: f"{kind}.jpg" in text(d, "query-meta") and len(results(d)) == 24)
-    # the dropped image is database image 7 (its thumbnail): found first
-    assert results(browser)[0].get_attribute("data-id") == "7"
+    # the page shows what the API answers for the same image (the thumbnail's bytes)
+    server = site["server"]
+    _, _, thumbnail = server.get("/api/images/7/thumbnail?size=32")
+    _, _, body = server.upload("/api/search?top_k=24", [(f"{kind}.jpg", thumbnail)])
+    expected = [str(hit["id"]) for hit in json.loads(body)[0]["results"]]
+    assert [r.get_attribute("data-id") for r in results(browser)] == expected

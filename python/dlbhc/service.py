@@ -233,6 +233,7 @@ class NetPool:
         # 2.3 vs 5.6 ms, batch 32 110 vs 608 ms (benchmarks/bench_serve.py
         # runs the server this way; docs/serving.md has the figures).
         self.blas_threads = 1 if blas_threads is None else int(blas_threads)
+        self.model_args = model_args
         self._jobs = queue.Queue()
         kind = _ProcessNet if self.processes > 0 else _ThreadNet
         self._nets = [kind(model_args, blas_threads) for _ in range(max(1, self.processes))]
@@ -264,6 +265,11 @@ class NetPool:
     def _dispatch(self, net, ready, failure):
         try:
             net.start()
+            # One forward before the first request: Caffe allocates its
+            # blobs' memory on the first (measured: the first upload's
+            # forward took 450 ms, the next ones a few).
+            crop = int(self.model_args[0]["preprocessing"]["crop"])
+            net.forward(np.zeros((1, crop, crop, 3), dtype=np.uint8))
         except BaseException as err:  # noqa: BLE001  (raised by the constructor)
             failure.append(err)
             ready.set()
