@@ -29,7 +29,7 @@ export CIFAR10_ARCHIVE
 all: caffe
 
 help:
-	@sed -n '1,13p' Makefile
+	@sed -n '1,11p' Makefile
 
 # ---- environment -----------------------------------------------------------
 $(VENV)/.requirements-installed: requirements.txt
