@@ -65,6 +65,7 @@ def test_info_and_health(server, database):
     assert info["model"]["weights"] == str(database["weights"])
     assert info["index"]["buckets"] > 0 and info["index"]["age_s"] >= 0
     assert info["net"]["max_batch"] == 32
+    assert info["net"]["blas_threads"] == [1]      # the default, read back from OpenBLAS
     assert "40 images, 12 bits" in server.log()
 
 
@@ -342,9 +343,10 @@ def test_no_net_searches_by_id_only(database):
 def test_nets_in_worker_processes_answer_like_the_thread(server, database):
     path = db_paths(database)[21]
     data = open(path, "rb").read()
-    srv = Server(["--db", database["db"], "--net-processes", 2])
+    srv = Server(["--db", database["db"], "--net-processes", 2, "--blas-threads", 2])
     try:
-        assert srv.get_json("/api/info")["net"]["mode"] == "2 worker processes"
+        net = srv.get_json("/api/info")["net"]
+        assert net["mode"] == "2 worker processes" and net["blas_threads"] == [2, 2]
         results = []
 
         def ask():

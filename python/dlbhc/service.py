@@ -110,12 +110,15 @@ class _Job:
 
 
 def _set_blas_threads(n):
-    """OpenBLAS threads of the Caffe in this process (when it uses OpenBLAS)."""
+    """Set the OpenBLAS threads of the Caffe in this process (when it uses
+    OpenBLAS); the count in force afterwards, read back (None: no OpenBLAS)."""
+    from .caffe_env import blas_threads_control
+    control = blas_threads_control()
+    if control is None:
+        return None
     if n:
-        from .caffe_env import blas_threads_control
-        control = blas_threads_control()
-        if control is not None:
-            control[1](int(n))
+        control[1](int(n))
+    return int(control[0]())
 
 
 class _ThreadNet:
@@ -126,9 +129,10 @@ class _ThreadNet:
     def __init__(self, model_args, blas_threads):
         self.model_args, self.blas_threads = model_args, blas_threads
         self.net = None
+        self.blas_in_force = None
 
     def start(self):
-        _set_blas_threads(self.blas_threads)
+        self.blas_in_force = _set_blas_threads(self.blas_threads)
         self.net = load_matching_model(*self.model_args)
 
     def forward(self, crops):
@@ -141,13 +145,13 @@ class _ThreadNet:
 def _net_process_main(conn, model_args, blas_threads):
     """A net worker process: load the net, then answer crops with (fc7, latent)."""
     try:
-        _set_blas_threads(blas_threads)
+        blas_in_force = _set_blas_threads(blas_threads)
         net = load_matching_model(*model_args)
     except BaseException as err:  # noqa: BLE001  (reported to the parent)
         conn.send(("error", f"{type(err).__name__}: {err}" if not isinstance(err, UserError)
                    else str(err)))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", blas_in_force))
     while True:
         try:
             crops = conn.recv()
@@ -168,6 +172,7 @@ class _ProcessNet:
     def __init__(self, model_args, blas_threads):
         self.model_args, self.blas_threads = model_args, blas_threads
         self.proc = self.conn = None
+        self.blas_in_force = None
 
     def start(self):
         # spawn, not fork: the server has threads (and maybe a GPU context).
@@ -181,6 +186,7 @@ class _ProcessNet:
         if status != "ready":
             self.close()
             raise UserError(message)
+        self.blas_in_force = message
 
     def _recv(self):
         try:
@@ -236,7 +242,7 @@ class NetPool:
         self.model_args = model_args
         self._jobs = queue.Queue()
         kind = _ProcessNet if self.processes > 0 else _ThreadNet
-        self._nets = [kind(model_args, blas_threads) for _ in range(max(1, self.processes))]
+        self._nets = [kind(model_args, self.blas_threads) for _ in range(max(1, self.processes))]
         self._threads = []
         for net in self._nets:
             ready, failure = threading.Event(), []
@@ -248,6 +254,10 @@ class NetPool:
                 self.close()
                 raise failure[0]
             self._threads.append(thread)
+
+    @property
+    def nets(self):
+        return list(self._nets)
 
     @property
     def mode(self):
@@ -454,8 +464,10 @@ class QueryService:
                       "built": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                              time.localtime(self.retriever.index_time)),
                       "age_s": round(time.time() - self.retriever.index_time, 3)},
-            "net": None if self.net is None else {"mode": self.net.mode,
-                                                  "max_batch": self.net.max_batch},
+            "net": None if self.net is None else {
+                "mode": self.net.mode, "max_batch": self.net.max_batch,
+                # read back from OpenBLAS where each net runs (None: another BLAS)
+                "blas_threads": [net.blas_in_force for net in self.net.nets]},
             "limits": self.limits.as_dict(),
             "process": os.getpid(),      # which of serve.py --workers N answered
         }
