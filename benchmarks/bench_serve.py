@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/bench_serve.py --cifar-db runs/demo/cifar_hash48/db_train.lmdb
     .venv/bin/python benchmarks/bench_serve.py --sizes 100000 --clients 1,8 --seconds 3
+    .venv/bin/python benchmarks/bench_serve.py --cifar-db DB --blas-table   # 1 vs 2 BLAS threads
 
 serve.py runs in a process of its own (as users run it); this process is the
 load: C client threads, each with one keep-alive HTTP connection, send
@@ -88,6 +89,9 @@ def parse_args(argv):
     p.add_argument("--workdir", help="where the synthetic store is written (default: a temp "
                                      "folder, deleted at the end); kept and reused if given")
     p.add_argument("--json", default="out/bench_serve.json", help="results file")
+    p.add_argument("--blas-table", action="store_true",
+                   help="only time the --cifar-db net's forward with 1 and 2 BLAS threads "
+                        "(batches 1, 8, 32) and exit")
     args = p.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -289,9 +293,10 @@ def synthetic_store(n, args, workdir):
     return path, dim, write_s
 
 
-def forward_ms(db_path, repeats=50):
-    """Median ms of the database's own net on one crop (no HTTP, no decode),
-    with one BLAS thread, as serve.py runs it by default."""
+def forward_ms(db_path, repeats=50, batches=(1,), blas_threads=(1,), rounds=1):
+    """Median ms of the database's own net on a batch of crops (no HTTP, no
+    decode): {(batch, BLAS threads): [ms per round]}.  serve.py's default is
+    one BLAS thread."""
     from dlbhc.caffe_env import blas_threads_control
     from dlbhc.retrieval import load_matching_model
     from dlbhc.store import FeatureStore
@@ -299,17 +304,33 @@ def forward_ms(db_path, repeats=50):
         meta = dict(store.meta)
     net = load_matching_model(meta, db_path)
     control = blas_threads_control()
-    if control is not None:
-        control[1](1)
-    crop = np.zeros((1, net.prep.crop, net.prep.crop, 3), dtype=np.uint8)
-    for _ in range(5):
-        net.forward_crops(crop)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        net.forward_crops(crop)
-        times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times))
+    found = {}
+    for batch in batches:
+        crops = np.zeros((batch, net.prep.crop, net.prep.crop, 3), dtype=np.uint8)
+        for _ in range(rounds):
+            for threads in blas_threads:      # alternated, so load hits both alike
+                if control is not None:
+                    control[1](threads)
+                for _ in range(3):
+                    net.forward_crops(crops)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    net.forward_crops(crops)
+                    times.append(1000 * (time.perf_counter() - start))
+                found.setdefault((batch, threads), []).append(float(np.median(times)))
+    return found
+
+
+def blas_comparison(db_path):
+    """--blas-table: the net's forward, 1 against 2 BLAS threads."""
+    table = forward_ms(db_path, repeats=30, batches=(1, 8, 32), blas_threads=(1, 2), rounds=2)
+    print("the net's forward, median ms of 30, two rounds alternating the thread counts")
+    print(f"{'batch':>5} {'1 BLAS thread':>16} {'2 BLAS threads':>16}")
+    for batch in (1, 8, 32):
+        cells = [", ".join(f"{ms:.2f}" for ms in table[(batch, t)]) for t in (1, 2)]
+        print(f"{batch:>5} {cells[0]:>16} {cells[1]:>16}")
+    return {f"batch{b}_threads{t}": v for (b, t), v in table.items()}
 
 
 def upload_files(db_path, n=64, seed=0):
@@ -368,6 +389,14 @@ def run_configs(server, database, count, configs, args, rows):
 def main(argv=None):
     args = parse_args(argv)
     uptime = Path("/proc/loadavg").read_text().split()[:3]
+    if args.blas_table:
+        if not args.cifar_db or not Path(args.cifar_db).exists():
+            raise UserError("--blas-table needs --cifar-db DB (a database made by extract.py)")
+        print(f"load average {' '.join(uptime)} at the start", flush=True)
+        blas_comparison(args.cifar_db)
+        print(f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+              "at the end")
+        return 0
     print(f"{os.cpu_count()} cores, load average {' '.join(uptime)} at the start; "
           f"{args.seconds:g} s per configuration after 2 s of warm-up; top_k {args.top_k}",
           flush=True)
@@ -396,7 +425,7 @@ def main(argv=None):
                 finally:
                     server.stop()
         if args.cifar_db and Path(args.cifar_db).exists():
-            facts["forward_ms_batch1"] = forward_ms(args.cifar_db)
+            facts["forward_ms_batch1"] = forward_ms(args.cifar_db)[(1, 1)][0]
             print(f"the net's forward on one image: {facts['forward_ms_batch1']:.2f} ms "
                   "(median of 50, one BLAS thread, this process, before the server starts)", flush=True)
             args.uploads = upload_files(args.cifar_db)

@@ -235,9 +235,8 @@ class NetPool:
         # One BLAS thread per net unless asked: query batches are small, and
         # on the shared 2-core machine a second OpenBLAS thread never helped
         # the small net's forward and, with other work on the cores, made it
-        # up to 5x slower (its threads spin-wait for each other): batch 1
-        # 2.3 vs 5.6 ms, batch 32 110 vs 608 ms (benchmarks/bench_serve.py
-        # runs the server this way; docs/serving.md has the figures).
+        # up to 2.8x slower (its threads spin-wait for each other): batch 32
+        # 93 vs 263 ms (bench_serve.py --blas-table; docs/serving.md).
         self.blas_threads = 1 if blas_threads is None else int(blas_threads)
         self.model_args = model_args
         self._jobs = queue.Queue()
