@@ -6,6 +6,7 @@
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
 #   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
+#   make serve [SERVE_DB=DB] [PORT=8080] [HOST=127.0.0.1]   the search page and JSON API
 #
 # Everything runs in the project's virtual environment .venv (made here).
 
@@ -22,13 +23,13 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe test data data-alexnet weights weights-caffenet train demo \
-        prototxt bench-extract bench-search bench-map clean-runs help
+.PHONY: all venv caffe test test-packages data data-alexnet weights weights-caffenet train \
+        demo serve serve-db prototxt bench-extract bench-search bench-map bench-serve clean-runs help
 
 all: caffe
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,11p' Makefile
 
 # ---- environment -----------------------------------------------------------
 $(VENV)/.requirements-installed: requirements.txt
@@ -49,8 +50,13 @@ caffe: venv
 	  printf '%s\n%s\n' "$(abspath .caffe/python)" "$(abspath python)" > $$site/dlbhc-caffe.pth
 
 # ---- tests -----------------------------------------------------------------
-test: caffe
+test: caffe test-packages
 	$(PY) -m pytest tests -q
+
+# Debian packages the tests need beyond Caffe's (Chromium and its WebDriver
+# for the browser test), installed when missing.
+test-packages:
+	tests/install-packages.sh tests/apt-packages.txt
 
 prototxt: venv
 	$(PY) prototxt/generate.py
@@ -127,6 +133,20 @@ demo: data
 	    --queries $(DEMO_DIR)/db_test.lmdb --k 1000 --out-dir $(DEMO_DIR)/evaluation
 	@echo "demo done: $(DEMO_DIR)/montage.png, $(DEMO_DIR)/evaluation/"
 
+# ---- serving --------------------------------------------------------------------
+# The search page and JSON API over a feature database (the demo's by default).
+SERVE_DB ?= $(DEMO_DIR)/db_train.lmdb
+PORT     ?= 8080
+HOST     ?= 127.0.0.1
+
+serve-db:
+	@test -e $(SERVE_DB) || { echo "no feature database at $(SERVE_DB): build the demo's with" \
+	    "\`make demo\`, or serve your own: make serve SERVE_DB=path/to/db.lmdb" >&2; exit 2; }
+
+serve: serve-db caffe
+	$(PY) python/serve.py --db $(SERVE_DB) --host $(HOST) --port $(PORT) \
+	    $(if $(filter 1,$(GPU)),--gpu 0)
+
 # ---- benchmarks (not tests: they time and measure; see README) -----------------
 bench-extract: data
 	$(PY) benchmarks/bench_extract.py --net cifar
@@ -137,3 +157,8 @@ bench-search: venv
 
 bench-map: data
 	benchmarks/bench_cifar_map.sh
+
+# SERVE_BENCH_DB: the CIFAR-10 database to serve (default the demo's).
+SERVE_BENCH_DB ?= $(DEMO_DIR)/db_train.lmdb
+bench-serve: caffe
+	$(PY) benchmarks/bench_serve.py --cifar-db $(SERVE_BENCH_DB)

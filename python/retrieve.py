@@ -46,12 +46,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not (args.query or args.id or args.queries):
         p.error("give a query image, --id N or --queries LIST")
-    if args.top_k < 1:
-        p.error("--top-k must be at least 1")
-    if args.candidates is not None and args.candidates < 1:
-        p.error("--candidates must be at least 1")
-    if args.max_radius is not None and args.max_radius < 0:
-        p.error("--max-radius must be 0 or more")
+    from dlbhc.retrieval import check_search_parameters
+    try:
+        check_search_parameters(args.top_k, args.candidates, args.max_radius)
+    except UserError as err:
+        p.error("--" + str(err).replace("_", "-"))
     return args
 
 
@@ -79,11 +78,7 @@ def main(argv=None):
         answers = []
         search = dict(k=args.top_k, candidates=args.candidates, max_radius=args.max_radius)
         if args.id:
-            fc7, codes = retriever.features_of_ids(args.id)
-            infos = retriever.store.infos(args.id)
-            id_queries = [Query(f"id {i}: {info['path']}", label=int(info["label"]),
-                                path=info["path"], exclude_id=i)
-                          for i, info in zip(args.id, infos)]
+            id_queries, codes, fc7 = retriever.id_queries(args.id)
             answers += retriever.search(id_queries, codes, fc7, **search)
         if image_queries:
             for q in image_queries:

@@ -372,3 +372,25 @@ def test_is_image_file():
     assert is_image_file("A.JPEG") and is_image_file("x.tif")
     assert not is_image_file("x.txt") and not is_image_file("jpg")
     assert os.path.splitext("x.tar.gz")[1] == ".gz" and not is_image_file("x.tar.gz")
+
+
+def test_decode_image_reads_uploads_as_read_image_reads_files(tmp_path):
+    import io
+    from dlbhc.images import decode_image
+    rng = np.random.default_rng(3)
+    for fmt, mode in (("PNG", "RGBA"), ("JPEG", "L"), ("GIF", "P")):
+        img = Image.fromarray(rng.integers(0, 255, (20, 30, 4), dtype=np.uint8), "RGBA")
+        path = tmp_path / f"x.{fmt.lower()}"
+        img.convert(mode).save(path, format=fmt)
+        data = path.read_bytes()
+        expected = read_image(path)
+        assert np.array_equal(decode_image(data, "x"), expected)
+        stream = io.BytesIO(data)
+        stream.seek(7)
+        assert np.array_equal(decode_image(stream, "x"), expected)
+    with pytest.raises(BadImage, match="empty"):
+        decode_image(b"", "e.png")
+    with pytest.raises(BadImage, match="not an image"):
+        decode_image(b"hello", "h.jpg")
+    with pytest.raises(BadImage, match="decompression-bomb guard: 30x20"):
+        decode_image((tmp_path / "x.png").read_bytes(), "x", max_pixels=399)

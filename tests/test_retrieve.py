@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MEAN, make_images, make_tiny_net, run_extract
+from helpers import MEAN, make_images, make_tiny_net, run_extract, tiny_database
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVE = ROOT / "python" / "retrieve.py"
@@ -15,13 +15,7 @@ RETRIEVE = ROOT / "python" / "retrieve.py"
 
 @pytest.fixture(scope="module")
 def database(caffe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("retrieve")
-    deploy, weights = make_tiny_net(caffe, folder, bits=12)
-    make_images(folder / "imgs", 40, classes=("a", "b", "c"))
-    db = folder / "db.lmdb"
-    run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
-                 "--mean", MEAN, "--batch-size", 8])
-    return {"db": db, "deploy": deploy, "weights": weights, "folder": folder}
+    return tiny_database(caffe, tmp_path_factory.mktemp("retrieve"))
 
 
 def retrieve(*args, check=True):

@@ -25,11 +25,15 @@ dependency order (a module imports only modules above it):
     retrieval   a database opened for queries; tables, JSON, montages
     metrics     mAP@k, P@k, radius precision, PR curves, plots (runs the
                 index's search)
+    service     a database served for queries: the net kept loaded (batched,
+                in a thread or worker processes), growth, thumbnails, limits
+    webapp      the HTTP API and the search page over a service (FastAPI)
     reference   brute-force truths, for tests and benchmarks only
 
 Only caffe_env, protos, datum, model, training and pipeline import Caffe
-(and only when a function needs it); codes, pivots, rerank, index, store,
-retrieval and metrics never do, so search can be tested and benchmarked
+(and only when a function needs it; service through model, in the thread or
+process that runs the net); codes, pivots, rerank, index, store, retrieval,
+metrics, service and webapp never do, so search can be tested and benchmarked
 without a net.  The names below are the public surface; everything else is
 reached through its module.
 """

@@ -6,6 +6,7 @@ the database, training data and queries see the same pixels whatever the file
 format. This module never imports Caffe: it is used by tools and tests that
 must run before (or without) a Caffe build.
 """
+import io
 import os
 import threading
 from pathlib import Path
@@ -184,9 +185,29 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     if size == 0:
         raise BadImage(path, "empty file (0 bytes)")
 
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(data, name="upload", max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode an upload, bytes or a seekable binary file object (read from
+    its start, as Pillow does), like read_image decodes a file: the same conversions,
+    checks and BadImage reasons; `name` is what BadImage reports.  The
+    decompression-bomb guard reads only the header, so a small file
+    declaring a huge image is refused before any pixel buffer exists."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    empty = source.seek(0, io.SEEK_END) == 0
+    source.seek(0)
+    if empty:
+        raise BadImage(name, "empty file (0 bytes)")
+    return _decode(source, name, max_pixels)
+
+
+def _decode(source, path, max_pixels):
+    """read_image's and decode_image's decoder: `source` is what Image.open
+    reads (a path or a file object), `path` what BadImage names."""
     with _StrictTruncation():
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImage(path, (
