@@ -43,6 +43,7 @@ import fcntl
 import io
 import os
 import shutil
+import socket
 import sys
 import time
 from collections import deque
@@ -199,6 +200,10 @@ class ShardExtractor:
         with ShardLock(store_path):
             if _sealed_path(store_path).exists():
                 return {"shard": number, "sealed": True}
+            if Path(store_path).exists() and not _is_complete(store_path):
+                # An actor killed while creating the store (before its
+                # metadata record): nothing was committed, start afresh.
+                shutil.rmtree(store_path)
             log = io.StringIO()
             opts = self.options
             report = extract_items(
@@ -222,24 +227,46 @@ def connect(address):
                         "(or `make venv`)") from None
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level="WARNING",
                   configure_logging=True)
+    if address is not None:
+        check_reachable(address)
     try:
         if address is None:
             # A private Ray for this job: usage statistics off (Ray would
             # send them to its makers), everything on the loopback address.
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(_node_ip_address="127.0.0.1", **kwargs)
+            ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
         else:
             ray.init(address=address, **kwargs)
-    except ConnectionError as err:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {err}. Start one with "
-                        "`ray start --head` (and `ray start --address HEAD:PORT` on the "
-                        "other nodes), or leave ADDRESS out to run a local Ray") from None
     except Exception as err:   # Ray raises plain exceptions for a bad address too
         if address is None:
             raise
         raise UserError(f"cannot connect to the Ray cluster at {address}: "
                         f"{type(err).__name__}: {err}") from None
     return ray
+
+
+# How long connect() waits for a cluster's head to accept a connection:
+# ray.init itself retries an unreachable address for a very long time.
+CONNECT_SECONDS = 10.0
+
+
+def check_reachable(address, seconds=CONNECT_SECONDS):
+    """Raise UserError unless HOST:PORT (or ray://HOST:PORT) accepts a TCP
+    connection; "auto" (the cluster this machine belongs to) is left to Ray."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray {address}: expected HOST:PORT of the cluster's head "
+                        "(e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as err:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({err}): start it with "
+                        "`ray start --head --port PORT` (and `ray start --address HEAD:PORT` "
+                        "on the other nodes), check the address, or leave ADDRESS out to run "
+                        "a local Ray on this machine") from None
 
 
 def _existing_shards(folder, backend):
@@ -258,6 +285,8 @@ def extract_on_ray(source, net, out, address=None, root=None, batch_size=50,
     `net` is the driver's HashNet: it checks the model against DB, and its
     files are what the actors load."""
     start = time.monotonic()
+    if address is not None:
+        check_reachable(address)     # before anything is created
     items = list_images(source, root=root)[0]
     if limit:
         items = items[:limit]
@@ -309,6 +338,15 @@ def _has_records(path):
     try:
         with FeatureStore.open(path) as shard:
             return shard.count > 0
+    except UserError:
+        return False
+
+
+def _is_complete(path):
+    """Whether the store at `path` opens (its metadata record is there)."""
+    try:
+        FeatureStore.open(path).close()
+        return True
     except UserError:
         return False
 
