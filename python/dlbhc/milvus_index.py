@@ -55,6 +55,11 @@ RERANK_SUFFIX = "_rerank"
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
 MAX_PATH = 65535                        # Milvus's VARCHAR limit
 CONNECT_SECONDS = 10.0
+# Searches read at Milvus's "Bounded" consistency: a collection loaded by
+# load_database is static, and "Strong" would wait for the next time tick
+# (~0.2-0.4 s a call measured here); the loader declares a load finished
+# only once a Bounded read sees every row.
+SEARCH_CONSISTENCY = "Bounded"
 # Rows per insert and per vector fetch: ~16 MB of re-rank vectors each.
 BATCH_BYTES = 16 << 20
 MAX_FETCH_IDS = 4096
@@ -157,6 +162,7 @@ def load_database(store, uri, name, index_type="BIN_FLAT", nlist=1024, nprobe=No
         for coll in (name, rerank):
             client.flush(coll)
             client.load_collection(coll)
+            _wait_visible(client, coll, store.count)
         client.alter_collection_properties(name, properties={COUNT_PROPERTY: str(store.count)})
         return loaded
     except UserError:
@@ -200,11 +206,23 @@ def _create_rerank(client, DataType, MilvusClient, rerank, dim):
                              consistency_level="Strong")
 
 
-def _row_count(client, name):
+def _row_count(client, name, consistency="Strong"):
     client.load_collection(name)
     rows = client.query(name, filter="", output_fields=["count(*)"],
-                        consistency_level="Strong")
+                        consistency_level=consistency)
     return int(rows[0]["count(*)"])
+
+
+def _wait_visible(client, name, count, seconds=120):
+    """Wait until searches at SEARCH_CONSISTENCY see all `count` rows: the
+    load is declared finished only then, so a search right after it finds
+    everything."""
+    deadline = time.monotonic() + seconds
+    while _row_count(client, name, SEARCH_CONSISTENCY) < count:
+        if time.monotonic() > deadline:
+            raise UserError(f"Milvus still shows fewer than {count} rows in {name} "
+                            f"{seconds} s after the load: rerun index_milvus.py")
+        time.sleep(0.5)
 
 
 def _insert_rows(client, store, name, rerank, codes_from, vectors_from, progress):
@@ -299,7 +317,7 @@ class MilvusCollection:
             part = unique[lo:lo + MAX_FETCH_IDS].tolist()
             for row in self.client.query(collection, filter=f"id in {part}",
                                          output_fields=["id", *fields],
-                                         consistency_level="Strong", **kw):
+                                         consistency_level=SEARCH_CONSISTENCY, **kw):
                 found[int(row["id"])] = row
         missing = [int(i) for i in unique if int(i) not in found]
         if missing:
@@ -348,7 +366,7 @@ class MilvusIndex:
         hits = self.client.search(self.name, data=[c.tobytes() for c in codes],
                                   anns_field="code", limit=limit, filter=expr,
                                   search_params=params, output_fields=[],
-                                  consistency_level="Strong")
+                                  consistency_level=SEARCH_CONSISTENCY)
         return [(np.array([h["id"] for h in q], dtype=np.int64),
                  np.array([h["distance"] for h in q], dtype=np.float64).round().astype(np.int32))
                 for q in hits]
@@ -371,24 +389,43 @@ class MilvusIndex:
         (smallest radius holding min_candidates images, whole last shell)."""
         limit = self.bits if max_radius is None else max(0, min(int(max_radius), self.bits))
         need = max(0, int(min_candidates))
-        radii = [0] * len(codes)
-        if need > 0 and self.count > 0:
+        results = []
+        if need == 0 or self.count == 0:
+            first = [None] * len(codes)
+        else:
+            # Twice the N nearest: when the last of them lies beyond the N-th
+            # distance R, they hold the whole shell R and no range search is
+            # needed (BIN_FLAT's top-L are exactly the L nearest).
             top = min(need, TOPK_CAP, self.count)
-            for i, (ids, dist) in enumerate(self._search(codes, top)):
-                if len(ids) < top:
+            first = self._search(codes, min(TOPK_CAP, self.count, 2 * top))
+        for code, hits in zip(codes, first):
+            if hits is None:
+                radius = 0
+                ids, dist = self._within(code, 0, 0) if self.count else (
+                    np.empty(0, np.int64), np.empty(0, np.int32))
+            else:
+                ids, dist = hits
+                order = np.argsort(dist, kind="stable")
+                ids, dist = ids[order], dist[order]
+                if len(ids) < min(top, self.count):
                     raise UserError(f"{self.collection.path}: Milvus returned {len(ids)} of "
                                     f"the {top} nearest codes of {self.count} images: the "
                                     "index is not exact (BIN_IVF_FLAT with nprobe < nlist?)")
-                radii[i] = limit if need > self.count else min(int(dist[-1]), limit)
-        results = []
-        for code, radius in zip(codes, radii):
-            ids, dist = self._within(code, 0, radius)
-            if need > TOPK_CAP:
-                # N beyond Milvus's top-k: grow shell by shell, as the local index.
-                while len(ids) < need and radius < limit:
-                    radius += 1
-                    more = self._within(code, radius, radius)
-                    ids, dist = np.concatenate([ids, more[0]]), np.concatenate([dist, more[1]])
+                radius = limit if need > self.count else min(int(dist[top - 1]), limit)
+                complete = len(ids) == self.count or dist[-1] > radius
+                if complete:
+                    keep = dist <= radius
+                    ids, dist = ids[keep], dist[keep]
+                else:
+                    ids, dist = self._within(code, 0, radius)
+                if need > TOPK_CAP:
+                    # N beyond Milvus's top-k: grow shell by shell, as the
+                    # local index does.
+                    while len(ids) < need and radius < limit:
+                        radius += 1
+                        more = self._within(code, radius, radius)
+                        ids = np.concatenate([ids, more[0]])
+                        dist = np.concatenate([dist, more[1]])
             order = np.lexsort((ids, dist))
             results.append(CoarseResult(ids[order], dist[order], int(radius)))
         return results
