@@ -23,7 +23,7 @@ CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
 .PHONY: all venv caffe test data data-alexnet weights weights-caffenet train demo \
-        prototxt bench-extract bench-search bench-map clean-runs help
+        prototxt bench-extract bench-search bench-map bench-ray bench-milvus clean-runs help
 
 all: caffe
 
@@ -137,3 +137,14 @@ bench-search: venv
 
 bench-map: data
 	benchmarks/bench_cifar_map.sh
+
+# Ray on one node against plain extract.py (the first 10,000 images of
+# RAY_IMAGES; one actor is killed mid-run), and Milvus search latency against
+# the local index at 1M synthetic codes.
+RAY_IMAGES ?= $(CIFAR_DIR)/train
+bench-ray: $(CIFAR_READY) | caffe
+	$(PY) benchmarks/bench_ray.py $(RAY_IMAGES) --net cifar
+	$(PY) benchmarks/bench_ray.py $(RAY_IMAGES) --net alexnet
+
+bench-milvus: venv
+	$(PY) benchmarks/bench_milvus.py

@@ -5,7 +5,8 @@ not a test): the engine's overhead on one node, as a ratio.
     .venv/bin/python benchmarks/bench_ray.py IMAGES --net cifar
     .venv/bin/python benchmarks/bench_ray.py IMAGES --net alexnet
 
-IMAGES: a folder of images (e.g. 10,000 CIFAR-10 JPEGs, 1,000 a class).
+IMAGES: a folder of images, of which the first --count (10,000) are used
+(e.g. CIFAR-10's JPEG training images).
 In one run: extract.py IMAGES (its defaults: two forward workers with a
 single-threaded net each), then extract.py IMAGES --ray (a local Ray started
 by the command, one actor per CPU, each a single-threaded net) with one
@@ -83,6 +84,8 @@ def main():
     p.add_argument("images", help="image folder (e.g. 10,000 CIFAR-10 JPEGs)")
     p.add_argument("--net", choices=["cifar", "alexnet"], default="cifar")
     p.add_argument("--bits", type=int, default=48)
+    p.add_argument("--count", type=int, default=10000,
+                   help="the first COUNT images of IMAGES (extract.py --limit)")
     p.add_argument("--batch-size", type=int, default=None, help="default 100 / 50")
     p.add_argument("--kill-at", type=float, default=0.4,
                    help="fraction of the images done when an actor is killed (0: none)")
@@ -97,7 +100,8 @@ def main():
         weights = random_weights(deploy, tmp / "random.caffemodel")
         common = [sys.executable, str(ROOT / "python/extract.py"), args.images,
                   "--deploy", str(deploy), "--weights", str(weights),
-                  "--mean", "104,117,123", "--batch-size", str(batch)]
+                  "--mean", "104,117,123", "--batch-size", str(batch),
+                  "--limit", str(args.count)]
         load_before = os.getloadavg()
         plain_s, plain_out, _, _ = run([*common, "--out", str(tmp / "plain.lmdb")],
                                        log=tmp / "plain.log")

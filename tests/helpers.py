@@ -5,6 +5,7 @@ Everything is written under the folder a test gives (its tmp_path), never
 into the checkout.
 """
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,13 @@ def run_script(script, args, check=True, timeout=300, **kw):
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def free_port():
+    """A TCP port on the loopback address that nobody listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_extract(args, check=True, **kw):

@@ -6,22 +6,15 @@ through Milvus is compared with the local index (HashIndex.search) on the
 same databases: with exact settings the answers are equal, ties included."""
 import json
 import re
-import socket
 
 import numpy as np
 import pytest
 
-from helpers import MEAN, ROOT, clustered_codes, make_images, make_tiny_net, run_extract, \
-    run_script
+from helpers import MEAN, ROOT, clustered_codes, free_port, make_images, make_tiny_net, \
+    run_extract, run_script
 
 INDEX_MILVUS = ROOT / "python" / "index_milvus.py"
 RETRIEVE = ROOT / "python" / "retrieve.py"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +181,7 @@ def test_a_collection_of_another_database_is_refused(milvus_uri, extracted, tmp_
 
 def test_unreachable_missing_and_wrong_uris_are_clear_errors(milvus_uri, extracted, tmp_path):
     _folder, db, _model = extracted
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     cases = [
         (RETRIEVE, ["--id", "1", "--milvus", nobody, "--collection", "tiny"],
          "cannot reach a Milvus server at " + nobody),

@@ -7,7 +7,6 @@ killing the process groups this module started."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,16 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import EXTRACT, MEAN, make_images, make_tiny_net, run_extract
+from helpers import EXTRACT, MEAN, free_port, make_images, make_tiny_net, run_extract
 
 RAY = Path(sys.executable).with_name("ray")
 PROGRESS = re.compile(r"extract \(ray\) (\d+)/(\d+)")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args, env, log):
@@ -54,7 +47,7 @@ def ray_cluster():
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))   # short: socket paths
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=uuid.uuid4().hex)
-    port = _free_port()
+    port = free_port()
     procs = []
     try:
         with open(temp / "head.log", "w") as log:
@@ -221,7 +214,7 @@ def test_without_an_address_a_local_ray_runs_the_same_job(caffe, tmp_path):
 def test_an_unreachable_cluster_is_a_clear_error(caffe, tmp_path):
     deploy, weights = make_tiny_net(caffe, tmp_path)
     make_images(tmp_path / "imgs", 3)
-    port = _free_port()                               # nobody listens there
+    port = free_port()                               # nobody listens there
     out = run_extract([tmp_path / "imgs", "--out", tmp_path / "db.lmdb",
                        *model_args((deploy, weights)), "--ray", f"127.0.0.1:{port}"],
                       check=False, timeout=240)

@@ -45,6 +45,7 @@ import numpy as np
 from .codes import code_bytes
 from .errors import UserError
 from .index import CoarseResult, SearchResults, check_search_args, fine_stage
+from .store import MetaFields
 
 # Milvus refuses a top-k (and a range search's limit) above this.
 TOPK_CAP = 16384
@@ -255,7 +256,7 @@ def _insert_rows(client, store, name, rerank, codes_from, vectors_from, progress
 
 # ---- searching ---------------------------------------------------------------
 
-class MilvusCollection:
+class MilvusCollection(MetaFields):
     """A database loaded into Milvus, opened for queries: what retrieval's
     Retriever reads from a FeatureStore (meta, count, bits, infos, fc7,
     code_rows), answered by Milvus, and `index`, its MilvusIndex."""
@@ -286,18 +287,6 @@ class MilvusCollection:
             self.client.close()
             raise
         self.index = MilvusIndex(self)
-
-    @property
-    def count(self):
-        return int(self.meta["count"])
-
-    @property
-    def bits(self):
-        return int(self.meta["bits"])
-
-    @property
-    def fc7_dim(self):
-        return int(self.meta["fc7_dim"])
 
     def close(self):
         self.client.close()

@@ -159,7 +159,25 @@ class _LevelDbBackend:
 _BACKENDS = {"lmdb": _LmdbBackend, "leveldb": _LevelDbBackend}
 
 
-class FeatureStore:
+class MetaFields:
+    """The sizes a database's metadata record states: its image count, code
+    bits and fc7 width (of a FeatureStore, or of the Milvus collection a
+    database was loaded into)."""
+
+    @property
+    def count(self):
+        return int(self.meta["count"])
+
+    @property
+    def bits(self):
+        return int(self.meta["bits"])
+
+    @property
+    def fc7_dim(self):
+        return int(self.meta["fc7_dim"])
+
+
+class FeatureStore(MetaFields):
     """A feature database made by extract.py (see the module docstring)."""
 
     def __init__(self, path, backend, meta, readonly):
@@ -237,19 +255,7 @@ class FeatureStore:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- properties ------------------------------------------------------
-    @property
-    def count(self):
-        return int(self.meta["count"])
-
-    @property
-    def bits(self):
-        return int(self.meta["bits"])
-
-    @property
-    def fc7_dim(self):
-        return int(self.meta["fc7_dim"])
-
+    # ---- properties (count, bits, fc7_dim: MetaFields) -----------------------
     @property
     def fc7_dtype(self):
         return np.dtype(self.meta["fc7_dtype"]).newbyteorder("<")
