@@ -60,7 +60,8 @@ def parse_args(argv):
                    help="extract on a Ray cluster (ADDRESS: its head, e.g. 10.0.0.5:6379, "
                         "or auto); without ADDRESS a local Ray starts on this machine. "
                         "Shards on actors holding one net each (--gpu: one GPU per actor), "
-                        "merged into --out in input order; rerun to finish after a crash")
+                        "merged into --out in input order; rerun to finish after a crash "
+                        "(--workers and --blas-threads do not apply)")
     p.add_argument("--ray-actors", type=int, metavar="N",
                    help="actors (default: one per CPU of the cluster, or per GPU with --gpu)")
     p.add_argument("--ray-shard-size", type=int, metavar="N",
