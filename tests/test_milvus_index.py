@@ -6,6 +6,7 @@ through Milvus is compared with the local index (HashIndex.search) on the
 same databases: with exact settings the answers are equal, ties included."""
 import json
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -17,9 +18,20 @@ INDEX_MILVUS = ROOT / "python" / "index_milvus.py"
 RETRIEVE = ROOT / "python" / "retrieve.py"
 
 
+# The PyPI server's embedded etcd listens on these fixed ports: a second
+# such server on the machine cannot start (it waits 180 s, then fails).
+EMBEDDED_ETCD_PORTS = (2379, 2380)
+
+
 @pytest.fixture(scope="module")
 def milvus_uri(tmp_path_factory):
     from milvus import MilvusServer, MilvusServerConfig
+    for port in EMBEDDED_ETCD_PORTS:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is taken: another Milvus server from the PyPI "
+                            "package `milvus` (its embedded etcd) runs on this machine; "
+                            "stop it, since two cannot run at once")
     server = MilvusServer(MilvusServerConfig(data_dir=str(tmp_path_factory.mktemp("milvus"))))
     server.start()
     try:
