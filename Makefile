@@ -24,7 +24,8 @@ CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
 .PHONY: all venv caffe test test-packages data data-alexnet weights weights-caffenet train \
-        demo serve serve-db prototxt bench-extract bench-search bench-map bench-serve clean-runs help
+        demo serve serve-db prototxt bench-extract bench-search bench-map bench-serve \
+        bench-ray bench-milvus clean-runs help
 
 all: caffe
 
@@ -162,3 +163,14 @@ bench-map: data
 SERVE_BENCH_DB ?= $(DEMO_DIR)/db_train.lmdb
 bench-serve: caffe
 	$(PY) benchmarks/bench_serve.py --cifar-db $(SERVE_BENCH_DB)
+
+# Ray on one node against plain extract.py (the first 10,000 images of
+# RAY_IMAGES; one actor is killed mid-run), and Milvus search latency against
+# the local index at 1M synthetic codes.
+RAY_IMAGES ?= $(CIFAR_DIR)/train
+bench-ray: $(CIFAR_READY) | caffe
+	$(PY) benchmarks/bench_ray.py $(RAY_IMAGES) --net cifar
+	$(PY) benchmarks/bench_ray.py $(RAY_IMAGES) --net alexnet
+
+bench-milvus: venv
+	$(PY) benchmarks/bench_milvus.py

@@ -6,7 +6,9 @@
         --mean data/cifar10/cifar10_train_32_mean.npy --out db/cifar10_train_48.lmdb
 
 IMAGES is a folder (recursive; class subfolders give labels) or a list file
-of `path [label]` lines. Rerunning the same command adds only what is new;
+of `path [label]` lines. With --ray [ADDRESS] the same job runs on a Ray
+cluster (a local one without ADDRESS): shards on actors that each hold one
+net, merged into OUT in input order. Rerunning the same command adds only what is new;
 after an interrupted run it finishes the job. Unreadable images are listed in
 OUT.skipped.tsv and the exit status is 3 (0 when every image was stored).
 """
@@ -20,6 +22,7 @@ from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 
 EXIT_SKIPPED = 3
+LOCAL_RAY = "local"
 
 
 def parse_args(argv):
@@ -53,8 +56,24 @@ def parse_args(argv):
     p.add_argument("--merge", nargs="+", metavar="SHARD_DB",
                    help="instead of extracting, merge these shard databases into --out")
     p.add_argument("--limit", type=int, help="only the first N images (for trials)")
+    p.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                   help="extract on a Ray cluster (ADDRESS: its head, e.g. 10.0.0.5:6379, "
+                        "or auto); without ADDRESS a local Ray starts on this machine. "
+                        "Shards on actors holding one net each (--gpu: one GPU per actor), "
+                        "merged into --out in input order; rerun to finish after a crash "
+                        "(--workers and --blas-threads do not apply)")
+    p.add_argument("--ray-actors", type=int, metavar="N",
+                   help="actors (default: one per CPU of the cluster, or per GPU with --gpu)")
+    p.add_argument("--ray-shard-size", type=int, metavar="N",
+                   help="images per shard (default: about 16 shards per actor)")
     add_gpu_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ray and (args.shard or args.merge):
+        p.error("--ray shards and merges by itself: leave out --shard/--merge")
+    for name in ("ray_actors", "ray_shard_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def main(argv=None):
@@ -73,11 +92,21 @@ def main(argv=None):
     from dlbhc.pipeline import extract, parse_shard
     shard = parse_shard(args.shard)
     net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
-    report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
-                     workers=args.workers, backend=args.backend,
-                     fc7_dtype="float16" if args.float16 else "float32",
-                     shard=shard, limit=args.limit, commit_seconds=args.commit_every,
-                     blas_threads=args.blas_threads)
+    if args.ray:
+        from dlbhc.ray_extract import extract_on_ray
+        report = extract_on_ray(args.images, net, args.out,
+                                address=None if args.ray == LOCAL_RAY else args.ray,
+                                root=args.root, batch_size=args.batch_size,
+                                backend=args.backend,
+                                fc7_dtype="float16" if args.float16 else "float32",
+                                limit=args.limit, commit_seconds=args.commit_every,
+                                actors=args.ray_actors, shard_size=args.ray_shard_size)
+    else:
+        report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
+                         workers=args.workers, backend=args.backend,
+                         fc7_dtype="float16" if args.float16 else "float32",
+                         shard=shard, limit=args.limit, commit_seconds=args.commit_every,
+                         blas_threads=args.blas_threads)
     print(f"{args.out}: stored {report.stored} new images ({report.rate:.1f} img/s), "
           f"{report.already} were already there, {len(report.skipped)} skipped "
           f"({net.bits} bits, fc7 {net.fc7_dim})")

@@ -11,6 +11,11 @@ and the buckets at Hamming distance 1, 2, ... until at least --candidates
 images (or --max-radius), re-ranked by fc7 Euclidean distance. The query is
 prepared with the preprocessing recorded in the database, by the net recorded
 there (or --deploy/--weights, which must match it).
+
+    python python/retrieve.py query.jpg --milvus http://localhost:19530 --collection NAME
+
+searches a database loaded into Milvus (python/index_milvus.py): the same
+rule and the same answers, Milvus holding the codes and re-rank vectors.
 """
 import argparse
 import sys
@@ -26,7 +31,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("query", nargs="*", help="query image file(s)")
-    p.add_argument("--db", required=True, help="feature database made by extract.py")
+    p.add_argument("--db", help="feature database made by extract.py")
+    p.add_argument("--milvus", metavar="URI",
+                   help="search a database loaded into Milvus (python/index_milvus.py) at "
+                        "this server, e.g. http://localhost:19530, instead of --db")
+    p.add_argument("--collection", help="the Milvus collection (with --milvus)")
     p.add_argument("--id", type=int, action="append", default=[],
                    help="use the database's own image ID as the query (repeatable); "
                         "the image itself is left out of its results")
@@ -44,6 +53,10 @@ def parse_args(argv):
     p.add_argument("--weights", help="weights (default: the ones the database records)")
     add_gpu_argument(p)
     args = p.parse_args(argv)
+    if bool(args.db) == bool(args.milvus):
+        p.error("give the database: --db DB, or --milvus URI --collection NAME")
+    if args.milvus and not args.collection:
+        p.error("--milvus needs --collection NAME (as given to index_milvus.py)")
     if not (args.query or args.id or args.queries):
         p.error("give a query image, --id N or --queries LIST")
     from dlbhc.retrieval import check_search_parameters
@@ -69,7 +82,8 @@ def main(argv=None):
     args = parse_args(argv)
     from dlbhc.images import list_images
     from dlbhc.retrieval import Query, Retriever, format_table, montage, to_json
-    retriever = Retriever(args.db)
+    retriever = Retriever.on_milvus(args.milvus, args.collection) if args.milvus \
+        else Retriever(args.db)
     try:
         image_queries = [Query(str(q)) for q in args.query]
         if args.queries:

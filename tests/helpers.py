@@ -5,6 +5,7 @@ Everything is written under the folder a test gives (its tmp_path), never
 into the checkout.
 """
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,26 +24,35 @@ MEAN = "104,117,123"
 
 # ---- nets and images ---------------------------------------------------------
 
-def make_tiny_net(caffe, folder, bits=12, size=24, seed=0, fc7=32):
-    """A deploy net with the project's blob names and random weights."""
+def make_tiny_net(caffe, folder, bits=12, size=24, seed=0, fc7=32, convs=0):
+    """A deploy net with the project's blob names and random weights.
+    convs: extra 32-channel 3x3 convolutions at full input resolution before
+    the rest, which make the forward slow with few weights (a job that lasts
+    long enough to be interrupted)."""
     L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[4, 3, size, size]))
-    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2)
+    bottom = n.data
+    for i in range(convs):
+        conv = L.Convolution(bottom, num_output=32, kernel_size=3, pad=1)
+        setattr(n, f"slow{i}", conv)
+        setattr(n, f"slow{i}_relu", L.ReLU(conv, in_place=True))
+        bottom = conv
+    n.conv1 = L.Convolution(bottom, num_output=8, kernel_size=3, stride=2)
     n.relu1 = L.ReLU(n.conv1, in_place=True)
     n.fc7 = L.InnerProduct(n.conv1, num_output=fc7)
     n.relu7 = L.ReLU(n.fc7, in_place=True)
     n.fc8_latent = L.InnerProduct(n.fc7, num_output=bits)
     n.latent = L.Sigmoid(n.fc8_latent)
     n.fc9_classifier = L.InnerProduct(n.latent, num_output=3)
-    deploy = folder / f"tiny{bits}_{fc7}_deploy.prototxt"
+    deploy = folder / f"tiny{bits}_{fc7}{f'_c{convs}' if convs else ''}_deploy.prototxt"
     deploy.write_text(str(n.to_proto()))
     net = caffe.Net(str(deploy), caffe.TEST)
     rng = np.random.default_rng(seed)
     for params in net.params.values():
         params[0].data[...] = rng.normal(0, 0.05, size=params[0].data.shape)
         params[1].data[...] = rng.normal(0, 0.05, size=params[1].data.shape)
-    weights = folder / f"tiny{bits}_{fc7}_s{seed}.caffemodel"
+    weights = folder / f"tiny{bits}_{fc7}{f'_c{convs}' if convs else ''}_s{seed}.caffemodel"
     net.save(str(weights))
     return deploy, weights
 
@@ -123,6 +133,13 @@ def run_script(script, args, check=True, timeout=300, **kw):
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def free_port():
+    """A TCP port on the loopback address that nobody listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_extract(args, check=True, **kw):

@@ -15,7 +15,8 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 # Search, evaluation, storage and data acquisition are tested and benchmarked
 # without a Caffe build: importing them must not import caffe.
 CAFFE_FREE = ("codes", "index", "pivots", "rerank", "metrics", "reference", "store", "images",
-              "files", "cifar10", "errors", "progress", "retrieval", "service", "webapp")
+              "files", "cifar10", "errors", "progress", "retrieval", "milvus_index", "service",
+              "webapp")
 
 
 def _dlbhc_module(node, current):
@@ -118,3 +119,18 @@ def test_modules_import_only_modules_above_them_in_the_stated_order():
             targets = [a.name for a in node.names] if target == "" else [target.split(".")[0]]
             upward += [(name, t) for t in targets if t in rank and rank[t] >= rank[name]]
     assert upward == []
+
+
+def test_engines_are_imported_only_when_used():
+    """Ray and Milvus stay behind their adapters: importing the package, the
+    scripts' modules and the adapters themselves loads neither engine, so
+    the single-machine path runs without them installed."""
+    code = ("import sys; sys.path.insert(0, %r)\n" % str(ROOT / "python")
+            + "import dlbhc, dlbhc.ray_extract, dlbhc.milvus_index, dlbhc.retrieval\n"
+            + "import dlbhc.pipeline, dlbhc.store\n"
+            + "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('ray', 'pymilvus', 'milvus')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -19,9 +19,13 @@ dependency order (a module imports only modules above it):
     training    `caffe train` runs with progress, per-run prototxts, resume
     store       the feature database: schema, backends, metadata, shards
     pipeline    bulk extraction: workers, batching, commits, resume
+    ray_extract extraction as a Ray job: shards on actors holding one net,
+                merged in input order (imports ray only when a job runs)
     pivots      the coarse stage's pruned scan (pivot groups and runs)
     rerank      the fine stage: fc7 distances and their tie rule
     index       bucket table and the batched coarse-to-fine search
+    milvus_index  the index on Milvus: loading a database, the same search
+                with Milvus as coarse stage (imports pymilvus only to connect)
     retrieval   a database opened for queries; tables, JSON, montages
     metrics     mAP@k, P@k, radius precision, PR curves, plots (runs the
                 index's search)
@@ -30,12 +34,12 @@ dependency order (a module imports only modules above it):
     webapp      the HTTP API and the search page over a service (FastAPI)
     reference   brute-force truths, for tests and benchmarks only
 
-Only caffe_env, protos, datum, model, training and pipeline import Caffe
-(and only when a function needs it; service through model, in the thread or
-process that runs the net); codes, pivots, rerank, index, store, retrieval,
-metrics, service and webapp never do, so search can be tested and benchmarked
-without a net.  The names below are the public surface; everything else is
-reached through its module.
+Only caffe_env, protos, datum, model, training, pipeline and ray_extract
+import Caffe (and only when a function needs it; service through model, in
+the thread or process that runs the net); codes, pivots, rerank, index,
+milvus_index, store, retrieval, metrics, service and webapp never do, so
+search can be tested and benchmarked without a net.  The names below are
+the public surface; everything else is reached through its module.
 """
 from .cifar10 import get_cifar10
 from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes

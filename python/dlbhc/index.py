@@ -256,6 +256,20 @@ class SearchResults:
                    np.zeros(n_queries, dtype=np.int64), np.zeros(n_queries, dtype=np.int32),
                    np.zeros(n_queries))
 
+    @classmethod
+    def from_ranked(cls, ranked, k):
+        """Rows from per-query (ids, hamming, sq_distances, candidates,
+        radius, seconds), as fine_stage (+ the time) gives them; k=None:
+        rows as wide as the longest."""
+        width = max((len(r[0]) for r in ranked), default=0) if k is None else int(k)
+        out = cls.empty(len(ranked), width)
+        for i, (ids, ham, d2, n_cand, radius, seconds) in enumerate(ranked):
+            out.ids[i, :len(ids)] = ids
+            out.hamming[i, :len(ids)] = ham
+            out.l2[i, :len(ids)] = np.sqrt(d2.astype(np.float64))
+            out.candidates[i], out.radius[i], out.seconds[i] = n_cand, radius, seconds
+        return out
+
     def __len__(self):
         return len(self.ids)
 
@@ -263,6 +277,36 @@ class SearchResults:
         found = int(np.count_nonzero(self.ids[i] >= 0))
         return SearchResult(self.ids[i, :found], self.hamming[i, :found], self.l2[i, :found],
                             int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]))
+
+
+def check_search_args(query_codes, query_fc7, bits, k, min_candidates):
+    """The arguments of a batched search, checked: (codes, fc7, min_candidates
+    with its default_min_candidates(k) default)."""
+    query_codes = check_codes(query_codes, bits, "query codes")
+    query_fc7 = np.asarray(query_fc7)
+    if query_fc7.ndim != 2 or len(query_fc7) != len(query_codes):
+        raise ValueError(f"query fc7 {query_fc7.shape} does not match "
+                         f"{len(query_codes)} query codes")
+    if k is not None and int(k) < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if min_candidates is None:
+        min_candidates = default_min_candidates(k if k is not None else 0)
+    return query_codes, query_fc7, min_candidates
+
+
+def fine_stage(coarse, query_fc7, fc7, k):
+    """One query's fine stage over its CoarseResult: the candidates'
+    re-rank distances (rerank.py's rule, ties by id), top k (all with None).
+    Returns (ids, hamming, sq_distances, candidates, radius).  Every
+    coarse stage (this index's, or an engine's such as milvus_index's)
+    ends here, so they rank alike."""
+    # Ascending ids: one sequential pass over the fc7 rows.
+    by_id = np.argsort(coarse.ids, kind="stable")
+    ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
+    d2 = candidate_sq_distances(fc7, ids, query_fc7) if len(ids) else \
+        np.empty(0, dtype=np.float32)
+    top = rank_by_distance(ids, d2, k)
+    return ids[top], ham[top], d2[top], len(ids), coarse.radius
 
 
 class HashIndex:
@@ -413,35 +457,14 @@ class HashIndex:
         default_min_candidates(k); max_radius caps the Hamming radius.
         Returns SearchResults.
         """
-        query_codes = check_codes(query_codes, self.bits, "query codes")
-        query_fc7 = np.asarray(query_fc7)
-        if query_fc7.ndim != 2 or len(query_fc7) != len(query_codes):
-            raise ValueError(f"query fc7 {query_fc7.shape} does not match "
-                             f"{len(query_codes)} query codes")
-        if k is not None and int(k) < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        if min_candidates is None:
-            min_candidates = default_min_candidates(k if k is not None else 0)
+        query_codes, query_fc7, min_candidates = check_search_args(
+            query_codes, query_fc7, self.bits, k, min_candidates)
         ranked = []
         for code, q_fc7 in zip(query_codes, query_fc7):
             start = time.perf_counter()
             coarse = self.coarse(code, min_candidates, max_radius)
-            # Ascending ids: one sequential pass over the fc7 rows.
-            by_id = np.argsort(coarse.ids, kind="stable")
-            ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
-            d2 = candidate_sq_distances(fc7, ids, q_fc7) if len(ids) else \
-                np.empty(0, dtype=np.float32)
-            top = rank_by_distance(ids, d2, k)
-            ranked.append((ids[top], ham[top], d2[top], len(ids), coarse.radius,
-                           time.perf_counter() - start))
-        width = max((len(r[0]) for r in ranked), default=0) if k is None else int(k)
-        out = SearchResults.empty(len(ranked), width)
-        for i, (ids, ham, d2, n_cand, radius, seconds) in enumerate(ranked):
-            out.ids[i, :len(ids)] = ids
-            out.hamming[i, :len(ids)] = ham
-            out.l2[i, :len(ids)] = np.sqrt(d2.astype(np.float64))
-            out.candidates[i], out.radius[i], out.seconds[i] = n_cand, radius, seconds
-        return out
+            ranked.append(fine_stage(coarse, q_fc7, fc7, k) + (time.perf_counter() - start,))
+        return SearchResults.from_ranked(ranked, k)
 
     # ---- coarse stage ------------------------------------------------------
     def coarse(self, query_code, min_candidates, max_radius=None):

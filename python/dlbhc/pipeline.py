@@ -168,24 +168,46 @@ def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb
     items = list_images(source, root=root)[0]
     if limit:
         items = items[:limit]
-    pairs = select_inputs(items, shard)
+    report = extract_items(input_triples(select_inputs(items, shard)), net, out,
+                           batch_size=batch_size, workers=workers, backend=backend,
+                           fc7_dtype=fc7_dtype, shard=shard, prefetch=prefetch, log=log,
+                           commit_seconds=commit_seconds, blas_threads=blas_threads)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def input_triples(pairs):
+    """(seq, ImageItem) pairs -> (seq, absolute path, label) triples, what a
+    store records.  Absolute paths: the database is read from other folders
+    later (retrieve.py's montage opens the images it returns)."""
+    return [(seq, os.path.abspath(it.path), int(it.label)) for seq, it in pairs]
+
+
+def extract_items(triples, net, out, batch_size=50, workers=2, backend="lmdb",
+                  fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr,
+                  commit_seconds=COMMIT_SECONDS, blas_threads=None, progress=None):
+    """Extract (seq, path, label) triples into store `out` (created, or
+    appended to when it holds the same model), skipping the paths it already
+    holds; returns an ExtractionReport and lists skipped images in
+    `out`.skipped.tsv.  extract() calls this for a whole collection, and each
+    Ray actor (ray_extract) for one shard.  progress: a function
+    (images to do) -> an object with update(n) and close() (default: a
+    Progress line on stderr)."""
+    start = time.monotonic()
     store = open_or_create_store(out, net, backend, fc7_dtype)
-    report = ExtractionReport(total=len(pairs))
+    report = ExtractionReport(total=len(triples))
     try:
         if shard:
             store.update_meta(shard=f"{shard[0]}/{shard[1]}")
         done = store.stored_paths() if store.count else set()
-        # Absolute paths: the database is read from other folders later
-        # (retrieve.py's montage opens the images it returns).
-        todo = [(seq, os.path.abspath(it.path), int(it.label)) for seq, it in pairs
-                if os.path.abspath(it.path) not in done]
-        report.already = len(pairs) - len(todo)
+        todo = [t for t in triples if t[1] not in done]
+        report.already = len(triples) - len(todo)
         if report.already:
-            print(f"{out}: {report.already} of {len(pairs)} images already stored; "
+            print(f"{out}: {report.already} of {len(triples)} images already stored; "
                   f"{len(todo)} to go", file=log)
         if todo:
             _run(todo, net, store, report, batch_size, workers, prefetch, log, commit_seconds,
-                 blas_threads)
+                 blas_threads, progress)
     finally:
         store.close()
     report.seconds = time.monotonic() - start
@@ -392,12 +414,12 @@ def _forward_in_main(todo, net, preparer, workers, batch_size, prefetch, tuner, 
 
 
 def _run(todo, net, store, report, batch_size, workers, prefetch, log,
-         commit_seconds=COMMIT_SECONDS, blas_threads=None):
+         commit_seconds=COMMIT_SECONDS, blas_threads=None, progress=None):
     """Forward every (seq, path, label) of `todo` into `store`, in order."""
     preparer = ImagePreparer(net.prep)
     on_gpu = net.gpu is not None and net.gpu >= 0
-    sink = _Sink(Committer(store, report, commit_seconds),
-                 Progress(len(todo), label="extract", unit="img"), report, log)
+    meter = progress(len(todo)) if progress else Progress(len(todo), label="extract", unit="img")
+    sink = _Sink(Committer(store, report, commit_seconds), meter, report, log)
     # On the CPU, one single-threaded net per worker, each decoding and
     # running whole batches, beats one net whose BLAS threads share the
     # cores with decoding workers: Caffe's layers between the GEMMs run on

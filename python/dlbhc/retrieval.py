@@ -8,7 +8,9 @@ revision (creation time, image count, model) changes, e.g. after extract.py
 appended images. Codes stay in RAM; fc7 rows are read from the database's
 memory-mapped fc7 file only for the candidates of each query.  The search
 itself is HashIndex.search, batched: retrieve.py sends its queries in
-batches, and evaluate.py runs the same search.
+batches, and evaluate.py runs the same search.  Retriever.on_milvus opens a
+database loaded into Milvus instead (milvus_index: same search contract,
+same answers).
 """
 import sys
 import time
@@ -152,6 +154,21 @@ class Retriever:
         self.index = self._load_index()
         self.index_time = time.time()
         return True
+
+    @classmethod
+    def on_milvus(cls, uri, collection, log=sys.stderr):
+        """A database loaded into Milvus (python/index_milvus.py), opened for
+        search: the same answers, Milvus holding codes, re-rank vectors,
+        paths and labels (milvus_index)."""
+        from .milvus_index import MilvusCollection
+        self = cls.__new__(cls)
+        self.store = MilvusCollection(uri, collection)
+        self.db_path = self.store.path
+        self.index = self.store.index
+        self._net = None
+        print(f"searching {self.store.count} images in Milvus ({self.store.path}, "
+              f"{self.store.search_settings['index_type']})", file=log)
+        return self
 
     def close(self):
         self.store.close()

@@ -160,7 +160,25 @@ class _LevelDbBackend:
 _BACKENDS = {"lmdb": _LmdbBackend, "leveldb": _LevelDbBackend}
 
 
-class FeatureStore:
+class MetaFields:
+    """The sizes a database's metadata record states: its image count, code
+    bits and fc7 width (of a FeatureStore, or of the Milvus collection a
+    database was loaded into)."""
+
+    @property
+    def count(self):
+        return int(self.meta["count"])
+
+    @property
+    def bits(self):
+        return int(self.meta["bits"])
+
+    @property
+    def fc7_dim(self):
+        return int(self.meta["fc7_dim"])
+
+
+class FeatureStore(MetaFields):
     """A feature database made by extract.py (see the module docstring)."""
 
     def __init__(self, path, backend, meta, readonly):
@@ -238,19 +256,7 @@ class FeatureStore:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- properties ------------------------------------------------------
-    @property
-    def count(self):
-        return int(self.meta["count"])
-
-    @property
-    def bits(self):
-        return int(self.meta["bits"])
-
-    @property
-    def fc7_dim(self):
-        return int(self.meta["fc7_dim"])
-
+    # ---- properties (count, bits, fc7_dim: MetaFields) -----------------------
     @property
     def fc7_dtype(self):
         return np.dtype(self.meta["fc7_dtype"]).newbyteorder("<")
@@ -387,34 +393,58 @@ class FeatureStore:
             raise UserError(f"image id out of range: the database holds ids 0..{self.count - 1}")
 
 
-def merge(shard_paths, out_path, backend="lmdb", batch=256):
-    """Join shard databases (extract.py --shard i/n) into one.
+def merge(shard_paths, out_path, backend="lmdb", batch=256, append=False):
+    """Join shard databases (extract.py --shard i/n, or the shards of a Ray
+    extraction) into one.
 
     Records are ordered by their position in the full input list (`seq`),
-    so merged shards equal a single run over the same inputs.
+    so merged shards equal a single run over the same inputs.  With
+    append=True `out_path` may already exist (same model): the records whose
+    path it holds are left out and the rest appended, so a merge cut short
+    by a crash (each batch is one transaction) is finished by running it
+    again.  Returns the number of records written.
     """
     shards = [FeatureStore.open(p) for p in shard_paths]
+    out = None
     try:
         base = shards[0].meta
         for s in shards[1:]:
             check_compatible(base, s.meta, what=f"shard {s.path}")
+        existing = database_backend(out_path) if Path(out_path).exists() else None
+        if append and existing is not None:
+            out = FeatureStore.open(out_path, readonly=False)
+            check_compatible(out.meta, base, what=f"shard {shards[0].path}")
+            have = out.stored_paths() if out.count else set()
+        else:
+            meta = {k: v for k, v in base.items()
+                    if k not in ("count", "created", "schema_version", "backend", "shard")}
+            out = FeatureStore.create(out_path, meta, backend=backend)
+            have = set()
         entries = []
         for si, s in enumerate(shards):
             for i, info in enumerate(s.infos()):
-                entries.append((info.get("seq", 0), info["path"], si, i))
+                if info["path"] not in have:
+                    entries.append((info.get("seq", 0), info["path"], si, i))
         entries.sort()
-        meta = {k: v for k, v in base.items()
-                if k not in ("count", "created", "schema_version", "backend", "shard")}
-        out = FeatureStore.create(out_path, meta, backend=backend)
         for start in range(0, len(entries), batch):
             chunk = entries[start:start + batch]
-            fc7 = np.stack([shards[si].fc7([i])[0] for _, _, si, i in chunk])
-            latent = np.stack([shards[si].latent([i])[0] for _, _, si, i in chunk])
-            codes = np.stack([shards[si].code_rows([i])[0] for _, _, si, i in chunk])
-            infos = [shards[si].infos([i])[0] for _, _, si, i in chunk]
-            out.append(fc7, latent, codes, infos)
-        out.close()
+            # one read per shard and table, then back into seq order
+            parts = {}
+            for si in sorted({e[2] for e in chunk}):
+                pos = [j for j, e in enumerate(chunk) if e[2] == si]
+                ids = [chunk[j][3] for j in pos]
+                s = shards[si]
+                parts[si] = (pos, s.fc7(ids), s.latent(ids), s.code_rows(ids), s.infos(ids))
+            order = np.concatenate([p[0] for p in parts.values()])
+            back = np.argsort(order)
+            fc7, latent, codes = (np.concatenate([p[k] for p in parts.values()])[back]
+                                  for k in (1, 2, 3))
+            infos = [info for p in parts.values() for info in p[4]]
+            out.append(fc7, latent, codes, [infos[j] for j in back])
+        return len(entries)
     finally:
+        if out is not None:
+            out.close()
         for s in shards:
             s.close()
 
