@@ -8,9 +8,11 @@
 
 Coarse-to-fine, as the paper: the database images in the query's code bucket
 and the buckets at Hamming distance 1, 2, ... until at least --candidates
-images (or --max-radius), re-ranked by fc7 Euclidean distance. The query is
-prepared with the preprocessing recorded in the database, by the net recorded
-there (or --deploy/--weights, which must match it).
+images (or --max-radius), re-ranked by fc7 Euclidean distance. A database
+with a PCA store (python/compress.py) is re-ranked by the PCA rows instead,
+the best --exact-top (200) again by fc7 (--rerank fc7|pca chooses). The
+query is prepared with the preprocessing recorded in the database, by the
+net recorded there (or --deploy/--weights, which must match it).
 """
 import argparse
 import sys
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.rerank import DEFAULT_EXACT_TOP  # noqa: E402
 
 
 def parse_args(argv):
@@ -37,6 +40,12 @@ def parse_args(argv):
     p.add_argument("--candidates", type=int,
                    help="coarse stage gathers at least this many (default 2 x top-k)")
     p.add_argument("--max-radius", type=int, help="never look beyond this Hamming radius")
+    p.add_argument("--rerank", choices=["auto", "fc7", "pca"], default="auto",
+                   help="fine stage: fc7 distances, the database's PCA store (compress.py), "
+                        "or auto (PCA when the database has one; default)")
+    p.add_argument("--exact-top", type=int, metavar="N",
+                   help="with PCA: rank the best N again by exact fc7 distance "
+                        f"(default {DEFAULT_EXACT_TOP}; 0: PCA ranking only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="PNG", help="write a picture of the results "
                    "(the first query's; with several queries, one PNG each: NAME_0.png ...)")
@@ -52,6 +61,8 @@ def parse_args(argv):
         p.error("--candidates must be at least 1")
     if args.max_radius is not None and args.max_radius < 0:
         p.error("--max-radius must be 0 or more")
+    if args.exact_top is not None and args.exact_top < 0:
+        p.error("--exact-top must be 0 or more")
     return args
 
 
@@ -70,7 +81,7 @@ def main(argv=None):
     args = parse_args(argv)
     from dlbhc.images import list_images
     from dlbhc.retrieval import Query, Retriever, format_table, montage, to_json
-    retriever = Retriever(args.db)
+    retriever = Retriever(args.db, rerank=args.rerank, exact_top=args.exact_top)
     try:
         image_queries = [Query(str(q)) for q in args.query]
         if args.queries:

@@ -10,6 +10,8 @@ dependency order (a module imports only modules above it):
     caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
     protos      Caffe's prototxt and .caffemodel files, read with clear errors
     codes       the code format: threshold, packing, width, Hamming distance
+    pca         the compressed re-rank features: a PCA projection of fc7,
+                learned once, applied identically to every row and query
     images      reading any image file into RGB, folder/list walking, labels,
                 the list of unreadable images
     cifar10     CIFAR-10 acquisition: download or local archive -> folders
@@ -17,10 +19,12 @@ dependency order (a module imports only modules above it):
     model       deploy net, preprocessing, forward -> fc7 + latent
     weights     pretrained weights from Caffe's model zoo, sha1-checked
     training    `caffe train` runs with progress, per-run prototxts, resume
-    store       the feature database: schema, backends, metadata, shards
+    store       the feature database: schema, backends, metadata, shards,
+                the PCA re-rank store
     pipeline    bulk extraction: workers, batching, commits, resume
     pivots      the coarse stage's pruned scan (pivot groups and runs)
-    rerank      the fine stage: fc7 distances and their tie rule
+    rerank      the fine stage: fc7 (or PCA) distances and their tie rule,
+                the two-step PCA-then-fc7 ranking
     index       bucket table and the batched coarse-to-fine search
     retrieval   a database opened for queries; tables, JSON, montages
     metrics     mAP@k, P@k, radius precision, PR curves, plots (runs the
@@ -28,8 +32,8 @@ dependency order (a module imports only modules above it):
     reference   brute-force truths, for tests and benchmarks only
 
 Only caffe_env, protos, datum, model, training and pipeline import Caffe
-(and only when a function needs it); codes, pivots, rerank, index, store,
-retrieval and metrics never do, so search can be tested and benchmarked
+(and only when a function needs it); codes, pca, pivots, rerank, index,
+store, retrieval and metrics never do, so search can be tested and benchmarked
 without a net.  The names below are the public surface; everything else is
 reached through its module.
 """
@@ -41,16 +45,17 @@ from .images import BadImage, list_images, read_image
 from .index import HashIndex, SearchResult, SearchResults, default_min_candidates
 from .metrics import evaluate
 from .model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
+from .pca import Projection
 from .pipeline import extract
-from .rerank import fc7_sq_distances
+from .rerank import ReducedRows, fc7_sq_distances
 from .retrieval import Query, Retriever
 from .store import FeatureStore
 from .training import train
 
 __all__ = [
     "CODE_THRESHOLD", "FEATURE_BLOB", "LATENT_BLOB",
-    "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Query",
-    "Retriever", "SearchResult", "SearchResults", "UserError",
+    "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Projection", "Query",
+    "ReducedRows", "Retriever", "SearchResult", "SearchResults", "UserError",
     "code_bytes", "compute_mean", "convert_imageset", "default_min_candidates", "evaluate",
     "extract", "fc7_sq_distances", "get_cifar10", "hamming_distances", "hamming_matrix",
     "list_images", "pack_codes", "read_image", "train",

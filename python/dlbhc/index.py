@@ -14,6 +14,9 @@ query_fc7, fc7, k) for a batch of queries, like faiss's search(xq, k):
     fine     the coarse candidates re-ranked by the Euclidean distance of
              their fc7 features to the query's fc7; top k returned (or every
              candidate, ranked, with k=None: the evaluation's full ranking).
+             With reduced= (rerank.ReducedRows: the database's PCA store),
+             ranked by the compressed rows instead, the best exact_top of
+             them again by fc7 (rerank.fine_rank).
 retrieve.py, the evaluation (metrics.evaluate) and the benchmarks all call
 this one implementation.
 
@@ -51,7 +54,7 @@ from .codes import (check_codes, code_bytes, distance_dtype, distances_to_words,
                     group_equal_codes, query_words, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
-from .rerank import candidate_sq_distances, rank_by_distance
+from .rerank import fine_rank
 
 FORMAT_VERSION = 1
 
@@ -220,13 +223,20 @@ class SearchResult:
     squared distance the ranking uses (so equal l2 values are exactly the
     ties ordered by id); candidates is how many images the coarse stage
     passed to the re-rank, radius where it stopped; seconds the time the
-    query's coarse and fine stages took."""
+    query's coarse and fine stages took.  With a compressed (PCA) re-rank,
+    only the first `exact` results are ranked and measured by fc7; the rest
+    by the distance between compressed rows (in their l2)."""
     ids: np.ndarray
     hamming: np.ndarray
     l2: np.ndarray
     candidates: int
     radius: int
     seconds: float = 0.0
+    exact: int = None
+
+    def __post_init__(self):
+        if self.exact is None:
+            self.exact = len(self.ids)
 
 
 @dataclass
@@ -239,6 +249,9 @@ class SearchResults:
         candidates (Q,)   int64    images the coarse stage passed to the re-rank
         radius     (Q,)   int32    Hamming radius the coarse stage stopped at
         seconds    (Q,)   float64  time of each query's search
+        exact      (Q,)   int64    leading results ranked and measured by fc7
+                                   (all found, unless a compressed re-rank
+                                   ranked the rest: see SearchResult)
 
     results[i] is query i's SearchResult, without the padding."""
     ids: np.ndarray
@@ -247,6 +260,11 @@ class SearchResults:
     candidates: np.ndarray
     radius: np.ndarray
     seconds: np.ndarray
+    exact: np.ndarray = None
+
+    def __post_init__(self):
+        if self.exact is None:
+            self.exact = np.count_nonzero(self.ids >= 0, axis=1).astype(np.int64)
 
     @classmethod
     def empty(cls, n_queries, k):
@@ -262,7 +280,8 @@ class SearchResults:
     def __getitem__(self, i):
         found = int(np.count_nonzero(self.ids[i] >= 0))
         return SearchResult(self.ids[i, :found], self.hamming[i, :found], self.l2[i, :found],
-                            int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]))
+                            int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]),
+                            int(self.exact[i]))
 
 
 class HashIndex:
@@ -400,7 +419,8 @@ class HashIndex:
         return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
 
     # ---- coarse-to-fine search ---------------------------------------------
-    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None):
+    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
+               reduced=None):
         """Coarse-to-fine top-k of a batch of queries: each query's coarse
         candidates re-ranked by fc7 distance (ties by id).
 
@@ -411,6 +431,9 @@ class HashIndex:
         k: results per query; None ranks every candidate (rows as wide as the
         largest candidate set).  min_candidates defaults to
         default_min_candidates(k); max_radius caps the Hamming radius.
+        reduced: a rerank.ReducedRows (the database's PCA store) to rank by
+        compressed rows, the best reduced.exact_top again by fc7 (fc7 is
+        only read for those; it may be None when exact_top is 0).
         Returns SearchResults.
         """
         query_codes = check_codes(query_codes, self.bits, "query codes")
@@ -422,25 +445,30 @@ class HashIndex:
             raise ValueError(f"k must be >= 0, got {k}")
         if min_candidates is None:
             min_candidates = default_min_candidates(k if k is not None else 0)
+        # Every query's projection at once (a row's projection depends on
+        # that row alone, pca.Projection.apply).
+        query_reduced = reduced.project(query_fc7) if reduced is not None else query_fc7
         ranked = []
-        for code, q_fc7 in zip(query_codes, query_fc7):
+        for code, q_fc7, q_red in zip(query_codes, query_fc7, query_reduced):
             start = time.perf_counter()
             coarse = self.coarse(code, min_candidates, max_radius)
-            # Ascending ids: one sequential pass over the fc7 rows.
+            # Ascending ids: one sequential pass over the rows.
             by_id = np.argsort(coarse.ids, kind="stable")
             ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
-            d2 = candidate_sq_distances(fc7, ids, q_fc7) if len(ids) else \
-                np.empty(0, dtype=np.float32)
-            top = rank_by_distance(ids, d2, k)
-            ranked.append((ids[top], ham[top], d2[top], len(ids), coarse.radius,
-                           time.perf_counter() - start))
+            if len(ids):
+                top, d2, n_exact = fine_rank(ids, q_fc7, fc7, k, reduced, q_red)
+            else:
+                top, d2, n_exact = np.empty(0, np.int64), np.empty(0, np.float32), 0
+            ranked.append((ids[top], ham[top], d2, len(ids), coarse.radius,
+                           time.perf_counter() - start, n_exact))
         width = max((len(r[0]) for r in ranked), default=0) if k is None else int(k)
         out = SearchResults.empty(len(ranked), width)
-        for i, (ids, ham, d2, n_cand, radius, seconds) in enumerate(ranked):
+        for i, (ids, ham, d2, n_cand, radius, seconds, n_exact) in enumerate(ranked):
             out.ids[i, :len(ids)] = ids
             out.hamming[i, :len(ids)] = ham
             out.l2[i, :len(ids)] = np.sqrt(d2.astype(np.float64))
             out.candidates[i], out.radius[i], out.seconds[i] = n_cand, radius, seconds
+            out.exact[i] = n_exact
         return out
 
     # ---- coarse stage ------------------------------------------------------

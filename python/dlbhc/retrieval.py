@@ -9,6 +9,10 @@ appended images. Codes stay in RAM; fc7 rows are read from the database's
 memory-mapped fc7 file only for the candidates of each query.  The search
 itself is HashIndex.search, batched: retrieve.py sends its queries in
 batches, and evaluate.py runs the same search.
+
+The fine stage re-ranks by fc7, or by the database's PCA store when it has
+one (compress.py; rerank="auto", the default), with the best exact_top
+(rerank.DEFAULT_EXACT_TOP) ranked again by fc7: FINE_STAGES.
 """
 import json
 import sys
@@ -20,7 +24,12 @@ import numpy as np
 
 from .errors import UserError
 from .index import HashIndex
+from .rerank import DEFAULT_EXACT_TOP, ReducedRows
 from .store import FeatureStore, check_compatible
+
+# What the fine stage ranks by: fc7, the PCA store, or the PCA store when
+# the database has one (else fc7).
+FINE_STAGES = ("auto", "fc7", "pca")
 
 
 def index_cache_path(db_path):
@@ -42,12 +51,15 @@ class Query:
 
 @dataclass
 class Hit:
+    """One result.  l2 is the fc7 distance when `exact`, else the distance
+    between compressed (PCA) rows that ranked it."""
     rank: int
     id: int
     path: str
     label: int
     hamming: int
     l2: float
+    exact: bool = True
 
 
 @dataclass
@@ -57,23 +69,35 @@ class Answer:
     candidates: int
     radius: int
     search_ms: float
+    rerank: str = "fc7"
 
     def as_dict(self):
         return {"query": self.query.name, "query_path": self.query.path or self.query.name,
                 "query_label": self.query.label,
                 "candidates": self.candidates, "radius": self.radius,
-                "search_ms": round(self.search_ms, 3),
+                "search_ms": round(self.search_ms, 3), "rerank": self.rerank,
                 "results": [h.__dict__ for h in self.hits]}
 
 
 class Retriever:
-    """A database opened for search, with its index in memory."""
+    """A database opened for search, with its index in memory.
 
-    def __init__(self, db_path, log=sys.stderr):
+    rerank: what the fine stage ranks by (FINE_STAGES): "fc7"; "pca", the
+    database's PCA store (compress.py), the best exact_top (default
+    rerank.DEFAULT_EXACT_TOP; 0: none) ranked again by fc7; "auto" (the
+    default): "pca" when the database has a PCA store, else "fc7".
+    self.reduced is the rerank.ReducedRows the search uses (None for fc7)."""
+
+    def __init__(self, db_path, log=sys.stderr, rerank="auto", exact_top=None):
         self.db_path = Path(db_path)
         self.store = FeatureStore.open(self.db_path)
         if self.store.count == 0:
             raise UserError(f"{db_path} holds no images yet: run extract.py on a collection first")
+        try:
+            self.reduced = self._fine_stage(rerank, exact_top)
+        except UserError:
+            self.store.close()
+            raise
         start = time.monotonic()
         try:
             self.index, rebuilt = HashIndex.load_or_build(
@@ -86,6 +110,23 @@ class Retriever:
                   f"({self.index.n_buckets} buckets) in {time.monotonic() - start:.1f} s",
                   file=log)
         self._net = None
+
+    def _fine_stage(self, rerank, exact_top):
+        if rerank not in FINE_STAGES:
+            raise UserError(f"--rerank {rerank!r}: choose one of {', '.join(FINE_STAGES)}")
+        if exact_top is not None and int(exact_top) < 0:
+            raise UserError("--exact-top must be 0 or more")
+        if rerank == "fc7" or (rerank == "auto" and self.store.pca_record is None):
+            return None
+        projection = self.store.projection()   # checked against the database
+        return ReducedRows(self.store.pca_rows(), projection.apply,
+                           DEFAULT_EXACT_TOP if exact_top is None else int(exact_top),
+                           projection.name())
+
+    @property
+    def rerank(self):
+        """How the fine stage ranks: "fc7", "pca256", "pca256 + fc7 top 200"."""
+        return "fc7" if self.reduced is None else self.reduced.describe()
 
     def close(self):
         self.store.close()
@@ -141,7 +182,8 @@ class Retriever:
         k results besides that image."""
         want = k + (1 if any(q.exclude_id is not None for q in queries) else 0)
         found = self.index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
-                                  min_candidates=candidates, max_radius=max_radius)
+                                  min_candidates=candidates, max_radius=max_radius,
+                                  reduced=self.reduced)
         answers = []
         for i, query in enumerate(queries):
             result = found[i]
@@ -150,10 +192,11 @@ class Retriever:
             infos = self.store.infos(result.ids[keep]) if keep else []
             hits = [Hit(rank=r + 1, id=int(result.ids[j]), path=info["path"],
                         label=int(info["label"]), hamming=int(result.hamming[j]),
-                        l2=float(result.l2[j]))
+                        l2=float(result.l2[j]), exact=bool(j < result.exact))
                     for r, (j, info) in enumerate(zip(keep, infos))]
             answers.append(Answer(query, hits, candidates=result.candidates,
-                                  radius=result.radius, search_ms=1000 * result.seconds))
+                                  radius=result.radius, search_ms=1000 * result.seconds,
+                                  rerank=self.rerank))
         return answers
 
 
@@ -163,13 +206,17 @@ def format_table(answer, shown=10):
     query = answer.query
     lines = [f"query {query.name}" + (f" (label {query.label})" if query.label >= 0 else ""),
              f"{answer.candidates} candidates within Hamming radius {answer.radius}, "
-             f"search {answer.search_ms:.2f} ms",
+             f"re-ranked by {answer.rerank}, search {answer.search_ms:.2f} ms",
              f"{'rank':>4}  {'id':>8}  {'ham':>3}  {'L2':>9}  {'label':>5}  path"]
     for hit in answer.hits[:shown]:
-        lines.append(f"{hit.rank:>4}  {hit.id:>8}  {hit.hamming:>3}  {hit.l2:>9.3f}  "
+        # "~": a distance between compressed rows, not the fc7 distance
+        l2 = f"{hit.l2:>9.3f}" if hit.exact else f"~{hit.l2:>8.3f}"
+        lines.append(f"{hit.rank:>4}  {hit.id:>8}  {hit.hamming:>3}  {l2}  "
                      f"{hit.label:>5}  {hit.path}")
     if len(answer.hits) > shown:
         lines.append(f"... {len(answer.hits) - shown} more (--show N, or --json for all)")
+    if any(not h.exact for h in answer.hits[:shown]):
+        lines.append("~ ranked by the PCA rows beyond the exact top (--exact-top N)")
     return "\n".join(lines)
 
 
