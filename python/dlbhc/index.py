@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .codes import (check_codes, code_bytes, distance_dtype, distances_to_words,
-                    group_equal_codes, query_words, to_words)
+from .codes import (check_codes, code_bytes, codes_within, distance_dtype, group_equal_codes,
+                    query_words, scan_kernel, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
 from .rerank import fine_rank
@@ -86,6 +86,12 @@ def _unit_costs(n_words):
 # Enumerating a shell costs memory for its flip masks; beyond this many
 # patterns a scan is always cheaper anyway.
 MAX_SHELL_PROBES = 1 << 18
+# The full scan keeps only codes within a radius (one pass of a C kernel);
+# it guesses that radius from the distances of this many buckets, asking for
+# RADIUS_MARGIN times the images needed (a short guess costs another pass,
+# a long one only a larger selection).
+RADIUS_SAMPLE = 2048
+RADIUS_MARGIN = 2.0
 
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -114,6 +120,9 @@ def shell_radius(cum_counts, min_candidates, max_radius=None):
     cum_counts = np.asarray(cum_counts)
     top = cum_counts.shape[-1] - 1
     limit = top if max_radius is None else max(0, min(int(max_radius), top))
+    if cum_counts.ndim == 1:
+        # One query (the search's case): counts never decrease with r.
+        return min(int(np.searchsorted(cum_counts[:limit + 1], min_candidates)), limit)
     enough = cum_counts[..., :limit + 1] >= min_candidates
     first = np.argmax(enough, axis=-1)
     return np.where(enough.any(axis=-1), first, limit)
@@ -318,6 +327,13 @@ class HashIndex:
         self.hash_seed = int(hash_seed)
         self.pivots = PivotTable(self.bits, pivot_words, band_cum, bucket_offsets)
         self._columns = tuple(np.ascontiguousarray(w) for w in bucket_words)
+        # Row-major copy for the exhaustive scan's C kernel (codes.codes_within),
+        # and a fixed sample of buckets from which the scan guesses its radius.
+        self._rows = np.ascontiguousarray(bucket_words.T)
+        scan_kernel()
+        n_unique = len(bucket_offsets) - 1
+        self._sample = np.sort(np.random.default_rng(0).choice(
+            n_unique, size=min(n_unique, RADIUS_SAMPLE), replace=False))
         self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
         # bincount's weights are float64 anyway: converted once, not per query.
         self._sizes_f = self._sizes.astype(np.float64)
@@ -415,7 +431,7 @@ class HashIndex:
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
-                  self.probe_buckets, self._sizes, self._sizes_f]
+                  self.probe_buckets, self._sizes, self._sizes_f, self._rows]
         return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
 
     # ---- coarse-to-fine search ---------------------------------------------
@@ -487,7 +503,12 @@ class HashIndex:
             return CoarseResult(np.empty(0, np.int64), np.empty(0, np.int32), 0)
 
         # Shell 0 (one probe) then further shells while enumerating them is
-        # cheaper than the scan that would otherwise be needed.
+        # cheaper than the scan that would otherwise be needed.  When a scan
+        # of every unique code costs less than one step of the pivot runs
+        # (small indexes), the runs are never worth their bookkeeping: the
+        # choice is then between probing and that full scan alone.
+        full_cost = self.n_buckets * self.costs["scan"]
+        runs_worth_it = full_cost > self.costs["step"]
         found_buckets, found_dist = [], []
         found = 0
         bounds = None
@@ -502,13 +523,16 @@ class HashIndex:
                 return self._expand(found_buckets, found_dist, r)
             r += 1
             n_probes = math.comb(self.bits, r)
-            if n_probes > MAX_SHELL_PROBES:
+            if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
                 break
-            if bounds is None:
-                bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
-            r_lb = bounds.radius_lower_bound(need, r, limit)
-            if n_probes * self.costs["probe"] >= bounds.scan_cost(r_lb):
-                break
+            if runs_worth_it:
+                if bounds is None:
+                    bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
+                r_lb = bounds.radius_lower_bound(need, r, limit)
+                if n_probes * self.costs["probe"] >= bounds.scan_cost(r_lb):
+                    break
+        if not runs_worth_it:
+            return self._full_scan(qwords, need, limit)
         if bounds is None:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(qwords, bounds, need, r, limit)
@@ -584,11 +608,32 @@ class HashIndex:
                             [d[m] for d, m in zip(scanned_d, keep)], radius)
 
     def _full_scan(self, qwords, need, limit):
-        d = distances_to_words(self._columns, qwords, self._dtype)
-        cum = np.cumsum(np.bincount(d, weights=self._sizes_f, minlength=self.bits + 1))
-        radius = int(shell_radius(cum, need, limit))
-        b = np.flatnonzero(d <= radius)
-        return self._expand([b], [d[b]], radius)
+        """Every unique code, through the C kernel that keeps those within a
+        radius t (codes.codes_within): t is guessed from a sample of buckets
+        and grown until the ball of radius t holds `need` images (or t
+        reaches `limit`); the distances below t are then complete, so the
+        stopping rule is applied exactly."""
+        t = self._radius_guess(qwords, need, limit)
+        while True:
+            b, d = codes_within(self._rows, qwords, t)
+            cum = np.cumsum(np.bincount(d, weights=self._sizes_f[b], minlength=t + 1))
+            if cum[t] >= need or t >= limit:
+                radius = int(shell_radius(cum, need, limit))
+                keep = d <= radius
+                return self._expand([b[keep]], [d[keep]], radius)
+            t = min(limit, t + max(2, t // 2))
+
+    def _radius_guess(self, qwords, need, limit):
+        """A radius whose ball likely holds `need` images: the smallest at
+        which the sampled buckets, scaled to the whole index, hold
+        RADIUS_MARGIN times that many."""
+        sample = self._sample
+        d = self._bucket_distances(sample, qwords)
+        weights = self._sizes_f[sample]
+        est = np.cumsum(np.bincount(d, weights=weights, minlength=self.bits + 1))
+        est *= self.count / max(float(weights.sum()), 1.0)
+        enough = np.flatnonzero(est >= RADIUS_MARGIN * need)
+        return int(min(limit, enough[0] + 1 if len(enough) else limit))
 
     def _bucket_distances(self, buckets, qwords):
         if not len(buckets):
