@@ -15,6 +15,8 @@ byte order does not matter because XOR and popcount are bitwise.
 
 Pure numpy: never imports Caffe or the feature store.
 """
+import threading
+
 import numpy as np
 
 # The latent layer's sigmoid output above this is a 1 bit (the paper's rule).
@@ -147,7 +149,7 @@ def scan_distances(rows, qwords, out=None):
 THRESHOLD_KERNEL_WORDS = (1, 2, 4, 8)
 
 
-def codes_within(rows, qwords, radius):
+def codes_within(rows, qwords, radius, buffers=None):
     """The codes of `rows` within Hamming `radius` of one query: their
     positions (int64, ascending) and distances (int32).
 
@@ -155,6 +157,7 @@ def codes_within(rows, qwords, radius):
     is one pass of faiss's C kernel that keeps only the matches
     (match_hamming_thres), so nothing of the size of `rows` goes through
     numpy; other widths compute every distance (scan_distances) and select.
+    buffers: a ScanBuffers to reuse (the kernel needs room for every code).
     """
     rows = np.ascontiguousarray(rows, dtype=np.uint64)
     q = np.ascontiguousarray(qwords, dtype=np.uint64)
@@ -164,13 +167,25 @@ def codes_within(rows, qwords, radius):
         pos = np.flatnonzero(d <= radius)
         return pos, d[pos]
     faiss = scan_kernel()
-    # Room for every code (untouched pages cost nothing): pairs (query, j).
-    pairs = np.empty(2 * n, dtype=np.int64)
-    dist = np.empty(n, dtype=np.int32)
+    pairs, dist = (buffers or ScanBuffers()).get(n)
     found = faiss.match_hamming_thres(faiss.swig_ptr(q.view(np.uint8)),
                                       faiss.swig_ptr(rows.view(np.uint8)), 1, n, int(radius),
                                       8 * n_words, faiss.swig_ptr(pairs), faiss.swig_ptr(dist))
+    # pairs holds (query, code) per match
     return pairs[1:2 * found:2].copy(), dist[:found].copy()
+
+
+class ScanBuffers(threading.local):
+    """Per-thread output room of codes_within's kernel (one slot per code:
+    pages never written cost nothing, but a fresh allocation per query costs
+    a map and unmap of that size)."""
+
+    def get(self, n):
+        if getattr(self, "n", -1) < n:
+            self.pairs = np.empty(2 * n, dtype=np.int64)
+            self.dist = np.empty(n, dtype=np.int32)
+            self.n = n
+        return self.pairs, self.dist
 
 
 def hamming_distances(codes, query_code, bits=None):

@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .codes import (check_codes, code_bytes, codes_within, distance_dtype, group_equal_codes,
-                    query_words, scan_kernel, to_words)
+from .codes import (ScanBuffers, check_codes, code_bytes, codes_within, distance_dtype,
+                    group_equal_codes, query_words, scan_distances, scan_kernel, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
 from .rerank import fine_rank
@@ -68,14 +68,25 @@ FORMAT_VERSION = 1
 #           binary search among the unique codes, verify
 #   gather  one unique code reached through the pivot runs: gather, XOR,
 #           popcount, histogram
-#   scan    one unique code in a contiguous scan of all of them
+#   scan    one unique code in the exhaustive scan (faiss's C kernel keeping
+#           the codes within a guessed radius, the guess and the selection's
+#           bookkeeping, per unique code, for a 1000-candidate search)
 #   step    fixed overhead of one growing step of the pivot-run scan
 # Other widths interpolate (and beyond 4 words keep the 4-word figures).
+# The scan figures were measured again when the exhaustive scan moved to the
+# C kernel, on a machine at load ~9-14 (2 cores shared): 2.1 / 8.2 / 31.2 ns,
+# in the same run as probe and gather figures inflated 1.2x / 3.3x / 9.7x
+# over the ones above, and are given here divided by those factors.
 _COST_WORDS = (1, 2, 4)
 _COST_NS = {"probe": (147.0, 402.0, 543.0),
             "gather": (12.0, 16.1, 31.4),
-            "scan": (5.9, 7.9, 13.7),
+            "scan": (1.75, 2.5, 3.2),
             "step": (140e3, 119e3, 205e3)}
+# Searching through the pivot runs costs several growing steps plus the
+# bounds search that sizes them (measured at N = 100k-1M: 8-12 steps' worth
+# per query); when a scan of every unique code costs less than this many
+# steps, the runs are not even considered.
+RUNS_OVERHEAD_STEPS = 8
 
 
 def _unit_costs(n_words):
@@ -91,7 +102,7 @@ MAX_SHELL_PROBES = 1 << 18
 # RADIUS_MARGIN times the images needed (a short guess costs another pass,
 # a long one only a larger selection).
 RADIUS_SAMPLE = 2048
-RADIUS_MARGIN = 2.0
+RADIUS_MARGIN = 1.5
 
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -175,6 +186,10 @@ def _mix64(x):
 
 
 _U64 = (1 << 64) - 1
+# Sort keys of the coarse result: (hamming << _ID_BITS) | id in an int64
+# (ids below 2**40, distances up to MAX_BITS = 1024 < 2**23).
+_ID_BITS = 40
+_ID_MASK = (1 << _ID_BITS) - 1
 
 
 def _mix_int(x):
@@ -327,16 +342,20 @@ class HashIndex:
         self.hash_seed = int(hash_seed)
         self.pivots = PivotTable(self.bits, pivot_words, band_cum, bucket_offsets)
         self._columns = tuple(np.ascontiguousarray(w) for w in bucket_words)
+        self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
+        # bincount's weights are float64 anyway: converted once, not per query.
+        self._sizes_f = self._sizes.astype(np.float64)
         # Row-major copy for the exhaustive scan's C kernel (codes.codes_within),
         # and a fixed sample of buckets from which the scan guesses its radius.
         self._rows = np.ascontiguousarray(bucket_words.T)
         scan_kernel()
-        n_unique = len(bucket_offsets) - 1
-        self._sample = np.sort(np.random.default_rng(0).choice(
+        self._scan_buffers = ScanBuffers()
+        n_unique = len(self._sizes)
+        sample = np.sort(np.random.default_rng(0).choice(
             n_unique, size=min(n_unique, RADIUS_SAMPLE), replace=False))
-        self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
-        # bincount's weights are float64 anyway: converted once, not per query.
-        self._sizes_f = self._sizes.astype(np.float64)
+        self._sample_rows = np.ascontiguousarray(self._rows[sample])
+        self._sample_sizes = self._sizes_f[sample]
+        self._sample_scale = self.count / max(float(self._sample_sizes.sum()), 1.0)
         self._dtype = distance_dtype(self.bits)
         self._shell_masks = {}
         self.costs = _unit_costs(self.n_words)
@@ -504,14 +523,14 @@ class HashIndex:
 
         # Shell 0 (one probe) then further shells while enumerating them is
         # cheaper than the scan that would otherwise be needed.  When a scan
-        # of every unique code costs less than one step of the pivot runs
-        # (small indexes), the runs are never worth their bookkeeping: the
-        # choice is then between probing and that full scan alone.
+        # of every unique code costs less than the pivot runs' bookkeeping
+        # (small indexes: RUNS_OVERHEAD_STEPS), the choice is between
+        # probing and that full scan alone.
         full_cost = self.n_buckets * self.costs["scan"]
-        runs_worth_it = full_cost > self.costs["step"]
+        runs_worth_it = full_cost > RUNS_OVERHEAD_STEPS * self.costs["step"]
         found_buckets, found_dist = [], []
         found = 0
-        bounds = None
+        bounds = guess = None
         r = 0
         while True:
             b = self._probe_shell(qwords, r)
@@ -531,8 +550,15 @@ class HashIndex:
                 r_lb = bounds.radius_lower_bound(need, r, limit)
                 if n_probes * self.costs["probe"] >= bounds.scan_cost(r_lb):
                     break
+            else:
+                # Small index: probe further only if the sampled estimate
+                # says shell r likely completes the search.
+                if guess is None:
+                    guess = self._radius_guess(qwords, need, limit)
+                if guess[0] > r:
+                    break
         if not runs_worth_it:
-            return self._full_scan(qwords, need, limit)
+            return self._full_scan(qwords, need, limit, guess)
         if bounds is None:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(qwords, bounds, need, r, limit)
@@ -607,15 +633,15 @@ class HashIndex:
         return self._expand([b[m] for b, m in zip(scanned_b, keep)],
                             [d[m] for d, m in zip(scanned_d, keep)], radius)
 
-    def _full_scan(self, qwords, need, limit):
+    def _full_scan(self, qwords, need, limit, guess=None):
         """Every unique code, through the C kernel that keeps those within a
         radius t (codes.codes_within): t is guessed from a sample of buckets
-        and grown until the ball of radius t holds `need` images (or t
-        reaches `limit`); the distances below t are then complete, so the
-        stopping rule is applied exactly."""
-        t = self._radius_guess(qwords, need, limit)
+        (or given: _radius_guess's result) and grown until the ball of radius
+        t holds `need` images (or t reaches `limit`); the distances below t
+        are then complete, so the stopping rule is applied exactly."""
+        t = (guess or self._radius_guess(qwords, need, limit))[1]
         while True:
-            b, d = codes_within(self._rows, qwords, t)
+            b, d = codes_within(self._rows, qwords, t, self._scan_buffers)
             cum = np.cumsum(np.bincount(d, weights=self._sizes_f[b], minlength=t + 1))
             if cum[t] >= need or t >= limit:
                 radius = int(shell_radius(cum, need, limit))
@@ -624,16 +650,15 @@ class HashIndex:
             t = min(limit, t + max(2, t // 2))
 
     def _radius_guess(self, qwords, need, limit):
-        """A radius whose ball likely holds `need` images: the smallest at
-        which the sampled buckets, scaled to the whole index, hold
-        RADIUS_MARGIN times that many."""
-        sample = self._sample
-        d = self._bucket_distances(sample, qwords)
-        weights = self._sizes_f[sample]
-        est = np.cumsum(np.bincount(d, weights=weights, minlength=self.bits + 1))
-        est *= self.count / max(float(weights.sum()), 1.0)
-        enough = np.flatnonzero(est >= RADIUS_MARGIN * need)
-        return int(min(limit, enough[0] + 1 if len(enough) else limit))
+        """Radii whose balls likely hold `need` images, estimated from a
+        fixed sample of buckets scaled to the whole index: (the estimate,
+        the radius holding RADIUS_MARGIN times that many: the scan's first
+        threshold), both capped at `limit`."""
+        d = scan_distances(self._sample_rows, qwords)
+        est = np.cumsum(np.bincount(d, weights=self._sample_sizes, minlength=self.bits + 1))
+        likely, safe = np.searchsorted(est, np.array([1.0, RADIUS_MARGIN]) * need
+                                       / self._sample_scale)
+        return min(limit, int(likely)), min(limit, int(safe))
 
     def _bucket_distances(self, buckets, qwords):
         if not len(buckets):
@@ -649,14 +674,17 @@ class HashIndex:
         """Buckets -> images, ordered by (hamming, id)."""
         if not bucket_parts:
             return CoarseResult(np.empty(0, np.int64), np.empty(0, np.int32), int(radius))
-        buckets = np.concatenate(bucket_parts)
-        dists = np.concatenate(dist_parts).astype(np.int32)
+        buckets = bucket_parts[0] if len(bucket_parts) == 1 else np.concatenate(bucket_parts)
+        dists = dist_parts[0] if len(dist_parts) == 1 else np.concatenate(dist_parts)
         starts = self.bucket_offsets[buckets]
         stops = self.bucket_offsets[buckets + 1]
         ids = self.ids[_concat_ranges(starts, stops)].astype(np.int64)
-        ham = np.repeat(dists, stops - starts)
-        order = np.lexsort((ids, ham))
-        return CoarseResult(ids[order], ham[order], int(radius))
+        # One sort of (hamming << ID_BITS | id): the (hamming, id) order
+        # without lexsort's two passes and gathers.
+        keys = np.repeat(dists.astype(np.int64) << _ID_BITS, stops - starts)
+        keys |= ids
+        keys.sort()
+        return CoarseResult(keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32), int(radius))
 
 
 def _probe_table(columns):
