@@ -32,7 +32,7 @@ from dlbhc import metrics  # noqa: E402
 from dlbhc.codes import code_bytes  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.rerank import DEFAULT_EXACT_TOP  # noqa: E402
+from dlbhc.retrieval import add_rerank_arguments  # noqa: E402
 
 
 def parse_args(argv):
@@ -47,12 +47,7 @@ def parse_args(argv):
     p.add_argument("--min-candidates", type=int,
                    help="coarse candidates re-ranked by fc7 (default 2 x k)")
     p.add_argument("--max-radius", type=int, help="largest Hamming radius of the candidates")
-    p.add_argument("--rerank", choices=["auto", "fc7", "pca"], default="auto",
-                   help="fine stage: fc7, the database's PCA store (compress.py), or auto "
-                        "(PCA when the database has it; the default, as retrieve.py)")
-    p.add_argument("--exact-top", type=int, metavar="N",
-                   help="with PCA: rank the best N again by exact fc7 (default "
-                        f"{DEFAULT_EXACT_TOP}; 0: PCA ranking only)")
+    add_rerank_arguments(p)
     p.add_argument("--radius", type=int, default=2,
                    help="Hamming radius of the precision-within-radius figure (default 2)")
     args = p.parse_args(argv)
@@ -62,8 +57,6 @@ def parse_args(argv):
         raise UserError("--min-candidates must be at least 1")
     if args.max_radius is not None and args.max_radius < 0:
         raise UserError("--max-radius must be 0 or more")
-    if args.exact_top is not None and args.exact_top < 0:
-        raise UserError("--exact-top must be 0 or more")
     return args
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc.rerank import DEFAULT_EXACT_TOP  # noqa: E402
+from dlbhc.retrieval import add_rerank_arguments  # noqa: E402
 
 
 def parse_args(argv):
@@ -40,12 +40,7 @@ def parse_args(argv):
     p.add_argument("--candidates", type=int,
                    help="coarse stage gathers at least this many (default 2 x top-k)")
     p.add_argument("--max-radius", type=int, help="never look beyond this Hamming radius")
-    p.add_argument("--rerank", choices=["auto", "fc7", "pca"], default="auto",
-                   help="fine stage: fc7 distances, the database's PCA store (compress.py), "
-                        "or auto (PCA when the database has one; default)")
-    p.add_argument("--exact-top", type=int, metavar="N",
-                   help="with PCA: rank the best N again by exact fc7 distance "
-                        f"(default {DEFAULT_EXACT_TOP}; 0: PCA ranking only)")
+    add_rerank_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="PNG", help="write a picture of the results "
                    "(the first query's; with several queries, one PNG each: NAME_0.png ...)")
@@ -61,8 +56,6 @@ def parse_args(argv):
         p.error("--candidates must be at least 1")
     if args.max_radius is not None and args.max_radius < 0:
         p.error("--max-radius must be 0 or more")
-    if args.exact_top is not None and args.exact_top < 0:
-        p.error("--exact-top must be 0 or more")
     return args
 
 

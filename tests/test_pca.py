@@ -4,8 +4,6 @@ every append, crash-safe, refused when it does not match), and the fine
 stage that ranks by them, against the brute-force reference (no Caffe)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from dlbhc.pca import Projection
 from dlbhc.reference import brute_force_search
 from dlbhc.rerank import ReducedRows
 from dlbhc.store import FC7_FILE, PCA_PREFIX, FeatureStore, merge
-from helpers import ROOT, clustered_codes
+from helpers import ROOT, clustered_codes, run_script
 
 COMPRESS = ROOT / "python" / "compress.py"
 BITS, DIM = 12, 10
@@ -48,11 +46,7 @@ def make_store(path, rng, n=40, fc7_dtype="float32", backend="lmdb", dim=DIM, mo
 
 
 def compress(*args, check=True):
-    out = subprocess.run([sys.executable, str(COMPRESS), *map(str, args)],
-                         capture_output=True, text=True, timeout=120)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    return run_script(COMPRESS, args, check=check)
 
 
 # ---- the projection -----------------------------------------------------------

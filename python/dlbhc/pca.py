@@ -100,7 +100,7 @@ class Projection:
         mean = sample.mean(axis=0, dtype=np.float64)
         # Covariance through one float32 matrix product of the centred sample
         # (the expensive part, S x D x D), eigen-decomposed in float64.
-        centred = (sample - mean).astype(np.float32)
+        centred = np.subtract(sample, mean.astype(np.float32), dtype=np.float32)
         cov = (centred.T @ centred).astype(np.float64) / (n - 1)
         all_values, vectors = np.linalg.eigh(cov)
         total = float(np.maximum(all_values, 0.0).sum())

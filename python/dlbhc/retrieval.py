@@ -14,6 +14,7 @@ The fine stage re-ranks by fc7, or by the database's PCA store when it has
 one (compress.py; rerank="auto", the default), with the best exact_top
 (rerank.DEFAULT_EXACT_TOP) ranked again by fc7: FINE_STAGES.
 """
+import argparse
 import json
 import sys
 import time
@@ -30,6 +31,20 @@ from .store import FeatureStore, check_compatible
 # What the fine stage ranks by: fc7, the PCA store, or the PCA store when
 # the database has one (else fc7).
 FINE_STAGES = ("auto", "fc7", "pca")
+
+
+def add_rerank_arguments(parser):
+    """--rerank and --exact-top, as retrieve.py and evaluate.py take them."""
+    def exact_top(text):
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number of results, 0 or more")
+        return int(text)
+    parser.add_argument("--rerank", choices=FINE_STAGES, default="auto",
+                        help="fine stage: fc7 distances, the database's PCA store "
+                             "(compress.py), or auto (PCA when the database has one; default)")
+    parser.add_argument("--exact-top", type=exact_top, metavar="N",
+                        help="with PCA: rank the best N again by exact fc7 distance "
+                             f"(default {DEFAULT_EXACT_TOP}; 0: PCA ranking only)")
 
 
 def index_cache_path(db_path):
