@@ -9,7 +9,7 @@ import pytest
 from dlbhc.codes import code_bytes, pack_codes
 from dlbhc.index import HashIndex, SearchResults, default_min_candidates
 from dlbhc.reference import brute_force_search, reference_coarse
-from dlbhc.rerank import fc7_sq_distances
+from dlbhc.rerank import fc7_sq_distances, rank_by_distance
 from helpers import clustered_codes, codes_from_ints
 
 # Cost tables that force one coarse strategy (the results must not change).
@@ -271,6 +271,16 @@ def test_fc7_distances_do_not_depend_on_where_a_row_sits():
     assert d[2] == d[7] == fc7_sq_distances(row[None, :], q)[0] == \
         fc7_sq_distances(unaligned, q)[0]
     np.testing.assert_allclose(d, ((block.astype(np.float64) - q) ** 2).sum(axis=1), rtol=1e-5)
+
+
+def test_top_k_selection_equals_the_full_sort_with_ties_at_the_boundary():
+    rng = np.random.default_rng(6)
+    ids = np.sort(rng.choice(10_000, 600, replace=False))
+    d2 = rng.integers(0, 40, 600).astype(np.float32)   # many equal distances
+    full = np.lexsort((ids, d2))
+    for k in (0, 1, 7, 15, 16, 17, 299, 599, 600, 1000, None):
+        want = full if k is None else full[:k]
+        assert np.array_equal(rank_by_distance(ids, d2, k), want), k
 
 
 def test_default_min_candidates_is_twice_k():

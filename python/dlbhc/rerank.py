@@ -53,6 +53,8 @@ def fc7_sq_distances(rows, query_fc7, ids=None):
     if len(rows.shape) != 2 or rows.shape[1] != q.shape[0]:
         raise ValueError(f"fc7 rows {tuple(rows.shape)} do not match the query's "
                          f"{q.shape[0]} values")
+    if isinstance(rows, np.memmap):
+        rows = rows.view(np.ndarray)   # the same mapping, without memmap's per-index wrapper
     m = rows.shape[0] if ids is None else len(ids)
     dim = rows.shape[1]
     out = np.empty(m, dtype=np.float32)
@@ -69,8 +71,16 @@ def fc7_sq_distances(rows, query_fc7, ids=None):
 def rank_by_distance(ids, sq_distances, k=None):
     """Positions of the k best candidates by (squared distance, id); all of
     them, ranked, when k is None."""
-    order = np.lexsort((ids, sq_distances))
-    return order if k is None else order[:max(int(k), 0)]
+    if k is None or int(k) >= len(ids):
+        return np.lexsort((ids, sq_distances))
+    k = max(int(k), 0)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    # Only the candidates up to the k-th distance (all of those tied with
+    # it included) need sorting: the top k by (distance, id) are among them.
+    kth = np.partition(sq_distances, k - 1)[k - 1]
+    head = np.flatnonzero(sq_distances <= kth)
+    return head[np.lexsort((ids[head], sq_distances[head]))][:k]
 
 
 def candidate_sq_distances(fc7, ids, query_fc7):
