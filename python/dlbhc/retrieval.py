@@ -100,8 +100,9 @@ class Retriever:
     rerank: what the fine stage ranks by (FINE_STAGES): "fc7"; "pca", the
     database's PCA store (compress.py), the best exact_top (default
     rerank.DEFAULT_EXACT_TOP; 0: none) ranked again by fc7; "auto" (the
-    default): "pca" when the database has a PCA store, else "fc7".
-    self.reduced is the rerank.ReducedRows the search uses (None for fc7)."""
+    default): "pca" when the database has a PCA store, else "fc7" (decided
+    when the database is opened).  self.reduced is the rerank.ReducedRows
+    the search uses (None for fc7)."""
 
     def __init__(self, db_path, log=sys.stderr, rerank="auto", exact_top=None):
         self.db_path = Path(db_path)
@@ -109,7 +110,7 @@ class Retriever:
         if self.store.count == 0:
             raise UserError(f"{db_path} holds no images yet: run extract.py on a collection first")
         try:
-            self.reduced = self._fine_stage(rerank, exact_top)
+            self._exact_top = self._fine_stage(rerank, exact_top)
         except UserError:
             self.store.close()
             raise
@@ -127,21 +128,33 @@ class Retriever:
         self._net = None
 
     def _fine_stage(self, rerank, exact_top):
+        """(exact_top) when the search re-ranks by the PCA store, None for
+        fc7; the store's PCA files are checked here, once."""
         if rerank not in FINE_STAGES:
             raise UserError(f"--rerank {rerank!r}: choose one of {', '.join(FINE_STAGES)}")
         if exact_top is not None and int(exact_top) < 0:
             raise UserError("--exact-top must be 0 or more")
         if rerank == "fc7" or (rerank == "auto" and self.store.pca_record is None):
             return None
-        projection = self.store.projection()   # checked against the database
-        return ReducedRows(self.store.pca_rows(), projection.apply,
-                           DEFAULT_EXACT_TOP if exact_top is None else int(exact_top),
+        self.store.projection()   # checked against the database
+        return DEFAULT_EXACT_TOP if exact_top is None else int(exact_top)
+
+    @property
+    def reduced(self):
+        """The rerank.ReducedRows the search ranks by (None: fc7), over the
+        store's PCA rows as they are now (a store that grew maps its new
+        rows too)."""
+        if self._exact_top is None:
+            return None
+        projection = self.store.projection()
+        return ReducedRows(self.store.pca_rows(), projection.apply, self._exact_top,
                            projection.name())
 
     @property
     def rerank(self):
         """How the fine stage ranks: "fc7", "pca256", "pca256 + fc7 top 200"."""
-        return "fc7" if self.reduced is None else self.reduced.describe()
+        reduced = self.reduced
+        return "fc7" if reduced is None else reduced.describe()
 
     def close(self):
         self.store.close()
@@ -196,9 +209,11 @@ class Retriever:
         then the results' paths and labels.  A query with exclude_id gets
         k results besides that image."""
         want = k + (1 if any(q.exclude_id is not None for q in queries) else 0)
+        reduced = self.reduced
         found = self.index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
                                   min_candidates=candidates, max_radius=max_radius,
-                                  reduced=self.reduced)
+                                  reduced=reduced)
+        rerank = "fc7" if reduced is None else reduced.describe()
         answers = []
         for i, query in enumerate(queries):
             result = found[i]
@@ -211,7 +226,7 @@ class Retriever:
                     for r, (j, info) in enumerate(zip(keep, infos))]
             answers.append(Answer(query, hits, candidates=result.candidates,
                                   radius=result.radius, search_ms=1000 * result.seconds,
-                                  rerank=self.rerank))
+                                  rerank=rerank))
         return answers
 
 
