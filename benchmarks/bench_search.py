@@ -446,18 +446,22 @@ def format_rows(rows):
             f"{cell(r['fc7_read_ms'])} {cell(lat.get('flat'))} {cell(lat.get('flat_count'))} "
             f"{hashed('hash')} {hashed('multihash')} {cell(lat['numpy'])}"
             + ("" if r["results_agree"] else "  RESULTS DISAGREE"))
-    settings = []
+    return "\n".join(lines)
+
+
+def format_settings(rows):
+    """The faiss bucket indexes' tuned settings, one line per row and index."""
+    lines = []
     for r in rows:
         for mt in ("hash", "multihash"):
             if mt in r.get("faiss", {}):
                 name = "IndexBinaryHash(b, nflip)" if mt == "hash" else \
                     "IndexBinaryMultiHash(nhash, b, nflip)"
-                settings.append(f"  N={r['n']} {r['bits']} bits: {name} = "
-                                f"{tuple(r['faiss'][mt]['setting'])}")
-    if settings:
-        lines.append("faiss bucket index settings (tuned: fastest with recall >= "
-                     f"{EXACT_RECALL}, else best recall):")
-        lines += settings
+                lines.append(f"  N={r['n']} {r['bits']} bits: {name} = "
+                             f"{tuple(r['faiss'][mt]['setting'])}")
+    if lines:
+        lines.insert(0, "faiss bucket index settings (tuned: fastest with recall >= "
+                        f"{EXACT_RECALL}, else best recall):")
     return "\n".join(lines)
 
 
@@ -591,6 +595,7 @@ def main(argv=None):
 
     print()
     print(format_rows(rows))
+    print(format_settings(rows))
     verdicts = check_targets(rows)
     for v in verdicts:
         against = (f"the fastest exact faiss index ({v['best_exact_faiss']}, "
