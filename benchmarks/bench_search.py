@@ -24,8 +24,9 @@ latency of a top-k search without the CNN:
     multihash faiss.IndexBinaryMultiHash(bits, nhash, b) with nflip, top-m:
               faiss's own bucket indexes.  Each is tuned per N and code
               length on 30 separate queries over a grid built the way their
-              docs describe the parameters (hash_settings: b around log2 N,
-              nhash = bits // b, nflip 0..3 / 0..2): the fastest setting
+              docs describe the parameters (hash_settings: b from log2 N - 8
+              to log2 N, nhash = bits // b, nflip 0..7 / 0..3, raised while a
+              setting costs under 3 exhaustive scans): the fastest setting
               whose top-m distances equal the exact ones at >= 99% of the
               positions (EXACT_RECALL), else the best recall.  The chosen
               setting and its recall on the timed queries are printed.
@@ -106,6 +107,8 @@ FAISS_METHODS = ("flat", "flat_count", "hash", "multihash")
 # returns have the exact top k's distances for this share of the positions.
 EXACT_RECALL = 0.99
 TUNING_QUERIES = 30
+# Tuning stops raising a bucket index's nflip past this many exhaustive scans' time.
+TUNING_BUDGET_SCANS = 3
 
 
 def parse_args(argv):
@@ -259,18 +262,17 @@ def distance_recall(dist, exact):
 
 def hash_settings(n, bits):
     """The grids the faiss bucket indexes are tuned over, as their docs
-    describe them: IndexBinaryHash hashes the first b bits and probes every
-    bucket within nflip flips of the query's; IndexBinaryMultiHash hashes
-    nhash disjoint b-bit substrings (Norouzi et al.'s multi-index hashing:
-    substrings of about log2(N) bits, so a bucket holds about one code) and
-    probes each table within nflip flips."""
+    describe the parameters: IndexBinaryHash hashes the first b bits and
+    probes every bucket within nflip flips of the query's; IndexBinaryMultiHash
+    hashes nhash disjoint b-bit substrings (Norouzi et al.'s multi-index
+    hashing: substrings of about log2(N) bits, so a bucket holds about one
+    code) and probes each table within nflip flips.  b from log2(N) - 8 to
+    log2(N), nflip up to 7 (Hash) / 3 (MultiHash): tune_faiss stops raising
+    nflip once a setting costs more than a few exhaustive scans."""
     lg = int(round(math.log2(max(n, 2))))
-    hash_grid = [(b, nflip) for b in sorted({min(bits, max(8, lg + d)) for d in (-4, 0, 4)})
-                 for nflip in (0, 1, 2, 3)]
-    multi_grid = []
-    for b in sorted({min(bits, max(8, lg + d)) for d in (-4, 0, 4)}):
-        nhash = max(1, bits // b)
-        multi_grid += [(nhash, b, nflip) for nflip in (0, 1, 2)]
+    widths = sorted({min(bits, max(8, lg + d)) for d in (-8, -4, 0)})
+    hash_grid = [(b, nflip) for b in widths for nflip in range(8)]
+    multi_grid = [(max(1, bits // b), b, nflip) for b in widths for nflip in range(4)]
     return hash_grid, multi_grid
 
 
@@ -292,13 +294,17 @@ def build_faiss(faiss, kind, bits, codes, setting=None):
     return index
 
 
-def tune_faiss(faiss, kind, bits, codes, queries, exact, k, grid):
+def tune_faiss(faiss, kind, bits, codes, queries, exact, k, grid, budget_ms):
     """The setting of `grid` to time: the fastest whose recall reaches
     EXACT_RECALL on the tuning queries, else the one with the best recall
-    (then the faster).  Returns (index, setting, tuning table)."""
-    table, built = [], {}
+    (then the faster).  For one index (same b, nhash) nflip rises until a
+    setting costs more than budget_ms a query (an exhaustive scan is then
+    cheaper anyway).  Returns (index, setting, tuning table)."""
+    table, built, over = [], {}, set()
     for setting in grid:
         key = setting[:-1]
+        if key in over:
+            continue
         if key not in built:
             built.clear()   # one index of this kind in memory at a time
             built[key] = build_faiss(faiss, kind, bits, codes, setting)
@@ -309,6 +315,8 @@ def tune_faiss(faiss, kind, bits, codes, queries, exact, k, grid):
         dist, _ = index.search(queries, k)
         ms = (time.perf_counter() - t) / len(queries) * 1e3
         table.append({"setting": list(setting), "ms": ms, "recall": distance_recall(dist, exact)})
+        if ms > budget_ms:
+            over.add(key)
     good = [row for row in table if row["recall"] >= EXACT_RECALL]
     best = min(good, key=lambda row: row["ms"]) if good else \
         max(table, key=lambda row: (row["recall"], -row["ms"]))
@@ -332,14 +340,18 @@ def bench_config(n, bits, store, args, rng, faiss):
     fx = {}
     faiss_info = {}
     if faiss is not None and bits % 8 == 0:
-        exact_tuning, _ = build_faiss(faiss, "flat", bits, codes).search(tuning, m)
+        flat = build_faiss(faiss, "flat_count", bits, codes)
+        t = time.perf_counter()
+        exact_tuning, _ = flat.search(tuning, m)
+        budget_ms = TUNING_BUDGET_SCANS * (time.perf_counter() - t) / len(tuning) * 1e3
+        del flat
         hash_grid, multi_grid = hash_settings(n, bits)
         for kind in FAISS_METHODS:
             start = time.perf_counter()
             if kind in ("hash", "multihash"):
                 grid = hash_grid if kind == "hash" else multi_grid
                 fx[kind], best, table = tune_faiss(faiss, kind, bits, codes, tuning,
-                                                   exact_tuning, m, grid)
+                                                   exact_tuning, m, grid, budget_ms)
                 faiss_info[kind] = {"setting": best["setting"], "tuning": table}
             else:
                 fx[kind] = build_faiss(faiss, kind, bits, codes)

@@ -355,7 +355,7 @@ class HashIndex:
             n_unique, size=min(n_unique, RADIUS_SAMPLE), replace=False))
         self._sample_rows = np.ascontiguousarray(self._rows[sample])
         self._sample_sizes = self._sizes_f[sample]
-        self._sample_scale = self.count / max(float(self._sample_sizes.sum()), 1.0)
+        self._image_rows = None   # (rows, sample) of small indexes, see _image_tables
         self._dtype = distance_dtype(self.bits)
         self._shell_masks = {}
         self.costs = _unit_costs(self.n_words)
@@ -525,12 +525,13 @@ class HashIndex:
         # cheaper than the scan that would otherwise be needed.  When a scan
         # of every unique code costs less than the pivot runs' bookkeeping
         # (small indexes: RUNS_OVERHEAD_STEPS), the choice is between
-        # probing and that full scan alone.
+        # probing and a scan of every image's code alone.
         full_cost = self.n_buckets * self.costs["scan"]
-        runs_worth_it = full_cost > RUNS_OVERHEAD_STEPS * self.costs["step"]
+        if full_cost <= RUNS_OVERHEAD_STEPS * self.costs["step"]:
+            return self._small_index_search(qwords, need, limit, full_cost)
         found_buckets, found_dist = [], []
         found = 0
-        bounds = guess = None
+        bounds = None
         r = 0
         while True:
             b = self._probe_shell(qwords, r)
@@ -544,21 +545,11 @@ class HashIndex:
             n_probes = math.comb(self.bits, r)
             if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
                 break
-            if runs_worth_it:
-                if bounds is None:
-                    bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
-                r_lb = bounds.radius_lower_bound(need, r, limit)
-                if n_probes * self.costs["probe"] >= bounds.scan_cost(r_lb):
-                    break
-            else:
-                # Small index: probe further only if the sampled estimate
-                # says shell r likely completes the search.
-                if guess is None:
-                    guess = self._radius_guess(qwords, need, limit)
-                if guess[0] > r:
-                    break
-        if not runs_worth_it:
-            return self._full_scan(qwords, need, limit, guess)
+            if bounds is None:
+                bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
+            r_lb = bounds.radius_lower_bound(need, r, limit)
+            if n_probes * self.costs["probe"] >= bounds.scan_cost(r_lb):
+                break
         if bounds is None:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(qwords, bounds, need, r, limit)
@@ -633,32 +624,80 @@ class HashIndex:
         return self._expand([b[m] for b, m in zip(scanned_b, keep)],
                             [d[m] for d, m in zip(scanned_d, keep)], radius)
 
-    def _full_scan(self, qwords, need, limit, guess=None):
-        """Every unique code, through the C kernel that keeps those within a
-        radius t (codes.codes_within): t is guessed from a sample of buckets
-        (or given: _radius_guess's result) and grown until the ball of radius
-        t holds `need` images (or t reaches `limit`); the distances below t
-        are then complete, so the stopping rule is applied exactly."""
-        t = (guess or self._radius_guess(qwords, need, limit))[1]
+    def _small_index_search(self, qwords, need, limit, full_cost):
+        """A small index's coarse stage: the shells up to the radius a sample
+        of the codes suggests are probed when enumerating them costs less
+        than a scan; otherwise (or when they hold too few images) every
+        image's code is scanned: one C pass whose matches are already the
+        images (no bucket expansion), in id order."""
+        rows, sample = self._image_tables()
+        guess = self._radius_guess(qwords, need, limit, sample, None)
+        # Enumerating the shells up to the estimated radius, or the scan.
+        shells = range(min(guess[0], limit) + 1)
+        n_probes = sum(math.comb(self.bits, r) for r in shells)
+        if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
+            shells = ()
+        found_buckets, found_dist = [], []
+        found = 0
+        for r in shells:
+            b = self._probe_shell(qwords, r)
+            if len(b):
+                found_buckets.append(b)
+                found_dist.append(np.full(len(b), r, dtype=np.int32))
+                found += int(self._sizes[b].sum())
+            if found >= need or r >= limit:
+                return self._expand(found_buckets, found_dist, r)
+        ids, dist, radius = self._threshold_scan(rows, None, qwords, need, limit, guess[1])
+        return CoarseResult(*_sorted_by_hamming(ids, dist), radius)
+
+    def _full_scan(self, qwords, need, limit):
+        """Every unique code (the bucket table's rows), by _threshold_scan,
+        the buckets then expanded to their images."""
+        guess = self._radius_guess(qwords, need, limit, self._sample_rows, self._sample_sizes)
+        buckets, dist, radius = self._threshold_scan(self._rows, self._sizes_f, qwords, need,
+                                                     limit, guess[1])
+        return self._expand([buckets], [dist], radius)
+
+    def _threshold_scan(self, rows, sizes, qwords, need, limit, t):
+        """Rows within the stopping radius, through the C kernel that keeps
+        those within a radius t (codes.codes_within): t starts at a guess
+        and grows until the ball of radius t holds `need` images (or t
+        reaches `limit`); the distances below t are then complete, so the
+        stopping rule is applied exactly.  sizes: images per row (None: one
+        each).  Returns (row positions ascending, their distances, radius)."""
         while True:
-            b, d = codes_within(self._rows, qwords, t, self._scan_buffers)
-            cum = np.cumsum(np.bincount(d, weights=self._sizes_f[b], minlength=t + 1))
+            pos, d = codes_within(rows, qwords, t, self._scan_buffers)
+            weights = None if sizes is None else sizes[pos]
+            cum = np.cumsum(np.bincount(d, weights=weights, minlength=t + 1))
             if cum[t] >= need or t >= limit:
                 radius = int(shell_radius(cum, need, limit))
                 keep = d <= radius
-                return self._expand([b[keep]], [d[keep]], radius)
+                return pos[keep], d[keep], radius
             t = min(limit, t + max(2, t // 2))
 
-    def _radius_guess(self, qwords, need, limit):
-        """Radii whose balls likely hold `need` images, estimated from a
-        fixed sample of buckets scaled to the whole index: (the estimate,
-        the radius holding RADIUS_MARGIN times that many: the scan's first
-        threshold), both capped at `limit`."""
-        d = scan_distances(self._sample_rows, qwords)
-        est = np.cumsum(np.bincount(d, weights=self._sample_sizes, minlength=self.bits + 1))
+    def _radius_guess(self, qwords, need, limit, sample_rows, sample_sizes):
+        """Radii whose balls likely hold `need` images, estimated from the
+        distances of a fixed sample of rows (holding sample_sizes images
+        each; None: one) scaled to the whole index: (the estimate, the radius
+        holding RADIUS_MARGIN times that many: the scan's first threshold),
+        both capped at `limit`."""
+        d = scan_distances(sample_rows, qwords)
+        est = np.cumsum(np.bincount(d, weights=sample_sizes, minlength=self.bits + 1))
+        sampled = float(est[-1]) if len(est) else 0.0
         likely, safe = np.searchsorted(est, np.array([1.0, RADIUS_MARGIN]) * need
-                                       / self._sample_scale)
+                                       * sampled / max(self.count, 1))
         return min(limit, int(likely)), min(limit, int(safe))
+
+    def _image_tables(self):
+        """Every image's code as a row (id order) and a fixed sample of
+        those rows, for small indexes' scans (built on first use: a few MB)."""
+        if self._image_rows is None:
+            rows = np.empty((self.count, self.n_words), dtype=np.uint64)
+            rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
+            sample = np.sort(np.random.default_rng(0).choice(
+                self.count, size=min(self.count, RADIUS_SAMPLE), replace=False))
+            self._image_rows = (rows, np.ascontiguousarray(rows[sample]))
+        return self._image_rows
 
     def _bucket_distances(self, buckets, qwords):
         if not len(buckets):
@@ -678,13 +717,18 @@ class HashIndex:
         dists = dist_parts[0] if len(dist_parts) == 1 else np.concatenate(dist_parts)
         starts = self.bucket_offsets[buckets]
         stops = self.bucket_offsets[buckets + 1]
-        ids = self.ids[_concat_ranges(starts, stops)].astype(np.int64)
-        # One sort of (hamming << ID_BITS | id): the (hamming, id) order
-        # without lexsort's two passes and gathers.
-        keys = np.repeat(dists.astype(np.int64) << _ID_BITS, stops - starts)
-        keys |= ids
-        keys.sort()
-        return CoarseResult(keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32), int(radius))
+        ids = self.ids[_concat_ranges(starts, stops)]
+        return CoarseResult(*_sorted_by_hamming(ids, np.repeat(dists, stops - starts)),
+                            int(radius))
+
+
+def _sorted_by_hamming(ids, dist):
+    """(ids int64, distances int32) in (hamming, id) order: one sort of the
+    keys hamming << _ID_BITS | id, without lexsort's two passes and gathers."""
+    keys = dist.astype(np.int64) << _ID_BITS
+    keys |= ids
+    keys.sort()
+    return keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32)
 
 
 def _probe_table(columns):
