@@ -450,7 +450,8 @@ class HashIndex:
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
-                  self.probe_buckets, self._sizes, self._sizes_f, self._rows]
+                  self.probe_buckets, self._sizes, self._sizes_f, self._rows, self._sample_rows,
+                  *(self._image_rows or ())]
         return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
 
     # ---- coarse-to-fine search ---------------------------------------------
@@ -529,18 +530,13 @@ class HashIndex:
         full_cost = self.n_buckets * self.costs["scan"]
         if full_cost <= RUNS_OVERHEAD_STEPS * self.costs["step"]:
             return self._small_index_search(qwords, need, limit, full_cost)
-        found_buckets, found_dist = [], []
-        found = 0
+        probed = _Probed()
         bounds = None
         r = 0
         while True:
-            b = self._probe_shell(qwords, r)
-            if len(b):
-                found_buckets.append(b)
-                found_dist.append(np.full(len(b), r, dtype=np.int32))
-                found += int(self._sizes[b].sum())
-            if found >= need or r >= limit:
-                return self._expand(found_buckets, found_dist, r)
+            self._probe_into(probed, qwords, r)
+            if probed.images >= need or r >= limit:
+                return self._expand(probed.buckets, probed.dists, r)
             r += 1
             n_probes = math.comb(self.bits, r)
             if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
@@ -553,6 +549,14 @@ class HashIndex:
         if bounds is None:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(qwords, bounds, need, r, limit)
+
+    def _probe_into(self, probed, qwords, r):
+        """Enumerate shell r and add its buckets to `probed` (a _Probed)."""
+        b = self._probe_shell(qwords, r)
+        if len(b):
+            probed.buckets.append(b)
+            probed.dists.append(np.full(len(b), r, dtype=np.int32))
+            probed.images += int(self._sizes[b].sum())
 
     def _probe_shell(self, qwords, r):
         """Buckets at Hamming distance exactly r, by enumerating flip patterns."""
@@ -637,16 +641,11 @@ class HashIndex:
         n_probes = sum(math.comb(self.bits, r) for r in shells)
         if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
             shells = ()
-        found_buckets, found_dist = [], []
-        found = 0
+        probed = _Probed()
         for r in shells:
-            b = self._probe_shell(qwords, r)
-            if len(b):
-                found_buckets.append(b)
-                found_dist.append(np.full(len(b), r, dtype=np.int32))
-                found += int(self._sizes[b].sum())
-            if found >= need or r >= limit:
-                return self._expand(found_buckets, found_dist, r)
+            self._probe_into(probed, qwords, r)
+            if probed.images >= need or r >= limit:
+                return self._expand(probed.buckets, probed.dists, r)
         t = guess[1]
         while True:
             ids, dist = codes_within(rows, qwords, t, self._scan_buffers)
@@ -731,6 +730,13 @@ class HashIndex:
         ids = self.ids[_concat_ranges(starts, stops)]
         return CoarseResult(*_sorted_by_hamming(ids, np.repeat(dists, stops - starts)),
                             int(radius))
+
+
+class _Probed:
+    """The shells enumerated so far: their buckets, distances, image count."""
+
+    def __init__(self):
+        self.buckets, self.dists, self.images = [], [], 0
 
 
 def _hamming_keys(ids, dist):
