@@ -26,6 +26,7 @@ import numpy as np
 
 from .codes import check_codes, hamming_matrix
 from .index import HashIndex, default_min_candidates
+from .rerank import describe
 
 # Queries evaluated together: the (batch, N) work arrays stay around this
 # many elements (a few hundred MB at the peak for int64 rankings).
@@ -253,7 +254,7 @@ class _FineFigures(_Accumulator):
         cand = np.concatenate(self.candidates)
         return dict(super().result(), min_candidates=self.min_candidates,
                     max_radius=self.max_radius,
-                    rerank="fc7" if self.reduced is None else self.reduced.describe(),
+                    rerank=describe(self.reduced),
                     candidates_mean=float(cand.mean()),
                     candidates_median=float(np.median(cand)))
 

@@ -123,6 +123,12 @@ class ReducedRows:
         return self.name + (f" + fc7 top {self.exact_top}" if self.exact_top else "")
 
 
+def describe(reduced):
+    """What a fine stage ranks by: "fc7" (reduced is None), "pca256",
+    "pca256 + fc7 top 200"."""
+    return "fc7" if reduced is None else reduced.describe()
+
+
 def fine_rank(ids, query_fc7, fc7, k=None, reduced=None, query_reduced=None):
     """The fine stage for one query: its candidates `ids` (ascending int64)
     ranked by (squared distance, id).

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import UserError
 from .index import HashIndex
-from .rerank import DEFAULT_EXACT_TOP, ReducedRows
+from .rerank import DEFAULT_EXACT_TOP, ReducedRows, describe
 from .store import FeatureStore, check_compatible
 
 # What the fine stage ranks by: fc7, the PCA store, or the PCA store when
@@ -153,8 +153,7 @@ class Retriever:
     @property
     def rerank(self):
         """How the fine stage ranks: "fc7", "pca256", "pca256 + fc7 top 200"."""
-        reduced = self.reduced
-        return "fc7" if reduced is None else reduced.describe()
+        return describe(self.reduced)
 
     def close(self):
         self.store.close()
@@ -213,7 +212,6 @@ class Retriever:
         found = self.index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
                                   min_candidates=candidates, max_radius=max_radius,
                                   reduced=reduced)
-        rerank = "fc7" if reduced is None else reduced.describe()
         answers = []
         for i, query in enumerate(queries):
             result = found[i]
@@ -226,7 +224,7 @@ class Retriever:
                     for r, (j, info) in enumerate(zip(keep, infos))]
             answers.append(Answer(query, hits, candidates=result.candidates,
                                   radius=result.radius, search_ms=1000 * result.seconds,
-                                  rerank=rerank))
+                                  rerank=describe(reduced)))
         return answers
 
 
