@@ -24,8 +24,8 @@ CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
 .PHONY: all venv caffe test test-packages data data-alexnet weights weights-caffenet train \
-        demo serve serve-db prototxt bench-extract bench-search bench-map bench-serve \
-        bench-ray bench-milvus clean-runs help
+        demo serve serve-db prototxt bench-extract bench-search bench-scale bench-map \
+        bench-pca-map bench-serve bench-ray bench-milvus clean-runs help
 
 all: caffe
 
@@ -155,6 +155,17 @@ bench-extract: data
 
 bench-search: venv
 	$(PY) benchmarks/bench_search.py
+
+# 2.5M images with 4096-value fc7 (float16) on disk: ~27 GB under SCALE_DIR.
+SCALE_DIR ?= out/scale
+bench-scale: venv
+	$(PY) benchmarks/bench_scale.py --workdir $(SCALE_DIR)
+
+# PCA re-rank quality on the make demo databases (or DB_TRAIN / DB_TEST).
+DB_TRAIN ?= $(DEMO_DIR)/db_train.lmdb
+DB_TEST  ?= $(DEMO_DIR)/db_test.lmdb
+bench-pca-map: venv
+	$(PY) benchmarks/bench_pca_map.py --database $(DB_TRAIN) --queries $(DB_TEST)
 
 bench-map: data
 	benchmarks/bench_cifar_map.sh

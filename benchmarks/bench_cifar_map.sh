@@ -15,6 +15,9 @@
 #   BITS=48         code length (12, 48, 128: the checked-in solvers)
 #   MAX_ITER=N      shorter/longer schedule (train.py scales the lr steps)
 #   SKIP_TRAIN=1    reuse runs/cifar_hash$BITS/cifar_hash$BITS.caffemodel
+#   PCA_MAP=0       skip the PCA re-rank sweep (benchmarks/bench_pca_map.py:
+#                   fc7 vs PCA-32/64/128/256, plain and whitened, with and
+#                   without the exact top 200; ~17 evaluations, ~25 min)
 #   RUNS_DIR=runs   where the run folder goes
 #   OPENBLAS_NUM_THREADS (default 1): one BLAS thread trains fastest on the
 #                   2 cores, quiet or not: measured on a quiet machine, 0.49 s
@@ -80,6 +83,13 @@ mkdir -p "$RUN/evaluation"
 log "evaluate: python/evaluate.py"
 "$PY" python/evaluate.py --database "$RUN/db_train.lmdb" --queries "$RUN/db_test.lmdb" \
     --k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
+
+# ---- the PCA re-rank store ---------------------------------------------------
+if [ "${PCA_MAP:-1}" = 1 ]; then
+    log "PCA re-rank sweep: benchmarks/bench_pca_map.py"
+    "$PY" benchmarks/bench_pca_map.py --database "$RUN/db_train.lmdb" --queries "$RUN/db_test.lmdb" \
+        --json "$RUN/evaluation/pca_map.json" | tee "$RUN/evaluation/pca_map.txt"
+fi
 
 # ---- summary ---------------------------------------------------------------
 "$PY" - "$RUN" "$BITS" "$(( $(date +%s) - t0 ))" <<'EOF'

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search speed benchmark: dlbhc.index against faiss and a numpy full scan.
 
-    .venv/bin/python benchmarks/bench_search.py                  # ~3 min, 2 cores
+    .venv/bin/python benchmarks/bench_search.py                  # ~10 min, 2 cores
     .venv/bin/python benchmarks/bench_search.py --sizes 100000 --bits 48 --queries 100
     .venv/bin/python benchmarks/bench_search.py --calibrate      # index.py cost model
 
@@ -16,17 +16,36 @@ latency of a top-k search without the CNN:
               (FeatureStore.fc7 as fc7_lookup: a gather of the candidates'
               rows from the memory-mapped fc7.bin) + Euclidean re-rank;
               "(read)" is the time spent inside that lookup
-    faiss     faiss.IndexBinaryFlat exhaustive top-k on the same codes
-              (faiss.omp_set_num_threads(--threads), 1 by default: numpy runs
-              single-threaded too); skipped for bits not a multiple of 8
+    flat      faiss.IndexBinaryFlat exhaustive top-m (m = min_candidates, the
+              size of the coarse stage's result) on the same codes, as
+              built (heap selection); "flat count" the same index with
+              use_heap = False (counting selection, faster for large m)
+    hash      faiss.IndexBinaryHash(bits, b) with nflip, and
+    multihash faiss.IndexBinaryMultiHash(bits, nhash, b) with nflip, top-m:
+              faiss's own bucket indexes.  Each is tuned per N and code
+              length on 30 separate queries over a grid built the way their
+              docs describe the parameters (hash_settings: b from log2 N - 8
+              to log2 N, nhash = bits // b, nflip 0..7 / 0..3, raised while a
+              setting costs under 3 exhaustive scans): the fastest setting
+              whose top-m distances equal the exact ones at >= 99% of the
+              positions (EXACT_RECALL), else the best recall.  The chosen
+              setting and its recall on the timed queries are printed.
+              All faiss indexes on --threads OpenMP threads (1 by default:
+              numpy runs single-threaded too); skipped for bits not a
+              multiple of 8
     numpy     full scan: Hamming distance to all N codes + argpartition top-k
+
+The bar (check_targets): at every N and code length the coarse stage's p50
+is no slower than the fastest faiss index returning the exact top m; faiss
+indexes that do not (the bucket indexes, when no tuned setting reaches the
+recall) are reported with their recall, not compared.
 
 Before timing, every query runs once through every method but the numpy
 scan, so the figures are warm (fc7 pages in the page cache and mapped, code
 paths loaded); that pass also checks that the store returns the rows it was
 given (the re-rank through FeatureStore.fc7 gives the same top k as one
 reading the generating fc7 pool directly) and that the coarse stage's
-Hamming distances match faiss's.
+Hamming distances match faiss's exhaustive scan.
 
 Synthetic data (the distribution hash codes of a trained net have: images of
 one kind share nearly the same code, and kinds are unequally common, so the
@@ -53,6 +72,8 @@ table).  Full width would not measure a warm search: 2.5M x 4096 float32 =
 in the page cache and every query would read ~1,800 scattered rows from
 disk.  The re-rank's read + distance cost grows with the dimension (~4 KB
 per candidate per 1024 values); the N=100k row shows it at the full 4096.
+The real-dimension case (2.5M x 4096 on disk, cold and warm, with the PCA
+re-rank store) is benchmarks/bench_scale.py's.
 One store per N serves every code length (only its fc7 is read); it is
 written with FeatureStore.create/append in batches of ~64 MB of fc7.
 """
@@ -80,7 +101,14 @@ from dlbhc.store import FeatureStore, disk_bytes  # noqa: E402
 FC7_POOL_ROWS = 4096
 FC7_DIMS = (4096, 2048, 1024, 512, 256, 128)
 STORE_BATCH_BYTES = 64 << 20   # fc7 bytes per FeatureStore.append when writing a store
-METHODS = ("coarse", "rerank", "faiss", "numpy")
+METHODS = ("coarse", "rerank", "flat", "flat_count", "hash", "multihash", "numpy")
+FAISS_METHODS = ("flat", "flat_count", "hash", "multihash")
+# A faiss bucket index's setting counts as exact-grade when the top k it
+# returns have the exact top k's distances for this share of the positions.
+EXACT_RECALL = 0.99
+TUNING_QUERIES = 30
+# Tuning stops raising a bucket index's nflip past this many exhaustive scans' time.
+TUNING_BUDGET_SCANS = 3
 
 
 def parse_args(argv):
@@ -151,23 +179,26 @@ def choose_fc7_dim(n, args):
     return FC7_DIMS[-1]
 
 
-def open_or_write_store(path, n, dim, bits, codes, pool):
+def open_or_write_store(path, n, dim, bits, codes, pool, fc7_dtype="float32"):
     """A FeatureStore of n images with fc7 rows pool[i % len(pool)], written
     with the store's own writer (reused when a previous run left it complete)."""
     path = Path(path)
     if path.exists():
         try:
             store = FeatureStore.open(path)
-            if store.count == n and store.fc7_dim == dim:
+            if store.count == n and store.fc7_dim == dim and store.bits == bits \
+                    and store.meta["fc7_dtype"] == fc7_dtype:
                 return store, 0.0
             store.close()
         except UserError:
             pass
         shutil.rmtree(path)
     start = time.perf_counter()
-    store = FeatureStore.create(path, {"bits": bits, "fc7_dim": dim, "synthetic": True})
+    store = FeatureStore.create(path, {"bits": bits, "fc7_dim": dim, "fc7_dtype": fc7_dtype,
+                                       "synthetic": True})
     # Large batches: one fc7 write + fsync and one LMDB transaction per batch.
-    batch = int(min(200_000, max(10_000, STORE_BATCH_BYTES // (4 * dim))))
+    itemsize = np.dtype(fc7_dtype).itemsize
+    batch = int(min(200_000, max(10_000, STORE_BATCH_BYTES // (itemsize * dim))))
     progress = Progress(n, label=f"writing fc7 store N={n} dim={dim}", interval=10)
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
@@ -221,9 +252,82 @@ class NumpyScan:
         return top[np.lexsort((top, d[top]))]
 
 
+def distance_recall(dist, exact):
+    """Share of the k positions where an index's sorted distances equal the
+    exact top k's (faiss breaks ties its own way, so distances, not ids, are
+    compared; a missing result, -1, counts as a miss)."""
+    got = np.sort(np.where(dist < 0, np.iinfo(np.int32).max, dist), axis=1)
+    return float(np.mean(got == np.sort(exact, axis=1)))
+
+
+def hash_settings(n, bits):
+    """The grids the faiss bucket indexes are tuned over, as their docs
+    describe the parameters: IndexBinaryHash hashes the first b bits and
+    probes every bucket within nflip flips of the query's; IndexBinaryMultiHash
+    hashes nhash disjoint b-bit substrings (Norouzi et al.'s multi-index
+    hashing: substrings of about log2(N) bits, so a bucket holds about one
+    code) and probes each table within nflip flips.  b from log2(N) - 8 to
+    log2(N), nflip up to 7 (Hash) / 3 (MultiHash): tune_faiss stops raising
+    nflip once a setting costs more than a few exhaustive scans."""
+    lg = int(round(math.log2(max(n, 2))))
+    widths = sorted({min(bits, max(8, lg + d)) for d in (-8, -4, 0)})
+    hash_grid = [(b, nflip) for b in widths for nflip in range(8)]
+    multi_grid = [(max(1, bits // b), b, nflip) for b in widths for nflip in range(4)]
+    return hash_grid, multi_grid
+
+
+def build_faiss(faiss, kind, bits, codes, setting=None):
+    """A faiss binary index over the codes: flat (exhaustive, heap top-k, the
+    default), flat_count (exhaustive, counting top-k: use_heap = False),
+    hash (IndexBinaryHash(bits, b), nflip) or multihash
+    (IndexBinaryMultiHash(bits, nhash, b), nflip)."""
+    if kind in ("flat", "flat_count"):
+        index = faiss.IndexBinaryFlat(bits)
+        index.use_heap = kind == "flat"
+    elif kind == "hash":
+        index = faiss.IndexBinaryHash(bits, setting[0])
+    else:
+        index = faiss.IndexBinaryMultiHash(bits, setting[0], setting[1])
+    index.add(codes)
+    if kind in ("hash", "multihash"):
+        index.nflip = setting[-1]
+    return index
+
+
+def tune_faiss(faiss, kind, bits, codes, queries, exact, k, grid, budget_ms):
+    """The setting of `grid` to time: the fastest whose recall reaches
+    EXACT_RECALL on the tuning queries, else the one with the best recall
+    (then the faster).  For one index (same b, nhash) nflip rises until a
+    setting costs more than budget_ms a query (an exhaustive scan is then
+    cheaper anyway).  Returns (index, setting, tuning table)."""
+    table, built, over = [], {}, set()
+    for setting in grid:
+        key = setting[:-1]
+        if key in over:
+            continue
+        if key not in built:
+            built.clear()   # one index of this kind in memory at a time
+            built[key] = build_faiss(faiss, kind, bits, codes, setting)
+        index = built[key]
+        index.nflip = setting[-1]
+        index.search(queries[:2], k)
+        t = time.perf_counter()
+        dist, _ = index.search(queries, k)
+        ms = (time.perf_counter() - t) / len(queries) * 1e3
+        table.append({"setting": list(setting), "ms": ms, "recall": distance_recall(dist, exact)})
+        if ms > budget_ms:
+            over.add(key)
+    good = [row for row in table if row["recall"] >= EXACT_RECALL]
+    best = min(good, key=lambda row: row["ms"]) if good else \
+        max(table, key=lambda row: (row["recall"], -row["ms"]))
+    built.clear()
+    return build_faiss(faiss, kind, bits, codes, tuple(best["setting"])), best, table
+
+
 def bench_config(n, bits, store, args, rng, faiss):
-    codes, queries = synthetic_codes(n, args.queries, bits, rng, args.centres, args.zipf,
-                                     args.mean_flips)
+    codes, queries = synthetic_codes(n, args.queries + TUNING_QUERIES, bits, rng, args.centres,
+                                     args.zipf, args.mean_flips)
+    queries, tuning = queries[:args.queries], queries[args.queries:]
     pool = fc7_pool(store.fc7_dim, np.random.default_rng(args.seed))   # the store's rows
     q_fc7 = pool[rng.integers(0, FC7_POOL_ROWS, args.queries)]
     k = args.k
@@ -233,13 +337,26 @@ def bench_config(n, bits, store, args, rng, faiss):
     index = hindex.HashIndex.build(codes, bits)
     build_s = time.perf_counter() - start
 
-    fx = None
-    faiss_build_s = None
+    fx = {}
+    faiss_info = {}
     if faiss is not None and bits % 8 == 0:
-        start = time.perf_counter()
-        fx = faiss.IndexBinaryFlat(bits)
-        fx.add(codes)
-        faiss_build_s = time.perf_counter() - start
+        flat = build_faiss(faiss, "flat_count", bits, codes)
+        t = time.perf_counter()
+        exact_tuning, _ = flat.search(tuning, m)
+        budget_ms = TUNING_BUDGET_SCANS * (time.perf_counter() - t) / len(tuning) * 1e3
+        del flat
+        hash_grid, multi_grid = hash_settings(n, bits)
+        for kind in FAISS_METHODS:
+            start = time.perf_counter()
+            if kind in ("hash", "multihash"):
+                grid = hash_grid if kind == "hash" else multi_grid
+                fx[kind], best, table = tune_faiss(faiss, kind, bits, codes, tuning,
+                                                   exact_tuning, m, grid, budget_ms)
+                faiss_info[kind] = {"setting": best["setting"], "tuning": table}
+            else:
+                fx[kind] = build_faiss(faiss, kind, bits, codes)
+                faiss_info[kind] = {}
+            faiss_info[kind]["build_and_tune_s"] = time.perf_counter() - start
     scan = NumpyScan(codes)
 
     read_ms = []
@@ -256,27 +373,34 @@ def bench_config(n, bits, store, args, rng, faiss):
         if method == "rerank":
             return index.search(queries[i:i + 1], q_fc7[i:i + 1], fc7_lookup, k,
                                 min_candidates=m)[0]
-        if method == "faiss":
-            return fx.search(queries[i][None, :], k)
+        if method in fx:
+            return fx[method].search(queries[i][None, :], m)
         return scan.search(queries[i], k)
 
-    methods = [mt for mt in METHODS if mt != "faiss" or fx is not None]
+    methods = [mt for mt in METHODS if mt not in FAISS_METHODS or mt in fx]
     # Warm-up pass (page cache, lazily built flip masks); also checks that
     # the store gives back the rows written to it (same top k as a re-rank
-    # reading the pool directly) and that the coarse stage agrees with faiss
-    # on the Hamming distances of the top k (faiss orders ties its own way,
-    # so only the distances are compared).
+    # reading the pool directly) and that the coarse stage's first m
+    # distances are the exact top m of faiss's exhaustive scan (faiss orders
+    # ties its own way, so only the distances are compared); the bucket
+    # indexes' recall is measured on the same queries.
     agree = True
+    found = {mt: [] for mt in fx}
     for i in range(args.queries):
         coarse = run("coarse", i)
         got = run("rerank", i)
         ref = index.search(queries[i:i + 1], q_fc7[i:i + 1],
                            lambda ids: pool[ids % FC7_POOL_ROWS], k, min_candidates=m)[0]
         agree &= bool(np.array_equal(got.ids, ref.ids) and np.array_equal(got.l2, ref.l2))
-        if fx is not None:
-            dist, _ = run("faiss", i)
-            kk = min(k, len(coarse.hamming))
-            agree &= bool(np.array_equal(np.sort(dist[0][:kk]), coarse.hamming[:kk]))
+        for mt in fx:
+            found[mt].append(run(mt, i)[0][0])
+        if "flat" in fx:
+            kk = min(m, len(coarse.hamming))
+            agree &= bool(np.array_equal(np.sort(found["flat"][-1][:kk]), coarse.hamming[:kk]))
+    recall = {}
+    if "flat" in fx:
+        exact = np.stack(found["flat"])
+        recall = {mt: distance_recall(np.stack(found[mt]), exact) for mt in fx}
     read_ms.clear()
 
     times = {mt: [] for mt in methods}
@@ -294,7 +418,7 @@ def bench_config(n, bits, store, args, rng, faiss):
     row = {
         "n": n, "bits": bits, "fc7_dim": store.fc7_dim, "k": k, "min_candidates": m,
         "buckets": index.n_buckets, "pivots": index.n_pivots,
-        "build_s": build_s, "faiss_build_s": faiss_build_s,
+        "build_s": build_s, "faiss": faiss_info, "recall": recall,
         "index_bytes": index.memory_bytes(), "codes_bytes": int(codes.nbytes),
         "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
         "results_agree": agree,
@@ -312,37 +436,68 @@ def bench_config(n, bits, store, args, rng, faiss):
 def format_rows(rows):
     head = (f"{'N':>9} {'bits':>4} {'fc7':>4} {'U':>8} {'build':>5} {'idxMB':>5} "
             f"{'anonMB':>6} {'cand':>5} | {'coarse':>11} {'rerank':>11} {'(read)':>11} "
-            f"{'faiss':>11} {'numpy':>11}")
+            f"{'Flat':>11} {'Flat count':>11} {'Hash':>17} {'MultiHash':>17} {'numpy':>11}")
     lines = ["latency in ms as p50/p99; rerank = coarse + fc7 via FeatureStore.fc7 + re-rank "
-             "(read = time inside FeatureStore.fc7); U = unique codes; cand = candidates p50",
+             "(read = time inside FeatureStore.fc7); U = unique codes; cand = candidates p50; "
+             "faiss bucket indexes with their top-k distance recall",
              head, "-" * len(head)]
     for r in rows:
         lat = r["latency_ms"]
 
         def cell(s):
             return f"{s['p50']:5.2f}/{s['p99']:5.1f}" if s else f"{'-':>11}"
+
+        def hashed(mt):
+            if mt not in lat:
+                return f"{'-':>17}"
+            return f"{cell(lat[mt])} r{r['recall'][mt]:.2f}"
         lines.append(
             f"{r['n']:>9} {r['bits']:>4} {r['fc7_dim']:>4} {r['buckets']:>8} {r['build_s']:>5.1f} "
             f"{r['index_bytes'] / 1e6:>5.0f} {r['rss_mb']['anon']:>6.0f} "
             f"{r['candidates']['p50']:>5.0f} | {cell(lat['coarse'])} {cell(lat['rerank'])} "
-            f"{cell(r['fc7_read_ms'])} {cell(lat.get('faiss'))} {cell(lat['numpy'])}"
+            f"{cell(r['fc7_read_ms'])} {cell(lat.get('flat'))} {cell(lat.get('flat_count'))} "
+            f"{hashed('hash')} {hashed('multihash')} {cell(lat['numpy'])}"
             + ("" if r["results_agree"] else "  RESULTS DISAGREE"))
     return "\n".join(lines)
 
 
+def format_settings(rows):
+    """The faiss bucket indexes' tuned settings, one line per row and index."""
+    lines = []
+    for r in rows:
+        for mt in ("hash", "multihash"):
+            if mt in r.get("faiss", {}):
+                name = "IndexBinaryHash(b, nflip)" if mt == "hash" else \
+                    "IndexBinaryMultiHash(nhash, b, nflip)"
+                lines.append(f"  N={r['n']} {r['bits']} bits: {name} = "
+                             f"{tuple(r['faiss'][mt]['setting'])}")
+    if lines:
+        lines.insert(0, "faiss bucket index settings (tuned: fastest with recall >= "
+                        f"{EXACT_RECALL}, else best recall):")
+    return "\n".join(lines)
+
+
 def check_targets(rows):
-    """The speed bar: at N=2.5M, 128 bits, coarse p50 no slower than faiss,
-    coarse + re-rank p50 <= 10 ms."""
+    """The speed bar, at every N and code length: the coarse stage's p50 no
+    slower than the fastest faiss index that returns the exact top k (recall
+    >= EXACT_RECALL); faiss indexes below that recall are listed, not
+    compared.  And at N=2.5M, 128 bits, coarse + re-rank p50 <= 10 ms."""
     verdicts = []
     for r in rows:
-        if r["n"] == 2_500_000 and r["bits"] == 128 and "faiss" in r["latency_ms"]:
-            lat = r["latency_ms"]
-            verdicts.append({
-                "coarse_p50_ms": lat["coarse"]["p50"], "faiss_p50_ms": lat["faiss"]["p50"],
-                "coarse_not_slower_than_faiss": lat["coarse"]["p50"] <= lat["faiss"]["p50"],
-                "rerank_p50_ms": lat["rerank"]["p50"],
-                "rerank_p50_within_10ms": lat["rerank"]["p50"] <= 10.0,
-                "fc7_dim": r["fc7_dim"]})
+        lat = r["latency_ms"]
+        exact = {mt: lat[mt]["p50"] for mt in FAISS_METHODS
+                 if mt in lat and r["recall"].get(mt, 0) >= EXACT_RECALL}
+        approximate = {mt: (lat[mt]["p50"], r["recall"][mt]) for mt in FAISS_METHODS
+                       if mt in lat and r["recall"].get(mt, 0) < EXACT_RECALL}
+        best = min(exact, key=exact.get) if exact else None
+        v = {"n": r["n"], "bits": r["bits"], "coarse_p50_ms": lat["coarse"]["p50"],
+             "best_exact_faiss": best, "best_exact_faiss_p50_ms": exact.get(best),
+             "coarse_not_slower": best is None or lat["coarse"]["p50"] <= exact[best],
+             "approximate_faiss": approximate}
+        if r["n"] == 2_500_000 and r["bits"] == 128:
+            v.update(rerank_p50_ms=lat["rerank"]["p50"], fc7_dim=r["fc7_dim"],
+                     rerank_p50_within_10ms=lat["rerank"]["p50"] <= 10.0)
+        verdicts.append(v)
     return verdicts
 
 
@@ -380,7 +535,11 @@ def calibrate(args, rng):
             np.bincount(d, weights=index._sizes_f[subset], minlength=bits + 1)
             return subset[d <= 3]
         gather = per_item(gathered, len(subset))
-        full = per_item(lambda qw: index._full_scan(qw, 1, bits), index.n_buckets)
+        # The exhaustive scan as a search runs it (need = min_candidates):
+        # its C pass, the radius guess and the selection's bookkeeping,
+        # per unique code.
+        need = args.min_candidates or args.k
+        full = per_item(lambda qw: index._full_scan(qw, need, bits), index.n_buckets)
 
         def step(qw):
             # The fixed part of one growing step: bounds search, runs of the
@@ -448,13 +607,20 @@ def main(argv=None):
 
     print()
     print(format_rows(rows))
+    print(format_settings(rows))
     verdicts = check_targets(rows)
     for v in verdicts:
-        print(f"target N=2.5M 128 bits (fc7 dim {v['fc7_dim']}): coarse p50 "
-              f"{v['coarse_p50_ms']:.2f} ms vs faiss {v['faiss_p50_ms']:.2f} ms -> "
-              f"{'met' if v['coarse_not_slower_than_faiss'] else 'NOT met'}; coarse+rerank "
-              f"p50 {v['rerank_p50_ms']:.2f} ms -> "
-              f"{'met' if v['rerank_p50_within_10ms'] else 'NOT met'} (<= 10 ms)")
+        against = (f"the fastest exact faiss index ({v['best_exact_faiss']}, "
+                   f"{v['best_exact_faiss_p50_ms']:.2f} ms)" if v["best_exact_faiss"]
+                   else "no exact faiss index")
+        approx = ", ".join(f"{mt} {ms:.2f} ms at recall {rec:.2f}"
+                           for mt, (ms, rec) in v["approximate_faiss"].items())
+        print(f"N={v['n']} {v['bits']} bits: coarse p50 {v['coarse_p50_ms']:.2f} ms vs {against}"
+              f" -> {'met' if v['coarse_not_slower'] else 'NOT met'}"
+              + (f"; approximate: {approx}" if approx else ""))
+        if "rerank_p50_ms" in v:
+            print(f"  coarse + fc7 re-rank (fc7 dim {v['fc7_dim']}) p50 {v['rerank_p50_ms']:.2f}"
+                  f" ms -> {'met' if v['rerank_p50_within_10ms'] else 'NOT met'} (<= 10 ms)")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},

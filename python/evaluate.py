@@ -13,7 +13,9 @@ Each of --database and --queries is either
     the store's memory map, and a database's search index is the one
     retrieve.py caches beside it).
 The fine ranking is HashIndex.search, the search retrieve.py runs, with the
-same defaults.  An image is relevant to a query when their labels are equal.
+same defaults: re-ranked by the database's PCA store when it has one
+(compress.py), the best --exact-top again by fc7; --rerank fc7|pca chooses.
+An image is relevant to a query when their labels are equal.
 --out-dir receives figures.json, precision_at_k.png and precision_recall.png.
 """
 import argparse
@@ -30,6 +32,7 @@ from dlbhc import metrics  # noqa: E402
 from dlbhc.codes import code_bytes  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
+from dlbhc.retrieval import add_rerank_arguments  # noqa: E402
 
 
 def parse_args(argv):
@@ -44,6 +47,7 @@ def parse_args(argv):
     p.add_argument("--min-candidates", type=int,
                    help="coarse candidates re-ranked by fc7 (default 2 x k)")
     p.add_argument("--max-radius", type=int, help="largest Hamming radius of the candidates")
+    add_rerank_arguments(p)
     p.add_argument("--radius", type=int, default=2,
                    help="Hamming radius of the precision-within-radius figure (default 2)")
     args = p.parse_args(argv)
@@ -56,16 +60,20 @@ def parse_args(argv):
     return args
 
 
-def load_features(path, with_fc7=True, with_index=False):
-    """{codes, labels, bits, fc7 (or None), index (or None)} from a .npz file
-    or a feature database (fc7 as its memory map; with_index: the search
-    index retrieve.py caches beside a database, built if missing)."""
+def load_features(path, with_fc7=True, with_index=False, rerank="auto", exact_top=None):
+    """{codes, labels, bits, fc7 (or None), index (or None), reduced (or
+    None)} from a .npz file or a feature database (fc7 as its memory map;
+    with_index: the search index retrieve.py caches beside a database,
+    built if missing, and its fine stage as `rerank` and `exact_top` ask)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if path.is_dir():
-        return _load_store(path, with_fc7, with_index)
+        return _load_store(path, with_fc7, with_index, rerank, exact_top)
     if path.suffix == ".npz":
+        if with_index and rerank == "pca":
+            raise UserError(f"--rerank pca needs a feature database with a PCA store "
+                            f"(compress.py), not the .npz file {path}")
         return _load_npz(path, with_fc7)
     raise UserError(f"{path}: expected a .npz file or a feature database folder")
 
@@ -79,24 +87,26 @@ def _load_npz(path, with_fc7):
                                 f"(needs codes, labels, bits and optionally fc7)")
             fc7 = data["fc7"] if with_fc7 and "fc7" in data else None
             return {"codes": data["codes"], "labels": data["labels"],
-                    "bits": int(data["bits"]), "fc7": fc7, "index": None}
+                    "bits": int(data["bits"]), "fc7": fc7, "index": None, "reduced": None}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"cannot read {path}: {err}") from err
 
 
-def _load_store(path, with_fc7, with_index):
+def _load_store(path, with_fc7, with_index, rerank, exact_top):
     from dlbhc.retrieval import Retriever
     from dlbhc.store import FeatureStore
+    reduced = None
     if with_index:
-        retriever = Retriever(path)
-        store, index = retriever.store, retriever.index
+        retriever = Retriever(path, rerank=rerank, exact_top=exact_top)
+        store, index, reduced = retriever.store, retriever.index, retriever.reduced
     else:
         store, index = FeatureStore.open(path), None
     try:
         if store.count == 0:
             raise UserError(f"{path} holds no images")
         return {"codes": store.codes(), "labels": store.labels(), "bits": store.bits,
-                "fc7": store.fc7_rows() if with_fc7 else None, "index": index}
+                "fc7": store.fc7_rows() if with_fc7 else None, "index": index,
+                "reduced": reduced}
     finally:
         store.close()
 
@@ -120,7 +130,8 @@ def check_pair(db, queries, db_path, q_path):
 
 def main(argv=None):
     args = parse_args(argv)
-    db = load_features(args.database, with_fc7=not args.no_fine, with_index=not args.no_fine)
+    db = load_features(args.database, with_fc7=not args.no_fine, with_index=not args.no_fine,
+                       rerank=args.rerank, exact_top=args.exact_top)
     queries = load_features(args.queries, with_fc7=not args.no_fine)
     check_pair(db, queries, args.database, args.queries)
     fine = not args.no_fine and db["fc7"] is not None and queries["fc7"] is not None
@@ -134,7 +145,7 @@ def main(argv=None):
             db_fc7=db["fc7"] if fine else None, q_fc7=queries["fc7"] if fine else None,
             k=args.k, bits=db["bits"], min_candidates=args.min_candidates,
             max_radius=args.max_radius, radius=args.radius, progress=progress,
-            index=db["index"])
+            index=db["index"], reduced=db["reduced"])
     except ValueError as err:
         raise UserError(str(err)) from err
     progress.close()

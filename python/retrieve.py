@@ -8,9 +8,11 @@
 
 Coarse-to-fine, as the paper: the database images in the query's code bucket
 and the buckets at Hamming distance 1, 2, ... until at least --candidates
-images (or --max-radius), re-ranked by fc7 Euclidean distance. The query is
-prepared with the preprocessing recorded in the database, by the net recorded
-there (or --deploy/--weights, which must match it).
+images (or --max-radius), re-ranked by fc7 Euclidean distance. A database
+with a PCA store (python/compress.py) is re-ranked by the PCA rows instead,
+the best --exact-top (200) again by fc7 (--rerank fc7|pca chooses). The
+query is prepared with the preprocessing recorded in the database, by the
+net recorded there (or --deploy/--weights, which must match it).
 
     python python/retrieve.py query.jpg --milvus http://localhost:19530 --collection NAME
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.retrieval import add_rerank_arguments  # noqa: E402
 
 
 def parse_args(argv):
@@ -46,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--candidates", type=int,
                    help="coarse stage gathers at least this many (default 2 x top-k)")
     p.add_argument("--max-radius", type=int, help="never look beyond this Hamming radius")
+    add_rerank_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="PNG", help="write a picture of the results "
                    "(the first query's; with several queries, one PNG each: NAME_0.png ...)")
@@ -82,8 +86,13 @@ def main(argv=None):
     args = parse_args(argv)
     from dlbhc.images import list_images
     from dlbhc.retrieval import Query, Retriever, format_table, montage, to_json
-    retriever = Retriever.on_milvus(args.milvus, args.collection) if args.milvus \
-        else Retriever(args.db)
+    if args.milvus:
+        if args.rerank == "pca" or args.exact_top is not None:
+            raise UserError("--rerank pca / --exact-top work on a local database; a Milvus "
+                            "collection re-ranks by the vectors index_milvus.py loaded")
+        retriever = Retriever.on_milvus(args.milvus, args.collection)
+    else:
+        retriever = Retriever(args.db, rerank=args.rerank, exact_top=args.exact_top)
     try:
         image_queries = [Query(str(q)) for q in args.query]
         if args.queries:

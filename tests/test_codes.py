@@ -3,8 +3,9 @@ Hamming distances, against the bit-by-bit reference."""
 import numpy as np
 import pytest
 
-from dlbhc.codes import (CODE_THRESHOLD, code_bytes, group_equal_codes, hamming_distances,
-                         hamming_matrix, pack_codes, to_words)
+from dlbhc.codes import (CODE_THRESHOLD, code_bytes, codes_within, group_equal_codes,
+                         hamming_distances, hamming_matrix, pack_codes, scan_distances,
+                         to_words)
 from dlbhc.index import HashIndex
 from dlbhc.reference import naive_hamming
 
@@ -66,3 +67,23 @@ def test_group_equal_codes_keeps_ids_ascending_within_a_group():
         members = order[starts[g]:starts[g + 1]]
         assert np.all(np.diff(members) > 0)
         assert len({codes[i].tobytes() for i in members}) == 1
+
+
+@pytest.mark.parametrize("bits", [12, 48, 64, 100, 128, 200, 256, 384, 512, 1024])
+def test_scan_kernels_match_bit_by_bit_reference(bits):
+    """The exhaustive scan's C kernels (faiss) on whole words: every
+    distance, and the codes within a radius, for widths the threshold kernel
+    takes (1, 2, 4, 8 words) and others (the fallback)."""
+    rng = np.random.default_rng(bits)
+    codes = pack_codes(rng.random((700, bits)).astype(np.float32))
+    codes[::5] = codes[1]
+    query = pack_codes(rng.random(bits).astype(np.float32))
+    expected = naive_hamming(codes, query, bits)
+    rows = np.ascontiguousarray(to_words(codes))
+    qwords = to_words(query[None, :])[0]
+    assert np.array_equal(scan_distances(rows, qwords), expected)
+    for radius in (0, int(expected.min()), int(np.median(expected)), bits):
+        pos, dist = codes_within(rows, qwords, radius)
+        assert pos.dtype == np.int64 and dist.dtype == np.int32
+        assert np.array_equal(pos, np.flatnonzero(expected <= radius))
+        assert np.array_equal(dist, expected[pos])

@@ -9,7 +9,7 @@ import pytest
 from dlbhc.codes import code_bytes, pack_codes
 from dlbhc.index import HashIndex, SearchResults, default_min_candidates
 from dlbhc.reference import brute_force_search, reference_coarse
-from dlbhc.rerank import fc7_sq_distances
+from dlbhc.rerank import fc7_sq_distances, rank_by_distance
 from helpers import clustered_codes, codes_from_ints
 
 # Cost tables that force one coarse strategy (the results must not change).
@@ -49,6 +49,35 @@ def test_coarse_equals_exhaustive_rule(bits, strategy):
             assert np.array_equal(got.ids, ids)
             assert np.array_equal(got.hamming, ham)
             assert got.ids.dtype == np.int64
+
+
+@pytest.mark.parametrize("strategy", ["full", "switch"])
+@pytest.mark.parametrize("margin", [0.01, 1.5, 50.0])
+@pytest.mark.parametrize("bits", [20, 128, 200])
+def test_full_scan_is_exact_whatever_its_radius_guess(monkeypatch, bits, margin, strategy):
+    """The exhaustive scans (of every image's code in a small index, of the
+    unique codes after pivot runs in a large one) start at a radius guessed
+    from a sample (smaller than the index here): a short guess must grow, a
+    long one only selects more, and either way the result is the rule's."""
+    import dlbhc.index as index_module
+    monkeypatch.setattr(index_module, "RADIUS_MARGIN", margin)
+    monkeypatch.setattr(index_module, "RADIUS_SAMPLE", 300)
+    passes = []
+    kernel = index_module.codes_within
+    monkeypatch.setattr(index_module, "codes_within",
+                        lambda *a: passes.append(a[2]) or kernel(*a))
+    rng = np.random.default_rng(bits)
+    codes = clustered_codes(rng, 4000, bits, n_centres=30, flip_p=0.05)
+    index = _with_strategy(HashIndex.build(codes, bits), strategy)
+    for query in np.concatenate([clustered_codes(rng, 6, bits), codes[:3]]):
+        for need, max_radius in ((1, None), (200, None), (3000, None), (500, bits // 8)):
+            ids, ham, radius = reference_coarse(codes, query, bits, need, max_radius)
+            got = index.coarse(query, need, max_radius)
+            assert got.radius == radius
+            assert np.array_equal(got.ids, ids) and np.array_equal(got.hamming, ham)
+    # a short guess did take more than one pass of the kernel
+    if strategy == "full":
+        assert len(passes) > 36 if margin < 1 else len(passes) >= 36
 
 
 def test_coarse_growth_stops_at_the_first_radius_with_enough_images():
@@ -245,6 +274,16 @@ def test_fc7_distances_do_not_depend_on_where_a_row_sits():
     assert d[2] == d[7] == fc7_sq_distances(row[None, :], q)[0] == \
         fc7_sq_distances(unaligned, q)[0]
     np.testing.assert_allclose(d, ((block.astype(np.float64) - q) ** 2).sum(axis=1), rtol=1e-5)
+
+
+def test_top_k_selection_equals_the_full_sort_with_ties_at_the_boundary():
+    rng = np.random.default_rng(6)
+    ids = np.sort(rng.choice(10_000, 600, replace=False))
+    d2 = rng.integers(0, 40, 600).astype(np.float32)   # many equal distances
+    full = np.lexsort((ids, d2))
+    for k in (0, 1, 7, 15, 16, 17, 299, 599, 600, 1000, None):
+        want = full if k is None else full[:k]
+        assert np.array_equal(rank_by_distance(ids, d2, k), want), k
 
 
 def test_default_min_candidates_is_twice_k():

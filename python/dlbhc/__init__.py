@@ -10,6 +10,8 @@ dependency order (a module imports only modules above it):
     caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
     protos      Caffe's prototxt and .caffemodel files, read with clear errors
     codes       the code format: threshold, packing, width, Hamming distance
+    pca         the compressed re-rank features: a PCA projection of fc7,
+                learned once, applied identically to every row and query
     images      reading any image file into RGB, folder/list walking, labels,
                 the list of unreadable images
     cifar10     CIFAR-10 acquisition: download or local archive -> folders
@@ -17,12 +19,14 @@ dependency order (a module imports only modules above it):
     model       deploy net, preprocessing, forward -> fc7 + latent
     weights     pretrained weights from Caffe's model zoo, sha1-checked
     training    `caffe train` runs with progress, per-run prototxts, resume
-    store       the feature database: schema, backends, metadata, shards
+    store       the feature database: schema, backends, metadata, shards,
+                the PCA re-rank store
     pipeline    bulk extraction: workers, batching, commits, resume
     ray_extract extraction as a Ray job: shards on actors holding one net,
                 merged in input order (imports ray only when a job runs)
     pivots      the coarse stage's pruned scan (pivot groups and runs)
-    rerank      the fine stage: fc7 distances and their tie rule
+    rerank      the fine stage: fc7 (or PCA) distances and their tie rule,
+                the two-step PCA-then-fc7 ranking
     index       bucket table and the batched coarse-to-fine search
     milvus_index  the index on Milvus: loading a database, the same search
                 with Milvus as coarse stage (imports pymilvus only to connect)
@@ -36,7 +40,7 @@ dependency order (a module imports only modules above it):
 
 Only caffe_env, protos, datum, model, training, pipeline and ray_extract
 import Caffe (and only when a function needs it; service through model, in
-the thread or process that runs the net); codes, pivots, rerank, index,
+the thread or process that runs the net); codes, pca, pivots, rerank, index,
 milvus_index, store, retrieval, metrics, service and webapp never do, so
 search can be tested and benchmarked without a net.  The names below are
 the public surface; everything else is reached through its module.
@@ -49,16 +53,17 @@ from .images import BadImage, list_images, read_image
 from .index import HashIndex, SearchResult, SearchResults, default_min_candidates
 from .metrics import evaluate
 from .model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
+from .pca import Projection
 from .pipeline import extract
-from .rerank import fc7_sq_distances
+from .rerank import ReducedRows, fc7_sq_distances
 from .retrieval import Query, Retriever
 from .store import FeatureStore
 from .training import train
 
 __all__ = [
     "CODE_THRESHOLD", "FEATURE_BLOB", "LATENT_BLOB",
-    "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Query",
-    "Retriever", "SearchResult", "SearchResults", "UserError",
+    "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Projection", "Query",
+    "ReducedRows", "Retriever", "SearchResult", "SearchResults", "UserError",
     "code_bytes", "compute_mean", "convert_imageset", "default_min_candidates", "evaluate",
     "extract", "fc7_sq_distances", "get_cifar10", "hamming_distances", "hamming_matrix",
     "list_images", "pack_codes", "read_image", "train",

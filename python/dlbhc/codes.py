@@ -15,6 +15,8 @@ byte order does not matter because XOR and popcount are bitwise.
 
 Pure numpy: never imports Caffe or the feature store.
 """
+import threading
+
 import numpy as np
 
 # The latent layer's sigmoid output above this is a 1 bit (the paper's rule).
@@ -107,6 +109,83 @@ def distances_to_words(columns, qwords, dtype):
         np.bitwise_xor(col, qw, out=tmp)
         out += np.bitwise_count(tmp)
     return out
+
+
+_FAISS = []
+
+
+def scan_kernel():
+    """faiss, whose C Hamming kernels the exhaustive scan uses (imported
+    once; an index loads it when built, so no query pays the import)."""
+    if not _FAISS:
+        import faiss
+        _FAISS.append(faiss)
+    return _FAISS[0]
+
+
+def scan_distances(rows, qwords, out=None):
+    """Hamming distances (int32) of every code of `rows` to one query.
+
+    rows: (U, W) uint64, C-contiguous (whole words, zero padded); qwords:
+    the query's W words.  The popcount loop is faiss's C kernel
+    (faiss.hammings; faiss-cpu is a pinned requirement): one pass over the
+    codes, where numpy needs an XOR, a popcount and an add pass per word and
+    took ~5-10x as long for a full scan of 100k codes.  Exact either way:
+    only the exhaustive strategy of the coarse stage calls it.
+    """
+    faiss = scan_kernel()
+    rows = np.ascontiguousarray(rows, dtype=np.uint64)
+    q = np.ascontiguousarray(qwords, dtype=np.uint64)
+    n, n_words = rows.shape
+    if out is None:
+        out = np.empty(n, dtype=np.int32)
+    if n:
+        faiss.hammings(faiss.swig_ptr(q.view(np.uint8)), faiss.swig_ptr(rows.view(np.uint8)),
+                       1, n, 8 * n_words, faiss.swig_ptr(out))
+    return out
+
+
+# Words per code faiss's threshold kernel (match_hamming_thres) takes.
+THRESHOLD_KERNEL_WORDS = (1, 2, 4, 8)
+
+
+def codes_within(rows, qwords, radius, buffers=None):
+    """The codes of `rows` within Hamming `radius` of one query: their
+    positions (int64, ascending) and distances (int32).
+
+    rows, qwords as in scan_distances.  For 1, 2, 4 or 8 words per code it
+    is one pass of faiss's C kernel that keeps only the matches
+    (match_hamming_thres), so nothing of the size of `rows` goes through
+    numpy; other widths compute every distance (scan_distances) and select.
+    buffers: a ScanBuffers to reuse (the kernel needs room for every code).
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.uint64)
+    q = np.ascontiguousarray(qwords, dtype=np.uint64)
+    n, n_words = rows.shape
+    if n_words not in THRESHOLD_KERNEL_WORDS:
+        d = scan_distances(rows, q)
+        pos = np.flatnonzero(d <= radius)
+        return pos, d[pos]
+    faiss = scan_kernel()
+    pairs, dist = (buffers or ScanBuffers()).get(n)
+    found = faiss.match_hamming_thres(faiss.swig_ptr(q.view(np.uint8)),
+                                      faiss.swig_ptr(rows.view(np.uint8)), 1, n, int(radius),
+                                      8 * n_words, faiss.swig_ptr(pairs), faiss.swig_ptr(dist))
+    # pairs holds (query, code) per match
+    return pairs[1:2 * found:2].copy(), dist[:found].copy()
+
+
+class ScanBuffers(threading.local):
+    """Per-thread output room of codes_within's kernel (one slot per code:
+    pages never written cost nothing, but a fresh allocation per query costs
+    a map and unmap of that size)."""
+
+    def get(self, n):
+        if getattr(self, "n", -1) < n:
+            self.pairs = np.empty(2 * n, dtype=np.int64)
+            self.dist = np.empty(n, dtype=np.int32)
+            self.n = n
+        return self.pairs, self.dist
 
 
 def hamming_distances(codes, query_code, bits=None):

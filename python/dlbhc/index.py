@@ -14,6 +14,9 @@ query_fc7, fc7, k) for a batch of queries, like faiss's search(xq, k):
     fine     the coarse candidates re-ranked by the Euclidean distance of
              their fc7 features to the query's fc7; top k returned (or every
              candidate, ranked, with k=None: the evaluation's full ranking).
+             With reduced= (rerank.ReducedRows: the database's PCA store),
+             ranked by the compressed rows instead, the best exact_top of
+             them again by fc7 (rerank.fine_rank).
 retrieve.py, the evaluation (metrics.evaluate) and the benchmarks all call
 this one implementation.
 
@@ -47,11 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .codes import (check_codes, code_bytes, distance_dtype, distances_to_words,
-                    group_equal_codes, query_words, to_words)
+from .codes import (ScanBuffers, check_codes, code_bytes, codes_within, distance_dtype,
+                    group_equal_codes, query_words, scan_distances, scan_kernel, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
-from .rerank import candidate_sq_distances, rank_by_distance
+from .rerank import fine_rank
 
 FORMAT_VERSION = 1
 
@@ -65,14 +68,25 @@ FORMAT_VERSION = 1
 #           binary search among the unique codes, verify
 #   gather  one unique code reached through the pivot runs: gather, XOR,
 #           popcount, histogram
-#   scan    one unique code in a contiguous scan of all of them
+#   scan    one unique code in the exhaustive scan (faiss's C kernel keeping
+#           the codes within a guessed radius, the guess and the selection's
+#           bookkeeping, per unique code, for a 1000-candidate search)
 #   step    fixed overhead of one growing step of the pivot-run scan
 # Other widths interpolate (and beyond 4 words keep the 4-word figures).
+# The scan figures were measured again when the exhaustive scan moved to the
+# C kernel, on a machine at load ~9-14 (2 cores shared): 2.1 / 8.2 / 31.2 ns,
+# in the same run as probe and gather figures inflated 1.2x / 3.3x / 9.7x
+# over the ones above, and are given here divided by those factors.
 _COST_WORDS = (1, 2, 4)
 _COST_NS = {"probe": (147.0, 402.0, 543.0),
             "gather": (12.0, 16.1, 31.4),
-            "scan": (5.9, 7.9, 13.7),
+            "scan": (1.75, 2.5, 3.2),
             "step": (140e3, 119e3, 205e3)}
+# Searching through the pivot runs costs several growing steps plus the
+# bounds search that sizes them (measured at N = 100k-1M: 8-12 steps' worth
+# per query); when a scan of every unique code costs less than this many
+# steps, the runs are not even considered.
+RUNS_OVERHEAD_STEPS = 8
 
 
 def _unit_costs(n_words):
@@ -83,6 +97,12 @@ def _unit_costs(n_words):
 # Enumerating a shell costs memory for its flip masks; beyond this many
 # patterns a scan is always cheaper anyway.
 MAX_SHELL_PROBES = 1 << 18
+# The full scan keeps only codes within a radius (one pass of a C kernel);
+# it guesses that radius from the distances of this many buckets, asking for
+# RADIUS_MARGIN times the images needed (a short guess costs another pass,
+# a long one only a larger selection).
+RADIUS_SAMPLE = 2048
+RADIUS_MARGIN = 1.5
 
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -111,6 +131,9 @@ def shell_radius(cum_counts, min_candidates, max_radius=None):
     cum_counts = np.asarray(cum_counts)
     top = cum_counts.shape[-1] - 1
     limit = top if max_radius is None else max(0, min(int(max_radius), top))
+    if cum_counts.ndim == 1:
+        # One query (the search's case): counts never decrease with r.
+        return min(int(np.searchsorted(cum_counts[:limit + 1], min_candidates)), limit)
     enough = cum_counts[..., :limit + 1] >= min_candidates
     first = np.argmax(enough, axis=-1)
     return np.where(enough.any(axis=-1), first, limit)
@@ -163,6 +186,10 @@ def _mix64(x):
 
 
 _U64 = (1 << 64) - 1
+# Sort keys of the coarse result: (hamming << _ID_BITS) | id in an int64
+# (ids below 2**40, distances up to MAX_BITS = 1024 < 2**23).
+_ID_BITS = 40
+_ID_MASK = (1 << _ID_BITS) - 1
 
 
 def _mix_int(x):
@@ -220,13 +247,20 @@ class SearchResult:
     squared distance the ranking uses (so equal l2 values are exactly the
     ties ordered by id); candidates is how many images the coarse stage
     passed to the re-rank, radius where it stopped; seconds the time the
-    query's coarse and fine stages took."""
+    query's coarse and fine stages took.  With a compressed (PCA) re-rank,
+    only the first `exact` results are ranked and measured by fc7; the rest
+    by the distance between compressed rows (in their l2)."""
     ids: np.ndarray
     hamming: np.ndarray
     l2: np.ndarray
     candidates: int
     radius: int
     seconds: float = 0.0
+    exact: int = None
+
+    def __post_init__(self):
+        if self.exact is None:
+            self.exact = len(self.ids)
 
 
 @dataclass
@@ -239,6 +273,9 @@ class SearchResults:
         candidates (Q,)   int64    images the coarse stage passed to the re-rank
         radius     (Q,)   int32    Hamming radius the coarse stage stopped at
         seconds    (Q,)   float64  time of each query's search
+        exact      (Q,)   int64    leading results ranked and measured by fc7
+                                   (all found, unless a compressed re-rank
+                                   ranked the rest: see SearchResult)
 
     results[i] is query i's SearchResult, without the padding."""
     ids: np.ndarray
@@ -247,6 +284,11 @@ class SearchResults:
     candidates: np.ndarray
     radius: np.ndarray
     seconds: np.ndarray
+    exact: np.ndarray = None
+
+    def __post_init__(self):
+        if self.exact is None:
+            self.exact = np.count_nonzero(self.ids >= 0, axis=1).astype(np.int64)
 
     @classmethod
     def empty(cls, n_queries, k):
@@ -259,15 +301,16 @@ class SearchResults:
     @classmethod
     def from_ranked(cls, ranked, k):
         """Rows from per-query (ids, hamming, sq_distances, candidates,
-        radius, seconds), as fine_stage (+ the time) gives them; k=None:
-        rows as wide as the longest."""
+        radius, exact, seconds), as fine_stage (+ the time) gives them;
+        k=None: rows as wide as the longest."""
         width = max((len(r[0]) for r in ranked), default=0) if k is None else int(k)
         out = cls.empty(len(ranked), width)
-        for i, (ids, ham, d2, n_cand, radius, seconds) in enumerate(ranked):
+        for i, (ids, ham, d2, n_cand, radius, n_exact, seconds) in enumerate(ranked):
             out.ids[i, :len(ids)] = ids
             out.hamming[i, :len(ids)] = ham
             out.l2[i, :len(ids)] = np.sqrt(d2.astype(np.float64))
             out.candidates[i], out.radius[i], out.seconds[i] = n_cand, radius, seconds
+            out.exact[i] = n_exact
         return out
 
     def __len__(self):
@@ -276,7 +319,8 @@ class SearchResults:
     def __getitem__(self, i):
         found = int(np.count_nonzero(self.ids[i] >= 0))
         return SearchResult(self.ids[i, :found], self.hamming[i, :found], self.l2[i, :found],
-                            int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]))
+                            int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]),
+                            int(self.exact[i]))
 
 
 def check_search_args(query_codes, query_fc7, bits, k, min_candidates):
@@ -294,19 +338,20 @@ def check_search_args(query_codes, query_fc7, bits, k, min_candidates):
     return query_codes, query_fc7, min_candidates
 
 
-def fine_stage(coarse, query_fc7, fc7, k):
-    """One query's fine stage over its CoarseResult: the candidates'
-    re-rank distances (rerank.py's rule, ties by id), top k (all with None).
-    Returns (ids, hamming, sq_distances, candidates, radius).  Every
+def fine_stage(coarse, query_fc7, fc7, k, reduced=None, query_reduced=None):
+    """One query's fine stage over its CoarseResult: the candidates ranked
+    by rerank.fine_rank (fc7 distance, or the compressed rows of `reduced`
+    then exact fc7 on its best exact_top; ties by id), top k (all with None).
+    Returns (ids, hamming, sq_distances, candidates, radius, exact).  Every
     coarse stage (this index's, or an engine's such as milvus_index's)
     ends here, so they rank alike."""
-    # Ascending ids: one sequential pass over the fc7 rows.
+    # Ascending ids: one sequential pass over the rows.
     by_id = np.argsort(coarse.ids, kind="stable")
     ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
-    d2 = candidate_sq_distances(fc7, ids, query_fc7) if len(ids) else \
-        np.empty(0, dtype=np.float32)
-    top = rank_by_distance(ids, d2, k)
-    return ids[top], ham[top], d2[top], len(ids), coarse.radius
+    if not len(ids):
+        return ids, ham, np.empty(0, np.float32), 0, coarse.radius, 0
+    top, d2, n_exact = fine_rank(ids, query_fc7, fc7, k, reduced, query_reduced)
+    return ids[top], ham[top], d2, len(ids), coarse.radius, n_exact
 
 
 class HashIndex:
@@ -346,6 +391,17 @@ class HashIndex:
         self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
         # bincount's weights are float64 anyway: converted once, not per query.
         self._sizes_f = self._sizes.astype(np.float64)
+        # Row-major copy for the exhaustive scan's C kernel (codes.codes_within),
+        # and a fixed sample of buckets from which the scan guesses its radius.
+        self._rows = np.ascontiguousarray(bucket_words.T)
+        scan_kernel()
+        self._scan_buffers = ScanBuffers()
+        n_unique = len(self._sizes)
+        sample = np.sort(np.random.default_rng(0).choice(
+            n_unique, size=min(n_unique, RADIUS_SAMPLE), replace=False))
+        self._sample_rows = np.ascontiguousarray(self._rows[sample])
+        self._sample_sizes = self._sizes_f[sample]
+        self._image_rows = None   # (rows, sample) of small indexes, see _image_tables
         self._dtype = distance_dtype(self.bits)
         self._shell_masks = {}
         self.costs = _unit_costs(self.n_words)
@@ -440,11 +496,13 @@ class HashIndex:
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
-                  self.probe_buckets, self._sizes, self._sizes_f]
+                  self.probe_buckets, self._sizes, self._sizes_f, self._rows, self._sample_rows,
+                  *(self._image_rows or ())]
         return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
 
     # ---- coarse-to-fine search ---------------------------------------------
-    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None):
+    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
+               reduced=None):
         """Coarse-to-fine top-k of a batch of queries: each query's coarse
         candidates re-ranked by fc7 distance (ties by id).
 
@@ -455,15 +513,22 @@ class HashIndex:
         k: results per query; None ranks every candidate (rows as wide as the
         largest candidate set).  min_candidates defaults to
         default_min_candidates(k); max_radius caps the Hamming radius.
+        reduced: a rerank.ReducedRows (the database's PCA store) to rank by
+        compressed rows, the best reduced.exact_top again by fc7 (fc7 is
+        only read for those; it may be None when exact_top is 0).
         Returns SearchResults.
         """
         query_codes, query_fc7, min_candidates = check_search_args(
             query_codes, query_fc7, self.bits, k, min_candidates)
+        # Every query's projection at once (a row's projection depends on
+        # that row alone, pca.Projection.apply).
+        query_reduced = reduced.project(query_fc7) if reduced is not None else query_fc7
         ranked = []
-        for code, q_fc7 in zip(query_codes, query_fc7):
+        for code, q_fc7, q_red in zip(query_codes, query_fc7, query_reduced):
             start = time.perf_counter()
             coarse = self.coarse(code, min_candidates, max_radius)
-            ranked.append(fine_stage(coarse, q_fc7, fc7, k) + (time.perf_counter() - start,))
+            ranked.append(fine_stage(coarse, q_fc7, fc7, k, reduced, q_red)
+                          + (time.perf_counter() - start,))
         return SearchResults.from_ranked(ranked, k)
 
     # ---- coarse stage ------------------------------------------------------
@@ -482,22 +547,23 @@ class HashIndex:
             return CoarseResult(np.empty(0, np.int64), np.empty(0, np.int32), 0)
 
         # Shell 0 (one probe) then further shells while enumerating them is
-        # cheaper than the scan that would otherwise be needed.
-        found_buckets, found_dist = [], []
-        found = 0
+        # cheaper than the scan that would otherwise be needed.  When a scan
+        # of every unique code costs less than the pivot runs' bookkeeping
+        # (small indexes: RUNS_OVERHEAD_STEPS), the choice is between
+        # probing and a scan of every image's code alone.
+        full_cost = self.n_buckets * self.costs["scan"]
+        if full_cost <= RUNS_OVERHEAD_STEPS * self.costs["step"]:
+            return self._small_index_search(qwords, need, limit, full_cost)
+        probed = _Probed()
         bounds = None
         r = 0
         while True:
-            b = self._probe_shell(qwords, r)
-            if len(b):
-                found_buckets.append(b)
-                found_dist.append(np.full(len(b), r, dtype=np.int32))
-                found += int(self._sizes[b].sum())
-            if found >= need or r >= limit:
-                return self._expand(found_buckets, found_dist, r)
+            self._probe_into(probed, qwords, r)
+            if probed.images >= need or r >= limit:
+                return self._expand(probed.buckets, probed.dists, r)
             r += 1
             n_probes = math.comb(self.bits, r)
-            if n_probes > MAX_SHELL_PROBES:
+            if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
                 break
             if bounds is None:
                 bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
@@ -507,6 +573,14 @@ class HashIndex:
         if bounds is None:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(qwords, bounds, need, r, limit)
+
+    def _probe_into(self, probed, qwords, r):
+        """Enumerate shell r and add its buckets to `probed` (a _Probed)."""
+        b = self._probe_shell(qwords, r)
+        if len(b):
+            probed.buckets.append(b)
+            probed.dists.append(np.full(len(b), r, dtype=np.int32))
+            probed.images += int(self._sizes[b].sum())
 
     def _probe_shell(self, qwords, r):
         """Buckets at Hamming distance exactly r, by enumerating flip patterns."""
@@ -578,12 +652,86 @@ class HashIndex:
         return self._expand([b[m] for b, m in zip(scanned_b, keep)],
                             [d[m] for d, m in zip(scanned_d, keep)], radius)
 
+    def _small_index_search(self, qwords, need, limit, full_cost):
+        """A small index's coarse stage: the shells up to the radius a sample
+        of the codes suggests are probed when enumerating them costs less
+        than a scan; otherwise (or when they hold too few images) every
+        image's code is scanned: one C pass whose matches are already the
+        images (no bucket expansion), in id order."""
+        rows, sample = self._image_tables()
+        guess = self._radius_guess(qwords, need, limit, sample, None)
+        # Enumerating the shells up to the estimated radius, or the scan.
+        shells = range(min(guess[0], limit) + 1)
+        n_probes = sum(math.comb(self.bits, r) for r in shells)
+        if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
+            shells = ()
+        probed = _Probed()
+        for r in shells:
+            self._probe_into(probed, qwords, r)
+            if probed.images >= need or r >= limit:
+                return self._expand(probed.buckets, probed.dists, r)
+        t = guess[1]
+        while True:
+            ids, dist = codes_within(rows, qwords, t, self._scan_buffers)
+            # One row per image: the stopping radius is the need-th smallest
+            # distance of the sorted keys, when the ball of radius t has it.
+            keys = _hamming_keys(ids, dist)
+            if len(keys) >= need or t >= limit:
+                radius = int(keys[need - 1] >> _ID_BITS) if 0 < need <= len(keys) else \
+                    (0 if need <= 0 else t)
+                keys = keys[:np.searchsorted(keys, (radius + 1) << _ID_BITS)]
+                return CoarseResult(keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32),
+                                    radius)
+            t = min(limit, t + max(2, t // 2))
+
     def _full_scan(self, qwords, need, limit):
-        d = distances_to_words(self._columns, qwords, self._dtype)
-        cum = np.cumsum(np.bincount(d, weights=self._sizes_f, minlength=self.bits + 1))
-        radius = int(shell_radius(cum, need, limit))
-        b = np.flatnonzero(d <= radius)
-        return self._expand([b], [d[b]], radius)
+        """Every unique code (the bucket table's rows), by _threshold_scan,
+        the buckets then expanded to their images."""
+        guess = self._radius_guess(qwords, need, limit, self._sample_rows, self._sample_sizes)
+        buckets, dist, radius = self._threshold_scan(self._rows, self._sizes_f, qwords, need,
+                                                     limit, guess[1])
+        return self._expand([buckets], [dist], radius)
+
+    def _threshold_scan(self, rows, sizes, qwords, need, limit, t):
+        """Rows within the stopping radius, through the C kernel that keeps
+        those within a radius t (codes.codes_within): t starts at a guess
+        and grows until the ball of radius t holds `need` images (or t
+        reaches `limit`); the distances below t are then complete, so the
+        stopping rule is applied exactly.  sizes: images per row (None: one
+        each).  Returns (row positions ascending, their distances, radius)."""
+        while True:
+            pos, d = codes_within(rows, qwords, t, self._scan_buffers)
+            weights = None if sizes is None else sizes[pos]
+            cum = np.cumsum(np.bincount(d, weights=weights, minlength=t + 1))
+            if cum[t] >= need or t >= limit:
+                radius = int(shell_radius(cum, need, limit))
+                keep = d <= radius
+                return pos[keep], d[keep], radius
+            t = min(limit, t + max(2, t // 2))
+
+    def _radius_guess(self, qwords, need, limit, sample_rows, sample_sizes):
+        """Radii whose balls likely hold `need` images, estimated from the
+        distances of a fixed sample of rows (holding sample_sizes images
+        each; None: one) scaled to the whole index: (the estimate, the radius
+        holding RADIUS_MARGIN times that many: the scan's first threshold),
+        both capped at `limit`."""
+        d = scan_distances(sample_rows, qwords)
+        est = np.cumsum(np.bincount(d, weights=sample_sizes, minlength=self.bits + 1))
+        sampled = float(est[-1]) if len(est) else 0.0
+        likely, safe = np.searchsorted(est, np.array([1.0, RADIUS_MARGIN]) * need
+                                       * sampled / max(self.count, 1))
+        return min(limit, int(likely)), min(limit, int(safe))
+
+    def _image_tables(self):
+        """Every image's code as a row (id order) and a fixed sample of
+        those rows, for small indexes' scans (built on first use: a few MB)."""
+        if self._image_rows is None:
+            rows = np.empty((self.count, self.n_words), dtype=np.uint64)
+            rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
+            sample = np.sort(np.random.default_rng(0).choice(
+                self.count, size=min(self.count, RADIUS_SAMPLE), replace=False))
+            self._image_rows = (rows, np.ascontiguousarray(rows[sample]))
+        return self._image_rows
 
     def _bucket_distances(self, buckets, qwords):
         if not len(buckets):
@@ -599,14 +747,35 @@ class HashIndex:
         """Buckets -> images, ordered by (hamming, id)."""
         if not bucket_parts:
             return CoarseResult(np.empty(0, np.int64), np.empty(0, np.int32), int(radius))
-        buckets = np.concatenate(bucket_parts)
-        dists = np.concatenate(dist_parts).astype(np.int32)
+        buckets = bucket_parts[0] if len(bucket_parts) == 1 else np.concatenate(bucket_parts)
+        dists = dist_parts[0] if len(dist_parts) == 1 else np.concatenate(dist_parts)
         starts = self.bucket_offsets[buckets]
         stops = self.bucket_offsets[buckets + 1]
-        ids = self.ids[_concat_ranges(starts, stops)].astype(np.int64)
-        ham = np.repeat(dists, stops - starts)
-        order = np.lexsort((ids, ham))
-        return CoarseResult(ids[order], ham[order], int(radius))
+        ids = self.ids[_concat_ranges(starts, stops)]
+        return CoarseResult(*_sorted_by_hamming(ids, np.repeat(dists, stops - starts)),
+                            int(radius))
+
+
+class _Probed:
+    """The shells enumerated so far: their buckets, distances, image count."""
+
+    def __init__(self):
+        self.buckets, self.dists, self.images = [], [], 0
+
+
+def _hamming_keys(ids, dist):
+    """Sorted int64 keys hamming << _ID_BITS | id: the (hamming, id) order in
+    one sort, without lexsort's two passes and gathers."""
+    keys = dist.astype(np.int64) << _ID_BITS
+    keys |= ids
+    keys.sort()
+    return keys
+
+
+def _sorted_by_hamming(ids, dist):
+    """(ids int64, distances int32) in (hamming, id) order."""
+    keys = _hamming_keys(ids, dist)
+    return keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32)
 
 
 def _probe_table(columns):

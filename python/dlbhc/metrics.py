@@ -26,6 +26,7 @@ import numpy as np
 
 from .codes import check_codes, hamming_matrix
 from .index import HashIndex, default_min_candidates
+from .rerank import describe
 
 # Queries evaluated together: the (batch, N) work arrays stay around this
 # many elements (a few hundred MB at the peak for int64 rankings).
@@ -113,7 +114,7 @@ class _Accumulator:
 
 def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, k=1000,
              bits=None, min_candidates=None, max_radius=None, batch_size=None,
-             radius=2, progress=None, index=None):
+             radius=2, progress=None, index=None, reduced=None):
     """All figures of the paper's protocol for one database / query set.
 
     db_codes (N, B), q_codes (Q, B): packed codes; db_labels (N,), q_labels
@@ -121,7 +122,9 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, k=
     array or the store's memory map) and q_fc7 (Q, D) the coarse-to-fine
     ranking is evaluated too, through HashIndex.search with min_candidates
     (default index.default_min_candidates(k)) and max_radius; `index` is
-    the database's HashIndex when the caller has one (else it is built).
+    the database's HashIndex when the caller has one (else it is built);
+    `reduced` (rerank.ReducedRows, e.g. the database's PCA store) makes the
+    fine stage rank by compressed rows, as HashIndex.search does with it.
     k is capped at N.  progress: an object with update(n) (e.g.
     dlbhc.progress.Progress), called per batch of queries.
 
@@ -152,8 +155,8 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, k=
         batch_size = max(1, BATCH_ELEMENTS // n)
 
     coarse = _CoarseFigures(k, rank_cutoffs(n), bits)
-    fine_figures = _FineFigures(k, rank_cutoffs(n), index, db_fc7, need, max_radius) \
-        if fine else None
+    fine_figures = _FineFigures(k, rank_cutoffs(n), index, db_fc7, need, max_radius,
+                                reduced) if fine else None
     for lo in range(0, nq, batch_size):
         batch = slice(lo, lo + batch_size)
         ham = hamming_matrix(db_codes, q_codes[batch], bits)
@@ -223,18 +226,19 @@ class _FineFigures(_Accumulator):
     """The coarse-to-fine ranking's figures: HashIndex.search's ranked
     candidates of each query, then the rest of the database in coarse order."""
 
-    def __init__(self, k, cutoffs, index, db_fc7, min_candidates, max_radius):
+    def __init__(self, k, cutoffs, index, db_fc7, min_candidates, max_radius, reduced=None):
         super().__init__(k, cutoffs)
         self.index = index
         self.db_fc7 = db_fc7
         self.min_candidates = min_candidates
         self.max_radius = max_radius
+        self.reduced = reduced
         self.candidates = []
 
     def add(self, q_codes, q_fc7, coarse_ranking, db_labels, q_labels, n_relevant):
         found = self.index.search(q_codes, q_fc7, self.db_fc7, None,
                                   min_candidates=self.min_candidates,
-                                  max_radius=self.max_radius)
+                                  max_radius=self.max_radius, reduced=self.reduced)
         ranking = np.empty_like(coarse_ranking)
         member = np.zeros(coarse_ranking.shape[1], dtype=bool)
         for i, row in enumerate(coarse_ranking):
@@ -249,12 +253,23 @@ class _FineFigures(_Accumulator):
     def result(self):
         cand = np.concatenate(self.candidates)
         return dict(super().result(), min_candidates=self.min_candidates,
-                    max_radius=self.max_radius, candidates_mean=float(cand.mean()),
+                    max_radius=self.max_radius,
+                    rerank=describe(self.reduced),
+                    candidates_mean=float(cand.mean()),
                     candidates_median=float(np.median(cand)))
 
 
 # ---- reporting -------------------------------------------------------------------
 METHOD_NAMES = {"coarse": "coarse (Hamming)", "fine": "fine (Hamming + fc7)"}
+
+
+def method_name(method, figures):
+    """How a table or plot calls a method's figures ("fine (Hamming + pca256
+    + fc7 top 200)" when a PCA store re-ranked)."""
+    rerank = figures.get("rerank", "fc7")
+    if method == "fine" and rerank != "fc7":
+        return f"fine (Hamming + {rerank})"
+    return METHOD_NAMES[method]
 
 
 def _as_runs(results):
@@ -278,7 +293,7 @@ def format_table(results):
             m = res[method]
             pr = f"{m['precision_radius']:7.4f}" if "precision_radius" in m else f"{'':>7}"
             cand = f"{m['candidates_mean']:7.0f}" if "candidates_mean" in m else f"{'':>7}"
-            lines.append(f"{label:<14} {METHOD_NAMES[method]:<22} {m['map_at_k']:7.4f} "
+            lines.append(f"{label:<14} {method_name(method, m):<22} {m['map_at_k']:7.4f} "
                          f"{m['map']:7.4f} {m['precision_at_k']:7.4f} {pr} {res['k']:>5} "
                          f"{res['n_queries']:>7} {cand}")
     radii = {res["coarse"].get("radius") for _, res in runs}
@@ -316,7 +331,7 @@ def plot_precision_at_k(results, path):
             if method in res:
                 curve = res[method]["precision_curve"]
                 ax.plot(np.arange(1, len(curve) + 1), curve,
-                        label=f"{label}, {METHOD_NAMES[method]}")
+                        label=f"{label}, {method_name(method, res[method])}")
     return _save(fig, ax, "number of top retrieved images (k)", "precision at k", path)
 
 
@@ -328,7 +343,8 @@ def plot_precision_recall(results, path):
         for method in ("coarse", "fine"):
             if method in res:
                 pr = res[method]["pr_rank"]
-                ax.plot(pr["recall"], pr["precision"], label=f"{label}, {METHOD_NAMES[method]}")
+                ax.plot(pr["recall"], pr["precision"],
+                        label=f"{label}, {method_name(method, res[method])}")
         pr = res["coarse"]["pr_radius"]
         ax.plot(pr["recall"], pr["precision"], linestyle=":", marker=".",
                 label=f"{label}, Hamming radius 0..{res['bits']}")

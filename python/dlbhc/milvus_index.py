@@ -419,12 +419,17 @@ class MilvusIndex:
             results.append(CoarseResult(ids[order], dist[order], int(radius)))
         return results
 
-    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None):
+    def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
+               reduced=None):
         """Coarse stage on Milvus, fine stage by index.fine_stage over the
         candidates' re-rank vectors; fc7 is a function ids -> rows
         (MilvusCollection.fc7), fetched once for all queries' candidates.
         Returns SearchResults; seconds: each query's share of the batch's
-        coarse time plus its fine stage."""
+        coarse time plus its fine stage.  (HashIndex.search's signature;
+        `reduced` must be None: the collection holds one kind of re-rank
+        vectors, the ones index_milvus.py loaded.)"""
+        if reduced is not None:
+            raise ValueError("a Milvus collection re-ranks by the vectors it holds: no reduced rows")
         query_codes, query_fc7, min_candidates = check_search_args(
             query_codes, query_fc7, self.bits, k, min_candidates)
         if len(query_codes) == 0:

@@ -8,6 +8,8 @@ straightforward way, query by query, over every database image:
     reference_coarse      the coarse stage's rule (smallest radius holding
                           >= min_candidates images, capped at max_radius)
     brute_force_search    coarse-to-fine by exhaustive Hamming + re-rank
+                          (by fc7, or by compressed rows such as the PCA
+                          store's, optionally the top part again by fc7)
     coarse_ranking        the evaluation's Hamming ranking of the database
     fine_ranking          the evaluation's coarse-to-fine ranking
     exact_sq_distances    float64 distances, to bound the float32 ones
@@ -50,11 +52,17 @@ def reference_coarse(codes, query, bits, min_candidates, max_radius=None):
     return ids, d[ids], radius
 
 
-def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=None, bits=None):
+def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=None, bits=None,
+                       reduced_rows=None, query_reduced=None, exact_top=0):
     """Exhaustive Hamming over all N codes, keep those within max_radius
     (all when None), rank them by fc7 distance with ties by id.  Returns
     SearchResults like HashIndex.search; radius is max_radius, or the
-    farthest code's distance when None."""
+    farthest code's distance when None.
+
+    With reduced_rows (N, d) and query_reduced (Q, d) (e.g. the PCA store's
+    rows and the queries' projections) they are ranked by the distance
+    between those instead, ties by id; then, with exact_top = E, the first E
+    of that ranking are put in (fc7 distance, id) order."""
     codes = np.asarray(codes, dtype=np.uint8)
     bits = 8 * codes.shape[1] if bits is None else int(bits)
     query_codes = np.atleast_2d(np.asarray(query_codes, dtype=np.uint8))
@@ -66,14 +74,27 @@ def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=Non
         if max_radius is not None:
             keep = ham <= int(max_radius)
             ids, ham = ids[keep], ham[keep]
-        d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], q_fc7)
-        top = np.lexsort((ids, d2))[:int(k)]
+        if reduced_rows is None:
+            d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], q_fc7)
+            ranked = np.lexsort((ids, d2))
+            n_exact = len(ranked)
+        else:
+            d2 = fc7_sq_distances(np.asarray(reduced_rows)[ids], np.atleast_2d(query_reduced)[i])
+            ranked = np.lexsort((ids, d2))
+            n_exact = min(int(exact_top), len(ranked))
+            head = ranked[:n_exact].copy()
+            e2 = fc7_sq_distances(np.asarray(fc7_all)[ids[head]], q_fc7)
+            ranked[:n_exact] = head[np.lexsort((ids[head], e2))]
+            d2 = d2.copy()
+            d2[head] = e2
+        top = ranked[:int(k)]
         n = len(top)
         out.ids[i, :n], out.hamming[i, :n] = ids[top], ham[top]
         out.l2[i, :n] = np.sqrt(d2[top].astype(np.float64))
         out.candidates[i] = len(ids)
         out.radius[i] = (int(max_radius) if max_radius is not None
                          else int(ham.max()) if len(ham) else 0)
+        out.exact[i] = min(n_exact, n)
     return out
 
 

@@ -11,7 +11,12 @@ itself is HashIndex.search, batched: retrieve.py sends its queries in
 batches, and evaluate.py runs the same search.  Retriever.on_milvus opens a
 database loaded into Milvus instead (milvus_index: same search contract,
 same answers).
+
+The fine stage re-ranks by fc7, or by the database's PCA store when it has
+one (compress.py; rerank="auto", the default), with the best exact_top
+(rerank.DEFAULT_EXACT_TOP) ranked again by fc7: FINE_STAGES.
 """
+import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +27,26 @@ import orjson
 
 from .errors import UserError
 from .index import HashIndex
+from .rerank import DEFAULT_EXACT_TOP, ReducedRows, describe
 from .store import FeatureStore, check_compatible
+
+# What the fine stage ranks by: fc7, the PCA store, or the PCA store when
+# the database has one (else fc7).
+FINE_STAGES = ("auto", "fc7", "pca")
+
+
+def add_rerank_arguments(parser):
+    """--rerank and --exact-top, as retrieve.py and evaluate.py take them."""
+    def exact_top(text):
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number of results, 0 or more")
+        return int(text)
+    parser.add_argument("--rerank", choices=FINE_STAGES, default="auto",
+                        help="fine stage: fc7 distances, the database's PCA store "
+                             "(compress.py), or auto (PCA when the database has one; default)")
+    parser.add_argument("--exact-top", type=exact_top, metavar="N",
+                        help="with PCA: rank the best N again by exact fc7 distance "
+                             f"(default {DEFAULT_EXACT_TOP}; 0: PCA ranking only)")
 
 
 def index_cache_path(db_path):
@@ -44,12 +68,15 @@ class Query:
 
 @dataclass
 class Hit:
+    """One result.  l2 is the fc7 distance when `exact`, else the distance
+    between compressed (PCA) rows that ranked it."""
     rank: int
     id: int
     path: str
     label: int
     hamming: int
     l2: float
+    exact: bool = True
 
 
 @dataclass
@@ -59,12 +86,13 @@ class Answer:
     candidates: int
     radius: int
     search_ms: float
+    rerank: str = "fc7"
 
     def as_dict(self):
         return {"query": self.query.name, "query_path": self.query.path or self.query.name,
                 "query_label": self.query.label,
                 "candidates": self.candidates, "radius": self.radius,
-                "search_ms": round(self.search_ms, 3),
+                "search_ms": round(self.search_ms, 3), "rerank": self.rerank,
                 "results": [h.__dict__ for h in self.hits]}
 
 
@@ -113,14 +141,26 @@ def load_matching_model(meta, db_path, deploy=None, weights=None, gpu=None):
 
 
 class Retriever:
-    """A database opened for search, with its index in memory."""
+    """A database opened for search, with its index in memory.
 
-    def __init__(self, db_path, log=sys.stderr):
+    rerank: what the fine stage ranks by (FINE_STAGES): "fc7"; "pca", the
+    database's PCA store (compress.py), the best exact_top (default
+    rerank.DEFAULT_EXACT_TOP; 0: none) ranked again by fc7; "auto" (the
+    default): "pca" when the database has a PCA store, else "fc7" (decided
+    when the database is opened).  self.reduced is the rerank.ReducedRows
+    the search uses (None for fc7)."""
+
+    def __init__(self, db_path, log=sys.stderr, rerank="auto", exact_top=None):
         self.db_path = Path(db_path)
         self.log = log
         self.store = FeatureStore.open(self.db_path)
         if self.store.count == 0:
             raise UserError(f"{db_path} holds no images yet: run extract.py on a collection first")
+        try:
+            self._exact_top = self._fine_stage(rerank, exact_top)
+        except UserError:
+            self.store.close()
+            raise
         self.index = self._load_index()
         self.index_time = time.time()
         self._net = None
@@ -166,9 +206,38 @@ class Retriever:
         self.db_path = self.store.path
         self.index = self.store.index
         self._net = None
+        self._exact_top = None   # re-ranked by the collection's vectors
         print(f"searching {self.store.count} images in Milvus ({self.store.path}, "
               f"{self.store.search_settings['index_type']})", file=log)
         return self
+
+    def _fine_stage(self, rerank, exact_top):
+        """(exact_top) when the search re-ranks by the PCA store, None for
+        fc7; the store's PCA files are checked here, once."""
+        if rerank not in FINE_STAGES:
+            raise UserError(f"--rerank {rerank!r}: choose one of {', '.join(FINE_STAGES)}")
+        if exact_top is not None and int(exact_top) < 0:
+            raise UserError("--exact-top must be 0 or more")
+        if rerank == "fc7" or (rerank == "auto" and self.store.pca_record is None):
+            return None
+        self.store.projection()   # checked against the database
+        return DEFAULT_EXACT_TOP if exact_top is None else int(exact_top)
+
+    @property
+    def reduced(self):
+        """The rerank.ReducedRows the search ranks by (None: fc7), over the
+        store's PCA rows as they are now (a store that grew maps its new
+        rows too)."""
+        if self._exact_top is None:
+            return None
+        projection = self.store.projection()
+        return ReducedRows(self.store.pca_rows(), projection.apply, self._exact_top,
+                           projection.name())
+
+    @property
+    def rerank(self):
+        """How the fine stage ranks: "fc7", "pca256", "pca256 + fc7 top 200"."""
+        return describe(self.reduced)
 
     def close(self):
         self.store.close()
@@ -215,10 +284,12 @@ class Retriever:
         then the results' paths and labels.  A query with exclude_id gets
         k results besides that image."""
         want = k + (1 if any(q.exclude_id is not None for q in queries) else 0)
-        # One index for the whole batch, even when refresh() swaps it meanwhile.
-        index = self.index
+        # One index (and PCA rows) for the whole batch, even when refresh()
+        # swaps them meanwhile.
+        index, reduced = self.index, self.reduced
         found = index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
-                                  min_candidates=candidates, max_radius=max_radius)
+                             min_candidates=candidates, max_radius=max_radius,
+                             reduced=reduced)
         answers = []
         for i, query in enumerate(queries):
             result = found[i]
@@ -230,12 +301,14 @@ class Retriever:
             # Plain Python numbers, converted once per column (a top-1000
             # answer is built per request by serve.py).
             hits = [Hit(rank=r + 1, id=image_id, path=info["path"], label=int(info["label"]),
-                        hamming=ham, l2=l2)
-                    for r, (image_id, info, ham, l2) in enumerate(zip(
+                        hamming=ham, l2=l2, exact=exact)
+                    for r, (image_id, info, ham, l2, exact) in enumerate(zip(
                         ids.tolist(), infos, result.hamming[keep].tolist(),
-                        result.l2[keep].astype(np.float64).tolist()))]
+                        result.l2[keep].astype(np.float64).tolist(),
+                        (keep < result.exact).tolist()))]
             answers.append(Answer(query, hits, candidates=result.candidates,
-                                  radius=result.radius, search_ms=1000 * result.seconds))
+                                  radius=result.radius, search_ms=1000 * result.seconds,
+                                  rerank=describe(reduced)))
         return answers
 
 
@@ -245,13 +318,17 @@ def format_table(answer, shown=10):
     query = answer.query
     lines = [f"query {query.name}" + (f" (label {query.label})" if query.label >= 0 else ""),
              f"{answer.candidates} candidates within Hamming radius {answer.radius}, "
-             f"search {answer.search_ms:.2f} ms",
+             f"re-ranked by {answer.rerank}, search {answer.search_ms:.2f} ms",
              f"{'rank':>4}  {'id':>8}  {'ham':>3}  {'L2':>9}  {'label':>5}  path"]
     for hit in answer.hits[:shown]:
-        lines.append(f"{hit.rank:>4}  {hit.id:>8}  {hit.hamming:>3}  {hit.l2:>9.3f}  "
+        # "~": a distance between compressed rows, not the fc7 distance
+        l2 = f"{hit.l2:>9.3f}" if hit.exact else f"~{hit.l2:>8.3f}"
+        lines.append(f"{hit.rank:>4}  {hit.id:>8}  {hit.hamming:>3}  {l2}  "
                      f"{hit.label:>5}  {hit.path}")
     if len(answer.hits) > shown:
         lines.append(f"... {len(answer.hits) - shown} more (--show N, or --json for all)")
+    if any(not h.exact for h in answer.hits[:shown]):
+        lines.append("~ ranked by the PCA rows beyond the exact top (--exact-top N)")
     return "\n".join(lines)
 
 

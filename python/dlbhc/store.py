@@ -10,6 +10,10 @@ LevelDB with backend="leveldb") and one flat file:
     info    JSON {"path": source path, "label": int (-1 unknown), "seq": n}
     fc7.bin the fc7 of image i at byte offset i * fc7_dim * itemsize: raw
             little-endian float32 (or float16) rows, nothing else
+    pca-<sha1>.npz, pca-<sha1>.bin  (optional, made by compress.py) the PCA
+            projection (pca.Projection) and every image's projected fc7, flat
+            rows like fc7.bin; metadata field "pca" names them, with the
+            projection's sha1
 
 The keyed tables use Caffe's extract_features keys (`%010d`, the image id,
 counting from 0); LMDB tables are named sub-databases, LevelDB keys get the
@@ -21,11 +25,19 @@ one address computation, where a keyed store pays a B-tree descent per row
 (measured: 5.7 us per row in a 7 GB LMDB, which alone broke the 10 ms budget
 of a 2.5M-image query; see benchmarks/bench_search.py).
 
-Crash safety: an append writes the batch's fc7 rows first (and fsyncs them),
-then commits the keyed records and the new count in one transaction. Only
-rows below the committed count are ever read, so a crash at any point (even
-kill -9) leaves either the whole batch or none of it; rows written past the
-count by a crashed run are simply overwritten by the next append.
+Crash safety: an append writes the batch's fc7 rows (and, with a PCA store,
+their projections) first and fsyncs them, then commits the keyed records and
+the new count in one transaction. Only rows below the committed count are
+ever read, so a crash at any point (even kill -9) leaves either the whole
+batch or none of it; rows written past the count by a crashed run are simply
+overwritten by the next append.  Building a PCA store follows the same rule:
+its files are complete and synced before the metadata names them.
+
+Writers change the metadata by read-modify-write inside one write
+transaction (_commit), so compress.py adding a PCA store while extract.py
+appends loses neither: whichever commits second sees the other's record (an
+append that finds a PCA store recorded since it opened the database projects
+its batch before committing).
 """
 import json
 import os
@@ -37,11 +49,17 @@ import orjson
 
 from .codes import CODE_THRESHOLD, code_bytes
 from .errors import UserError
-from .files import database_backend
+from .files import database_backend, file_digest
+from .pca import DEFAULT_SAMPLE, Projection, sample_ids
+from .progress import Progress
 
 SCHEMA_VERSION = 1
 TABLES = ("meta", "latent", "code", "info")
 FC7_FILE = "fc7.bin"
+PCA_PREFIX = "pca-"
+PCA_DTYPES = ("float32", "float16")
+# Rows read, projected and written per step when a PCA store is built.
+PCA_BUILD_ROWS = 8192
 META_KEY = b"meta"
 # LMDB reserves address space, not disk: 1 TiB holds 60M images of fc7.
 LMDB_MAP_SIZE = 1 << 40
@@ -107,6 +125,17 @@ class _LmdbBackend:
             for table, k, v in items:
                 txn.put(k, v, db=self.dbs[table])
 
+    def commit(self, items, change):
+        """One write transaction: `items` and the metadata change(stored meta)
+        returns.  LMDB admits one writer at a time (across processes too), so
+        nobody changes the metadata between the read and the write."""
+        with self.env.begin(write=True) as txn:
+            meta = change(json.loads(txn.get(META_KEY, db=self.dbs["meta"])))
+            for table, k, v in items:
+                txn.put(k, v, db=self.dbs[table])
+            txn.put(META_KEY, _meta_bytes(meta), db=self.dbs["meta"])
+        return meta
+
     def close(self):
         self.env.close()
 
@@ -153,11 +182,23 @@ class _LevelDbBackend:
             for table, k, v in items:
                 wb.put(self._k(table, k), v)
 
+    def commit(self, items, change):
+        """items and change(stored meta), one batch.  A LevelDB is open in
+        one process at a time (its LOCK file), so nobody else can write it
+        between the read and the write."""
+        meta = change(json.loads(self.get("meta", META_KEY)))
+        self.write(list(items) + [("meta", META_KEY, _meta_bytes(meta))])
+        return meta
+
     def close(self):
         self.db.close()
 
 
 _BACKENDS = {"lmdb": _LmdbBackend, "leveldb": _LevelDbBackend}
+
+
+def _meta_bytes(meta):
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 class MetaFields:
@@ -188,6 +229,9 @@ class FeatureStore(MetaFields):
         self.readonly = readonly
         self._fc7_map = None        # memory map of fc7.bin, sized to count rows
         self._fc7_fd = None         # write handle (appending stores only)
+        self._pca = None            # (meta record, Projection) once loaded and checked
+        self._pca_map = None        # memory map of the PCA rows, sized to count rows
+        self._pca_fd = None         # (file name, write handle) of the PCA rows
         fc7_path = self.path / FC7_FILE
         if readonly:
             need = self.count * self.fc7_row_bytes
@@ -218,7 +262,7 @@ class FeatureStore(MetaFields):
         meta.update(schema_version=SCHEMA_VERSION, backend=backend, count=0,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         db = _BACKENDS[backend](path, readonly=False)
-        db.write([("meta", META_KEY, json.dumps(meta, sort_keys=True).encode())])
+        db.write([("meta", META_KEY, _meta_bytes(meta))])
         return cls(path, db, meta, readonly=False)
 
     @classmethod
@@ -244,11 +288,17 @@ class FeatureStore(MetaFields):
         return cls(path, db, meta, readonly=readonly)
 
     def close(self):
-        self._fc7_map = None
+        self._fc7_map = self._pca_map = None
         if self._fc7_fd is not None:
             os.close(self._fc7_fd)
             self._fc7_fd = None
+        self._close_pca_fd()
         self._db.close()
+
+    def _close_pca_fd(self):
+        if self._pca_fd is not None:
+            os.close(self._pca_fd[1])
+            self._pca_fd = None
 
     def __enter__(self):
         return self
@@ -297,11 +347,23 @@ class FeatureStore(MetaFields):
             k = key(start + j)
             items += [("latent", k, latent[j].tobytes()), ("code", k, codes[j].tobytes()),
                       ("info", k, json.dumps(infos[j], sort_keys=True).encode())]
-        meta = dict(self.meta, count=start + n)
-        items.append(("meta", META_KEY, json.dumps(meta, sort_keys=True).encode()))
-        self._db.write(items)
-        self.meta = meta
-        self._fc7_map = None
+
+        def change(stored):
+            if int(stored["count"]) != start:
+                raise UserError(f"{self.path} got {int(stored['count']) - start:+d} images from "
+                                "another process while this one was appending: run one "
+                                "extract.py per database at a time, then rerun this one")
+            # The PCA store as recorded now (compress.py may have added one
+            # since this store was opened): its rows too before the count.
+            record = stored.get("pca")
+            if record:
+                projection = self.projection() if record == self.pca_record else \
+                    self._load_projection(record)
+                self._write_pca_rows(projection, record, fc7, start)
+            return dict(stored, count=start + n)
+
+        self.meta = self._db.commit(items, change)
+        self._fc7_map = self._pca_map = None
         return np.arange(start, start + n)
 
     def refresh(self):
@@ -318,9 +380,162 @@ class FeatureStore(MetaFields):
         return self.revision() != before
 
     def update_meta(self, **fields):
-        meta = dict(self.meta, **fields)
-        self._db.write([("meta", META_KEY, json.dumps(meta, sort_keys=True).encode())])
-        self.meta = meta
+        """Set metadata fields (read-modify-write in one transaction)."""
+        self.meta = self._db.commit([], lambda stored: dict(stored, **fields))
+
+    # ---- the PCA re-rank store ---------------------------------------------
+    @property
+    def pca_record(self):
+        """The metadata's PCA record (dim, whiten, dtype, file names,
+        projection sha1, ...), or None when the database has no PCA store."""
+        return self.meta.get("pca") or None
+
+    def projection(self):
+        """The database's PCA projection, checked against the metadata (file
+        present, sha1 as recorded, fc7 size and model matching); UserError
+        naming what is wrong otherwise."""
+        record = self.pca_record
+        if record is None:
+            raise UserError(f"{self.path} has no PCA re-rank store: make one with "
+                            f"`python python/compress.py {self.path} --pca 256`")
+        if self._pca is None or self._pca[0] != record:
+            self._pca = (record, self._load_projection(record))
+        return self._pca[1]
+
+    def _load_projection(self, record):
+        path = self.path / record["projection"]
+        rebuild = (f"rebuild it with `python python/compress.py {self.path} --pca "
+                   f"{record.get('dim', 256)} --replace` or search with --rerank fc7")
+        if not path.is_file():
+            raise UserError(f"{self.path}: the PCA projection {record['projection']} recorded "
+                            f"in its metadata is missing: {rebuild}")
+        if file_digest(path) != record["projection_sha1"]:
+            raise UserError(f"{self.path}: {record['projection']} is not the projection the "
+                            f"database recorded (its sha1 differs): {rebuild}")
+        projection = Projection.load(path)
+        problem = projection.mismatch(self.fc7_dim, self.meta.get("model"))
+        if problem is None and projection.dim != int(record["dim"]):
+            problem = f"it has {projection.dim} components, the metadata says {record['dim']}"
+        if problem:
+            raise UserError(f"{self.path}: the PCA projection does not match the database: "
+                            f"{problem}; {rebuild}")
+        rows = self.path / record["rows"]
+        need = self.count * projection.dim * np.dtype(record["dtype"]).itemsize
+        have = rows.stat().st_size if rows.exists() else -1
+        if have < need:
+            raise UserError(f"{self.path}: {record['rows']} holds {max(have, 0)} bytes, the "
+                            f"{self.count} images need {need}: {rebuild}")
+        return projection
+
+    def pca_rows(self):
+        """Every image's projected fc7 as a read-only memory map (count, dim)."""
+        projection = self.projection()
+        record = self.pca_record
+        if self._pca_map is None or self._pca_map.shape[0] != self.count:
+            if self.count == 0:
+                return np.empty((0, projection.dim), dtype=record["dtype"])
+            self._pca_map = np.memmap(self.path / record["rows"], dtype=np.dtype(record["dtype"]),
+                                      mode="r", shape=(self.count, projection.dim))
+        return self._pca_map
+
+    def _write_pca_rows(self, projection, record, fc7, start):
+        """Project stored-precision fc7 rows and write them at row `start` of
+        the PCA rows file named by `record` (synced).  fc7 is in the store's
+        dtype, so the rows are the projection of what fc7.bin holds."""
+        if self._pca_fd is None or self._pca_fd[0] != record["rows"]:
+            self._close_pca_fd()
+            self._pca_fd = (record["rows"], os.open(self.path / record["rows"],
+                                                    os.O_RDWR | os.O_CREAT, 0o644))
+        fd = self._pca_fd[1]
+        row_bytes = projection.dim * np.dtype(record["dtype"]).itemsize
+        for lo in range(0, len(fc7), PCA_BUILD_ROWS):
+            rows = projection.apply(fc7[lo:lo + PCA_BUILD_ROWS]).astype(record["dtype"])
+            os.pwrite(fd, rows.tobytes(), (start + lo) * row_bytes)
+        os.fsync(fd)
+
+    def learn_projection(self, dim, whiten=False, sample=DEFAULT_SAMPLE, seed=0):
+        """Learn a PCA projection on a fixed-seed random sample of this
+        database's fc7 rows (pca.Projection.learn)."""
+        if self.count < 2:
+            raise UserError(f"{self.path} holds {self.count} image(s): PCA needs at least 2")
+        ids = sample_ids(self.count, sample, seed)
+        rows = np.asarray(self.fc7_rows()[ids], dtype=np.float32)
+        return Projection.learn(rows, dim, whiten=whiten, model=self.meta.get("model"))
+
+    def add_pca(self, projection, dtype="float32", log=None):
+        """Write every image's projection into a new PCA rows file and record
+        it (and the projection) in the metadata; a PCA store recorded before
+        is replaced (its files deleted after the switch).  Returns the record.
+
+        Crash-safe like an append: the files are complete and synced before
+        the metadata names them; appends made meanwhile by another process
+        are projected inside the committing transaction."""
+        if self.readonly:
+            raise RuntimeError("store opened read-only")
+        if dtype not in PCA_DTYPES:
+            raise UserError(f"PCA rows dtype {dtype!r}: use one of {', '.join(PCA_DTYPES)}")
+        problem = projection.mismatch(self.fc7_dim, self.meta.get("model"))
+        if problem:
+            raise UserError(f"the projection does not match {self.path}: {problem}. "
+                            "Learn one on this database (--pca N) instead.")
+        before = self.pca_record
+        sha1 = projection.digest()
+        name = f"{PCA_PREFIX}{sha1[:16]}"
+        record = {"dim": projection.dim, "whiten": projection.whiten, "dtype": dtype,
+                  "projection": name + ".npz", "rows": name + f".{dtype}.bin",
+                  "projection_sha1": sha1, "sample": projection.info.get("sample"),
+                  "explained": projection.info.get("explained"),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        projection.save(self.path / record["projection"])
+        done = self.count
+        fc7 = self.fc7_rows()
+        progress = Progress(done, label=f"projecting fc7 -> {projection.name()}", unit="img",
+                            stream=log) if log is not None and done else None
+        for lo in range(0, done, PCA_BUILD_ROWS):
+            hi = min(done, lo + PCA_BUILD_ROWS)
+            self._write_pca_rows(projection, record, fc7[lo:hi], lo)
+            if progress:
+                progress.update(hi - lo)
+        if progress:
+            progress.close()
+
+        def change(stored):
+            if stored.get("pca") != before:
+                raise UserError(f"{self.path}: another process changed the PCA store while "
+                                "this one was building one: run one compress.py at a time")
+            count = int(stored["count"])
+            if count > done:   # appended meanwhile, without these rows
+                self._write_pca_rows(projection, record, self.fc7_rows_upto(count)[done:count],
+                                     done)
+            return dict(stored, pca=record)
+
+        self.meta = self._db.commit([], change)
+        self._pca = (record, projection)
+        self._fc7_map = self._pca_map = None
+        self.remove_unused_pca_files()
+        return record
+
+    def remove_pca(self):
+        """Forget the PCA store (search re-ranks on fc7 again) and delete its files."""
+        if self.readonly:
+            raise RuntimeError("store opened read-only")
+        self.meta = self._db.commit([], lambda stored: {k: v for k, v in stored.items()
+                                                        if k != "pca"})
+        self._pca = self._pca_map = None
+        self._close_pca_fd()
+        return self.remove_unused_pca_files()
+
+    def remove_unused_pca_files(self):
+        """Delete PCA files the metadata does not name (a replaced store, or
+        one a crash left half built).  Returns their names."""
+        record = self.pca_record or {}
+        keep = {record.get("projection"), record.get("rows")}
+        gone = []
+        for f in sorted(self.path.glob(PCA_PREFIX + "*")):
+            if f.name not in keep:
+                f.unlink()
+                gone.append(f.name)
+        return gone
 
     # ---- reading ---------------------------------------------------------
     def fc7_rows(self):
@@ -332,6 +547,12 @@ class FeatureStore(MetaFields):
             self._fc7_map = np.memmap(self.path / FC7_FILE, dtype=self.fc7_dtype, mode="r",
                                       shape=(self.count, self.fc7_dim))
         return self._fc7_map
+
+    def fc7_rows_upto(self, count):
+        """The first `count` fc7 rows as a memory map, for a count committed
+        by another process after this store was opened."""
+        return np.memmap(self.path / FC7_FILE, dtype=self.fc7_dtype, mode="r",
+                         shape=(int(count), self.fc7_dim))
 
     def fc7(self, ids):
         """fc7 rows for ids, as float32 (len(ids), fc7_dim)."""
@@ -416,8 +637,11 @@ def merge(shard_paths, out_path, backend="lmdb", batch=256, append=False):
             check_compatible(out.meta, base, what=f"shard {shards[0].path}")
             have = out.stored_paths() if out.count else set()
         else:
+            # A shard's PCA store stays behind (its files are the shard's): the
+            # merged database gets one with compress.py (--projection
+            # SHARD/pca-*.npz keeps the shards' projection).
             meta = {k: v for k, v in base.items()
-                    if k not in ("count", "created", "schema_version", "backend", "shard")}
+                    if k not in ("count", "created", "schema_version", "backend", "shard", "pca")}
             out = FeatureStore.create(out_path, meta, backend=backend)
             have = set()
         entries = []
