@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.errors import run_main  # noqa: E402
 from dlbhc.pca import DEFAULT_SAMPLE  # noqa: E402
 
 
