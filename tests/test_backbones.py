@@ -188,3 +188,54 @@ def test_caffe_forward_equals_the_reference_and_knows_the_photos(caffe, converte
     for (name, classes), predicted in zip(PHOTOS.items(), top1):
         if classes is not None:
             assert predicted in classes, (name, predicted)
+
+
+# ---- the depthwise convolution patch (caffe-build/patches/0006) ---------------------
+
+@pytest.mark.parametrize("kernel,stride,pad,size", [(3, 1, 1, 9), (5, 1, 2, 7), (4, 2, 1, 10),
+                                                    (6, 2, 2, 12), (3, 2, 0, 9), (1, 1, 0, 5)])
+def test_depthwise_convolution_equals_caffes_general_path(caffe, tmp_path, kernel, stride, pad,
+                                                          size):
+    """The patched CPU path (group == channels == num_output) against Caffe's
+    im2col path in the same build: a grouped convolution with two outputs
+    per group, the second zero, is not depthwise, and its even outputs,
+    input gradient and even weight gradients must be the depthwise ones."""
+    channels = 6
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = rng.normal(size=(2, channels, size, size)).astype(np.float32)
+    w = rng.normal(size=(channels, 1, kernel, kernel)).astype(np.float32)
+    bias = rng.normal(size=channels).astype(np.float32)
+
+    def run(outputs_per_channel):
+        L = caffe.layers
+        n = caffe.NetSpec()
+        n.data = L.Input(shape=dict(dim=list(x.shape)))
+        n.conv = L.Convolution(n.data, num_output=channels * outputs_per_channel,
+                               group=channels, kernel_size=kernel, stride=stride, pad=pad)
+        path = tmp_path / f"dw{outputs_per_channel}.prototxt"
+        path.write_text("force_backward: true\n" + str(n.to_proto()))
+        net = caffe.Net(str(path), caffe.TEST)
+        weights = np.zeros((channels, outputs_per_channel, 1, kernel, kernel), np.float32)
+        weights[:, 0] = w
+        biases = np.zeros((channels, outputs_per_channel), np.float32)
+        biases[:, 0] = bias
+        net.params["conv"][0].data[...] = weights.reshape(net.params["conv"][0].data.shape)
+        net.params["conv"][1].data[...] = biases.reshape(-1)
+        net.blobs["data"].data[...] = x
+        out = net.forward()["conv"].copy()
+        top_diff = np.zeros_like(out)
+        top_diff[:, ::outputs_per_channel] = rng_diff
+        net.blobs["conv"].diff[...] = top_diff
+        for p in net.params["conv"]:
+            p.diff[...] = 0
+        net.backward()
+        w_diff = net.params["conv"][0].diff.reshape(channels, outputs_per_channel, kernel, kernel)
+        return (out[:, ::outputs_per_channel], net.blobs["data"].diff.copy(),
+                w_diff[:, 0].copy(), net.params["conv"][1].diff.reshape(channels, -1)[:, 0].copy())
+
+    out_size = (size + 2 * pad - kernel) // stride + 1
+    rng_diff = rng.normal(size=(2, channels, out_size, out_size)).astype(np.float32)
+    direct, general = run(1), run(2)
+    for got, want, what in zip(direct, general, ["output", "input gradient",
+                                                 "weight gradient", "bias gradient"]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=what)
