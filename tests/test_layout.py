@@ -15,7 +15,8 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 # Search, evaluation, storage and data acquisition are tested and benchmarked
 # without a Caffe build: importing them must not import caffe.
 CAFFE_FREE = ("codes", "index", "pivots", "rerank", "metrics", "reference", "store", "images",
-              "files", "cifar10", "errors", "progress", "retrieval", "torch_legacy")
+              "files", "cifar10", "errors", "progress", "retrieval", "torch_legacy",
+              "collection")
 
 
 def _dlbhc_module(node, current):

@@ -15,12 +15,17 @@ dependency order (a module imports only modules above it):
     images      reading any image file into RGB, folder/list walking, labels,
                 the list of unreadable images
     cifar10     CIFAR-10 acquisition: download or local archive -> folders
+    collection  a user's collection for training: classes, labels, the
+                held-out split, the run's lists
     datum       image sets -> Caffe Datum LMDB/LevelDB, padding, mean images
     model       deploy net, preprocessing, forward -> fc7 + latent
     weights     pretrained weights from Caffe's model zoo, sha1-checked
     backbones   registry ImageNet weights (pip package, sha256) converted
                 into Caffe nets under models/<name>/
-    training    `caffe train` runs with progress, per-run prototxts, resume
+    frozen      frozen lower layers: nets cut at a blob, BatchNorm folded,
+                cached features (with mirror images), merged weights
+    training    `caffe train` runs with progress, per-run prototxts, resume;
+                training on a collection (run prototxts from the templates)
     store       the feature database: schema, backends, metadata, shards
     pipeline    bulk extraction: workers, batching, commits, resume
     pivots      the coarse stage's pruned scan (pivot groups and runs)
@@ -31,7 +36,7 @@ dependency order (a module imports only modules above it):
                 index's search)
     reference   brute-force truths, for tests and benchmarks only
 
-Only caffe_env, protos, datum, model, backbones, training and pipeline import Caffe
+Only caffe_env, protos, datum, model, backbones, frozen, training and pipeline import Caffe
 (and only when a function needs it); codes, pivots, rerank, index, store,
 retrieval and metrics never do, so search can be tested and benchmarked
 without a net.  The names below are the public surface; everything else is
