@@ -147,5 +147,5 @@ bench-extract: data
 bench-search: venv
 	$(PY) benchmarks/bench_search.py
 
-bench-map: data
-	benchmarks/bench_cifar_map.sh
+bench-map: $(if $(filter cifar,$(NET)),data,caffe)
+	NET=$(NET) benchmarks/bench_cifar_map.sh
