@@ -239,3 +239,13 @@ def test_depthwise_convolution_equals_caffes_general_path(caffe, tmp_path, kerne
     for got, want, what in zip(direct, general, ["output", "input gradient",
                                                  "weight gradient", "bias gradient"]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+def test_the_build_in_use_has_the_depthwise_path(caffe):
+    """The comparison above passes on an unpatched Caffe too (both paths are
+    then the general one): check that libcaffe holds the patched layer."""
+    import subprocess
+    from dlbhc.caffe_env import caffe_root
+    lib = sorted((caffe_root() / "build" / "lib").glob("libcaffe.so*"))[0]
+    symbols = subprocess.run(["nm", "-DC", str(lib)], capture_output=True, text=True).stdout
+    assert "ConvolutionLayer<float>::is_depthwise()" in symbols
