@@ -76,7 +76,8 @@ def main(argv=None):
     own.add_argument("--resize", type=int, help="squash-resize before the centre crop "
                      "(default 8/7 of --size)")
     own.add_argument("--split", default=None, help="CPU: blob below which the backbone "
-                     "is frozen and cached (default b14; e.g. b10, head)")
+                     "is frozen and cached (default b14; e.g. b10, head; none: the whole "
+                     "net is trained, the default with --gpu)")
     own.add_argument("--epochs", type=float, help="passes over the training data "
                      "(default 10; --max-iter wins)")
     own.add_argument("--batch-size", type=int)

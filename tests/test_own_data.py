@@ -268,6 +268,29 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     assert (prep["resize"], prep["crop"], prep["mean_bgr"]) == (32, 32, [127.0, 127.0, 127.0])
 
 
+def test_whole_backbone_fine_tuning_on_image_lmdbs(caffe, backbone, tmp_path):
+    """--split none (the GPU route, run here on the CPU): image LMDBs at
+    --resize, random crops and mirroring, every layer trained."""
+    colour_collection(tmp_path / "photos", per_class=4, size=40)
+    runs = tmp_path / "runs"
+    run_script(TRAIN, ["--data", tmp_path / "photos", "--runs-dir", runs, "--size", 32,
+                       "--resize", 40, "--split", "none", "--max-iter", 2, "--batch-size", 4,
+                       "--bits", 12], timeout=900)
+    run = runs / f"{BACKBONE}_hash12_photos"
+    from dlbhc.protos import read_prototxt
+    data = [l for l in read_prototxt(run / "train_val.prototxt").layer if l.type == "Data"]
+    assert [(l.transform_param.crop_size, l.transform_param.mirror) for l in data] == \
+        [(32, True), (32, False)]
+    assert list(data[0].transform_param.mean_value) == [127.0, 127.0, 127.0]
+    summary = json.loads((run / "train_summary.json").read_text())
+    _, backbone_weights = backbone
+    trained = frozen.net_params(run / "deploy.prototxt", summary["weights"])
+    original = frozen.net_params(backbones.paths(BACKBONE)[0], backbone_weights)
+    assert not np.array_equal(trained["stem"][0], original["stem"][0])   # nothing frozen
+    record = json.loads((run / "preprocessing.json").read_text())
+    assert (record["resize"], record["crop"]) == (40, 32)
+
+
 def test_small_net_training_on_a_tiny_collection(caffe, tmp_path):
     colour_collection(tmp_path / "photos", per_class=6)
     runs = tmp_path / "runs"

@@ -443,7 +443,8 @@ def usage_commands(run_dir, weights, train_list, test_list):
 class _BackboneRecipe:
     """An ImageNet backbone fine-tuned on the collection. CPU: the layers
     below `split` frozen and cached (with mirror images), the rest trained
-    on the cache. GPU: the whole net trained on image LMDBs."""
+    on the cache. GPU (or split "none"): the whole net trained on image
+    LMDBs, random crops and mirroring."""
 
     def __init__(self, net, bits, coll, run_dir, name, size, resize, split, flips, gpu,
                  workers, cache_dir, seed, log):
@@ -451,7 +452,8 @@ class _BackboneRecipe:
         from .model import Preprocessing
         self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
         self.gpu, self.workers, self.seed, self.log, self.flips = gpu, workers, seed, log, flips
-        self.split = None if gpu is not None else split
+        # nothing frozen: with a GPU, or asked for (--split none)
+        self.split = None if gpu is not None or split in (None, "none") else split
         self.backbone = convert(net, log=log)
         template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
         if not template_deploy.exists():
@@ -542,6 +544,7 @@ class _BackboneRecipe:
                     layer.data_param.source = str(self.sources[0 if is_train else 1])
                     layer.data_param.batch_size = batch if is_train else test_batch
                     layer.transform_param.crop_size = self.prep.crop
+                    layer.transform_param.mirror = is_train
                     del layer.transform_param.mean_value[:]
                     layer.transform_param.mean_value.extend(self.prep.mean_bgr)
             how = f"the whole net on {self.prep.resize}px image LMDBs, {self.prep.crop} crops"
