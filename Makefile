@@ -122,17 +122,17 @@ clean-runs:
 
 # ---- the end-to-end demo -------------------------------------------------------
 # Small net, 48 bits, a short schedule on the CPU; everything under runs/demo/.
+# extract.py takes the mean from the run's preprocessing.json (train.py wrote it).
 DEMO_ITER ?= 1000
 DEMO_DIR  := runs/demo/cifar_hash48
 DEMO_NET  := prototxt/cifar_hash48_deploy.prototxt
-DEMO_MEAN := $(CIFAR_DIR)/cifar10_train_32_mean.npy
 
 demo: data
 	$(PY) python/train.py --net cifar --bits 48 --max-iter $(DEMO_ITER) --runs-dir runs/demo
 	$(PY) python/extract.py $(CIFAR_DIR)/train.txt --out $(DEMO_DIR)/db_train.lmdb \
-	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel --mean $(DEMO_MEAN)
+	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel
 	$(PY) python/extract.py $(CIFAR_DIR)/test.txt --out $(DEMO_DIR)/db_test.lmdb \
-	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel --mean $(DEMO_MEAN)
+	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel
 	$(PY) python/retrieve.py $(CIFAR_DIR)/$$(head -n 1 $(CIFAR_DIR)/test.txt | cut -d' ' -f1) \
 	    --db $(DEMO_DIR)/db_train.lmdb --top-k 1000 --show 10 --montage $(DEMO_DIR)/montage.png
 	$(PY) python/evaluate.py --database $(DEMO_DIR)/db_train.lmdb \

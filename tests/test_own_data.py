@@ -19,7 +19,7 @@ from dlbhc.collection import load_collection
 from dlbhc.errors import UserError
 from dlbhc.images import ImageItem
 from dlbhc.model import HashNet, Preprocessing, write_preprocessing_record
-from helpers import EXTRACT, TRAIN, make_tiny_net, run_script
+from helpers import EXTRACT, ROOT, TRAIN, make_tiny_net, run_script
 
 BACKBONE = "efficientnet_lite0"
 CLASSES = ("apple", "boat", "cloud")
@@ -266,6 +266,14 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     finally:
         store.close()
     assert (prep["resize"], prep["crop"], prep["mean_bgr"]) == (32, 32, [127.0, 127.0, 127.0])
+    # retrieve.py and evaluate.py work on it unchanged
+    query = (run / "test.txt").read_text().split()[0]
+    found = run_script(ROOT / "python" / "retrieve.py", [query, "--db", db, "--json",
+                                                         "--top-k", 3])
+    assert json.loads(found.stdout)[0]["results"][0]["path"] == query
+    run_script(ROOT / "python" / "evaluate.py", ["--database", db, "--queries", db, "--k", 3,
+                                                 "--out-dir", run / "evaluation"])
+    assert list((run / "evaluation").glob("*.json"))
 
 
 def test_whole_backbone_fine_tuning_on_image_lmdbs(caffe, backbone, tmp_path):
