@@ -67,37 +67,6 @@ for bits in $BITS; do
             --k 1000 --out-dir "$run/evaluation" | tee "$run/evaluation/evaluate_stdout.txt"
         echo "evaluate_seconds $(( $(date +%s) - t )) load $(load)" >> "$timing"
     fi
-    "$PY" - "$run" "$bits" <<'PYEOF'
-import json, re, sys
-from pathlib import Path
-run, bits = Path(sys.argv[1]), int(sys.argv[2])
-t = json.loads((run / "train_summary.json").read_text())
-features = t["recipe"].get("features") or {}
-summary = {"bits": bits, "recipe": {k: v for k, v in t["recipe"].items() if k != "features"},
-           "features_seconds": t["data_seconds"], "train_seconds": t["train_seconds"],
-           "features_plus_train_minutes": round((t["data_seconds"] + t["train_seconds"]) / 60, 1),
-           "iterations": t["iterations"], "test": t["test"],
-           "feature_cache": {k: features.get(k) for k in ("images", "records", "shape",
-                                                           "images_per_second", "seconds")}}
-for line in (run / "bench_timing.txt").read_text().splitlines():
-    key, value, *rest = line.split()
-    summary[key] = value if key.endswith("load") else float(value)
-    if rest:
-        summary[key + "_load"] = " ".join(rest[1:])
-for split in ("train", "test"):
-    f = run / f"extract_{split}.txt"
-    m = re.search(r"\(([\d.]+) img/s\)", f.read_text()) if f.exists() else None
-    summary[f"extract_{split}_img_per_s"] = float(m.group(1)) if m else None
-def scalars(d):
-    return {k: scalars(v) if isinstance(v, dict) else v for k, v in d.items()
-            if not isinstance(v, list)}
-for f in sorted((run / "evaluation").glob("*.json")):
-    try:
-        summary[f"evaluation/{f.name}"] = scalars(json.loads(f.read_text()))
-    except ValueError:
-        pass
-(run / "bench_summary.json").write_text(json.dumps(summary, indent=2))
-print(json.dumps(summary, indent=2))
-PYEOF
+    "$PY" benchmarks/bench_summary.py "$run" "$bits"
     log "done: $run/bench_summary.json"
 done

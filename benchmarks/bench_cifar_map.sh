@@ -96,32 +96,5 @@ log "evaluate: python/evaluate.py"
     --k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
 
 # ---- summary ---------------------------------------------------------------
-"$PY" - "$RUN" "$BITS" "$(( $(date +%s) - t0 ))" <<'EOF'
-import json, re, sys
-from pathlib import Path
-run, bits, total = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-summary = {"bits": bits, "wall_seconds_total": total}
-ts = run / "train_summary.json"
-if ts.exists():
-    t = json.loads(ts.read_text())
-    summary.update(train_seconds=t["seconds"], train_iterations=t["iterations"],
-                   seconds_per_iter=t["seconds_per_iter"], test_accuracy=t["test"].get("accuracy"),
-                   test_loss=t["test"].get("loss"))
-for split in ("train", "test"):
-    f = run / f"extract_{split}.txt"
-    m = re.search(r"\(([\d.]+) img/s\)", f.read_text()) if f.exists() else None
-    summary[f"extract_{split}_img_per_s"] = float(m.group(1)) if m else None
-def scalars(d):
-    """The figures without the curves (lists)."""
-    return {k: scalars(v) if isinstance(v, dict) else v for k, v in d.items()
-            if not isinstance(v, list)}
-ev = run / "evaluation"
-for f in sorted(ev.glob("*.json")):
-    try:
-        summary[f"evaluation/{f.name}"] = scalars(json.loads(f.read_text()))
-    except ValueError:
-        pass
-(run / "bench_summary.json").write_text(json.dumps(summary, indent=2))
-print(json.dumps(summary, indent=2))
-EOF
+"$PY" benchmarks/bench_summary.py "$RUN" "$BITS" "$(( $(date +%s) - t0 ))"
 log "done in $(( $(date +%s) - t0 )) s; summary: $RUN/bench_summary.json"
