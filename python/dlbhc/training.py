@@ -188,13 +188,24 @@ def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=No
     return summary
 
 
+def _die_with_parent():
+    """In the child before exec: SIGTERM when train.py dies (Linux), so a
+    killed train.py (kill -9, a timeout) leaves no caffe training on."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run_and_watch(cmd, env, log_path, max_iter, log):
     start = time.monotonic()
     first_iter = None
     last = {"iter": 0, "loss": None}
     tests = {}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True, bufsize=1, cwd=PROJECT_ROOT)
+                            text=True, bufsize=1, cwd=PROJECT_ROOT,
+                            preexec_fn=_die_with_parent)
     try:
         with open(log_path, "w", buffering=1) as logfile:  # line-buffered: tail -f works
             logfile.write("# " + " ".join(cmd) + "\n")
