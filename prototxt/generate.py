@@ -344,6 +344,169 @@ def cifar_solver(bits):
 
 
 # --------------------------------------------------------------------------
+# EfficientNet-Lite0, converted from ImageNet weights (python/dlbhc/backbones.py)
+
+# Stages of EfficientNet-Lite0 (= B0's without squeeze-excitation; the stem
+# (32) and head (1280) are not scaled in the Lite models):
+# (repeats, kernel, stride of the first block, expand ratio, output channels)
+EFFNET_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
+                       (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192),
+                       (1, 3, 1, 6, 320)]
+EFFNET_STEM, EFFNET_HEAD = 32, 1280
+EFFNET_BN_EPS = 0.001      # TensorFlow's batch-norm epsilon, which the weights were trained with
+EFFNET_BACKBONE = "efficientnet_lite0"
+EFFNET_BITS = (12, 20, 48, 128)
+# Input sides: ImageNet's 224 for the converted model and own collections;
+# any multiple of 32 works (the SAME-padding trick below needs even sizes at
+# every stride-2 layer), and run folders get deploy copies at their own size.
+EFFNET_INPUT = 224
+# The converted nets take Caffe's usual input: BGR, 0..255, minus this mean
+# (per channel). The weights were trained on (RGB - 127) / 128: the
+# converter folds the 1/128 and the channel swap into the stem convolution.
+EFFNET_MEAN_BGR = (127.0, 127.0, 127.0)
+
+
+def effnet_conv(name, bottom, num, kernel, stride=1, group=1, top=None):
+    """Convolution with TensorFlow's SAME padding, no bias (BatchNorm follows).
+
+    Stride 1, odd kernel: SAME is symmetric, pad = kernel // 2. Stride 2 on
+    an even input: SAME pads (kernel - 2) in total, one less before than
+    after; stock Caffe only pads symmetrically, so the kernel grows by one
+    with a zero first row and column (the converter writes them) and pad =
+    kernel // 2: the windows then cover exactly TensorFlow's, and the output
+    has the same size (tests/test_backbones.py checks it against a numpy
+    forward with explicit asymmetric padding)."""
+    k = kernel + 1 if stride == 2 else kernel
+    p = [("num_output", num), ("bias_term", False), ("pad", kernel // 2),
+         ("kernel_size", k)]
+    if stride != 1:
+        p.append(("stride", stride))
+    if group != 1:
+        p.append(("group", group))
+    p.append(("weight_filler", filler("msra")))
+    return layer(name, "Convolution", bottom, top or name,
+                 ("param", msg(("lr_mult", 1), ("decay_mult", 1))),
+                 ("convolution_param", msg(*p)))
+
+
+def effnet_bn(conv_name, blob, relu6=True):
+    """BatchNorm (ImageNet statistics, kept: use_global_stats in every phase,
+    so fine-tuning with small CPU batches neither needs nor disturbs batch
+    statistics) + Scale (trainable gamma/beta) [+ ReLU6], all in place."""
+    layers = [
+        layer(f"{conv_name}_bn", "BatchNorm", blob, blob,
+              ("param", [msg(("lr_mult", 0), ("decay_mult", 0))] * 3),
+              ("batch_norm_param", msg(("use_global_stats", True), ("eps", EFFNET_BN_EPS)))),
+        layer(f"{conv_name}_scale", "Scale", blob, blob,
+              ("param", [msg(("lr_mult", 1), ("decay_mult", 0))] * 2),
+              ("scale_param", msg(("bias_term", True)))),
+    ]
+    if relu6:
+        layers.append(layer(f"{conv_name}_relu", "ReLU6", blob, blob))
+    return layers
+
+
+def effnet_block(i, bottom, in_ch, out_ch, kernel, stride, expand):
+    """MBConv without squeeze-excitation: [1x1 expand] -> depthwise -> 1x1
+    project, with an identity shortcut when shape allows. Output blob b<i>."""
+    layers = []
+    h = bottom
+    mid = in_ch * expand
+    if expand != 1:
+        layers += [effnet_conv(f"b{i}_expand", h, mid, 1)] + effnet_bn(f"b{i}_expand", f"b{i}_expand")
+        h = f"b{i}_expand"
+    layers += [effnet_conv(f"b{i}_dw", h, mid, kernel, stride, group=mid)] \
+        + effnet_bn(f"b{i}_dw", f"b{i}_dw")
+    residual = stride == 1 and in_ch == out_ch
+    project_top = f"b{i}_project" if residual else f"b{i}"
+    layers += [effnet_conv(f"b{i}_project", f"b{i}_dw", out_ch, 1, top=project_top)] \
+        + effnet_bn(f"b{i}_project", project_top, relu6=False)
+    if residual:
+        layers.append(layer(f"b{i}_add", "Eltwise", [bottom, project_top], f"b{i}"))
+    return layers
+
+
+def effnet_blocks():
+    """[(index, kernel, stride, expand, in, out)] of the 16 blocks."""
+    blocks, channels = [], EFFNET_STEM
+    for repeats, kernel, stride, expand, out in EFFNET_LITE0_STAGES:
+        for r in range(repeats):
+            blocks.append((len(blocks), kernel, stride if r == 0 else 1, expand, channels, out))
+            channels = out
+    return blocks
+
+
+def effnet_body(pooled):
+    """data -> stem -> 16 blocks -> head (1x1 conv 1280, ReLU6) -> global
+    average pooling into blob `pooled`. Layer names follow the PyTorch
+    state dict's (see backbones.TORCH_TO_CAFFE)."""
+    layers = [effnet_conv("stem", "data", EFFNET_STEM, 3, stride=2)] + effnet_bn("stem", "stem")
+    h = "stem"
+    for i, kernel, stride, expand, in_ch, out_ch in effnet_blocks():
+        layers += effnet_block(i, h, in_ch, out_ch, kernel, stride, expand)
+        h = f"b{i}"
+    layers += [effnet_conv("head", h, EFFNET_HEAD, 1)] + effnet_bn("head", "head")
+    layers.append(layer(pooled, "Pooling", "head", pooled, ("pooling_param", msg(
+        ("pool", "AVE"), ("global_pooling", True)))))
+    return layers
+
+
+def effnet_backbone_deploy():
+    """The converted ImageNet model itself: pooled features -> 1000 classes."""
+    return (EFFNET_BACKBONE, [input_layer([1, 3, EFFNET_INPUT, EFFNET_INPUT])]
+            + effnet_body("pool")
+            + [layer("classifier", "InnerProduct", "pool", "classifier",
+                     ("inner_product_param", msg(("num_output", 1000)))),
+               layer("prob", "Softmax", "classifier", "prob")])
+
+
+def effnet_hash_head(bits):
+    """fc7 (the pooled 1280-d head activations, ReLU6: the feature
+    ImageNet's classifier reads) -> dropout 0.2 as EfficientNet-Lite0 in
+    training -> latent layer -> classifier (new layers learn 10x faster)."""
+    return ([dropout("drop7", "fc7", ratio=0.2)]
+            + latent_and_classifier("fc7", bits, NUM_CLASSES))
+
+
+def effnet_train_val(bits):
+    name = f"{EFFNET_BACKBONE}_hash{bits}"
+
+    def data(phase, source, batch, mirror):
+        return layer("data", "Data", None, ["data", "label"],
+                     ("include", msg(("phase", phase))),
+                     ("transform_param", msg(
+                         ("mirror", mirror), ("crop_size", EFFNET_INPUT),
+                         *[("mean_value", m) for m in EFFNET_MEAN_BGR])),
+                     ("data_param", msg(("source", source), ("batch_size", batch),
+                                        ("backend", "LMDB"))))
+    layers = [data("TRAIN", f"data/cifar10/cifar10_train_{EFFNET_INPUT}_lmdb", 32, True),
+              data("TEST", f"data/cifar10/cifar10_test_{EFFNET_INPUT}_lmdb", 50, False)]
+    return (name, layers + effnet_body("fc7") + effnet_hash_head(bits) + train_heads())
+
+
+def effnet_deploy(bits):
+    return (f"{EFFNET_BACKBONE}_hash{bits}",
+            [input_layer([10, 3, EFFNET_INPUT, EFFNET_INPUT])] + effnet_body("fc7")
+            + effnet_hash_head(bits) + deploy_head())
+
+
+def effnet_solver(bits):
+    # Fine-tuning from ImageNet: SGD with momentum, lr 0.01 decaying
+    # linearly to 0. A run folder's copy gets max_iter, the data and the
+    # frozen split from python/train.py (see dlbhc/training.py).
+    name = f"{EFFNET_BACKBONE}_hash{bits}"
+    return [
+        ("net", f"prototxt/{name}_train_val.prototxt"),
+        ("test_iter", 200), ("test_interval", 2000), ("test_initialization", False),
+        ("base_lr", 0.01), ("lr_policy", "poly"), ("power", 1.0), ("max_iter", 10000),
+        ("momentum", 0.9), ("weight_decay", 0.0001),
+        ("display", 20), ("snapshot", 2000),
+        ("snapshot_prefix", f"runs/{name}/snapshots/{name}"),
+        ("solver_mode", "CPU"),
+    ]
+
+
+# --------------------------------------------------------------------------
 
 
 def net_text(name_and_layers, header):
@@ -363,31 +526,48 @@ def solver_text(fields, header):
 GENERATED = "Generated by prototxt/generate.py; edit the generator and rerun it."
 
 
+def family(base, train_val, deploy, solver, headers):
+    """{file name: text} of one net's three files; headers: their comments."""
+    return {f"{base}_train_val.prototxt": net_text(train_val, headers[0]),
+            f"{base}_deploy.prototxt": net_text(deploy, headers[1]),
+            f"{base}_solver.prototxt": solver_text(solver, headers[2])}
+
+
 def all_files():
     """{file name: text} for every prototxt this project ships."""
     files = {}
     for bits in ALEXNET_BITS:
         base = f"alexnet_hash{bits}"
-        files[f"{base}_train_val.prototxt"] = net_text(alexnet_train_val(bits), (
+        files.update(family(base, alexnet_train_val(bits), alexnet_deploy(bits),
+                            alexnet_solver(bits), (
             f"AlexNet + {bits}-bit latent layer, fine-tuning on CIFAR-10 (256x256 LMDB,\n"
             f"random 227 crops and mirroring). Train: make train NET=alexnet BITS={bits}\n"
             f"(caffe train -solver prototxt/{base}_solver.prototxt -weights\n"
-            f"models/bvlc_alexnet/bvlc_alexnet.caffemodel). {GENERATED}"))
-        files[f"{base}_deploy.prototxt"] = net_text(alexnet_deploy(bits), (
+            f"models/bvlc_alexnet/bvlc_alexnet.caffemodel). {GENERATED}",
             f"AlexNet + {bits}-bit latent layer, deploy: blobs fc7 (4096, after ReLU)\n"
-            f"and latent ({bits} sigmoid activations; code = latent > 0.5). {GENERATED}"))
-        files[f"{base}_solver.prototxt"] = solver_text(alexnet_solver(bits), (
+            f"and latent ({bits} sigmoid activations; code = latent > 0.5). {GENERATED}",
             f"Fine-tuning solver for alexnet_hash{bits} (the official DLBHC schedule).\n"
-            f"solver_mode is overridden by `make train GPU=1`. {GENERATED}"))
+            f"solver_mode is overridden by `make train GPU=1`. {GENERATED}")))
     for bits in CIFAR_BITS:
         base = f"cifar_hash{bits}"
-        files[f"{base}_train_val.prototxt"] = net_text(cifar_train_val(bits), (
+        files.update(family(base, cifar_train_val(bits), cifar_deploy(bits), cifar_solver(bits), (
             f"Small CPU-trainable net for 32x32 CIFAR-10 with a {bits}-bit latent layer,\n"
-            f"trained from scratch: make train NET=cifar BITS={bits}. {GENERATED}"))
-        files[f"{base}_deploy.prototxt"] = net_text(cifar_deploy(bits), (
-            f"Small net, deploy: blobs fc7 (256) and latent ({bits}). {GENERATED}"))
-        files[f"{base}_solver.prototxt"] = solver_text(cifar_solver(bits), (
-            f"Solver for cifar_hash{bits}, from scratch on the CPU. {GENERATED}"))
+            f"trained from scratch: make train NET=cifar BITS={bits}. {GENERATED}",
+            f"Small net, deploy: blobs fc7 (256) and latent ({bits}). {GENERATED}",
+            f"Solver for cifar_hash{bits}, from scratch on the CPU. {GENERATED}")))
+    for bits in EFFNET_BITS:
+        base = f"{EFFNET_BACKBONE}_hash{bits}"
+        files.update(family(base, effnet_train_val(bits), effnet_deploy(bits), effnet_solver(bits), (
+            f"EfficientNet-Lite0 (ImageNet, models/{EFFNET_BACKBONE}) + {bits}-bit latent layer.\n"
+            f"A template: python/train.py writes the run's copy with its data, classes\n"
+            f"and input size (make train NET={EFFNET_BACKBONE} BITS={bits} [DATA=...]). {GENERATED}",
+            f"EfficientNet-Lite0 + {bits}-bit latent layer, deploy: blobs fc7 (1280, the\n"
+            f"global average of the head's ReLU6 activations) and latent ({bits}). {GENERATED}",
+            f"Fine-tuning solver for {base}; python/train.py adapts a copy per run. {GENERATED}")))
+    files[f"../models/{EFFNET_BACKBONE}/deploy.prototxt"] = net_text(effnet_backbone_deploy(), (
+        f"EfficientNet-Lite0, ImageNet 1000 classes, converted to Caffe by `make backbone`\n"
+        f"(python/dlbhc/backbones.py). Input: BGR 0..255 minus {EFFNET_MEAN_BGR[0]:g},\n"
+        f"{EFFNET_INPUT}x{EFFNET_INPUT}. {GENERATED}"))
     return files
 
 

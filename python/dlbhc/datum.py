@@ -91,6 +91,38 @@ def _datum_bytes(Datum, chw, label):
     return datum.SerializeToString()
 
 
+def float_datum_bytes(chw, label):
+    """A serialized Datum of a float C x H x W array (float_data) and its
+    label, written directly: Datum's `repeated float float_data = 6` in the
+    packed encoding, which protobuf parsers accept for any repeated scalar
+    field, so a record costs one tobytes() rather than 5 bytes of framing
+    and a Python call per value. Caffe's Data layer reads it unchanged."""
+    chw = np.asarray(chw, dtype="<f4")
+    if chw.ndim != 3:
+        raise ValueError(f"expected a C x H x W array, got shape {chw.shape}")
+    payload = chw.tobytes()
+    head = b"".join(_varint_field(number, value) for number, value in
+                    ((1, chw.shape[0]), (2, chw.shape[1]), (3, chw.shape[2]), (5, int(label))))
+    return head + b"\x32" + _varint(len(payload)) + payload   # field 6, length-delimited
+
+
+def _varint(value):
+    value &= (1 << 64) - 1        # negative int32 labels: ten-byte two's complement
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _varint_field(number, value):
+    return _varint(number << 3) + _varint(value)
+
+
 def _replace_dir(new, target):
     """Move the finished `new` to `target`, replacing an old `target` only
     after the new one is complete."""

@@ -10,9 +10,13 @@ the training set's mean image, as Caffe's classify.py does). BatchTransformer
 does those steps for a whole batch, bit-identical to the Transformer.
 
 The whole recipe is a plain dict (`Preprocessing.as_dict()`), recorded in the
-feature store so that a query is always prepared like its database.
+feature store so that a query is always prepared like its database, and, by
+python/train.py, in the run folder beside the trained weights
+(preprocessing.json): a net is then prepared as it was trained without a
+--mean, and a --mean (or --resize) that contradicts the record is refused.
 """
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,6 +119,74 @@ def load_mean_bgr(mean):
     return tuple(float(v) for v in values)
 
 
+# The record of a trained model's preprocessing, beside its weights.
+PREPROCESSING_FILE = "preprocessing.json"
+# Means are recorded rounded, and the same images give means that differ by
+# a fraction of a grey level between decoders (CIFAR-10's PNGs vs its JPEG
+# copy: < 0.5); a mean further off than this was computed on other data.
+MEAN_TOLERANCE = 1.0
+
+
+def preprocessing_record_path(weights):
+    """Where a model's preprocessing.json is looked for: beside the weights
+    (the run folder), or one folder up for a snapshot in runs/<run>/snapshots/."""
+    weights = Path(weights)
+    for folder in (weights.parent, weights.parent.parent):
+        path = folder / PREPROCESSING_FILE
+        if path.exists():
+            return path
+        if folder.name != "snapshots":
+            break
+    return None
+
+
+def write_preprocessing_record(folder, prep, note=""):
+    """preprocessing.json in `folder` (a run folder): the Preprocessing a
+    model was trained with, and a note on where it came from."""
+    path = Path(folder) / PREPROCESSING_FILE
+    path.write_text(json.dumps(dict(prep.as_dict(), note=note), indent=2) + "\n")
+    return path
+
+
+def read_preprocessing_record(path):
+    try:
+        return Preprocessing.from_dict(json.loads(Path(path).read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a readable preprocessing record ({err}): "
+                        "delete it and pass --mean, or retrain") from None
+
+
+def resolve_preprocessing(weights, crop, mean=None, resize=None):
+    """The Preprocessing for a net with input `crop`: the record beside
+    `weights` when there is one (a given mean or resize must agree with it),
+    else built from `mean` and `resize` (default_resize)."""
+    record_path = preprocessing_record_path(weights)
+    if record_path is None:
+        if mean is None:
+            raise UserError(f"no mean given, and no {PREPROCESSING_FILE} beside {weights} "
+                            "records the model's preprocessing: pass --mean (the training "
+                            "data's mean: .npy, .binaryproto or B,G,R)")
+        return Preprocessing(resize=int(resize or default_resize(crop)), crop=crop,
+                             mean_bgr=load_mean_bgr(mean))
+    recorded = read_preprocessing_record(record_path)
+    if mean is not None:
+        given = load_mean_bgr(mean)
+        if max(abs(a - b) for a, b in zip(given, recorded.mean_bgr)) > MEAN_TOLERANCE:
+            shown = lambda m: ", ".join(f"{v:.2f}" for v in m)
+            raise UserError(f"the mean given ({mean}: B,G,R {shown(given)}) is not the one the "
+                            f"model was trained with (B,G,R {shown(recorded.mean_bgr)}, "
+                            f"recorded in {record_path}): features would not match the "
+                            "training. Leave out --mean to use the recorded one.")
+    if resize is not None and int(resize) != recorded.resize:
+        raise UserError(f"--resize {resize} contradicts the model's training resize "
+                        f"{recorded.resize} (recorded in {record_path}); leave it out")
+    if recorded.crop != crop:
+        raise UserError(f"the deploy net's input is {crop}x{crop}, but the model was trained "
+                        f"on {recorded.crop}x{recorded.crop} crops (recorded in {record_path}): "
+                        "use the deploy prototxt of its run folder")
+    return recorded
+
+
 def default_resize(crop):
     """The training LMDB size for a net input: AlexNet 227 <- 256, else none."""
     return 256 if crop == 227 else crop
@@ -173,7 +245,10 @@ class ImagePreparer:
 class HashNet:
     """A deploy net with the blobs fc7 and latent, its weights loaded."""
 
-    def __init__(self, deploy, weights, mean, gpu=None, resize=None, check=True):
+    def __init__(self, deploy, weights, mean=None, gpu=None, resize=None, check=True):
+        """mean/resize: the training data's; by default the run folder's
+        record (preprocessing.json beside the weights), which they must not
+        contradict (resolve_preprocessing)."""
         for what, path in (("deploy prototxt", deploy), ("weights", weights)):
             if not Path(path).is_file():
                 raise UserError(f"{what} {path} does not exist")
@@ -193,8 +268,7 @@ class HashNet:
         crop = shape[2]
         self.bits = self.net.blobs[LATENT_BLOB].data[0].size
         self.fc7_dim = self.net.blobs[FEATURE_BLOB].data[0].size
-        self.prep = Preprocessing(resize=int(resize or default_resize(crop)), crop=crop,
-                                  mean_bgr=load_mean_bgr(mean))
+        self.prep = resolve_preprocessing(weights, crop, mean, resize)
         self.transform = BatchTransformer(self.prep)
         if self.prep.resize < crop:
             raise UserError(f"resize {self.prep.resize} is smaller than the net input {crop}")

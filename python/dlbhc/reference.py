@@ -189,3 +189,102 @@ def precision_within_radius(hamming, relevant, radius=2):
     good = (inside & relevant).sum(axis=-1)
     p = np.where(retrieved > 0, good / np.maximum(retrieved, 1), 0.0)
     return float(p) if p.ndim == 0 else p
+
+
+# ---- EfficientNet-Lite forward -------------------------------------------------
+# An independent statement of the network the converted Caffe nets must
+# compute, written from the published architecture (EfficientNet-B0's
+# stages; Lite: no squeeze-excitation, ReLU6, stem and head not scaled) and
+# TensorFlow's SAME padding rule, straight on the PyTorch state dict in
+# float64. It shares nothing with prototxt/generate.py or backbones.py.
+
+# (repeats, kernel, stride, expand ratio, output channels) per stage
+EFFICIENTNET_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
+                             (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192),
+                             (1, 3, 1, 6, 320)]
+
+
+def tf_same_padding(size, kernel, stride):
+    """TensorFlow's SAME: output ceil(size / stride); the total padding split
+    with the smaller half before (asymmetric when it is odd)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d_same(x, w, stride=1, groups=1):
+    """x (N, C, H, W), w (O, C/groups, k, k), TF SAME padding, no bias."""
+    n, c, h, wd = x.shape
+    out_c, c_per_group, k, _ = w.shape
+    (top, bottom), (left, right) = (tf_same_padding(h, k, stride),
+                                    tf_same_padding(wd, k, stride))
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    oh, ow = -(-h // stride), -(-wd // stride)
+    # windows[n, c, i, j, oh, ow] = xp[n, c, i + s*oh, j + s*ow]
+    windows = np.stack([np.stack([xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                                  for j in range(k)], axis=2) for i in range(k)], axis=2)
+    out_per_group = out_c // groups
+    outs = []
+    for g in range(groups):
+        xs = windows[:, g * c_per_group:(g + 1) * c_per_group]
+        ws = w[g * out_per_group:(g + 1) * out_per_group]
+        outs.append(np.einsum("ncijhw,ocij->nohw", xs, ws, optimize=True))
+    return np.concatenate(outs, axis=1)
+
+
+def depthwise_same(x, w, stride=1):
+    """Depthwise (one filter per channel) convolution, TF SAME padding."""
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    (top, bottom), (left, right) = (tf_same_padding(h, k, stride),
+                                    tf_same_padding(wd, k, stride))
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    oh, ow = -(-h // stride), -(-wd // stride)
+    out = np.zeros((n, c, oh, ow))
+    for i in range(k):
+        for j in range(k):
+            out += xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] \
+                * w[None, :, 0, i, j, None, None]
+    return out
+
+
+def batch_norm(x, state, prefix, eps=1e-3):
+    g = lambda name: state[f"{prefix}.{name}"].astype(np.float64)[None, :, None, None]
+    return (x - g("running_mean")) / np.sqrt(g("running_var") + eps) * g("weight") + g("bias")
+
+
+def relu6(x):
+    return np.clip(x, 0.0, 6.0)
+
+
+def efficientnet_lite_forward(state, x, stages=EFFICIENTNET_LITE0_STAGES):
+    """Forward of EfficientNet-Lite on the normalised input x (N, 3, H, W),
+    RGB, as the PyTorch port computes it. Returns {"stem", "block<i>" (each
+    block's output), "head" (after the head's ReLU6), "pool" (global average,
+    (N, 1280)), "logits" (N, 1000)}, float64."""
+    w = lambda name: state[name].astype(np.float64)
+    blobs = {}
+    h = relu6(batch_norm(conv2d_same(x.astype(np.float64), w("_conv_stem.weight"), 2),
+                         state, "_bn0"))
+    blobs["stem"] = h
+    block = 0
+    for repeats, _kernel, stride, expand, _out in stages:
+        for r in range(repeats):
+            p = f"_blocks.{block}"
+            s = stride if r == 0 else 1
+            inp = h
+            if expand != 1:
+                h = relu6(batch_norm(conv2d_same(h, w(f"{p}._expand_conv.weight")), state,
+                                     f"{p}._bn0"))
+            h = relu6(batch_norm(depthwise_same(h, w(f"{p}._depthwise_conv.weight"), s),
+                                 state, f"{p}._bn1"))
+            h = batch_norm(conv2d_same(h, w(f"{p}._project_conv.weight")), state, f"{p}._bn2")
+            if s == 1 and inp.shape == h.shape:
+                h = h + inp
+            blobs[f"block{block}"] = h
+            block += 1
+    h = relu6(batch_norm(conv2d_same(h, w("_conv_head.weight")), state, "_bn1"))
+    blobs["head"] = h
+    blobs["pool"] = h.mean(axis=(2, 3))
+    blobs["logits"] = blobs["pool"] @ w("_fc.weight").T + w("_fc.bias")
+    return blobs

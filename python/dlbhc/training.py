@@ -35,8 +35,11 @@ def run_name(net, bits):
     return f"{net}_hash{bits}"
 
 
+PROTOTXT_DIR = PROJECT_ROOT / "prototxt"
+
+
 def solver_path(net, bits):
-    path = PROJECT_ROOT / "prototxt" / f"{run_name(net, bits)}_solver.prototxt"
+    path = PROTOTXT_DIR / f"{run_name(net, bits)}_solver.prototxt"
     if not path.exists():
         known = sorted(p.name.replace("_solver.prototxt", "")
                        for p in (PROJECT_ROOT / "prototxt").glob("*_solver.prototxt"))
@@ -173,9 +176,26 @@ def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=No
         link.unlink(missing_ok=True)
         link.symlink_to(final.relative_to(run_dir))
         summary["weights"] = str(link)
+    # the model's preprocessing, so extract.py and retrieve.py need no --mean
+    from .model import write_preprocessing_record
+    prep = train_val_preprocessing(solver.net, deploy_input_size(
+        PROTOTXT_DIR / f"{name}_deploy.prototxt"))
+    if prep is not None:
+        write_preprocessing_record(run_dir, prep, note=f"from {Path(solver.net).name}'s TEST "
+                                   "Data layer (mean) and LMDB (image size)")
     summary.update(net=name, max_iter=solver.max_iter, command=cmd)
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM when train.py dies (Linux), so a
+    killed train.py (kill -9, a timeout) leaves no caffe training on."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_and_watch(cmd, env, log_path, max_iter, log):
@@ -184,7 +204,8 @@ def _run_and_watch(cmd, env, log_path, max_iter, log):
     last = {"iter": 0, "loss": None}
     tests = {}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True, bufsize=1, cwd=PROJECT_ROOT)
+                            text=True, bufsize=1, cwd=PROJECT_ROOT,
+                            preexec_fn=_die_with_parent)
     try:
         with open(log_path, "w", buffering=1) as logfile:  # line-buffered: tail -f works
             logfile.write("# " + " ".join(cmd) + "\n")
@@ -220,3 +241,418 @@ def _run_and_watch(cmd, env, log_path, max_iter, log):
     return {"returncode": proc.returncode, "seconds": round(seconds, 1),
             "iterations": last["iter"], "final_loss": last["loss"], "test": tests,
             "seconds_per_iter": round(seconds / iters, 4) if iters else None}
+
+
+# ---- the preprocessing a run's model was trained with ------------------------------
+
+def train_val_preprocessing(train_val, crop):
+    """model.Preprocessing of a train_val's TEST-phase Data layer: its mean
+    (mean_value, or the per-channel mean of its mean_file) and, for resize,
+    the size of the images its LMDB holds (the first record's)."""
+    from .model import Preprocessing, default_resize, load_mean_bgr
+    net = read_prototxt(train_val, "NetParameter")
+    pb = caffe_pb2()
+    data = [layer for layer in net.layer if layer.type == "Data"]
+    test = [layer for layer in data
+            if any(rule.phase == pb.TEST for rule in layer.include)] or data
+    if not test:
+        return None
+    transform = test[0].transform_param
+    if transform.mean_value:
+        values = list(transform.mean_value)
+        mean = tuple(values * 3 if len(values) == 1 else values)
+    elif transform.mean_file:
+        mean = load_mean_bgr(_project_path(transform.mean_file))
+    else:
+        mean = (0.0, 0.0, 0.0)
+    resize = _lmdb_image_size(_project_path(test[0].data_param.source)) or default_resize(crop)
+    return Preprocessing(resize=int(resize), crop=int(crop), mean_bgr=tuple(mean))
+
+
+def _project_path(path):
+    return Path(path) if os.path.isabs(path) else PROJECT_ROOT / path
+
+
+def _lmdb_image_size(source):
+    """The height of the first Datum in an LMDB (None when unreadable)."""
+    try:
+        import lmdb
+        env = lmdb.open(str(source), readonly=True, lock=False, subdir=True)
+    except Exception:  # noqa: BLE001  (no LMDB there: the caller falls back)
+        return None
+    try:
+        with env.begin() as txn:
+            for _key, value in txn.cursor():
+                datum = caffe_pb2().Datum()
+                datum.ParseFromString(value)
+                return datum.height
+    finally:
+        env.close()
+    return None
+
+
+def deploy_input_size(deploy):
+    """The side of a deploy net's square input (its Input layer's shape)."""
+    net = read_prototxt(deploy, "NetParameter")
+    for layer in net.layer:
+        if layer.type == "Input":
+            return int(layer.input_param.shape[0].dim[-1])
+    if net.input_shape:
+        return int(net.input_shape[0].dim[-1])
+    raise UserError(f"{deploy} has no Input layer: not a deploy net")
+
+
+# ---- training on a collection ------------------------------------------------------------
+
+# Layer names the run prototxts change (prototxt/generate.py names them).
+CLASSIFIER_LAYER = "fc9_classifier"
+# Default split of the CPU recipe: everything below block 14's output (blob
+# b14, stride 32: 192 channels) is frozen and cached; block 15, the head,
+# fc7, the latent layer and the classifier are fine-tuned. Splitting lower
+# (b10) made the trained part 3-4x slower per image on the 2-core machine
+# (forward + backward), more than its cached features saved (docs/benchmarks.md).
+DEFAULT_SPLIT = "b14"
+SMALL_NET = "cifar"
+
+
+def collection_name(source):
+    """A run-name suffix from a folder or list file name."""
+    stem = Path(os.path.abspath(source)).name
+    stem = Path(stem).stem if Path(source).is_file() else stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "collection"
+
+
+def set_num_classes(net, num_classes):
+    """The classifier's num_output in a NetParameter."""
+    found = [layer for layer in net.layer if layer.name == CLASSIFIER_LAYER]
+    if not found:
+        raise UserError(f"{net.name} has no layer {CLASSIFIER_LAYER} to size for the classes")
+    found[0].inner_product_param.num_output = int(num_classes)
+    return net
+
+
+def set_input(net, size, batch):
+    """The Input layer's shape (batch, 3, size, size) in a deploy NetParameter."""
+    for layer in net.layer:
+        if layer.type == "Input":
+            del layer.input_param.shape[0].dim[:]
+            layer.input_param.shape[0].dim.extend([batch, 3, size, size])
+            return net
+    raise UserError(f"{net.name} has no Input layer")
+
+
+def write_net(net, path, header):
+    from google.protobuf import text_format
+    Path(path).write_text("".join(f"# {line}\n" for line in header.splitlines())
+                          + text_format.MessageToString(net))
+    return Path(path)
+
+
+def run_solver(template, net_path, run_dir, name, max_iter, test_iter, gpu, test_interval=None,
+               base_lr=None, snapshot=None):
+    """solver.prototxt in the run folder from a checked-in solver: its net,
+    schedule, snapshots and device set for this run."""
+    from google.protobuf import text_format
+    solver = read_prototxt(template, "SolverParameter")
+    solver.net = str(net_path)
+    solver.max_iter = int(max_iter)
+    solver.test_iter[:] = [int(test_iter)]
+    solver.test_interval = int(test_interval or max_iter)
+    solver.snapshot = int(snapshot or max_iter)
+    solver.display = max(1, min(solver.display, max_iter // 20))
+    if base_lr:
+        solver.base_lr = float(base_lr)
+    modes = caffe_pb2().SolverParameter
+    solver.solver_mode = modes.GPU if gpu is not None else modes.CPU
+    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+    solver.snapshot_prefix = str(run_dir / "snapshots" / name)
+    out = run_dir / "solver.prototxt"
+    out.write_text(f"# derived from {Path(template).name} by python/train.py --data\n"
+                   + text_format.MessageToString(solver))
+    return out, solver
+
+
+def train_collection(data, net="efficientnet_lite0", bits=48, test=None, root=None,
+                     runs_dir=None, name=None, size=None, resize=None, split=DEFAULT_SPLIT,
+                     epochs=None, max_iter=None, batch_size=None, base_lr=None, flips=True,
+                     gpu=None, workers=2, cache_dir=None, test_fraction=0.1, seed=1,
+                     log=sys.stderr):
+    """Train <net>_hash<bits> on a user's collection (folder of class
+    subfolders, or `path label` list), everything in runs_dir/<name>/:
+    lists and class names, run prototxts (classifier sized to the classes),
+    data (cached frozen features for a backbone on the CPU; image LMDBs and
+    mean for the small net or with a GPU), `caffe train`, the final weights
+    and their preprocessing record. Returns the summary (train_summary.json)
+    with the commands that extract, retrieve and evaluate with the model."""
+    from .backbones import backbone_names
+    from .collection import load_collection, write_run_lists
+    coll = load_collection(data, test, root=root, test_fraction=test_fraction, seed=seed)
+    for note in coll.notes:
+        print(note, file=log)
+    name = name or f"{run_name(net, bits)}_{collection_name(data)}"
+    run_dir = Path(os.path.abspath(Path(runs_dir or PROJECT_ROOT / "runs") / name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_list, test_list, _ = write_run_lists(run_dir, coll)
+    print(f"{len(coll.classes)} classes ({', '.join(coll.classes[:8])}"
+          f"{', ...' if len(coll.classes) > 8 else ''}), {len(coll.train)} training and "
+          f"{len(coll.test)} test images -> {run_dir}", file=log)
+    if net in backbone_names():
+        recipe = _BackboneRecipe(net, bits, coll, run_dir, name, size, resize, split, flips,
+                                 gpu, workers, cache_dir, seed, log)
+    elif net == SMALL_NET:
+        recipe = _SmallNetRecipe(net, bits, coll, run_dir, name, gpu, cache_dir, seed, log)
+    else:
+        raise UserError(f"--data trains a backbone ({', '.join(backbone_names())}) or the small "
+                        f"net ({SMALL_NET}); {net!r} needs weights that cannot be fetched here")
+    started = time.monotonic()
+    data_seconds = recipe.prepare_data()
+    solver_file, solver = recipe.write_prototxts(epochs, max_iter, batch_size, base_lr)
+    cmd = [str(caffe_tool("caffe")), "train", "-solver", str(solver_file),
+           "-sigint_effect", "snapshot"] + recipe.weights_args()
+    if gpu is not None:
+        cmd += ["-gpu", str(gpu)]
+    print("running: " + " ".join(cmd), file=log)
+    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
+    summary = _run_and_watch(cmd, env, run_dir / "train.log", solver.max_iter, log)
+    if summary["returncode"] != 0:
+        raise UserError(f"caffe train failed (exit {summary['returncode']}); see "
+                        f"{run_dir / 'train.log'}")
+    snapshot = run_dir / "snapshots" / f"{name}_iter_{solver.max_iter}.caffemodel"
+    weights = recipe.final_weights(snapshot)
+    from .model import write_preprocessing_record
+    write_preprocessing_record(run_dir, recipe.prep, note=recipe.prep_note)
+    commands = usage_commands(run_dir, weights, train_list, test_list)
+    summary.update(net=name, max_iter=solver.max_iter, command=cmd, weights=str(weights),
+                   deploy=str(run_dir / "deploy.prototxt"), classes=coll.classes,
+                   train_images=len(coll.train), test_images=len(coll.test),
+                   data_seconds=round(data_seconds, 1), train_seconds=summary["seconds"],
+                   total_seconds=round(time.monotonic() - started, 1),
+                   recipe=recipe.describe(), commands=commands)
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print("\nTrained. Build the database, search it and measure it with:\n  "
+          + "\n  ".join(commands), file=log)
+    return summary
+
+
+def usage_commands(run_dir, weights, train_list, test_list):
+    """The extract / retrieve / evaluate commands for a trained run (the
+    preprocessing comes from the run folder's record: no --mean)."""
+    rel = lambda p: os.path.relpath(p, os.getcwd()) if str(p).startswith(os.getcwd()) else str(p)
+    deploy = rel(run_dir / "deploy.prototxt")
+    db_train, db_test = rel(run_dir / "db_train.lmdb"), rel(run_dir / "db_test.lmdb")
+    return [
+        f"python python/extract.py {rel(train_list)} --deploy {deploy} --weights {rel(weights)} "
+        f"--out {db_train}",
+        f"python python/extract.py {rel(test_list)} --deploy {deploy} --weights {rel(weights)} "
+        f"--out {db_test}",
+        f"python python/retrieve.py QUERY.jpg --db {db_train} --montage results.png",
+        f"python python/evaluate.py --database {db_train} --queries {db_test} --k 1000 "
+        f"--out-dir {rel(run_dir / 'evaluation')}",
+    ]
+
+
+class _BackboneRecipe:
+    """An ImageNet backbone fine-tuned on the collection. CPU: the layers
+    below `split` frozen and cached (with mirror images), the rest trained
+    on the cache. GPU (or split "none"): the whole net trained on image
+    LMDBs, random crops and mirroring."""
+
+    def __init__(self, net, bits, coll, run_dir, name, size, resize, split, flips, gpu,
+                 workers, cache_dir, seed, log):
+        from .backbones import convert, mean_bgr, read_spec
+        from .model import Preprocessing
+        self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
+        self.gpu, self.workers, self.seed, self.log, self.flips = gpu, workers, seed, log, flips
+        # nothing frozen: with a GPU, or asked for (--split none)
+        self.split = None if gpu is not None or split in (None, "none") else split
+        self.backbone = convert(net, log=log)
+        template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
+        if not template_deploy.exists():
+            raise UserError(f"no {template_deploy.name}: {net} comes with "
+                            f"{', '.join(p.name for p in PROTOTXT_DIR.glob(net + '_hash*_deploy*'))}")
+        size = int(size or deploy_input_size(template_deploy))
+        if size % 32:
+            raise UserError(f"--size {size}: the backbone takes sides that are multiples of 32 "
+                            "(its SAME padding is exact on even sizes at every stride-2 layer)")
+        resize = int(resize or round(size * 8 / 7))
+        if resize < size:
+            raise UserError(f"--resize {resize} is smaller than --size {size}")
+        self.prep = Preprocessing(resize=resize, crop=size, mean_bgr=mean_bgr(read_spec(net)))
+        self.prep_note = (f"{net} input: squash-resize {resize}, centre crop {size}, BGR minus "
+                          "the ImageNet model's mean")
+        self.template_deploy = template_deploy
+        self.template_train_val = PROTOTXT_DIR / f"{run_name(net, bits)}_train_val.prototxt"
+        self.template_solver = PROTOTXT_DIR / f"{run_name(net, bits)}_solver.prototxt"
+        self.cache_root = Path(cache_dir or PROJECT_ROOT / "data" / "features")
+        self.deploy = write_net(
+            set_num_classes(set_input(read_prototxt(template_deploy), size, 10),
+                            coll.num_classes),
+            run_dir / "deploy.prototxt",
+            f"{self.name}: {template_deploy.name} with {coll.num_classes} classes and "
+            f"{size}x{size} input (python/train.py --data)")
+
+    def prepare_data(self):
+        started = time.monotonic()
+        if self.split is None:
+            self._image_lmdbs()
+        else:
+            self._cached_features()
+        return time.monotonic() - started
+
+    def _cached_features(self):
+        from .files import file_digest
+        from .frozen import cache_features, cache_key, fold_batchnorm, frozen_net, \
+            net_params, net_with_params
+        weights_sha1 = file_digest(self.backbone, "sha1")
+        key = cache_key(weights_sha1, self.split, self.prep, self.flips,
+                        self.coll.train + self.coll.test)
+        folder = self.cache_root / f"{self.net}_{self.split}_{self.prep.crop}_{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        net = frozen_net(self.deploy, self.split)
+        set_input(net, self.prep.crop, 25)
+        params = net_params(self.deploy, self.backbone)
+        folded, folded_params = fold_batchnorm(net, params)
+        prototxt, weights = net_with_params(folded, folded_params, folder, "frozen")
+        print(f"features below {self.split} (frozen, BatchNorm folded) -> {folder}",
+              file=self.log)
+        self.train_summary = cache_features(
+            self.coll.train, prototxt, weights, self.prep, folder / "train_lmdb",
+            flips=self.flips, seed=self.seed, workers=self.workers, log=self.log,
+            label="features (train" + (" + mirror)" if self.flips else ")"))
+        self.test_summary = cache_features(
+            self.coll.test, prototxt, weights, self.prep, folder / "test_lmdb", flips=False,
+            seed=self.seed, workers=self.workers, log=self.log, label="features (test)")
+        self.sources = (folder / "train_lmdb", folder / "test_lmdb")
+        self.records = self.train_summary["records"]
+        self.test_records = self.test_summary["records"]
+
+    def _image_lmdbs(self):
+        from .datum import convert_imageset
+        folder = self.run_dir / "data"
+        folder.mkdir(exist_ok=True)
+        train = convert_imageset(self.coll.train, folder / "train_lmdb", self.prep.resize,
+                                 shuffle_seed=self.seed, overwrite=True, stream=self.log)
+        test = convert_imageset(self.coll.test, folder / "test_lmdb", self.prep.resize,
+                                overwrite=True, stream=self.log)
+        self.sources = (train.path, test.path)
+        self.records, self.test_records = train.written, test.written
+
+    def write_prototxts(self, epochs, max_iter, batch_size, base_lr):
+        from .frozen import top_net
+        train_val = set_num_classes(read_prototxt(self.template_train_val), self.coll.num_classes)
+        batch = int(batch_size or 32)
+        test_batch = min(50, self.test_records)
+        if self.split is not None:
+            net = top_net(train_val, self.split, self.sources[0], self.sources[1], batch,
+                          test_batch)
+            how = (f"layers above {self.split} on cached features of {self.prep.crop}x"
+                   f"{self.prep.crop} inputs" + (" and their mirror images" if self.flips else ""))
+        else:
+            net = train_val
+            for layer in net.layer:
+                if layer.type == "Data":
+                    is_train = any(r.phase == caffe_pb2().TRAIN for r in layer.include)
+                    layer.data_param.source = str(self.sources[0 if is_train else 1])
+                    layer.data_param.batch_size = batch if is_train else test_batch
+                    layer.transform_param.crop_size = self.prep.crop
+                    layer.transform_param.mirror = is_train
+                    del layer.transform_param.mean_value[:]
+                    layer.transform_param.mean_value.extend(self.prep.mean_bgr)
+            how = f"the whole net on {self.prep.resize}px image LMDBs, {self.prep.crop} crops"
+        path = write_net(net, self.run_dir / "train_val.prototxt",
+                         f"{self.name}: {self.template_train_val.name}, {how}, "
+                         f"{self.coll.num_classes} classes (python/train.py --data)")
+        max_iter = schedule(self.records, batch, epochs, max_iter)
+        return run_solver(self.template_solver, path, self.run_dir, self.name, max_iter,
+                          -(-self.test_records // test_batch), self.gpu, base_lr=base_lr)
+
+    def weights_args(self):
+        return ["-weights", str(self.backbone)]
+
+    def final_weights(self, snapshot):
+        from .frozen import merge_weights
+        out = self.run_dir / f"{self.name}.caffemodel"
+        out.unlink(missing_ok=True)
+        return merge_weights(self.deploy, [self.backbone, snapshot], out)
+
+    def describe(self):
+        return {"backbone": self.net, "split": self.split, "flips": self.flips,
+                "preprocessing": self.prep.as_dict(),
+                "features": getattr(self, "train_summary", None)}
+
+
+class _SmallNetRecipe:
+    """The small net from scratch: 32x32 LMDBs (training images padded by 4
+    for the random crops), the collection's own mean."""
+
+    def __init__(self, net, bits, coll, run_dir, name, gpu, cache_dir, seed, log):
+        from .model import Preprocessing
+        self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
+        self.gpu, self.seed, self.log = gpu, seed, log
+        self.size = 32
+        self.template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
+        self.deploy = write_net(
+            set_num_classes(read_prototxt(self.template_deploy), coll.num_classes),
+            run_dir / "deploy.prototxt",
+            f"{name}: {self.template_deploy.name} with {coll.num_classes} classes")
+        self.Preprocessing = Preprocessing
+        self.prep_note = "small net: squash-resize 32, the collection's per-channel mean"
+
+    def prepare_data(self):
+        from .datum import compute_mean, convert_imageset, pad_imageset
+        started = time.monotonic()
+        folder = self.run_dir / "data"
+        folder.mkdir(exist_ok=True)
+        train = convert_imageset(self.coll.train, folder / "train_32_lmdb", self.size,
+                                 shuffle_seed=self.seed, overwrite=True, stream=self.log)
+        test = convert_imageset(self.coll.test, folder / "test_32_lmdb", self.size,
+                                overwrite=True, stream=self.log)
+        mean = compute_mean(train.path, None, folder / "train_32_mean.npy", stream=self.log)
+        pad_imageset(train.path, folder / "train_32pad4_lmdb", 4, overwrite=True)
+        self.prep = self.Preprocessing(resize=self.size, crop=self.size,
+                                       mean_bgr=tuple(float(m) for m in mean.channel_mean))
+        self.sources = (folder / "train_32pad4_lmdb", test.path)
+        self.records, self.test_records = train.written, test.written
+        return time.monotonic() - started
+
+    def write_prototxts(self, epochs, max_iter, batch_size, base_lr):
+        template = PROTOTXT_DIR / f"{run_name(self.net, self.bits)}_train_val.prototxt"
+        net = set_num_classes(read_prototxt(template), self.coll.num_classes)
+        batch = int(batch_size or 100)
+        test_batch = min(100, self.test_records)
+        for layer in net.layer:
+            if layer.type == "Data":
+                is_train = any(r.phase == caffe_pb2().TRAIN for r in layer.include)
+                layer.data_param.source = str(self.sources[0 if is_train else 1])
+                layer.data_param.batch_size = batch if is_train else test_batch
+                del layer.transform_param.mean_value[:]
+                layer.transform_param.mean_value.extend(self.prep.mean_bgr)
+        path = write_net(net, self.run_dir / "train_val.prototxt",
+                         f"{self.name}: {template.name} on the collection's LMDBs, its mean, "
+                         f"{self.coll.num_classes} classes (python/train.py --data)")
+        max_iter = schedule(self.records, batch, epochs, max_iter)
+        return run_solver(solver_path(self.net, self.bits), path, self.run_dir, self.name,
+                          max_iter, -(-self.test_records // test_batch), self.gpu,
+                          base_lr=base_lr)
+
+    def weights_args(self):
+        return []
+
+    def final_weights(self, snapshot):
+        out = self.run_dir / f"{self.name}.caffemodel"
+        out.unlink(missing_ok=True)
+        out.symlink_to(snapshot.relative_to(self.run_dir))
+        return out
+
+    def describe(self):
+        return {"net": self.net, "preprocessing": self.prep.as_dict()}
+
+
+DEFAULT_EPOCHS = 10
+
+
+def schedule(records, batch, epochs=None, max_iter=None):
+    """max_iter: given, or `epochs` passes over the training records."""
+    if max_iter:
+        return int(max_iter)
+    return max(1, round((epochs or DEFAULT_EPOCHS) * records / batch))

@@ -14,7 +14,12 @@ from .files import download, file_digest
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
-def read_frontmatter(readme):
+ZOO_FIELDS = ("caffemodel", "caffemodel_url", "sha1")
+
+
+def read_frontmatter(readme, required=ZOO_FIELDS):
+    """The `key: value` lines between a readme's leading `---` lines; a
+    UserError when one of `required` is missing."""
     lines = Path(readme).read_text().splitlines()
     if not lines or lines[0].strip() != "---":
         raise UserError(f"{readme}: no front matter (--- ... ---)")
@@ -24,9 +29,9 @@ def read_frontmatter(readme):
             break
         name, _, value = line.partition(":")
         fields[name.strip()] = value.strip()
-    for required in ("caffemodel", "caffemodel_url", "sha1"):
-        if required not in fields:
-            raise UserError(f"{readme}: front matter lacks {required}")
+    for field in required:
+        if field not in fields:
+            raise UserError(f"{readme}: front matter lacks {field}")
     return fields
 
 
