@@ -9,6 +9,7 @@
 #   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
 #   make serve [SERVE_DB=DB] [PORT=8080] [HOST=127.0.0.1]   the search page and JSON API
 #   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..]
+#   make photos          123 real photos in 4 class folders (data/photos/), to try `make train DATA=`
 #
 # Everything runs in the project's virtual environment .venv (made here).
 
@@ -25,7 +26,7 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe test test-packages data data-alexnet weights weights-caffenet backbone train \
+.PHONY: all venv caffe test test-packages data data-alexnet photos weights weights-caffenet backbone train \
         demo serve serve-db prototxt bench-extract bench-search bench-scale bench-map \
         bench-pca-map bench-serve bench-ray bench-milvus clean-runs help
 
@@ -95,6 +96,11 @@ $(TRAIN32PAD): $(TRAIN32)
 	$(PY) data/pad_lmdb.py $(dir $(TRAIN32)) $(dir $@) --pad 4 --overwrite
 
 data: $(TRAIN32) $(TEST32) $(TRAIN32PAD)
+
+# Real photos the project has never seen, in class folders, from Debian's
+# gcompris-qt-data (apt-get download, sha256 checked; nothing installed).
+photos: venv
+	$(PY) data/get_photos.py --dest data/photos
 
 # The 256x256 LMDBs AlexNet fine-tunes on (about 12 GB for CIFAR-10).
 data-alexnet: $(TRAIN256) $(TEST256)

@@ -385,3 +385,62 @@ def write_legacy_torch(path, tensors, extra_globals=(), fortran=False):
             f.write(struct.pack("<q", t.array.size))
             f.write(t.array.astype(t.array.dtype.newbyteorder("<")).tobytes())
     return path
+
+
+# ---- Qt resource bundles (.rcc) -------------------------------------------------------
+
+def write_rcc(path, files, version=2, compress=()):
+    """A Qt binary resource file (.rcc) holding `files` {"dir/name": bytes},
+    written independently of dlbhc.photos.read_rcc; members named in
+    `compress` are stored zlib-compressed (qCompress: uint32 size + zlib)."""
+    import struct
+    import zlib
+    tree = {}                                   # nested dicts: folders; bytes: files
+    for name, data in files.items():
+        node = tree
+        *folders, leaf = name.split("/")
+        for folder in folders:
+            node = node.setdefault(folder, {})
+        node[leaf] = data
+    names, name_offsets = bytearray(), {}
+    data_blob = bytearray()
+
+    def name_offset(text):
+        if text not in name_offsets:
+            name_offsets[text] = len(names)
+            encoded = text.encode("utf-16-be")
+            names.extend(struct.pack(">HI", len(text), 0) + encoded)
+        return name_offsets[text]
+
+    # Breadth-first numbering: a folder's children are consecutive nodes.
+    nodes = [("", tree, "")]                    # (name, content, full path)
+    records = []
+    i = 0
+    while i < len(nodes):
+        name, content, full = nodes[i]
+        if isinstance(content, dict):
+            first = len(nodes)
+            for child in sorted(content):
+                nodes.append((child, content[child], f"{full}/{child}".lstrip("/")))
+            records.append(struct.pack(">IHII", name_offset(name), 2, len(content), first))
+        else:
+            payload = content
+            flags = 0
+            if full in compress:
+                payload = struct.pack(">I", len(content)) + zlib.compress(content)
+                flags = 1
+            offset = len(data_blob)
+            data_blob.extend(struct.pack(">I", len(payload)) + payload)
+            records.append(struct.pack(">IHHHI", name_offset(name), flags, 0, 0, offset))
+        if version >= 2:
+            records[-1] += b"\0" * 8
+        i += 1
+    header = 4 + 16 + (4 if version >= 3 else 0)
+    tree_blob = b"".join(records)
+    tree_at, data_at = header, header + len(tree_blob)
+    names_at = data_at + len(data_blob)
+    head = b"qres" + struct.pack(">IIII", version, tree_at, data_at, names_at)
+    if version >= 3:
+        head += struct.pack(">I", 0)
+    Path(path).write_bytes(head + tree_blob + bytes(data_blob) + bytes(names))
+    return path

@@ -16,7 +16,7 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 # without a Caffe build: importing them must not import caffe.
 CAFFE_FREE = ("codes", "pca", "index", "pivots", "rerank", "metrics", "reference", "store",
               "images", "files", "cifar10", "errors", "progress", "retrieval", "milvus_index",
-              "service", "webapp", "torch_legacy", "collection")
+              "service", "webapp", "torch_legacy", "collection", "photos")
 
 
 def _dlbhc_module(node, current):

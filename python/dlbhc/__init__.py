@@ -19,6 +19,8 @@ dependency order (a module imports only modules above it):
     cifar10     CIFAR-10 acquisition: download or local archive -> folders
     collection  a user's collection for training: classes, labels, the
                 held-out split, the run's lists
+    photos      a small collection of real photos in class folders from a
+                Debian package (Qt resource bundles read), to try training
     datum       image sets -> Caffe Datum LMDB/LevelDB, padding, mean images
     model       deploy net, preprocessing, forward -> fc7 + latent
     weights     pretrained weights from Caffe's model zoo, sha1-checked
@@ -50,8 +52,8 @@ dependency order (a module imports only modules above it):
 Only caffe_env, protos, datum, model, backbones, frozen, training, pipeline
 and ray_extract import Caffe (and only when a function needs it; service
 through model, in the thread or process that runs the net); codes, pca,
-pivots, rerank, index, milvus_index, store, retrieval, metrics, service and
-webapp never do, so search can be tested and benchmarked without a net.
+pivots, rerank, index, milvus_index, store, retrieval, metrics, service,
+webapp and photos never do, so search can be tested and benchmarked without a net.
 The names below are the public surface; everything else is reached
 through its module.
 """
@@ -64,6 +66,7 @@ from .index import HashIndex, SearchResult, SearchResults, default_min_candidate
 from .metrics import evaluate
 from .model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
 from .pca import Projection
+from .photos import get_photos
 from .pipeline import extract
 from .rerank import ReducedRows, fc7_sq_distances
 from .retrieval import Query, Retriever
@@ -75,8 +78,8 @@ __all__ = [
     "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Projection", "Query",
     "ReducedRows", "Retriever", "SearchResult", "SearchResults", "UserError",
     "code_bytes", "compute_mean", "convert_imageset", "default_min_candidates", "evaluate",
-    "extract", "fc7_sq_distances", "get_cifar10", "hamming_distances", "hamming_matrix",
-    "list_images", "pack_codes", "read_image", "train",
+    "extract", "fc7_sq_distances", "get_cifar10", "get_photos", "hamming_distances",
+    "hamming_matrix", "list_images", "pack_codes", "read_image", "train",
 ]
 
 __version__ = "0.2.0"
