@@ -40,6 +40,8 @@ def test_records_round_trip_and_revision_follows_appends(tmp_path, backend):
         assert np.array_equal(store.fc7(range(10)), fc7)
         assert np.array_equal(store.latent([3, 1]), latent[[3, 1]])
         assert store.infos([4]) == [infos[4]] and store.labels().tolist() == [i % 3 for i in range(10)]
+        # in the order asked, repeats kept (an answer's ids are not sorted)
+        assert store.infos([7, 2, 7, 0]) == [infos[7], infos[2], infos[7], infos[0]]
         first = store.revision()
     with FeatureStore.open(db, readonly=False) as store:
         store.append(*batch(rng, 2, start=10))

@@ -384,6 +384,7 @@ def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_s
     attempts, pending, results, failed = {}, {}, [], []
     replacements = 0
     totals_ref = None
+    finished_images = 0       # images of the shards whose results came back
     while queue or pending:
         while queue and idle:
             number, chunk = queue.popleft()
@@ -397,6 +398,7 @@ def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_s
             number, chunk, actor = pending.pop(ref)
             try:
                 results.append(ray.get(ref))
+                finished_images += len(chunk)
                 idle.append(actor)
             except ray.exceptions.RayActorError as err:
                 # Ray restarted the actor ACTOR_RESTARTS times and gave up
@@ -421,6 +423,10 @@ def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_s
             if count > progress.done:
                 progress.update(count - progress.done)
     count, starts = ray.get(board.totals.remote())
+    # An actor's last report is sent without waiting and may reach the board
+    # after this read (Ray orders calls per caller only): the shards that
+    # returned are complete whatever the board has heard.
+    count = max(count, finished_images)
     progress.update(max(0, count - progress.done))
     progress.close()
     if failed:
