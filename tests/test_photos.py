@@ -39,6 +39,14 @@ def test_rcc_reader_refuses_foreign_and_damaged_files(tmp_path):
     (tmp_path / "cut.rcc").write_bytes(blob[:len(blob) - 300])
     with pytest.raises(UserError, match="damaged"):
         photos.read_rcc(tmp_path / "cut.rcc")
+    # a folder claiming 2**32 - 1 entries: refused at once, nothing allocated for them
+    import struct
+    root_count_at = 4 + 16 + 4 + 2             # version 2: header, then the root's count
+    huge = bytearray(blob)
+    huge[root_count_at:root_count_at + 4] = struct.pack(">I", 2**32 - 1)
+    (tmp_path / "huge.rcc").write_bytes(bytes(huge))
+    with pytest.raises(UserError, match="past the file's end"):
+        photos.read_rcc(tmp_path / "huge.rcc")
     (tmp_path / "v9.rcc").write_bytes(b"qres" + (9).to_bytes(4, "big") + blob[8:])
     with pytest.raises(UserError, match="version 9"):
         photos.read_rcc(tmp_path / "v9.rcc")

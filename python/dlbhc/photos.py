@@ -112,6 +112,9 @@ def read_rcc(path):
         here = f"{prefix}/{name(name_offset)}" if node else ""
         if flags & RCC_DIRECTORY:
             count, first = unpack(">II", base + 6)
+            if tree + (first + count) * node_size > len(blob):
+                raise UserError(f"{path}: damaged Qt resource file (folder {here or '/'} "
+                                f"names {count} entries past the file's end)")
             pending.extend((child, here) for child in range(first, first + count))
             continue
         (data_offset,) = unpack(">I", base + 10)
