@@ -26,6 +26,7 @@ from PIL import Image
 
 from .errors import UserError
 from .files import atomic_write, file_digest
+from .images import is_image_file
 
 # Images narrower than this on either side are left out (none in the
 # pinned package; a guard for other versions).
@@ -208,7 +209,7 @@ def _write_classes(files, source, out):
         (out / cls).mkdir()
         counts[cls] = 0
         for member in members:
-            if not member.lower().endswith((".webp", ".png", ".jpg", ".jpeg")):
+            if not is_image_file(member):
                 continue
             with Image.open(io.BytesIO(files[member])) as image:
                 if min(image.size) < MIN_SIDE:
