@@ -670,19 +670,9 @@ class HashIndex:
             self._probe_into(probed, qwords, r)
             if probed.images >= need or r >= limit:
                 return self._expand(probed.buckets, probed.dists, r)
-        t = guess[1]
-        while True:
-            ids, dist = codes_within(rows, qwords, t, self._scan_buffers)
-            # One row per image: the stopping radius is the need-th smallest
-            # distance of the sorted keys, when the ball of radius t has it.
-            keys = _hamming_keys(ids, dist)
-            if len(keys) >= need or t >= limit:
-                radius = int(keys[need - 1] >> _ID_BITS) if 0 < need <= len(keys) else \
-                    (0 if need <= 0 else t)
-                keys = keys[:np.searchsorted(keys, (radius + 1) << _ID_BITS)]
-                return CoarseResult(keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32),
-                                    radius)
-            t = min(limit, t + max(2, t // 2))
+        # One row per image, in id order: the scan's row positions are the ids.
+        ids, dist, radius = self._threshold_scan(rows, None, qwords, need, limit, guess[1])
+        return CoarseResult(*sorted_by_hamming(ids, dist), radius)
 
     def _full_scan(self, qwords, need, limit):
         """Every unique code (the bucket table's rows), by _threshold_scan,
@@ -752,7 +742,7 @@ class HashIndex:
         starts = self.bucket_offsets[buckets]
         stops = self.bucket_offsets[buckets + 1]
         ids = self.ids[_concat_ranges(starts, stops)]
-        return CoarseResult(*_sorted_by_hamming(ids, np.repeat(dists, stops - starts)),
+        return CoarseResult(*sorted_by_hamming(ids, np.repeat(dists, stops - starts)),
                             int(radius))
 
 
@@ -763,18 +753,13 @@ class _Probed:
         self.buckets, self.dists, self.images = [], [], 0
 
 
-def _hamming_keys(ids, dist):
-    """Sorted int64 keys hamming << _ID_BITS | id: the (hamming, id) order in
-    one sort, without lexsort's two passes and gathers."""
+def sorted_by_hamming(ids, dist):
+    """(ids int64, distances int32) in the coarse stage's (hamming, id)
+    order: one sort of int64 keys hamming << _ID_BITS | id, without
+    lexsort's two passes and gathers."""
     keys = dist.astype(np.int64) << _ID_BITS
     keys |= ids
     keys.sort()
-    return keys
-
-
-def _sorted_by_hamming(ids, dist):
-    """(ids int64, distances int32) in (hamming, id) order."""
-    keys = _hamming_keys(ids, dist)
     return keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32)
 
 

@@ -44,7 +44,8 @@ import numpy as np
 
 from .codes import code_bytes
 from .errors import UserError
-from .index import CoarseResult, SearchResults, check_search_args, fine_stage
+from .index import (CoarseResult, SearchResults, check_search_args, fine_stage,
+                    sorted_by_hamming)
 from .store import MetaFields
 
 # Milvus refuses a top-k (and a range search's limit) above this.
@@ -415,8 +416,7 @@ class MilvusIndex:
                         more = self._within(code, radius, radius)
                         ids = np.concatenate([ids, more[0]])
                         dist = np.concatenate([dist, more[1]])
-            order = np.lexsort((ids, dist))
-            results.append(CoarseResult(ids[order], dist[order], int(radius)))
+            results.append(CoarseResult(*sorted_by_hamming(ids, dist), int(radius)))
         return results
 
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
