@@ -179,12 +179,8 @@ class ShardExtractor:
 
     def __init__(self, spec, options, board_name):
         import ray
-        from .caffe_env import blas_threads_control
         from .model import HashNet
-        if not spec.gpu:
-            control = blas_threads_control()
-            if control is not None:
-                control[1](1)
+        # (One BLAS thread on the CPU: run_shard's extract_items fixes it.)
         # Ray gives each GPU actor its own device, visible as device 0.
         self.net = HashNet(spec.deploy, spec.weights, spec.mean, gpu=0 if spec.gpu else None,
                            resize=spec.resize, check=False)
@@ -219,7 +215,8 @@ class ShardExtractor:
 # ---- the driver ------------------------------------------------------------------
 
 def connect(address):
-    """ray.init for ADDRESS, or a new local Ray on this machine when None."""
+    """ray.init for ADDRESS (which extract_on_ray has found reachable), or a
+    new local Ray on this machine when None."""
     try:
         import ray
     except ImportError:
@@ -227,8 +224,6 @@ def connect(address):
                         "(or `make venv`)") from None
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level="WARNING",
                   configure_logging=True)
-    if address is not None:
-        check_reachable(address)
     try:
         if address is None:
             # A private Ray for this job: usage statistics off (Ray would
@@ -245,7 +240,7 @@ def connect(address):
     return ray
 
 
-# How long connect() waits for a cluster's head to accept a connection:
+# How long check_reachable waits for a cluster's head to accept a connection:
 # ray.init itself retries an unreachable address for a very long time.
 CONNECT_SECONDS = 10.0
 
