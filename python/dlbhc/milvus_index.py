@@ -154,9 +154,13 @@ def load_database(store, uri, name, index_type="BIN_FLAT", nlist=1024, nprobe=No
         else:
             _create(client, DataType, MilvusClient, name, rerank, store, meta, search,
                     index_type, nlist)
+        client.load_collection(name)
         codes_have = _row_count(client, name)
-        vectors_have = _row_count(client, rerank) if client.has_collection(rerank) else 0
-        if not client.has_collection(rerank):
+        if client.has_collection(rerank):
+            client.load_collection(rerank)
+            vectors_have = _row_count(client, rerank)
+        else:
+            vectors_have = 0
             _create_rerank(client, DataType, MilvusClient, rerank, store.fc7_dim)
         client.alter_collection_properties(name, properties={COUNT_PROPERTY: "-1"})
         loaded = _insert_rows(client, store, name, rerank, codes_have, vectors_have,
@@ -209,7 +213,7 @@ def _create_rerank(client, DataType, MilvusClient, rerank, dim):
 
 
 def _row_count(client, name, consistency="Strong"):
-    client.load_collection(name)
+    """Rows of a loaded collection, as a query at `consistency` sees them."""
     rows = client.query(name, filter="", output_fields=["count(*)"],
                         consistency_level=consistency)
     return int(rows[0]["count(*)"])
