@@ -62,7 +62,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_search  # noqa: E402  (the synthetic generator and store writer)
 from dlbhc.errors import UserError, run_main  # noqa: E402
-from helpers import Server  # noqa: E402
+from helpers import Server, multipart  # noqa: E402
 
 BAR_MS = 15.0
 # How the server runs for the CIFAR-10 database: serve.py's options.
@@ -127,20 +127,15 @@ class Client:
         return response.status, ms, response.getheader("Server-Timing")
 
 
-def multipart(name, data):
-    boundary = "bench-serve-boundary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"'
-            f'\r\nContent-Type: image/jpeg\r\n\r\n').encode() + data + \
-        f"\r\n--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
 def make_requests(kind, rng, count, top_k, uploads):
     """A function i -> (method, path, body, headers) for query i of a client."""
     if kind == "id":
         ids = rng.integers(0, count, 100_000)
         return lambda i: ("GET", f"/api/search?id={ids[i % len(ids)]}&top_k={top_k}", None, None)
-    bodies = [multipart(name, data) for name, data in uploads]
+    bodies = []
+    for name, data in uploads:
+        body, content_type = multipart([("image", name, data)])
+        bodies.append((body, {"Content-Type": content_type}))
     order = rng.integers(0, len(bodies), 100_000)
     return lambda i: ("POST", f"/api/search?top_k={top_k}", *bodies[order[i % len(order)]])
 
@@ -195,6 +190,17 @@ def load(url, groups, seconds, warmup=2.0):
     return results, load_cpu
 
 
+def server_pids(server):
+    """The server's process and its child processes (net workers, --workers)."""
+    pids = [server.pid]
+    for task in Path(f"/proc/{server.pid}/task").iterdir():
+        try:
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
 def server_rss_mb(server):
     """Resident MB of the server and its child processes (net workers):
     total, and anonymous (the processes' own memory; the rest is mapped
@@ -209,15 +215,7 @@ def server_rss_mb(server):
             return 0.0
         return 0.0
 
-    def children(pid):
-        found = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                found += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-        return found
-    pids = [server.pid] + children(server.pid)
+    pids = server_pids(server)
     return {"server": rss(server.pid), "total": sum(rss(p) for p in pids),
             "anon": sum(rss(p, "RssAnon") for p in pids)}
 
@@ -233,13 +231,7 @@ def server_cpu_s(server):
             return 0.0
         return (int(fields[11]) + int(fields[12])) / tick     # utime, stime
 
-    pids = [server.pid]
-    for task in Path(f"/proc/{server.pid}/task").iterdir():
-        try:
-            pids += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return sum(cpu(p) for p in pids)
+    return sum(cpu(p) for p in server_pids(server))
 
 
 def timing_medians(timings):

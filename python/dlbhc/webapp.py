@@ -154,9 +154,7 @@ def create_app(service, token=None):
                                top_k: int = Query(10, description=top_k_doc),
                                candidates: int | None = Query(None, description=candidates_doc),
                                max_radius: int | None = Query(None, description=radius_doc)):
-        if len(image) > limits.max_images:
-            raise BadRequest(f"{len(image)} images in one request: at most {limits.max_images}")
-        # The parts stay where the multipart parser put them (memory up to
+        # (QueryService checks the number of images.)  The parts stay where the multipart parser put them (memory up to
         # 1 MB, a temporary file beyond): each is read while it is decoded.
         files = [(upload.filename, upload.file) for upload in image]
         answers, timings = await run_in_threadpool(
