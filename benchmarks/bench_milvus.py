@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_search import fc7_pool, open_or_write_store, summary, synthetic_codes  # noqa: E402
-from dlbhc.index import HashIndex  # noqa: E402
+from dlbhc.index import HashIndex, default_min_candidates  # noqa: E402
 from dlbhc.milvus_index import MilvusCollection, load_database  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
 from dlbhc.store import FeatureStore  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv=None):
                 a = local.search(q, f, store.fc7, args.k)
                 t_local = time.perf_counter() - t
                 t = time.perf_counter()
-                collection.index.coarse_many(q, 2 * args.k)
+                collection.index.coarse_many(q, default_min_candidates(args.k))
                 t_coarse = time.perf_counter() - t
                 t = time.perf_counter()
                 b = collection.index.search(q, f, collection.fc7, args.k)
