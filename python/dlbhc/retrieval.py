@@ -161,13 +161,13 @@ class Retriever:
         except UserError:
             self.store.close()
             raise
-        self.index = self._load_index()
-        self.index_time = time.time()
+        self._take_index()
         self._net = None
 
-    def _load_index(self):
-        """The index of the store's current revision: the cached copy beside
-        the database, else built (and cached when the folder is writable)."""
+    def _take_index(self):
+        """Search with the index of the store's current revision from now on
+        (index_time: when it was taken): the cached copy beside the database,
+        else built (and cached when the folder is writable)."""
         start = time.monotonic()
         try:
             index, rebuilt = HashIndex.load_or_build(
@@ -179,7 +179,7 @@ class Retriever:
             print(f"built the search index of {index.count} images "
                   f"({index.n_buckets} buckets) in {time.monotonic() - start:.1f} s",
                   file=self.log)
-        return index
+        self.index, self.index_time = index, time.time()
 
     def refresh(self):
         """Take in what was appended to the database since it was opened
@@ -191,8 +191,7 @@ class Retriever:
         batches (see FeatureStore.refresh)."""
         if not self.store.refresh() and self.index.count == self.store.count:
             return False
-        self.index = self._load_index()
-        self.index_time = time.time()
+        self._take_index()
         return True
 
     @classmethod
@@ -290,6 +289,7 @@ class Retriever:
         found = index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
                              min_candidates=candidates, max_radius=max_radius,
                              reduced=reduced)
+        ranked_by = describe(reduced)      # one fine stage for the whole batch
         answers = []
         for i, query in enumerate(queries):
             result = found[i]
@@ -308,7 +308,7 @@ class Retriever:
                         (keep < result.exact).tolist()))]
             answers.append(Answer(query, hits, candidates=result.candidates,
                                   radius=result.radius, search_ms=1000 * result.seconds,
-                                  rerank=describe(reduced)))
+                                  rerank=ranked_by))
         return answers
 
 
