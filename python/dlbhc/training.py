@@ -465,7 +465,9 @@ class _BackboneRecipe:
         self.gpu, self.workers, self.seed, self.log, self.flips = gpu, workers, seed, log, flips
         # nothing frozen: with a GPU, or asked for (--split none)
         self.split = None if gpu is not None or split in (None, "none") else split
-        self.backbone = convert(net, log=log)
+        spec = read_spec(net)
+        # convert() returns only a file with the readme's pinned sha1.
+        self.backbone, self.backbone_sha1 = convert(net, log=log), spec["sha1"]
         template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
         if not template_deploy.exists():
             raise UserError(f"no {template_deploy.name}: {net} comes with "
@@ -477,7 +479,7 @@ class _BackboneRecipe:
         resize = int(resize or round(size * 8 / 7))
         if resize < size:
             raise UserError(f"--resize {resize} is smaller than --size {size}")
-        self.prep = Preprocessing(resize=resize, crop=size, mean_bgr=mean_bgr(read_spec(net)))
+        self.prep = Preprocessing(resize=resize, crop=size, mean_bgr=mean_bgr(spec))
         self.prep_note = (f"{net} input: squash-resize {resize}, centre crop {size}, BGR minus "
                           "the ImageNet model's mean")
         self.template_deploy = template_deploy
@@ -500,11 +502,9 @@ class _BackboneRecipe:
         return time.monotonic() - started
 
     def _cached_features(self):
-        from .files import file_digest
         from .frozen import cache_features, cache_key, fold_batchnorm, frozen_net, \
             net_params, net_with_params
-        weights_sha1 = file_digest(self.backbone, "sha1")
-        key = cache_key(weights_sha1, self.split, self.prep, self.flips,
+        key = cache_key(self.backbone_sha1, self.split, self.prep, self.flips,
                         self.coll.train + self.coll.test)
         folder = self.cache_root / f"{self.net}_{self.split}_{self.prep.crop}_{key}"
         folder.mkdir(parents=True, exist_ok=True)
