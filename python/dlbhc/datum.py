@@ -7,7 +7,6 @@ so Caffe's Data layer and compute_image_mean read it unchanged. Caffe is
 imported only inside the functions that build or parse Datum messages
 (through protos.caffe_pb2), so importing this module needs no build.
 """
-import os
 import random
 import shutil
 import sys
@@ -18,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_write, database_backend
+from .files import atomic_write, database_backend, replace_dir
 from .images import BadImage, read_image, resize_for_net, write_skipped_list
 from .progress import Progress
 from .protos import caffe_pb2
@@ -43,7 +42,9 @@ class MeanResult(NamedTuple):
 
 # --- writing databases ------------------------------------------------------------
 
-class _LmdbWriter:
+class LmdbWriter:
+    """An LMDB written in batches of (key, value) pairs; its map grows as it fills."""
+
     def __init__(self, path, expected_bytes):
         import lmdb
         self._lmdb = lmdb
@@ -123,20 +124,6 @@ def _varint_field(number, value):
     return _varint(number << 3) + _varint(value)
 
 
-def _replace_dir(new, target):
-    """Move the finished `new` to `target`, replacing an old `target` only
-    after the new one is complete."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(new, target)
-
-
 # --- image set -> Caffe database ----------------------------------------------------
 
 def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
@@ -164,7 +151,7 @@ def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
     Datum = caffe_pb2().Datum
-    writer_cls = _LmdbWriter if backend == "lmdb" else _LevelDbWriter
+    writer_cls = LmdbWriter if backend == "lmdb" else _LevelDbWriter
     # Datum payload plus key and protobuf framing, with headroom for LMDB pages.
     expected = int(len(items) * (3 * shape[0] * shape[1] + 600) * 1.3)
 
@@ -179,7 +166,7 @@ def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
             writer.close()
         progress.close()
         _refuse_if_none_written(written, skipped)
-        _replace_dir(partial, out)
+        replace_dir(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -334,7 +321,7 @@ def pad_imageset(src, dst, pad, mode="reflect", overwrite=False, batch=1000):
     shutil.rmtree(partial, ignore_errors=True)
     # Room for the padded copy from the start; the writer grows it if needed.
     src_bytes = (src / "data.mdb").stat().st_size
-    writer = _LmdbWriter(partial, max(4 * src_bytes, 1 << 30))
+    writer = LmdbWriter(partial, max(4 * src_bytes, 1 << 30))
     records = _iterate_db(src, "lmdb")
     count, pending = 0, []
     datum = Datum()
@@ -356,7 +343,7 @@ def pad_imageset(src, dst, pad, mode="reflect", overwrite=False, batch=1000):
     finally:
         records.close()
         writer.close()
-    _replace_dir(partial, dst)
+    replace_dir(partial, dst)
     return count
 
 

@@ -7,6 +7,7 @@ here, so each of those rules has one home. Never imports Caffe.
 """
 import hashlib
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -51,6 +52,21 @@ def atomic_write(path, write, fsync=False):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(new, target):
+    """Move the finished folder `new` to `target`, replacing an old `target`
+    only after the new one is complete."""
+    new, target = Path(new), Path(target)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, target)
 
 
 def _umask():

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from .caffe_env import blas_threads_control, import_caffe
-from .datum import float_datum_bytes
+from .datum import LmdbWriter, float_datum_bytes
 from .errors import UserError
+from .files import replace_dir
 from .images import BadImage, write_skipped_list
 from .model import BatchTransformer, ImagePreparer
 from .progress import Progress
@@ -264,35 +265,35 @@ def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1, wor
     mirror_position = {image: n + slot for slot, image in enumerate(mirror_order)}
     todo = [(i, str(it.path), int(it.label)) for i, it in enumerate(items)]
     chunks = [(todo[i:i + batch_size], flips) for i in range(0, n, batch_size)]
-    import lmdb
     start = time.monotonic()
-    env = lmdb.open(str(partial), map_size=1 << 34, subdir=True, meminit=False)
+    writer = LmdbWriter(partial, 1 << 30)
     skipped, shape, stored = [], None, 0
     progress = Progress(n, label=label, stream=log, interval=5)
     try:
         with mp.get_context("fork").Pool(max(1, workers), initializer=_init_worker,
                                          initargs=(prototxt, weights, prep)) as pool:
             for results in pool.imap(_features_star, chunks):
-                with env.begin(write=True) as txn:
-                    for index, lab, feature, mirrored, reason in results:
-                        if reason is not None:
-                            path, why = reason.split("\t", 1)
-                            skipped.append((path, why))
-                            print(f"skipped {path}: {why}", file=log)
-                            continue
-                        shape = feature.shape
-                        txn.put(b"%010d" % position[index], float_datum_bytes(feature, lab))
-                        if mirrored is not None:
-                            txn.put(b"%010d" % mirror_position[index],
-                                    float_datum_bytes(mirrored, lab))
-                        stored += 1
+                pairs = []
+                for index, lab, feature, mirrored, reason in results:
+                    if reason is not None:
+                        path, why = reason.split("\t", 1)
+                        skipped.append((path, why))
+                        print(f"skipped {path}: {why}", file=log)
+                        continue
+                    shape = feature.shape
+                    pairs.append((b"%010d" % position[index], float_datum_bytes(feature, lab)))
+                    if mirrored is not None:
+                        pairs.append((b"%010d" % mirror_position[index],
+                                      float_datum_bytes(mirrored, lab)))
+                    stored += 1
+                writer.put_batch(pairs)
                 progress.update(len(results))
         progress.close()
     except BaseException:
-        env.close()
+        writer.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    env.close()
+    writer.close()
     if stored == 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"none of the {n} images could be read (see the messages above)")
@@ -301,8 +302,7 @@ def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1, wor
                "preprocessing": prep.as_dict(), "seconds": round(time.monotonic() - start, 1),
                "images_per_second": round(n / max(time.monotonic() - start, 1e-9), 2)}
     (partial / COMPLETE_FILE).write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(partial, out)
+    replace_dir(partial, out)
     write_skipped_list(out, skipped, "the feature cache")
     return summary
 

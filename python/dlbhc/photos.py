@@ -25,7 +25,7 @@ from typing import NamedTuple
 from PIL import Image
 
 from .errors import UserError
-from .files import atomic_write, file_digest
+from .files import atomic_write, file_digest, replace_dir
 from .images import is_image_file
 
 # Images narrower than this on either side are left out (none in the
@@ -193,8 +193,7 @@ def get_photos(dest_root, deb=None, source=GCOMPRIS):
         partial = dest.with_name(dest.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         counts = _write_classes(files, source, partial)
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)
+        replace_dir(partial, dest)
     return PhotoResult(dest, counts, False)
 
 
