@@ -6,7 +6,8 @@ dependency order (a module imports only modules above it):
 
     errors      UserError: a mistake the user can fix, shown without traceback
     progress    the progress line of long jobs (count, rate, ETA)
-    files       file digests, atomic writes, checked downloads, database kind
+    files       file digests, atomic writes and folder swaps, checked
+                downloads, database kind
     torch_legacy  legacy (pre-zip) PyTorch checkpoints read without torch,
                 through a restricted unpickler
     caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
