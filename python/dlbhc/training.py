@@ -136,6 +136,33 @@ def latest_solverstate(run_dir):
     return states[-1] if states else None
 
 
+
+def run_caffe_train(solver_file, max_iter, run_dir, args, gpu, log, failed_hint=lambda: ""):
+    """`caffe train -solver SOLVER -sigint_effect snapshot ARGS [-gpu N]`
+    with progress on `log` and Caffe's log in run_dir/train.log: (the
+    command, _run_and_watch's summary).  A failed run raises UserError
+    (failed_hint() is appended to its message)."""
+    cmd = [str(caffe_tool("caffe")), "train", "-solver", str(solver_file),
+           "-sigint_effect", "snapshot"] + list(args)
+    if gpu is not None:
+        cmd += ["-gpu", str(gpu)]
+    print("running: " + " ".join(cmd), file=log)
+    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
+    summary = _run_and_watch(cmd, env, run_dir / "train.log", max_iter, log)
+    if summary["returncode"] != 0:
+        raise UserError(f"caffe train failed (exit {summary['returncode']}); see "
+                        f"{run_dir / 'train.log'}" + failed_hint())
+    return cmd, summary
+
+
+def link_final_weights(run_dir, name, snapshot):
+    """run_dir/<name>.caffemodel: a relative link to the final snapshot."""
+    link = run_dir / f"{name}.caffemodel"
+    link.unlink(missing_ok=True)
+    link.symlink_to(snapshot.relative_to(run_dir))
+    return link
+
+
 def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
           runs_dir=None, data_dir=None, log=sys.stderr):
     """Run `caffe train` for <net>_hash<bits> in runs_dir/<net>_hash<bits>/
@@ -147,8 +174,7 @@ def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=No
     run_dir.mkdir(parents=True, exist_ok=True)
     solver_file, solver = derived_solver(net, bits, run_dir, max_iter, gpu is not None,
                                          data_dir)
-    cmd = [str(caffe_tool("caffe")), "train", "-solver", str(solver_file),
-           "-sigint_effect", "snapshot"]
+    args = []
     # caffe runs in the project root: paths the user gave are made absolute
     # here, where they were meant relative to the caller's folder.
     if resume:
@@ -156,26 +182,18 @@ def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=No
         if state is None or not Path(state).exists():
             raise UserError(f"nothing to resume from in {run_dir / 'snapshots'}" if resume == "auto"
                             else f"solver state {resume} does not exist")
-        cmd += ["-snapshot", str(state)]
+        args += ["-snapshot", str(state)]
     elif weights:
         if not Path(weights).exists():
             raise UserError(f"weights {weights} do not exist (for bvlc_alexnet: `make weights`)")
-        cmd += ["-weights", os.path.abspath(weights)]
-    if gpu is not None:
-        cmd += ["-gpu", str(gpu)]
-    print("running: " + " ".join(cmd), file=log)
-    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
-    summary = _run_and_watch(cmd, env, run_dir / "train.log", solver.max_iter, log)
+        args += ["-weights", os.path.abspath(weights)]
+    cmd, summary = run_caffe_train(
+        solver_file, solver.max_iter, run_dir, args, gpu, log,
+        failed_hint=lambda: ("; resume with `make train ... RESUME=auto`"
+                             if latest_solverstate(run_dir) else ""))
     final = run_dir / "snapshots" / f"{name}_iter_{solver.max_iter}.caffemodel"
-    if summary["returncode"] != 0:
-        raise UserError(f"caffe train failed (exit {summary['returncode']}); see {run_dir / 'train.log'}"
-                        + ("; resume with `make train ... RESUME=auto`"
-                           if latest_solverstate(run_dir) else ""))
     if final.exists():
-        link = run_dir / f"{name}.caffemodel"
-        link.unlink(missing_ok=True)
-        link.symlink_to(final.relative_to(run_dir))
-        summary["weights"] = str(link)
+        summary["weights"] = str(link_final_weights(run_dir, name, final))
     # the model's preprocessing, so extract.py and retrieve.py need no --mean
     from .model import write_preprocessing_record
     prep = train_val_preprocessing(solver.net, deploy_input_size(
@@ -407,16 +425,8 @@ def train_collection(data, net="efficientnet_lite0", bits=48, test=None, root=No
     started = time.monotonic()
     data_seconds = recipe.prepare_data()
     solver_file, solver = recipe.write_prototxts(epochs, max_iter, batch_size, base_lr)
-    cmd = [str(caffe_tool("caffe")), "train", "-solver", str(solver_file),
-           "-sigint_effect", "snapshot"] + recipe.weights_args()
-    if gpu is not None:
-        cmd += ["-gpu", str(gpu)]
-    print("running: " + " ".join(cmd), file=log)
-    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
-    summary = _run_and_watch(cmd, env, run_dir / "train.log", solver.max_iter, log)
-    if summary["returncode"] != 0:
-        raise UserError(f"caffe train failed (exit {summary['returncode']}); see "
-                        f"{run_dir / 'train.log'}")
+    cmd, summary = run_caffe_train(solver_file, solver.max_iter, run_dir,
+                                   recipe.weights_args(), gpu, log)
     snapshot = run_dir / "snapshots" / f"{name}_iter_{solver.max_iter}.caffemodel"
     weights = recipe.final_weights(snapshot)
     from .model import write_preprocessing_record
@@ -639,10 +649,7 @@ class _SmallNetRecipe:
         return []
 
     def final_weights(self, snapshot):
-        out = self.run_dir / f"{self.name}.caffemodel"
-        out.unlink(missing_ok=True)
-        out.symlink_to(snapshot.relative_to(self.run_dir))
-        return out
+        return link_final_weights(self.run_dir, self.name, snapshot)
 
     def describe(self):
         return {"net": self.net, "preprocessing": self.prep.as_dict()}
