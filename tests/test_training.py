@@ -179,3 +179,12 @@ def test_train_script_runs_caffe_train_on_a_data_dir(caffe, tmp_path):
         read_prototxt(PROTOTXT / "cifar_hash12_train_val.prototxt"))][1]
     assert record["mean_bgr"] == pytest.approx(list(mean_values), abs=1e-3)
     assert (record["resize"], record["crop"], record["channel_order"]) == (32, 32, "BGR")
+
+
+def test_a_failed_caffe_train_names_its_log_and_the_hint(caffe, tmp_path):
+    import io
+    with pytest.raises(UserError, match=r"caffe train failed \(exit -?\d+\); see .*train\.log"
+                                        r"; resume with it"):
+        training.run_caffe_train(tmp_path / "no_such_solver.prototxt", 10, tmp_path, [], None,
+                                 io.StringIO(), failed_hint=lambda: "; resume with it")
+    assert "no_such_solver" in (tmp_path / "train.log").read_text()
