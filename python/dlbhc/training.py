@@ -115,6 +115,26 @@ def derived_train_val(train_val, run_dir, data_dir):
     return out
 
 
+def set_data_layers(net, sources, batch_sizes, mean_bgr, crop=None):
+    """Point a train_val NetParameter's Data layers at (train, test)
+    `sources` with (train, test) `batch_sizes` and the per-channel
+    `mean_bgr`; with `crop`, random crops of that size, mirrored in
+    training.  Returns net (changed in place)."""
+    train_phase = caffe_pb2().TRAIN
+    for layer in net.layer:
+        if layer.type != "Data":
+            continue
+        is_train = any(r.phase == train_phase for r in layer.include)
+        layer.data_param.source = str(sources[0 if is_train else 1])
+        layer.data_param.batch_size = batch_sizes[0 if is_train else 1]
+        if crop is not None:
+            layer.transform_param.crop_size = crop
+            layer.transform_param.mirror = is_train
+        del layer.transform_param.mean_value[:]
+        layer.transform_param.mean_value.extend(mean_bgr)
+    return net
+
+
 def check_data(train_val, data_dir=None):
     """Refuse early when the LMDBs or mean files the net reads are missing
     (`data_dir`: the --data-dir they were moved to, for the message)."""
@@ -558,16 +578,8 @@ class _BackboneRecipe:
             how = (f"layers above {self.split} on cached features of {self.prep.crop}x"
                    f"{self.prep.crop} inputs" + (" and their mirror images" if self.flips else ""))
         else:
-            net = train_val
-            for layer in net.layer:
-                if layer.type == "Data":
-                    is_train = any(r.phase == caffe_pb2().TRAIN for r in layer.include)
-                    layer.data_param.source = str(self.sources[0 if is_train else 1])
-                    layer.data_param.batch_size = batch if is_train else test_batch
-                    layer.transform_param.crop_size = self.prep.crop
-                    layer.transform_param.mirror = is_train
-                    del layer.transform_param.mean_value[:]
-                    layer.transform_param.mean_value.extend(self.prep.mean_bgr)
+            net = set_data_layers(train_val, self.sources, (batch, test_batch),
+                                  self.prep.mean_bgr, crop=self.prep.crop)
             how = f"the whole net on {self.prep.resize}px image LMDBs, {self.prep.crop} crops"
         path = write_net(net, self.run_dir / "train_val.prototxt",
                          f"{self.name}: {self.template_train_val.name}, {how}, "
@@ -630,13 +642,7 @@ class _SmallNetRecipe:
         net = set_num_classes(read_prototxt(template), self.coll.num_classes)
         batch = int(batch_size or 100)
         test_batch = min(100, self.test_records)
-        for layer in net.layer:
-            if layer.type == "Data":
-                is_train = any(r.phase == caffe_pb2().TRAIN for r in layer.include)
-                layer.data_param.source = str(self.sources[0 if is_train else 1])
-                layer.data_param.batch_size = batch if is_train else test_batch
-                del layer.transform_param.mean_value[:]
-                layer.transform_param.mean_value.extend(self.prep.mean_bgr)
+        set_data_layers(net, self.sources, (batch, test_batch), self.prep.mean_bgr)
         path = write_net(net, self.run_dir / "train_val.prototxt",
                          f"{self.name}: {template.name} on the collection's LMDBs, its mean, "
                          f"{self.coll.num_classes} classes (python/train.py --data)")
