@@ -144,14 +144,14 @@ class _ThreadNet:
 
 def _net_process_main(conn, model_args, blas_threads):
     """A net worker process: load the net, then answer crops with (fc7, latent)."""
+    net = _ThreadNet(model_args, blas_threads)    # in this process's only thread
     try:
-        blas_in_force = _set_blas_threads(blas_threads)
-        net = load_matching_model(*model_args)
+        net.start()
     except BaseException as err:  # noqa: BLE001  (reported to the parent)
         conn.send(("error", f"{type(err).__name__}: {err}" if not isinstance(err, UserError)
                    else str(err)))
         return
-    conn.send(("ready", blas_in_force))
+    conn.send(("ready", net.blas_in_force))
     while True:
         try:
             crops = conn.recv()
@@ -160,7 +160,7 @@ def _net_process_main(conn, model_args, blas_threads):
         if crops is None:
             return
         try:
-            conn.send(("ok", net.forward_crops(crops)))
+            conn.send(("ok", net.forward(crops)))
         except Exception as err:  # noqa: BLE001
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
