@@ -230,6 +230,17 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     run = runs / f"{BACKBONE}_hash12_photos"
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["classes"] == list(CLASSES) and summary["train_images"] == 21
+    # Another code length on the same collection reuses the cached features
+    # without building the frozen net again.
+    [frozen_weights] = (tmp_path / "cache").glob("*/frozen.caffemodel")
+    built = frozen_weights.stat().st_mtime_ns
+    run_script(TRAIN, ["--data", tmp_path / "photos", "--runs-dir", runs,
+                       "--cache-dir", tmp_path / "cache", "--size", 32, "--resize", 32,
+                       "--split", "b14", "--max-iter", 2, "--batch-size", 6, "--bits", 20],
+               timeout=900)
+    assert frozen_weights.stat().st_mtime_ns == built
+    again = json.loads((runs / f"{BACKBONE}_hash20_photos" / "train_summary.json").read_text())
+    assert again["recipe"]["features"] == summary["recipe"]["features"]
     assert (run / "classes.txt").read_text().split() == list(CLASSES)
     assert len((run / "test.txt").read_text().splitlines()) == 3
     # the run's prototxts: 3 outputs; the checked-in templates unchanged (10)

@@ -532,17 +532,21 @@ class _BackboneRecipe:
         return time.monotonic() - started
 
     def _cached_features(self):
-        from .frozen import cache_features, cache_key, fold_batchnorm, frozen_net, \
-            net_params, net_with_params
+        from .frozen import COMPLETE_FILE, cache_features, cache_key, fold_batchnorm, \
+            frozen_net, net_params, net_with_params
         key = cache_key(self.backbone_sha1, self.split, self.prep, self.flips,
                         self.coll.train + self.coll.test)
         folder = self.cache_root / f"{self.net}_{self.split}_{self.prep.crop}_{key}"
         folder.mkdir(parents=True, exist_ok=True)
-        net = frozen_net(self.deploy, self.split)
-        set_input(net, self.prep.crop, 25)
-        params = net_params(self.deploy, self.backbone)
-        folded, folded_params = fold_batchnorm(net, params)
-        prototxt, weights = net_with_params(folded, folded_params, folder, "frozen")
+        if all((folder / part / COMPLETE_FILE).exists() for part in ("train_lmdb", "test_lmdb")):
+            # Both caches are complete (a run with other bits, a rerun):
+            # cache_features only reads their summaries, no frozen net needed.
+            prototxt = weights = None
+        else:
+            net = frozen_net(self.deploy, self.split)
+            set_input(net, self.prep.crop, 25)
+            folded, folded_params = fold_batchnorm(net, net_params(self.deploy, self.backbone))
+            prototxt, weights = net_with_params(folded, folded_params, folder, "frozen")
         print(f"features below {self.split} (frozen, BatchNorm folded) -> {folder}",
               file=self.log)
         self.train_summary = cache_features(
