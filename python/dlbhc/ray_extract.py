@@ -196,7 +196,7 @@ class ShardExtractor:
         with ShardLock(store_path):
             if _sealed_path(store_path).exists():
                 return {"shard": number, "sealed": True}
-            if Path(store_path).exists() and not _is_complete(store_path):
+            if Path(store_path).exists() and _shard_count(store_path) is None:
                 # An actor killed while creating the store (before its
                 # metadata record): nothing was committed, start afresh.
                 shutil.rmtree(store_path)
@@ -320,7 +320,7 @@ def extract_on_ray(source, net, out, address=None, root=None, batch_size=50,
         report.skipped += [tuple(s) for s in result.get("skipped", [])]
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=log)
-    shards = [p for p in _existing_shards(folder, backend) if _has_records(p)]
+    shards = [p for p in _existing_shards(folder, backend) if _shard_count(p)]
     if shards:
         report.stored = merge(shards, out, backend=backend, append=True)
     shutil.rmtree(folder)
@@ -329,21 +329,14 @@ def extract_on_ray(source, net, out, address=None, root=None, batch_size=50,
     return report
 
 
-def _has_records(path):
+def _shard_count(path):
+    """Images the shard store at `path` holds; None when it does not open
+    (created by a killed actor before its metadata record)."""
     try:
         with FeatureStore.open(path) as shard:
-            return shard.count > 0
+            return shard.count
     except UserError:
-        return False
-
-
-def _is_complete(path):
-    """Whether the store at `path` opens (its metadata record is there)."""
-    try:
-        FeatureStore.open(path).close()
-        return True
-    except UserError:
-        return False
+        return None
 
 
 def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_seconds,
