@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_search import fc7_pool, open_or_write_store, summary, synthetic_codes  # noqa: E402
+from bench_search import (add_cluster_args, fc7_pool, open_or_write_store, summary,  # noqa: E402
+                          synthetic_codes)
 from dlbhc.index import HashIndex, default_min_candidates  # noqa: E402
 from dlbhc.milvus_index import MilvusCollection, load_database  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
@@ -48,9 +49,7 @@ def parse_args(argv):
     p.add_argument("--fc7-dim", type=int, default=256)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=1000)
-    p.add_argument("--centres", type=int, default=1000)
-    p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--mean-flips", type=float, default=3.0)
+    add_cluster_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", help="a real feature database instead of synthetic data")
     p.add_argument("--query-db", help="queries: codes and fc7 of this database's images")

@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_search import (FC7_POOL_ROWS, fc7_pool, open_or_write_store, summary,  # noqa: E402
-                          synthetic_codes)
+from bench_search import (FC7_POOL_ROWS, add_cluster_args, fc7_pool, open_or_write_store,  # noqa: E402
+                          summary, synthetic_codes)
 from dlbhc.errors import UserError, run_main  # noqa: E402
 
 METHODS = ("coarse", "fc7", "pca", "pca+exact")
@@ -71,9 +71,7 @@ def parse_args(argv):
     p.add_argument("--exact-top", type=int, default=200)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=1000)
-    p.add_argument("--centres", type=int, default=1000)
-    p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--mean-flips", type=float, default=3.0)
+    add_cluster_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clean", action="store_true", help="delete the database at the end")
     p.add_argument("--json", default="out/bench_scale.json")

@@ -111,6 +111,14 @@ TUNING_QUERIES = 30
 TUNING_BUDGET_SCANS = 3
 
 
+def add_cluster_args(p):
+    """synthetic_codes' cluster options, for every benchmark that uses it."""
+    p.add_argument("--centres", type=int, default=1000, help="cluster centres")
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of cluster sizes")
+    p.add_argument("--mean-flips", type=float, default=3.0,
+                   help="mean random bit flips from a code's centre")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,9 +130,7 @@ def parse_args(argv):
     p.add_argument("--min-candidates", type=int, default=None,
                    help="coarse stage gathers at least this many images (default: k, "
                         "so the re-rank sees at least k candidates)")
-    p.add_argument("--centres", type=int, default=1000)
-    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of cluster sizes")
-    p.add_argument("--mean-flips", type=float, default=3.0)
+    add_cluster_args(p)
     p.add_argument("--fc7-dim", default="auto", help="fc7 values per image, or auto")
     p.add_argument("--fc7-budget-mb", type=float, default=2600,
                    help="auto fc7 dim: largest whose N rows fit this (default %(default)s)")
