@@ -542,7 +542,7 @@ def calibrate(args, rng):
             return subset[d <= 3]
         gather = per_item(gathered, len(subset))
         # The exhaustive scan as a search runs it (need = min_candidates):
-        # its C pass, the radius guess and the selection's bookkeeping,
+        # its C pass, the stopping rule and the selection of the ball,
         # per unique code.
         need = args.min_candidates or args.k
         full = per_item(lambda qw: index._full_scan(qw, need, bits), index.n_buckets)

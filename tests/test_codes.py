@@ -3,9 +3,8 @@ Hamming distances, against the bit-by-bit reference."""
 import numpy as np
 import pytest
 
-from dlbhc.codes import (CODE_THRESHOLD, code_bytes, codes_within, group_equal_codes,
-                         hamming_distances, hamming_matrix, pack_codes, scan_distances,
-                         to_words)
+from dlbhc.codes import (CODE_THRESHOLD, HammingBall, code_bytes, group_equal_codes,
+                         hamming_distances, hamming_matrix, pack_codes, to_words)
 from dlbhc.index import HashIndex
 from dlbhc.reference import naive_hamming
 
@@ -70,10 +69,14 @@ def test_group_equal_codes_keeps_ids_ascending_within_a_group():
 
 
 @pytest.mark.parametrize("bits", [12, 48, 64, 100, 128, 200, 256, 384, 512, 1024])
-def test_scan_kernels_match_bit_by_bit_reference(bits):
-    """The exhaustive scan's C kernels (faiss) on whole words: every
-    distance, and the codes within a radius, for widths the threshold kernel
-    takes (1, 2, 4, 8 words) and others (the fallback)."""
+def test_hamming_ball_matches_bit_by_bit_reference(bits):
+    """The exhaustive scan's C kernel (csrc/hamming_ball.c) on whole words,
+    for the widths it specialises (1, 2, 4 words) and the generic loop: the
+    images at each distance up to the stopping radius (weighted by rows'
+    bucket sizes, or one each), and the rows within a radius no larger, in
+    (distance, position) order."""
+    from dlbhc.index import shell_radius
+
     rng = np.random.default_rng(bits)
     codes = pack_codes(rng.random((700, bits)).astype(np.float32))
     codes[::5] = codes[1]
@@ -81,9 +84,74 @@ def test_scan_kernels_match_bit_by_bit_reference(bits):
     expected = naive_hamming(codes, query, bits)
     rows = np.ascontiguousarray(to_words(codes))
     qwords = to_words(query[None, :])[0]
-    assert np.array_equal(scan_distances(rows, qwords), expected)
-    for radius in (0, int(expected.min()), int(np.median(expected)), bits):
-        pos, dist = codes_within(rows, qwords, radius)
-        assert pos.dtype == np.int64 and dist.dtype == np.int32
-        assert np.array_equal(pos, np.flatnonzero(expected <= radius))
-        assert np.array_equal(dist, expected[pos])
+    weights = rng.integers(1, 9, len(codes))
+    for w in (None, weights):
+        ball = HammingBall(rows, w)
+        full = np.bincount(expected, weights=w, minlength=bits + 1).astype(np.int64)
+        for need, limit in ((0, bits), (1, bits), (50, bits), (600, bits), (10**6, bits),
+                            (10**6, bits // 3), (300, bits // 4)):
+            counts = ball.scan(qwords, need, limit)
+            assert counts.dtype == np.int64 and len(counts) == 64 * rows.shape[1] + 1
+            radius = int(shell_radius(np.cumsum(full), need, limit))
+            assert np.array_equal(counts[:radius + 1], full[:radius + 1])
+            assert shell_radius(np.cumsum(counts[:bits + 1]), need, limit) == radius
+            order = np.lexsort((np.arange(len(codes)), expected))
+            for r in sorted({0, radius // 2, radius}):
+                pos, dist = ball.select(r)
+                want = order[expected[order] <= r]
+                assert pos.dtype == np.int64 and dist.dtype == np.int32
+                assert np.array_equal(pos, want)
+                assert np.array_equal(dist, expected[want])
+
+
+def test_hamming_ball_refuses_a_radius_beyond_what_it_kept():
+    """The scan keeps only codes within a bound on the stopping radius:
+    asked for a larger ball it says so rather than return part of one."""
+    rng = np.random.default_rng(3)
+    codes = pack_codes(rng.random((5000, 64)).astype(np.float32))
+    ball = HammingBall(np.ascontiguousarray(to_words(codes)))
+    ball.scan(to_words(codes[:1])[0], 10, 64)
+    with pytest.raises(ValueError, match="beyond the stopping radius"):
+        ball.select(64)
+
+
+def test_hamming_ball_threads_keep_their_own_results():
+    """Each thread's select() reads its own last scan (the kernel releases
+    the GIL; the service searches from several threads)."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    codes = pack_codes(rng.random((20000, 64)).astype(np.float32))
+    ball, errors = HammingBall(np.ascontiguousarray(to_words(codes))), []
+
+    def worker(seed):
+        r = np.random.default_rng(seed)
+        for _ in range(30):
+            query = pack_codes(r.random(64).astype(np.float32))
+            expected = naive_hamming(codes, query, 64)
+            radius = int(np.sort(expected)[300])
+            ball.scan(to_words(query[None, :])[0], 301, 64)
+            pos, _ = ball.select(radius)
+            if not np.array_equal(np.sort(pos), np.flatnonzero(expected <= radius)):
+                errors.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_hamming_ball_refuses_rows_it_cannot_scan():
+    rows = np.zeros((4, 2), dtype=np.uint64)
+    with pytest.raises(ValueError, match="C-contiguous uint64"):
+        HammingBall(rows.astype(np.int64))
+    with pytest.raises(ValueError, match="C-contiguous uint64"):
+        HammingBall(np.zeros((2, 4), dtype=np.uint64).T)
+    with pytest.raises(ValueError, match="weights"):
+        HammingBall(rows, np.ones(3))
+    # no rows: nothing at any distance
+    empty = HammingBall(rows[:0])
+    assert not empty.scan(np.zeros(2, np.uint64), 10, 128).any()
+    assert len(empty.select(128)[0]) == 0

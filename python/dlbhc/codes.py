@@ -15,9 +15,12 @@ byte order does not matter because XOR and popcount are bitwise.
 
 Pure numpy: never imports Caffe or the feature store.
 """
+import ctypes
 import threading
 
 import numpy as np
+
+from . import native
 
 # The latent layer's sigmoid output above this is a 1 bit (the paper's rule).
 CODE_THRESHOLD = 0.5
@@ -111,81 +114,114 @@ def distances_to_words(columns, qwords, dtype):
     return out
 
 
-_FAISS = []
+class HammingBall:
+    """The coarse stage's exhaustive scan over a fixed table of codes: one
+    C pass per query (csrc/hamming_ball.c, built by native.py) counts the
+    images at each Hamming distance and keeps the codes that may lie within
+    the stopping radius; select() returns those within the radius the
+    caller picked from the counts, in (distance, position) order.
 
+        ball = HammingBall(rows, weights)
+        counts = ball.scan(qwords, need, limit)     # images per distance
+        positions, distances = ball.select(radius)  # radius <= the rule's
 
-def scan_kernel():
-    """faiss, whose C Hamming kernels the exhaustive scan uses (imported
-    once; an index loads it when built, so no query pays the import)."""
-    if not _FAISS:
-        import faiss
-        _FAISS.append(faiss)
-    return _FAISS[0]
+    The caller applies the stopping rule (index.shell_radius: the smallest
+    radius holding `need` images, at most `limit`) to the counts; the scan
+    counts and keeps only the codes within a bound on that radius (see the C
+    source), so select() raises for a larger radius rather than return part
+    of a ball.  Buffers are per thread (the service searches from several
+    threads; the C call releases the GIL) and reused across queries: a
+    fresh allocation per query would cost a map and unmap of the table's
+    size.  select() reads the last scan() of the same thread.
 
-
-def scan_distances(rows, qwords, out=None):
-    """Hamming distances (int32) of every code of `rows` to one query.
-
-    rows: (U, W) uint64, C-contiguous (whole words, zero padded); qwords:
-    the query's W words.  The popcount loop is faiss's C kernel
-    (faiss.hammings; faiss-cpu is a pinned requirement): one pass over the
-    codes, where numpy needs an XOR, a popcount and an add pass per word and
-    took ~5-10x as long for a full scan of 100k codes.  Exact either way:
-    only the exhaustive strategy of the coarse stage calls it.
+    rows: (N, W) uint64, C-contiguous (codes as whole words, zero padded);
+    weights: (N,) images per row (None: one each).  Exact: the distances
+    equal hamming_distances'.
     """
-    faiss = scan_kernel()
-    rows = np.ascontiguousarray(rows, dtype=np.uint64)
-    q = np.ascontiguousarray(qwords, dtype=np.uint64)
-    n, n_words = rows.shape
-    if out is None:
-        out = np.empty(n, dtype=np.int32)
-    if n:
-        faiss.hammings(faiss.swig_ptr(q.view(np.uint8)), faiss.swig_ptr(rows.view(np.uint8)),
-                       1, n, 8 * n_words, faiss.swig_ptr(out))
-    return out
+
+    def __init__(self, rows, weights=None):
+        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint64 or rows.ndim != 2 \
+                or not rows.flags.c_contiguous:
+            raise ValueError("rows must be a C-contiguous uint64 (N, W) array")
+        self.rows = rows
+        self.n, self.n_words = rows.shape
+        self.weights = None
+        if weights is not None:
+            self.weights = np.ascontiguousarray(weights, dtype=np.int64)
+            if self.weights.shape != (self.n,):
+                raise ValueError(f"{len(self.weights)} weights for {self.n} rows")
+        self._lib = _ball_library()
+        self._rows_ptr = rows.ctypes.data
+        self._weights_ptr = None if self.weights is None else self.weights.ctypes.data
+        self._local = threading.local()
+
+    def _buffers(self):
+        """This thread's room: the query, both histograms, the kept codes."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            n_dist = 64 * self.n_words + 1
+            arrays = (np.empty(self.n_words, np.uint64), np.empty(n_dist, np.int64),
+                      np.empty(n_dist, np.int64), np.empty(max(self.n, 1), np.int64),
+                      np.empty(max(self.n, 1), np.uint16), np.full(1, -1, np.int32))
+            # [arrays, their addresses, codes kept by the last scan]
+            buf = self._local.buf = [arrays, [a.ctypes.data for a in arrays], 0]
+        return buf
+
+    def scan(self, qwords, need, limit):
+        """Images at each distance 0..64 W (int64: this thread's buffer,
+        overwritten by its next scan), exact at every distance up to the
+        rule's radius for `need` and `limit` (beyond it, partial: codes
+        farther than the radius over the codes seen so far are skipped)."""
+        buf = self._buffers()
+        (query, row_hist, image_hist, _, _, bound), ptrs = buf[0], buf[1]
+        query[:] = qwords
+        if self.n:
+            buf[2] = self._lib.dlbhc_ball_scan(
+                self._rows_ptr, self.n, self.n_words, ptrs[0], self._weights_ptr,
+                int(need), int(limit), ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5])
+        else:
+            row_hist.fill(0)
+            image_hist.fill(0)
+            bound[0] = len(row_hist) - 1
+            buf[2] = 0
+        return image_hist
+
+    def select(self, radius):
+        """(positions int64, distances int32) of the last scan's codes within
+        `radius`, ordered by (distance, position)."""
+        buf = self._buffers()
+        (_, row_hist, _, _, _, bound), ptrs, n_kept = buf
+        radius = int(radius)
+        if radius < 0:
+            return np.empty(0, np.int64), np.empty(0, np.int32)
+        radius = min(radius, len(row_hist) - 1)
+        if radius > bound[0]:
+            raise ValueError(f"radius {radius} lies beyond the stopping radius of the "
+                             f"last scan ({int(bound[0])} at most): its ball was not kept")
+        total = int(row_hist[:radius + 1].sum())
+        positions = np.empty(total, dtype=np.int64)
+        distances = np.empty(total, dtype=np.int32)
+        if total:
+            self._lib.dlbhc_ball_select(ptrs[3], ptrs[4], n_kept, radius, ptrs[1],
+                                        positions.ctypes.data, distances.ctypes.data)
+        return positions, distances
 
 
-# Words per code faiss's threshold kernel (match_hamming_thres) takes.
-THRESHOLD_KERNEL_WORDS = (1, 2, 4, 8)
+_BALL_LIBRARY = []
 
 
-def codes_within(rows, qwords, radius, buffers=None):
-    """The codes of `rows` within Hamming `radius` of one query: their
-    positions (int64, ascending) and distances (int32).
-
-    rows, qwords as in scan_distances.  For 1, 2, 4 or 8 words per code it
-    is one pass of faiss's C kernel that keeps only the matches
-    (match_hamming_thres), so nothing of the size of `rows` goes through
-    numpy; other widths compute every distance (scan_distances) and select.
-    buffers: a ScanBuffers to reuse (the kernel needs room for every code).
-    """
-    rows = np.ascontiguousarray(rows, dtype=np.uint64)
-    q = np.ascontiguousarray(qwords, dtype=np.uint64)
-    n, n_words = rows.shape
-    if n_words not in THRESHOLD_KERNEL_WORDS:
-        d = scan_distances(rows, q)
-        pos = np.flatnonzero(d <= radius)
-        return pos, d[pos]
-    faiss = scan_kernel()
-    pairs, dist = (buffers or ScanBuffers()).get(n)
-    found = faiss.match_hamming_thres(faiss.swig_ptr(q.view(np.uint8)),
-                                      faiss.swig_ptr(rows.view(np.uint8)), 1, n, int(radius),
-                                      8 * n_words, faiss.swig_ptr(pairs), faiss.swig_ptr(dist))
-    # pairs holds (query, code) per match
-    return pairs[1:2 * found:2].copy(), dist[:found].copy()
-
-
-class ScanBuffers(threading.local):
-    """Per-thread output room of codes_within's kernel (one slot per code:
-    pages never written cost nothing, but a fresh allocation per query costs
-    a map and unmap of that size)."""
-
-    def get(self, n):
-        if getattr(self, "n", -1) < n:
-            self.pairs = np.empty(2 * n, dtype=np.int64)
-            self.dist = np.empty(n, dtype=np.int32)
-            self.n = n
-        return self.pairs, self.dist
+def _ball_library():
+    """csrc/hamming_ball.c, loaded and its signatures declared (once)."""
+    if not _BALL_LIBRARY:
+        lib = native.load("hamming_ball")
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.dlbhc_ball_scan.argtypes = (ptr, i64, i32, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr,
+                                        ptr)
+        lib.dlbhc_ball_scan.restype = i64
+        lib.dlbhc_ball_select.argtypes = (ptr, ptr, i64, i32, ptr, ptr, ptr)
+        lib.dlbhc_ball_select.restype = i64
+        _BALL_LIBRARY.append(lib)
+    return _BALL_LIBRARY[0]
 
 
 def hamming_distances(codes, query_code, bits=None):

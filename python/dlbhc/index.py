@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .codes import (ScanBuffers, check_codes, code_bytes, codes_within, distance_dtype,
-                    group_equal_codes, query_words, scan_distances, scan_kernel, to_words)
+from .codes import (HammingBall, check_codes, code_bytes, distance_dtype, group_equal_codes,
+                    query_words, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
 from .rerank import fine_rank
@@ -62,26 +62,24 @@ FORMAT_VERSION = 1
 # Unit costs of the coarse stage, in nanoseconds, by code width in 64-bit
 # words, measured with `python benchmarks/bench_search.py --calibrate --sizes
 # 1000000 --bits 48,128,256` (clustered synthetic codes, U ~ 0.7-0.8M unique)
-# on the project's 2-core build machine, numpy 2.4.  Only their ratios
-# matter: they decide which exact strategy runs, never what it returns.
+# on the project's 2-core build machine with nothing else running, numpy 2.4,
+# after the exhaustive scan moved to the project's own C kernel
+# (csrc/hamming_ball.c).  Only their ratios matter: they decide which exact
+# strategy runs, never what it returns.
 #   probe   one enumerated flip pattern: XOR, hash (codes over 64 bits),
 #           binary search among the unique codes, verify
 #   gather  one unique code reached through the pivot runs: gather, XOR,
 #           popcount, histogram
-#   scan    one unique code in the exhaustive scan (faiss's C kernel keeping
-#           the codes within a guessed radius, the guess and the selection's
-#           bookkeeping, per unique code, for a 1000-candidate search)
+#   scan    one unique code in the exhaustive scan (the C pass, the stopping
+#           rule, the selection and expansion of the ball, per unique code,
+#           for a 1000-candidate search)
 #   step    fixed overhead of one growing step of the pivot-run scan
 # Other widths interpolate (and beyond 4 words keep the 4-word figures).
-# The scan figures were measured again when the exhaustive scan moved to the
-# C kernel, on a machine at load ~9-14 (2 cores shared): 2.1 / 8.2 / 31.2 ns,
-# in the same run as probe and gather figures inflated 1.2x / 3.3x / 9.7x
-# over the ones above, and are given here divided by those factors.
 _COST_WORDS = (1, 2, 4)
-_COST_NS = {"probe": (147.0, 402.0, 543.0),
-            "gather": (12.0, 16.1, 31.4),
-            "scan": (1.75, 2.5, 3.2),
-            "step": (140e3, 119e3, 205e3)}
+_COST_NS = {"probe": (62.0, 215.5, 225.7),
+            "gather": (7.3, 12.5, 17.5),
+            "scan": (0.8, 1.1, 1.8),
+            "step": (59.5e3, 72.1e3, 108.8e3)}
 # Searching through the pivot runs costs several growing steps plus the
 # bounds search that sizes them (measured at N = 100k-1M: 8-12 steps' worth
 # per query); when a scan of every unique code costs less than this many
@@ -97,12 +95,9 @@ def _unit_costs(n_words):
 # Enumerating a shell costs memory for its flip masks; beyond this many
 # patterns a scan is always cheaper anyway.
 MAX_SHELL_PROBES = 1 << 18
-# The full scan keeps only codes within a radius (one pass of a C kernel);
-# it guesses that radius from the distances of this many buckets, asking for
-# RADIUS_MARGIN times the images needed (a short guess costs another pass,
-# a long one only a larger selection).
+# A small index decides between probing shells and scanning every code from
+# the distances of this many images, a fixed sample (the radius it suggests).
 RADIUS_SAMPLE = 2048
-RADIUS_MARGIN = 1.5
 
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -391,16 +386,10 @@ class HashIndex:
         self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
         # bincount's weights are float64 anyway: converted once, not per query.
         self._sizes_f = self._sizes.astype(np.float64)
-        # Row-major copy for the exhaustive scan's C kernel (codes.codes_within),
-        # and a fixed sample of buckets from which the scan guesses its radius.
+        # Row-major copy for the exhaustive scan's C kernel (codes.HammingBall,
+        # per-thread buffers: the service searches from several threads).
         self._rows = np.ascontiguousarray(bucket_words.T)
-        scan_kernel()
-        self._scan_buffers = ScanBuffers()
-        n_unique = len(self._sizes)
-        sample = np.sort(np.random.default_rng(0).choice(
-            n_unique, size=min(n_unique, RADIUS_SAMPLE), replace=False))
-        self._sample_rows = np.ascontiguousarray(self._rows[sample])
-        self._sample_sizes = self._sizes_f[sample]
+        self._ball = HammingBall(self._rows, self._sizes)
         self._image_rows = None   # (rows, sample) of small indexes, see _image_tables
         self._dtype = distance_dtype(self.bits)
         self._shell_masks = {}
@@ -496,8 +485,8 @@ class HashIndex:
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
-                  self.probe_buckets, self._sizes, self._sizes_f, self._rows, self._sample_rows,
-                  *(self._image_rows or ())]
+                  self.probe_buckets, self._sizes, self._sizes_f, self._rows,
+                  *(ball.rows for ball in self._image_rows or ())]
         return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
 
     # ---- coarse-to-fine search ---------------------------------------------
@@ -656,71 +645,57 @@ class HashIndex:
         """A small index's coarse stage: the shells up to the radius a sample
         of the codes suggests are probed when enumerating them costs less
         than a scan; otherwise (or when they hold too few images) every
-        image's code is scanned: one C pass whose matches are already the
-        images (no bucket expansion), in id order."""
-        rows, sample = self._image_tables()
-        guess = self._radius_guess(qwords, need, limit, sample, None)
-        # Enumerating the shells up to the estimated radius, or the scan.
-        shells = range(min(guess[0], limit) + 1)
-        n_probes = sum(math.comb(self.bits, r) for r in shells)
-        if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
-            shells = ()
+        image's code is scanned: its matches are already the images (no
+        bucket expansion), in (hamming, id) order."""
+        images, sample = self._image_tables()
+        # Shells up to the radius whose ball likely holds `need` images: the
+        # rule's radius in the sample, for `need` scaled to its size.
+        guess = self._ball_radius(sample, qwords, math.ceil(need * sample.n / self.count),
+                                  limit)
+        shells = range(min(guess, limit) + 1)
+        n_probes = 0
+        for r in shells:
+            n_probes += math.comb(self.bits, r)
+            if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
+                shells = ()
+                break
         probed = _Probed()
         for r in shells:
             self._probe_into(probed, qwords, r)
             if probed.images >= need or r >= limit:
                 return self._expand(probed.buckets, probed.dists, r)
         # One row per image, in id order: the scan's row positions are the ids.
-        ids, dist, radius = self._threshold_scan(rows, None, qwords, need, limit, guess[1])
-        return CoarseResult(*sorted_by_hamming(ids, dist), radius)
+        return CoarseResult(*self._ball_scan(images, qwords, need, limit))
 
     def _full_scan(self, qwords, need, limit):
-        """Every unique code (the bucket table's rows), by _threshold_scan,
-        the buckets then expanded to their images."""
-        guess = self._radius_guess(qwords, need, limit, self._sample_rows, self._sample_sizes)
-        buckets, dist, radius = self._threshold_scan(self._rows, self._sizes_f, qwords, need,
-                                                     limit, guess[1])
+        """Every unique code (the bucket table's rows), the buckets within
+        the stopping radius then expanded to their images."""
+        buckets, dist, radius = self._ball_scan(self._ball, qwords, need, limit)
         return self._expand([buckets], [dist], radius)
 
-    def _threshold_scan(self, rows, sizes, qwords, need, limit, t):
-        """Rows within the stopping radius, through the C kernel that keeps
-        those within a radius t (codes.codes_within): t starts at a guess
-        and grows until the ball of radius t holds `need` images (or t
-        reaches `limit`); the distances below t are then complete, so the
-        stopping rule is applied exactly.  sizes: images per row (None: one
-        each).  Returns (row positions ascending, their distances, radius)."""
-        while True:
-            pos, d = codes_within(rows, qwords, t, self._scan_buffers)
-            weights = None if sizes is None else sizes[pos]
-            cum = np.cumsum(np.bincount(d, weights=weights, minlength=t + 1))
-            if cum[t] >= need or t >= limit:
-                radius = int(shell_radius(cum, need, limit))
-                keep = d <= radius
-                return pos[keep], d[keep], radius
-            t = min(limit, t + max(2, t // 2))
+    def _ball_scan(self, ball, qwords, need, limit):
+        """The exhaustive scan of a codes.HammingBall: one C pass counts the
+        images at each distance, the stopping rule picks the radius, and the
+        rows within it come back in (distance, position) order:
+        (row positions, distances, radius)."""
+        radius = self._ball_radius(ball, qwords, need, limit)
+        return *ball.select(radius), radius
 
-    def _radius_guess(self, qwords, need, limit, sample_rows, sample_sizes):
-        """Radii whose balls likely hold `need` images, estimated from the
-        distances of a fixed sample of rows (holding sample_sizes images
-        each; None: one) scaled to the whole index: (the estimate, the radius
-        holding RADIUS_MARGIN times that many: the scan's first threshold),
-        both capped at `limit`."""
-        d = scan_distances(sample_rows, qwords)
-        est = np.cumsum(np.bincount(d, weights=sample_sizes, minlength=self.bits + 1))
-        sampled = float(est[-1]) if len(est) else 0.0
-        likely, safe = np.searchsorted(est, np.array([1.0, RADIUS_MARGIN]) * need
-                                       * sampled / max(self.count, 1))
-        return min(limit, int(likely)), min(limit, int(safe))
+    def _ball_radius(self, ball, qwords, need, limit):
+        """The stopping radius of one query over a HammingBall's codes."""
+        counts = np.cumsum(ball.scan(qwords, need, limit)[:self.bits + 1])
+        return int(shell_radius(counts, need, limit))
 
     def _image_tables(self):
-        """Every image's code as a row (id order) and a fixed sample of
-        those rows, for small indexes' scans (built on first use: a few MB)."""
+        """Scans of every image's code, one row per image in id order, and
+        of a fixed sample of those rows, for small indexes (built on first
+        use: a few MB)."""
         if self._image_rows is None:
             rows = np.empty((self.count, self.n_words), dtype=np.uint64)
             rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
             sample = np.sort(np.random.default_rng(0).choice(
                 self.count, size=min(self.count, RADIUS_SAMPLE), replace=False))
-            self._image_rows = (rows, np.ascontiguousarray(rows[sample]))
+            self._image_rows = (HammingBall(rows), HammingBall(rows[sample]))
         return self._image_rows
 
     def _bucket_distances(self, buckets, qwords):
