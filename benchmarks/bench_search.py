@@ -545,7 +545,9 @@ def calibrate(args, rng):
         # its C pass, the stopping rule and the selection of the ball,
         # per unique code.
         need = args.min_candidates or args.k
-        full = per_item(lambda qw: index._full_scan(qw, need, bits), index.n_buckets)
+        code_of = {id(qw): q.tobytes() for qw, q in zip(qwords, queries)}
+        full = per_item(lambda qw: index._full_scan(code_of[id(qw)], need, bits),
+                        index.n_buckets)
 
         def step(qw):
             # The fixed part of one growing step: bounds search, runs of the

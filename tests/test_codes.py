@@ -72,9 +72,9 @@ def test_group_equal_codes_keeps_ids_ascending_within_a_group():
 def test_hamming_ball_matches_bit_by_bit_reference(bits):
     """The exhaustive scan's C kernel (csrc/hamming_ball.c) on whole words,
     for the widths it specialises (1, 2, 4 words) and the generic loop: the
-    images at each distance up to the stopping radius (weighted by rows'
-    bucket sizes, or one each), and the rows within a radius no larger, in
-    (distance, position) order."""
+    stopping radius is index.shell_radius's over the exact counts (images
+    weighted by rows' bucket sizes, or one each), and the ball every row
+    within it in (distance, position) order."""
     from dlbhc.index import shell_radius
 
     rng = np.random.default_rng(bits)
@@ -82,42 +82,70 @@ def test_hamming_ball_matches_bit_by_bit_reference(bits):
     codes[::5] = codes[1]
     query = pack_codes(rng.random(bits).astype(np.float32))
     expected = naive_hamming(codes, query, bits)
+    order = np.lexsort((np.arange(len(codes)), expected))
     rows = np.ascontiguousarray(to_words(codes))
-    qwords = to_words(query[None, :])[0]
     weights = rng.integers(1, 9, len(codes))
     for w in (None, weights):
         ball = HammingBall(rows, w)
-        full = np.bincount(expected, weights=w, minlength=bits + 1).astype(np.int64)
+        cum = np.cumsum(np.bincount(expected, weights=w, minlength=bits + 1))
         for need, limit in ((0, bits), (1, bits), (50, bits), (600, bits), (10**6, bits),
-                            (10**6, bits // 3), (300, bits // 4)):
-            counts = ball.scan(qwords, need, limit)
-            assert counts.dtype == np.int64 and len(counts) == 64 * rows.shape[1] + 1
-            radius = int(shell_radius(np.cumsum(full), need, limit))
-            assert np.array_equal(counts[:radius + 1], full[:radius + 1])
-            assert shell_radius(np.cumsum(counts[:bits + 1]), need, limit) == radius
-            order = np.lexsort((np.arange(len(codes)), expected))
-            for r in sorted({0, radius // 2, radius}):
-                pos, dist = ball.select(r)
-                want = order[expected[order] <= r]
-                assert pos.dtype == np.int64 and dist.dtype == np.int32
-                assert np.array_equal(pos, want)
-                assert np.array_equal(dist, expected[want])
+                            (10**6, bits // 3), (300, bits // 4), (300, 0), (5, 10**4)):
+            radius = int(shell_radius(cum, need, limit))
+            pos, dist, got = ball.search(query.tobytes(), need, limit)
+            want = order[expected[order] <= radius]
+            assert got == radius
+            assert pos.dtype == np.int64 and dist.dtype == np.int32
+            assert np.array_equal(pos, want)
+            assert np.array_equal(dist, expected[want])
 
 
-def test_hamming_ball_refuses_a_radius_beyond_what_it_kept():
-    """The scan keeps only codes within a bound on the stopping radius:
-    asked for a larger ball it says so rather than return part of one."""
-    rng = np.random.default_rng(3)
-    codes = pack_codes(rng.random((5000, 64)).astype(np.float32))
-    ball = HammingBall(np.ascontiguousarray(to_words(codes)))
-    ball.scan(to_words(codes[:1])[0], 10, 64)
-    with pytest.raises(ValueError, match="beyond the stopping radius"):
-        ball.select(64)
+def test_hamming_ball_sample_says_when_shells_are_cheaper():
+    """With a sample and a probe radius, search first takes the sample's
+    radius (for need scaled to the sample's share of the images): at most
+    the probe radius, None (the caller probes shells instead); beyond it,
+    the whole table's ball as without a sample."""
+    rng = np.random.default_rng(9)
+    codes = pack_codes(rng.random((2000, 48)).astype(np.float32))
+    codes[:600] = codes[0]   # one dense bucket
+    rows = np.ascontiguousarray(to_words(codes))
+    weights = rng.integers(1, 4, len(codes))
+    for w in (None, weights):
+        everything = HammingBall(rows, w, sample=np.arange(len(codes)))
+        half = HammingBall(rows, w, sample=np.arange(0, len(codes), 2))
+        plain = HammingBall(rows, w)
+        near, far = codes[0].tobytes(), codes[1500].tobytes()
+        for ball in (everything, half):
+            # 100 images sit at distance 0 of `near` in the sample too
+            assert ball.search(near, 100, 48, probe_radius=0) is None
+            # `far`'s ball of 100 lies well beyond shell 1: scanned, as plain
+            got, want = ball.search(far, 100, 48, probe_radius=1), plain.search(far, 100, 48)
+            assert got is not None and got[2] == want[2] > 1
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        # the full sample's radius is the table's: the decision is exact
+        radius = plain.search(far, 100, 48)[2]
+        assert everything.search(far, 100, 48, probe_radius=radius) is None
+        assert everything.search(far, 100, 48, probe_radius=radius - 1) is not None
+
+
+def test_hamming_ball_keeps_every_row_of_the_ball_in_any_order():
+    """The scan keeps a row only while it is within the radius of the rows
+    seen so far: rows sorted farthest first (every row kept) and nearest
+    first (few kept) give the same ball."""
+    rng = np.random.default_rng(4)
+    codes = pack_codes(rng.random((3000, 64)).astype(np.float32))
+    query = codes[0]
+    d = naive_hamming(codes, query, 64)
+    for order in (np.argsort(-d, kind="stable"), np.argsort(d, kind="stable")):
+        rows = np.ascontiguousarray(to_words(codes[order]))
+        pos, dist, radius = HammingBall(rows).search(query.tobytes(), 400, 64)
+        assert radius == np.sort(d)[399]
+        assert np.array_equal(np.sort(order[pos]), np.flatnonzero(d <= radius))
+        assert np.all(np.diff(dist) >= 0)
 
 
 def test_hamming_ball_threads_keep_their_own_results():
-    """Each thread's select() reads its own last scan (the kernel releases
-    the GIL; the service searches from several threads)."""
+    """Each thread's search fills its own room (the kernel releases the
+    GIL; the service searches from several threads)."""
     import threading
 
     rng = np.random.default_rng(5)
@@ -129,10 +157,9 @@ def test_hamming_ball_threads_keep_their_own_results():
         for _ in range(30):
             query = pack_codes(r.random(64).astype(np.float32))
             expected = naive_hamming(codes, query, 64)
-            radius = int(np.sort(expected)[300])
-            ball.scan(to_words(query[None, :])[0], 301, 64)
-            pos, _ = ball.select(radius)
-            if not np.array_equal(np.sort(pos), np.flatnonzero(expected <= radius)):
+            pos, _, radius = ball.search(query.tobytes(), 301, 64)
+            if radius != np.sort(expected)[300] or \
+                    not np.array_equal(np.sort(pos), np.flatnonzero(expected <= radius)):
                 errors.append(seed)
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
@@ -151,7 +178,8 @@ def test_hamming_ball_refuses_rows_it_cannot_scan():
         HammingBall(np.zeros((2, 4), dtype=np.uint64).T)
     with pytest.raises(ValueError, match="weights"):
         HammingBall(rows, np.ones(3))
-    # no rows: nothing at any distance
-    empty = HammingBall(rows[:0])
-    assert not empty.scan(np.zeros(2, np.uint64), 10, 128).any()
-    assert len(empty.select(128)[0]) == 0
+    with pytest.raises(ValueError, match="17-byte code for 16-byte rows"):
+        HammingBall(rows).search(bytes(17), 1, 128)
+    # no rows: an empty ball, the radius grown to the limit (nothing reaches need)
+    pos, dist, radius = HammingBall(rows[:0]).search(bytes(16), 10, 100)
+    assert (len(pos), len(dist), radius) == (0, 0, 100)

@@ -21,17 +21,17 @@ def test_kernel_is_built_into_the_cache_named_by_source_and_flags(tmp_path, monk
     # the fresh library works: one 64-bit code at distance 3 from the query
     lib = ctypes.CDLL(str(path))
     rows = np.array([[0b111]], dtype=np.uint64)
-    q = np.zeros(1, dtype=np.uint64)
-    rows_h, images_h = np.empty(65, np.int64), np.empty(65, np.int64)
-    kept_pos, kept_dist, bound = np.empty(1, np.int64), np.empty(1, np.uint16), np.empty(1, np.int32)
+    kept_pos, kept_dist = np.empty(1, np.int64), np.empty(1, np.uint16)
+    pos, dist, radius = np.empty(1, np.int64), np.empty(1, np.int32), np.empty(1, np.int32)
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    lib.dlbhc_ball_scan.argtypes = (ptr, i64, i32, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, ptr)
-    lib.dlbhc_ball_scan.restype = i64
-    kept = lib.dlbhc_ball_scan(rows.ctypes.data, 1, 1, q.ctypes.data, None, 1, 64,
-                               rows_h.ctypes.data, images_h.ctypes.data, kept_pos.ctypes.data,
-                               kept_dist.ctypes.data, bound.ctypes.data)
-    assert (kept, kept_pos[0], kept_dist[0], bound[0]) == (1, 0, 3, 3)
-    assert rows_h[3] == 1 and rows_h.sum() == 1
+    lib.dlbhc_ball_search.argtypes = (ptr, i64, ptr, i32, ctypes.c_char_p, i32, i64, i32,
+                                      ptr, i64, ptr, i64, i32, ptr, ptr, ptr, ptr, ptr)
+    lib.dlbhc_ball_search.restype = i64
+    found = lib.dlbhc_ball_search(rows.ctypes.data, 1, None, 1, bytes(8), 8, 1, 64,
+                                  None, 0, None, 0, -1,
+                                  kept_pos.ctypes.data, kept_dist.ctypes.data, pos.ctypes.data,
+                                  dist.ctypes.data, radius.ctypes.data)
+    assert (found, pos[0], dist[0], radius[0]) == (1, 0, 3, 3)
 
 
 def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):

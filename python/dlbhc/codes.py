@@ -16,6 +16,7 @@ byte order does not matter because XOR and popcount are bitwise.
 Pure numpy: never imports Caffe or the feature store.
 """
 import ctypes
+import math
 import threading
 
 import numpy as np
@@ -90,11 +91,28 @@ def to_words(codes):
     return padded.view(np.uint64).reshape(n, n_words)
 
 
+def query_bytes(query_code, bits):
+    """One checked query code (B,) as bytes (what the C scan takes).
+
+    Once per query on the search path: the common case (a uint8 code of the
+    right width) costs a few attribute checks and one copy, and nothing of
+    numpy's beyond tobytes (each numpy call costs microseconds with caches
+    cold, as they are between queries); anything else goes through
+    check_codes for its message."""
+    nbytes = code_bytes(bits)
+    if type(query_code) is np.ndarray and query_code.dtype == np.uint8 \
+            and query_code.shape == (nbytes,):
+        code = query_code.tobytes()
+        if not code[-1] & pad_mask(bits):
+            return code
+    return check_codes(np.asarray(query_code, dtype=np.uint8).reshape(1, -1), bits,
+                       "query code")[0].tobytes()
+
+
 def query_words(query_code, bits):
     """One checked query code (B,) as its W words (a copy)."""
-    q = np.asarray(query_code, dtype=np.uint8).reshape(1, -1)
-    check_codes(q, bits, "query code")
-    return to_words(q)[0].copy()
+    code = query_bytes(query_code, bits)
+    return np.frombuffer(code.ljust(8 * ((len(code) + 7) // 8), b"\0"), np.uint64).copy()
 
 
 def word_columns(words):
@@ -115,31 +133,25 @@ def distances_to_words(columns, qwords, dtype):
 
 
 class HammingBall:
-    """The coarse stage's exhaustive scan over a fixed table of codes: one
-    C pass per query (csrc/hamming_ball.c, built by native.py) counts the
-    images at each Hamming distance and keeps the codes that may lie within
-    the stopping radius; select() returns those within the radius the
-    caller picked from the counts, in (distance, position) order.
+    """The coarse stage's exhaustive scan over a fixed table of codes, one C
+    call per query (csrc/hamming_ball.c, built by native.py): the stopping
+    radius (the smallest Hamming radius whose ball holds `need` images, at
+    most `limit`: index.shell_radius's rule) and every code within it, in
+    (distance, position) order.
 
-        ball = HammingBall(rows, weights)
-        counts = ball.scan(qwords, need, limit)     # images per distance
-        positions, distances = ball.select(radius)  # radius <= the rule's
-
-    The caller applies the stopping rule (index.shell_radius: the smallest
-    radius holding `need` images, at most `limit`) to the counts; the scan
-    counts and keeps only the codes within a bound on that radius (see the C
-    source), so select() raises for a larger radius rather than return part
-    of a ball.  Buffers are per thread (the service searches from several
-    threads; the C call releases the GIL) and reused across queries: a
-    fresh allocation per query would cost a map and unmap of the table's
-    size.  select() reads the last scan() of the same thread.
+        ball = HammingBall(rows, weights, sample)
+        positions, distances, radius = ball.search(qwords, need, limit)
 
     rows: (N, W) uint64, C-contiguous (codes as whole words, zero padded);
-    weights: (N,) images per row (None: one each).  Exact: the distances
-    equal hamming_distances'.
+    weights: (N,) images per row, e.g. a bucket's size (None: one each);
+    sample: positions of a fixed sample of rows, for search's probe_radius.
+    Exact: distances equal hamming_distances'.  Scratch and output room are
+    per thread (the service searches from several threads; the C call
+    releases the GIL) and reused across queries: a fresh allocation per
+    query would cost a map and unmap of the table's size.
     """
 
-    def __init__(self, rows, weights=None):
+    def __init__(self, rows, weights=None, sample=None):
         if not isinstance(rows, np.ndarray) or rows.dtype != np.uint64 or rows.ndim != 2 \
                 or not rows.flags.c_contiguous:
             raise ValueError("rows must be a C-contiguous uint64 (N, W) array")
@@ -150,76 +162,72 @@ class HammingBall:
             self.weights = np.ascontiguousarray(weights, dtype=np.int64)
             if self.weights.shape != (self.n,):
                 raise ValueError(f"{len(self.weights)} weights for {self.n} rows")
-        self._lib = _ball_library()
-        self._rows_ptr = rows.ctypes.data
-        self._weights_ptr = None if self.weights is None else self.weights.ctypes.data
+        self.images = self.n if weights is None else int(self.weights.sum())
+        self._search = _ball_library().dlbhc_ball_search
+        self._table = (rows.ctypes.data, self.n,
+                       None if self.weights is None else self.weights.ctypes.data)
+        self.sample = None
+        self._sample = (None, 0, None, 0.0)
+        if sample is not None:
+            sample = np.unique(np.asarray(sample, dtype=np.int64))
+            self.sample = (np.ascontiguousarray(rows[sample]),
+                           None if weights is None else self.weights[sample].copy())
+            sampled = len(sample) if weights is None else int(self.sample[1].sum())
+            self._sample = (self.sample[0].ctypes.data, len(sample),
+                            None if weights is None else self.sample[1].ctypes.data,
+                            sampled / max(self.images, 1))
         self._local = threading.local()
 
     def _buffers(self):
-        """This thread's room: the query, both histograms, the kept codes."""
+        """This thread's room: kept codes (scratch), the ball's positions and
+        distances (arrays, their addresses), and the radius (a ctypes int)."""
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            n_dist = 64 * self.n_words + 1
-            arrays = (np.empty(self.n_words, np.uint64), np.empty(n_dist, np.int64),
-                      np.empty(n_dist, np.int64), np.empty(max(self.n, 1), np.int64),
-                      np.empty(max(self.n, 1), np.uint16), np.full(1, -1, np.int32))
-            # [arrays, their addresses, codes kept by the last scan]
-            buf = self._local.buf = [arrays, [a.ctypes.data for a in arrays], 0]
+            room = max(self.n, 1)
+            arrays = (np.empty(room, np.int64), np.empty(room, np.uint16),
+                      np.empty(room, np.int64), np.empty(room, np.int32))
+            radius = ctypes.c_int32(0)
+            buf = self._local.buf = (arrays, tuple(a.ctypes.data for a in arrays),
+                                     radius, ctypes.addressof(radius))
         return buf
 
-    def scan(self, qwords, need, limit):
-        """Images at each distance 0..64 W (int64: this thread's buffer,
-        overwritten by its next scan), exact at every distance up to the
-        rule's radius for `need` and `limit` (beyond it, partial: codes
-        farther than the radius over the codes seen so far are skipped)."""
-        buf = self._buffers()
-        (query, row_hist, image_hist, _, _, bound), ptrs = buf[0], buf[1]
-        query[:] = qwords
-        if self.n:
-            buf[2] = self._lib.dlbhc_ball_scan(
-                self._rows_ptr, self.n, self.n_words, ptrs[0], self._weights_ptr,
-                int(need), int(limit), ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5])
-        else:
-            row_hist.fill(0)
-            image_hist.fill(0)
-            bound[0] = len(row_hist) - 1
-            buf[2] = 0
-        return image_hist
+    def search(self, code, need, limit, probe_radius=-1):
+        """(positions int64, distances int32, radius): the codes within the
+        stopping radius, ordered by (distance, position).
 
-    def select(self, radius):
-        """(positions int64, distances int32) of the last scan's codes within
-        `radius`, ordered by (distance, position)."""
-        buf = self._buffers()
-        (_, row_hist, _, _, _, bound), ptrs, n_kept = buf
-        radius = int(radius)
-        if radius < 0:
-            return np.empty(0, np.int64), np.empty(0, np.int32)
-        radius = min(radius, len(row_hist) - 1)
-        if radius > bound[0]:
-            raise ValueError(f"radius {radius} lies beyond the stopping radius of the "
-                             f"last scan ({int(bound[0])} at most): its ball was not kept")
-        total = int(row_hist[:radius + 1].sum())
-        positions = np.empty(total, dtype=np.int64)
-        distances = np.empty(total, dtype=np.int32)
-        if total:
-            self._lib.dlbhc_ball_select(ptrs[3], ptrs[4], n_kept, radius, ptrs[1],
-                                        positions.ctypes.data, distances.ctypes.data)
-        return positions, distances
+        code: the query's packed code as bytes (query_bytes), widened to the
+        rows' words in C.  probe_radius >= 0 (with a sample): first the
+        sample's radius for `need` scaled to its size; when that is at most
+        probe_radius the ball is likely within a few shells of the query
+        (cheaper to enumerate than this scan), and None is returned
+        without scanning."""
+        if len(code) > 8 * self.n_words:
+            raise ValueError(f"a {len(code)}-byte code for {8 * self.n_words}-byte rows")
+        (_, _, pos, dist), ptrs, radius, radius_ptr = self._buffers()
+        rows, n, weights = self._table
+        sample_rows, sample_n, sample_weights, share = self._sample
+        if sample_rows is None:
+            probe_radius = -1
+        total = self._search(rows, n, weights, self.n_words, code, len(code), need, limit,
+                             sample_rows, sample_n, sample_weights, math.ceil(need * share),
+                             probe_radius, ptrs[0], ptrs[1], ptrs[2], ptrs[3], radius_ptr)
+        if total < 0:
+            return None
+        return pos[:total].copy(), dist[:total].copy(), radius.value
 
 
 _BALL_LIBRARY = []
 
 
 def _ball_library():
-    """csrc/hamming_ball.c, loaded and its signatures declared (once)."""
+    """csrc/hamming_ball.c, loaded and its signature declared (once)."""
     if not _BALL_LIBRARY:
         lib = native.load("hamming_ball")
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        lib.dlbhc_ball_scan.argtypes = (ptr, i64, i32, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr,
-                                        ptr)
-        lib.dlbhc_ball_scan.restype = i64
-        lib.dlbhc_ball_select.argtypes = (ptr, ptr, i64, i32, ptr, ptr, ptr)
-        lib.dlbhc_ball_select.restype = i64
+        lib.dlbhc_ball_search.argtypes = (ptr, i64, ptr, i32, ctypes.c_char_p, i32, i64, i32,
+                                          ptr, i64, ptr, i64, i32,
+                                          ptr, ptr, ptr, ptr, ptr)
+        lib.dlbhc_ball_search.restype = i64
         _BALL_LIBRARY.append(lib)
     return _BALL_LIBRARY[0]
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .codes import (HammingBall, check_codes, code_bytes, distance_dtype, group_equal_codes,
-                    query_words, to_words)
+                    query_bytes, query_words, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
 from .rerank import fine_rank
@@ -390,7 +390,8 @@ class HashIndex:
         # per-thread buffers: the service searches from several threads).
         self._rows = np.ascontiguousarray(bucket_words.T)
         self._ball = HammingBall(self._rows, self._sizes)
-        self._image_rows = None   # (rows, sample) of small indexes, see _image_tables
+        self._small_ball = None   # the scan of small indexes, see _small_table
+        self._affordable = {}     # see _affordable_shells
         self._dtype = distance_dtype(self.bits)
         self._shell_masks = {}
         self.costs = _unit_costs(self.n_words)
@@ -486,8 +487,10 @@ class HashIndex:
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
                   self.probe_buckets, self._sizes, self._sizes_f, self._rows,
-                  *(ball.rows for ball in self._image_rows or ())]
-        return int(sum(a.nbytes for a in arrays)) + self.pivots.nbytes()
+                  *(() if self._small_ball is None else
+                    (self._small_ball.rows, *self._small_ball.sample))]
+        unique = {id(a): a for a in arrays if a is not None}
+        return int(sum(a.nbytes for a in unique.values())) + self.pivots.nbytes()
 
     # ---- coarse-to-fine search ---------------------------------------------
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
@@ -529,7 +532,7 @@ class HashIndex:
         no limit; the whole index when min_candidates > count).  All images at
         distance <= R are returned, ordered by (hamming, id).
         """
-        qwords = query_words(query_code, self.bits)
+        code = query_bytes(query_code, self.bits)
         limit = self.bits if max_radius is None else max(0, min(int(max_radius), self.bits))
         need = max(0, int(min_candidates))
         if self.count == 0:
@@ -539,10 +542,11 @@ class HashIndex:
         # cheaper than the scan that would otherwise be needed.  When a scan
         # of every unique code costs less than the pivot runs' bookkeeping
         # (small indexes: RUNS_OVERHEAD_STEPS), the choice is between
-        # probing and a scan of every image's code alone.
+        # probing and one C scan alone.
         full_cost = self.n_buckets * self.costs["scan"]
         if full_cost <= RUNS_OVERHEAD_STEPS * self.costs["step"]:
-            return self._small_index_search(qwords, need, limit, full_cost)
+            return self._small_index_search(code, need, limit, full_cost)
+        qwords = query_words(query_code, self.bits)
         probed = _Probed()
         bounds = None
         r = 0
@@ -561,7 +565,7 @@ class HashIndex:
                 break
         if bounds is None:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
-        return self._scan(qwords, bounds, need, r, limit)
+        return self._scan(code, qwords, bounds, need, r, limit)
 
     def _probe_into(self, probed, qwords, r):
         """Enumerate shell r and add its buckets to `probed` (a _Probed)."""
@@ -594,7 +598,7 @@ class HashIndex:
             buckets = buckets[same]
         return buckets
 
-    def _scan(self, qwords, bounds, need, r_min, limit):
+    def _scan(self, code, qwords, bounds, need, r_min, limit):
         """Exact coarse search by scanning unique codes (pivot runs or all)."""
         r_s = bounds.radius_lower_bound(need, r_min, limit)
         # The runs may need several growing steps; once they have cost as
@@ -604,7 +608,7 @@ class HashIndex:
         full_cost = self.n_buckets * costs["scan"]
         spent = bounds.runs_cost(r_s)
         if spent >= full_cost:
-            return self._full_scan(qwords, need, limit)
+            return self._full_scan(code, need, limit)
 
         lo, hi = bounds.cells(r_s)
         band_cum = self.pivots.band_cum
@@ -632,7 +636,7 @@ class HashIndex:
             stops = np.concatenate([band_cum[lo], band_cum[new_hi]])
             spent += costs["step"] + costs["gather"] * int(stops.sum() - starts.sum())
             if spent >= full_cost:
-                return self._full_scan(qwords, need, limit)
+                return self._full_scan(code, need, limit)
             new_b = _concat_ranges(starts, stops)
             scanned_b.append(new_b)
             scanned_d.append(self._bucket_distances(new_b, qwords))
@@ -641,62 +645,72 @@ class HashIndex:
         return self._expand([b[m] for b, m in zip(scanned_b, keep)],
                             [d[m] for d, m in zip(scanned_d, keep)], radius)
 
-    def _small_index_search(self, qwords, need, limit, full_cost):
-        """A small index's coarse stage: the shells up to the radius a sample
-        of the codes suggests are probed when enumerating them costs less
-        than a scan; otherwise (or when they hold too few images) every
-        image's code is scanned: its matches are already the images (no
-        bucket expansion), in (hamming, id) order."""
-        images, sample = self._image_tables()
-        # Shells up to the radius whose ball likely holds `need` images: the
-        # rule's radius in the sample, for `need` scaled to its size.
-        guess = self._ball_radius(sample, qwords, math.ceil(need * sample.n / self.count),
-                                  limit)
-        shells = range(min(guess, limit) + 1)
-        n_probes = 0
-        for r in shells:
-            n_probes += math.comb(self.bits, r)
-            if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
-                shells = ()
-                break
-        probed = _Probed()
-        for r in shells:
-            self._probe_into(probed, qwords, r)
-            if probed.images >= need or r >= limit:
-                return self._expand(probed.buckets, probed.dists, r)
+    def _small_index_search(self, code, need, limit, full_cost):
+        """A small index's coarse stage: one C scan of every code (its
+        table: _small_table) unless a sample of it says the ball likely
+        lies within the shells that cost less to enumerate than the scan
+        (then those are probed, and the scan runs only if they fall short)."""
+        ball = self._small_table()
+        probe_radius = self._affordable_shells(full_cost)
+        found = None
+        if probe_radius >= 0:
+            if limit > probe_radius:
+                found = ball.search(code, need, limit, probe_radius)
+            if found is None:
+                qwords = query_words(np.frombuffer(code, np.uint8), self.bits)
+                probed = _Probed()
+                for r in range(min(probe_radius, limit) + 1):
+                    self._probe_into(probed, qwords, r)
+                    if probed.images >= need or r >= limit:
+                        return self._expand(probed.buckets, probed.dists, r)
+        if found is None:
+            found = ball.search(code, need, limit)
+        if ball.rows is self._rows:   # buckets: expanded to their images
+            return self._expand([found[0]], [found[1]], found[2])
         # One row per image, in id order: the scan's row positions are the ids.
-        return CoarseResult(*self._ball_scan(images, qwords, need, limit))
+        return CoarseResult(*found)
 
-    def _full_scan(self, qwords, need, limit):
-        """Every unique code (the bucket table's rows), the buckets within
-        the stopping radius then expanded to their images."""
-        buckets, dist, radius = self._ball_scan(self._ball, qwords, need, limit)
+    def _affordable_shells(self, full_cost):
+        """The largest r whose shells 0..r cost less to enumerate than a
+        scan costing full_cost (-1: not even shell 0); remembered per cost
+        (the cost table may be replaced, as the tests do)."""
+        key = (self.costs["probe"], full_cost)
+        r = self._affordable.get(key)
+        if r is None:
+            n_probes, r = 0, -1
+            while r < self.bits:
+                n_probes += math.comb(self.bits, r + 1)
+                if n_probes > MAX_SHELL_PROBES or n_probes * self.costs["probe"] >= full_cost:
+                    break
+                r += 1
+            self._affordable[key] = r
+        return r
+
+    def _full_scan(self, code, need, limit):
+        """Every unique code (the bucket table's rows) through the C scan,
+        the buckets within the stopping radius then expanded to their images."""
+        buckets, dist, radius = self._ball.search(code, need, limit)
         return self._expand([buckets], [dist], radius)
 
-    def _ball_scan(self, ball, qwords, need, limit):
-        """The exhaustive scan of a codes.HammingBall: one C pass counts the
-        images at each distance, the stopping rule picks the radius, and the
-        rows within it come back in (distance, position) order:
-        (row positions, distances, radius)."""
-        radius = self._ball_radius(ball, qwords, need, limit)
-        return *ball.select(radius), radius
-
-    def _ball_radius(self, ball, qwords, need, limit):
-        """The stopping radius of one query over a HammingBall's codes."""
-        counts = np.cumsum(ball.scan(qwords, need, limit)[:self.bits + 1])
-        return int(shell_radius(counts, need, limit))
-
-    def _image_tables(self):
-        """Scans of every image's code, one row per image in id order, and
-        of a fixed sample of those rows, for small indexes (built on first
-        use: a few MB)."""
-        if self._image_rows is None:
-            rows = np.empty((self.count, self.n_words), dtype=np.uint64)
-            rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
-            sample = np.sort(np.random.default_rng(0).choice(
-                self.count, size=min(self.count, RADIUS_SAMPLE), replace=False))
-            self._image_rows = (HammingBall(rows), HammingBall(rows[sample]))
-        return self._image_rows
+    def _small_table(self):
+        """The scan of a small index, with a fixed sample of RADIUS_SAMPLE
+        rows: every image's code, one row per image in id order (its matches
+        are the images, no expansion or sort), when that is at most twice the
+        unique codes; else the unique codes (the bucket table), their ball
+        then expanded.  Built on first use (a few MB)."""
+        if self._small_ball is None:
+            rng = np.random.default_rng(0)
+            if self.count <= 2 * self.n_buckets:
+                rows = np.empty((self.count, self.n_words), dtype=np.uint64)
+                rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
+                sample = rng.choice(self.count, size=min(self.count, RADIUS_SAMPLE),
+                                    replace=False)
+                self._small_ball = HammingBall(rows, None, sample)
+            else:
+                sample = rng.choice(self.n_buckets, size=min(self.n_buckets, RADIUS_SAMPLE),
+                                    replace=False)
+                self._small_ball = HammingBall(self._rows, self._sizes, sample)
+        return self._small_ball
 
     def _bucket_distances(self, buckets, qwords):
         if not len(buckets):
