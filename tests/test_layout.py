@@ -14,7 +14,7 @@ PACKAGE = ROOT / "python" / "dlbhc"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 # Search, evaluation, storage and data acquisition are tested and benchmarked
 # without a Caffe build: importing them must not import caffe.
-CAFFE_FREE = ("codes", "pca", "index", "pivots", "rerank", "metrics", "reference", "store",
+CAFFE_FREE = ("codes", "native", "pca", "index", "pivots", "rerank", "metrics", "reference", "store",
               "images", "files", "cifar10", "errors", "progress", "retrieval", "milvus_index",
               "service", "webapp", "torch_legacy", "collection", "photos")
 

@@ -49,3 +49,11 @@ def test_a_failing_compile_shows_the_compiler_output(tmp_path, monkeypatch):
         native.build("hamming_ball")
     assert "error" in str(err.value)
     assert not any(tmp_path.rglob("*.so")) and not any(tmp_path.rglob("*.tmp"))
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DLBHC_NATIVE_CACHE", str(blocker / "cache"))
+    with pytest.raises(UserError, match="set DLBHC_NATIVE_CACHE to a writable folder"):
+        native.build("hamming_ball")

@@ -8,11 +8,14 @@ dependency order (a module imports only modules above it):
     progress    the progress line of long jobs (count, rate, ETA)
     files       file digests, atomic writes and folder swaps, checked
                 downloads, database kind
+    native      the project's own C kernels (csrc/), compiled on first use
+                into a cache and loaded with ctypes
     torch_legacy  legacy (pre-zip) PyTorch checkpoints read without torch,
                 through a restricted unpickler
     caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
     protos      Caffe's prototxt and .caffemodel files, read with clear errors
-    codes       the code format: threshold, packing, width, Hamming distance
+    codes       the code format: threshold, packing, width, Hamming distance;
+                the exhaustive scan of the coarse stage (its C kernel)
     pca         the compressed re-rank features: a PCA projection of fc7,
                 learned once, applied identically to every row and query
     images      reading any image file into RGB, folder/list walking, labels,

@@ -13,7 +13,9 @@ For speed, codes are widened to whole 64-bit words (zero bytes appended:
 ``to_words``) so that one XOR and one popcount handle 64 bits; the word
 byte order does not matter because XOR and popcount are bitwise.
 
-Pure numpy: never imports Caffe or the feature store.
+The coarse stage's exhaustive scan (HammingBall) is the project's own C
+kernel, csrc/hamming_ball.c, built and loaded by native.py; everything else
+here is numpy.  Never imports Caffe, the feature store or faiss.
 """
 import ctypes
 import math

@@ -1,9 +1,10 @@
 """The bucket table over binary codes and coarse-to-fine search, batched.
 
-Pure numpy: this module never imports caffe, the feature store or faiss, so
-search can be tested and benchmarked without a net or a database.  The code
-format (packing, width, Hamming distance) is codes.py's; the fc7 distance
-and its tie rule are rerank.py's.
+Numpy and the project's own C scan (codes.HammingBall): this module never
+imports caffe, the feature store or faiss, so search can be tested and
+benchmarked without a net or a database.  The code format (packing, width,
+Hamming distance) is codes.py's; the fc7 distance and its tie rule are
+rerank.py's.
 
 Search (the paper's coarse-to-fine retrieval), HashIndex.search(query_codes,
 query_fc7, fc7, k) for a batch of queries, like faiss's search(xq, k):
@@ -37,7 +38,14 @@ How the coarse stage avoids scanning everything
            pivots to skip most of them (pivots.py: each pivot's group of
            buckets contributes one contiguous run per radius).  When the
            runs cover most buckets anyway a plain scan of all unique codes
-           is used instead.
+           is used instead: one call of a C kernel (codes.HammingBall) that
+           reads every code once, applies the stopping rule as it goes and
+           returns the ball sorted by (distance, position).  A small index
+           (whose whole scan costs less than the runs' bookkeeping) is
+           scanned that way directly, one row per image when images do not
+           outnumber unique codes twice (the matches are then the images,
+           already in (hamming, id) order), after a sample of its rows has
+           said whether the few shells worth probing likely hold the ball.
 
     Which one runs is decided per query by a cost model whose unit costs were
     measured (see _COST_NS).

@@ -63,8 +63,13 @@ def build(name):
     path = library_path(name)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write the C kernel {name}.c's build into {path.parent} "
+                        f"({err.strerror}); set DLBHC_NATIVE_CACHE to a writable "
+                        f"folder") from None
     os.close(fd)
     cmd = [*compiler(), *CFLAGS, "-o", tmp, str(SOURCE_DIR / f"{name}.c")]
     try:
