@@ -89,10 +89,14 @@ _COST_NS = {"probe": (62.0, 215.5, 225.7),
             "scan": (0.8, 1.1, 1.8),
             "step": (59.5e3, 72.1e3, 108.8e3)}
 # Searching through the pivot runs costs several growing steps plus the
-# bounds search that sizes them (measured at N = 100k-1M: 8-12 steps' worth
-# per query); when a scan of every unique code costs less than this many
-# steps, the runs are not even considered.
-RUNS_OVERHEAD_STEPS = 8
+# bounds search that sizes them, and more than the unit costs say with
+# caches cold between queries (as in a service, or bench_search's shuffled
+# methods).  Measured that way, quiet, per query at 48 / 128 bits: at 1M
+# codes the runs took 1.08 / 1.28 ms where one C scan took 0.79 / 0.91; at
+# 2.5M the runs 0.92 / 1.39 ms, the scan 1.45 / 1.98.  The crossover lies
+# between 9-15 and 20-28 steps' worth: when a scan of every unique code
+# costs less than this many steps, the runs are not even considered.
+RUNS_OVERHEAD_STEPS = 16
 
 
 def _unit_costs(n_words):
