@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search speed benchmark: dlbhc.index against faiss and a numpy full scan.
 
-    .venv/bin/python benchmarks/bench_search.py                  # ~10 min, 2 cores
+    .venv/bin/python benchmarks/bench_search.py                  # ~5 min, 2 cores
     .venv/bin/python benchmarks/bench_search.py --sizes 100000 --bits 48 --queries 100
     .venv/bin/python benchmarks/bench_search.py --calibrate      # index.py cost model
 
