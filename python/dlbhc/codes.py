@@ -111,10 +111,15 @@ def query_bytes(query_code, bits):
                        "query code")[0].tobytes()
 
 
+def code_words(code):
+    """A packed code as bytes (query_bytes') -> its W words, zero padded (a
+    copy), as to_words widens the database's codes."""
+    return np.frombuffer(code.ljust(8 * ((len(code) + 7) // 8), b"\0"), np.uint64).copy()
+
+
 def query_words(query_code, bits):
     """One checked query code (B,) as its W words (a copy)."""
-    code = query_bytes(query_code, bits)
-    return np.frombuffer(code.ljust(8 * ((len(code) + 7) // 8), b"\0"), np.uint64).copy()
+    return code_words(query_bytes(query_code, bits))
 
 
 def word_columns(words):
@@ -142,7 +147,7 @@ class HammingBall:
     (distance, position) order.
 
         ball = HammingBall(rows, weights, sample)
-        positions, distances, radius = ball.search(qwords, need, limit)
+        positions, distances, radius = ball.search(query_bytes(q, bits), need, limit)
 
     rows: (N, W) uint64, C-contiguous (codes as whole words, zero padded);
     weights: (N,) images per row, e.g. a bucket's size (None: one each);
@@ -164,20 +169,20 @@ class HammingBall:
             self.weights = np.ascontiguousarray(weights, dtype=np.int64)
             if self.weights.shape != (self.n,):
                 raise ValueError(f"{len(self.weights)} weights for {self.n} rows")
-        self.images = self.n if weights is None else int(self.weights.sum())
         self._search = _ball_library().dlbhc_ball_search
         self._table = (rows.ctypes.data, self.n,
                        None if self.weights is None else self.weights.ctypes.data)
         self.sample = None
-        self._sample = (None, 0, None, 0.0)
+        self._sample = (None, 0, None, 0.0)   # rows, count, weights, share of images
         if sample is not None:
+            images = self.n if weights is None else int(self.weights.sum())
             sample = np.unique(np.asarray(sample, dtype=np.int64))
             self.sample = (np.ascontiguousarray(rows[sample]),
                            None if weights is None else self.weights[sample].copy())
             sampled = len(sample) if weights is None else int(self.sample[1].sum())
             self._sample = (self.sample[0].ctypes.data, len(sample),
                             None if weights is None else self.sample[1].ctypes.data,
-                            sampled / max(self.images, 1))
+                            sampled / max(images, 1))
         self._local = threading.local()
 
     def _buffers(self):

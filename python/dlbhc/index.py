@@ -58,8 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .codes import (HammingBall, check_codes, code_bytes, distance_dtype, group_equal_codes,
-                    query_bytes, query_words, to_words)
+from .codes import (HammingBall, check_codes, code_bytes, code_words, distance_dtype,
+                    group_equal_codes, query_bytes, to_words)
 from .files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
 from .rerank import fine_rank
@@ -558,7 +558,7 @@ class HashIndex:
         full_cost = self.n_buckets * self.costs["scan"]
         if full_cost <= RUNS_OVERHEAD_STEPS * self.costs["step"]:
             return self._small_index_search(code, need, limit, full_cost)
-        qwords = query_words(query_code, self.bits)
+        qwords = code_words(code)
         probed = _Probed()
         bounds = None
         r = 0
@@ -669,7 +669,7 @@ class HashIndex:
             if limit > probe_radius:
                 found = ball.search(code, need, limit, probe_radius)
             if found is None:
-                qwords = query_words(np.frombuffer(code, np.uint8), self.bits)
+                qwords = code_words(code)
                 probed = _Probed()
                 for r in range(min(probe_radius, limit) + 1):
                     self._probe_into(probed, qwords, r)
