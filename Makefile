@@ -58,11 +58,11 @@ caffe: venv
 test: caffe native test-packages
 	$(PY) -m pytest tests -q
 
-# The coarse stage's C kernel (python/dlbhc/csrc), compiled into
+# The coarse stage's C kernel (python/dlbhc/search/csrc), compiled into
 # ~/.cache/dlbhc/native once per source version; searches would otherwise
 # build it on first use.
 native: venv
-	PYTHONPATH=python $(PY) -c 'from dlbhc import native; print(native.build("hamming_ball"))'
+	PYTHONPATH=python $(PY) -c 'from dlbhc.search import native; print(native.build("hamming_ball"))'
 
 # Debian packages the tests need beyond Caffe's (Chromium and its WebDriver
 # for the browser test), installed when missing.

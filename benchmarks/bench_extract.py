@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from dlbhc.caffe_env import caffe_tool, import_caffe  # noqa: E402
+from dlbhc.nets.caffe_env import caffe_tool, import_caffe  # noqa: E402
 
 
 def deploy_with_batch(src, dst, batch):

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_extract import deploy_with_batch, random_weights  # noqa: E402
-from dlbhc.store import FeatureStore  # noqa: E402
+from dlbhc.store.database import FeatureStore  # noqa: E402
 
 PROGRESS = re.compile(r"extract \(ray\) (\d+)/(\d+)")
 

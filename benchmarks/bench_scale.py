@@ -124,7 +124,7 @@ OPEN_SCRIPT = textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, {python!r})
     t0 = time.perf_counter()
-    from dlbhc.retrieval import Query, Retriever
+    from dlbhc.serving.retrieval import Query, Retriever
     t1 = time.perf_counter()
     r = Retriever({db!r})
     t2 = time.perf_counter()
@@ -176,7 +176,7 @@ def database_path(args):
 def search_pass(args):
     """One fine stage's cold pass then warm pass over the queries, in this
     (fresh) process; prints the figures as JSON."""
-    from dlbhc.retrieval import Retriever
+    from dlbhc.serving.retrieval import Retriever
     method = args.pass_method
     _, queries = synthetic_codes(args.n, args.queries, args.bits,
                                  np.random.default_rng([args.seed, args.n, args.bits]),

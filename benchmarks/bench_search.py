@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Search speed benchmark: dlbhc.index against faiss and a numpy full scan.
+"""Search speed benchmark: dlbhc.search.index against faiss and a numpy full scan.
 
     .venv/bin/python benchmarks/bench_search.py                  # ~5 min, 2 cores
     .venv/bin/python benchmarks/bench_search.py --sizes 100000 --bits 48 --queries 100
@@ -12,7 +12,7 @@ latency of a top-k search without the CNN:
     coarse    HashIndex.coarse(q, min_candidates): every image within the
               smallest Hamming radius holding >= min_candidates images
     rerank    HashIndex.search: coarse + the fc7 of every candidate read
-              from a real feature store written by dlbhc.store.FeatureStore
+              from a real feature store written by dlbhc.store.database.FeatureStore
               (FeatureStore.fc7 as fc7_lookup: a gather of the candidates'
               rows from the memory-mapped fc7.bin) + Euclidean re-rank;
               "(read)" is the time spent inside that lookup
@@ -92,11 +92,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from dlbhc import codes as hcodes  # noqa: E402
-from dlbhc import index as hindex  # noqa: E402
+from dlbhc.search import codes as hcodes  # noqa: E402
+from dlbhc.search import index as hindex  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.store import FeatureStore, disk_bytes  # noqa: E402
+from dlbhc.store.database import FeatureStore, disk_bytes  # noqa: E402
 
 FC7_POOL_ROWS = 4096
 FC7_DIMS = (4096, 2048, 1024, 512, 256, 128)

@@ -289,9 +289,9 @@ def forward_ms(db_path, repeats=50, batches=(1,), blas_threads=(1,), rounds=1):
     """Median ms of the database's own net on a batch of crops (no HTTP, no
     decode): {(batch, BLAS threads): [ms per round]}.  serve.py's default is
     one BLAS thread."""
-    from dlbhc.caffe_env import blas_threads_control
-    from dlbhc.retrieval import load_matching_model
-    from dlbhc.store import FeatureStore
+    from dlbhc.nets.caffe_env import blas_threads_control
+    from dlbhc.serving.retrieval import load_matching_model
+    from dlbhc.store.database import FeatureStore
     with FeatureStore.open(db_path) as store:
         meta = dict(store.meta)
     net = load_matching_model(meta, db_path)
@@ -326,7 +326,7 @@ def blas_comparison(db_path):
 
 
 def upload_files(db_path, n=64, seed=0):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     with FeatureStore.open(db_path) as store:
         ids = np.random.default_rng(seed).choice(store.count, size=min(n, store.count),
                                                  replace=False)

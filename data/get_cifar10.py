@@ -14,7 +14,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "python"))
 
-from dlbhc.cifar10 import ARCHIVE_ENV, CIFAR10_URL, get_cifar10  # noqa: E402
+from dlbhc.datasets.cifar10 import ARCHIVE_ENV, CIFAR10_URL, get_cifar10  # noqa: E402
 from dlbhc.errors import run_main  # noqa: E402
 
 

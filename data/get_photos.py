@@ -18,7 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "python"))
 
 from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.photos import GCOMPRIS, get_photos  # noqa: E402
+from dlbhc.datasets.photos import GCOMPRIS, get_photos  # noqa: E402
 
 
 def main(argv=None):

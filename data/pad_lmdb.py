@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from dlbhc.datum import pad_imageset  # noqa: E402
+from dlbhc.datasets.datum import pad_imageset  # noqa: E402
 from dlbhc.errors import run_main  # noqa: E402
 
 

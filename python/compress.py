@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.pca import DEFAULT_SAMPLE  # noqa: E402
+from dlbhc.search.pca import DEFAULT_SAMPLE  # noqa: E402
 
 
 def parse_args(argv):
@@ -74,8 +74,8 @@ def describe(store):
 
 def main(argv=None):
     args = parse_args(argv)
-    from dlbhc.pca import Projection
-    from dlbhc.store import FeatureStore
+    from dlbhc.search.pca import Projection
+    from dlbhc.store.database import FeatureStore
     readonly = args.info
     with FeatureStore.open(args.db, readonly=readonly) as store:
         if args.info:

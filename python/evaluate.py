@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc import metrics  # noqa: E402
-from dlbhc.codes import code_bytes  # noqa: E402
+from dlbhc.search import metrics  # noqa: E402
+from dlbhc.search.codes import code_bytes  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.retrieval import add_rerank_arguments  # noqa: E402
+from dlbhc.serving.retrieval import add_rerank_arguments  # noqa: E402
 
 
 def parse_args(argv):
@@ -93,8 +93,8 @@ def _load_npz(path, with_fc7):
 
 
 def _load_store(path, with_fc7, with_index, rerank, exact_top):
-    from dlbhc.retrieval import Retriever
-    from dlbhc.store import FeatureStore
+    from dlbhc.serving.retrieval import Retriever
+    from dlbhc.store.database import FeatureStore
     reduced = None
     if with_index:
         retriever = Retriever(path, rerank=rerank, exact_top=exact_top)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 
 EXIT_SKIPPED = 3
@@ -84,7 +84,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
-        from dlbhc.store import merge
+        from dlbhc.store.database import merge
         merge(args.merge, args.out, backend=args.backend)
         print(f"merged {len(args.merge)} shards into {args.out}")
         return 0
@@ -92,13 +92,13 @@ def main(argv=None):
         raise UserError("--batch-size must be at least 1")
     if args.blas_threads is not None and args.blas_threads < 1:
         raise UserError("--blas-threads must be at least 1")
-    from dlbhc.model import HashNet
+    from dlbhc.nets.model import HashNet
     from dlbhc.images import skipped_list_path
-    from dlbhc.pipeline import extract, parse_shard
+    from dlbhc.extraction.pipeline import extract, parse_shard
     shard = parse_shard(args.shard)
     net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
     if args.ray:
-        from dlbhc.ray_extract import extract_on_ray
+        from dlbhc.scale.ray_extract import extract_on_ray
         report = extract_on_ray(args.images, net, args.out,
                                 address=None if args.ray == LOCAL_RAY else args.ray,
                                 root=args.root, batch_size=args.batch_size,

@@ -25,11 +25,11 @@ def main(argv=None):
     p.add_argument("--force", action="store_true",
                    help="convert a backbone again even when the caffemodel is there")
     args = p.parse_args(argv)
-    from dlbhc import backbones
+    from dlbhc.nets import backbones
     if args.model in backbones.backbone_names():
         backbones.convert(args.model, force=args.force)
     else:
-        from dlbhc.weights import fetch
+        from dlbhc.nets.weights import fetch
         fetch(args.model)
     return 0
 

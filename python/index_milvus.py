@@ -42,9 +42,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from dlbhc.errors import UserError
-    from dlbhc.milvus_index import collection_name, load_database
+    from dlbhc.scale.milvus_index import collection_name, load_database
     from dlbhc.progress import Progress
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     name = args.collection or collection_name(args.db)
     with FeatureStore.open(args.db) as store:
         if store.count == 0:

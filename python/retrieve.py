@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc.retrieval import add_rerank_arguments  # noqa: E402
+from dlbhc.serving.retrieval import add_rerank_arguments  # noqa: E402
 
 
 def parse_args(argv):
@@ -63,7 +63,7 @@ def parse_args(argv):
         p.error("--milvus needs --collection NAME (as given to index_milvus.py)")
     if not (args.query or args.id or args.queries):
         p.error("give a query image, --id N or --queries LIST")
-    from dlbhc.retrieval import check_search_parameters
+    from dlbhc.serving.retrieval import check_search_parameters
     try:
         check_search_parameters(args.top_k, args.candidates, args.max_radius)
     except UserError as err:
@@ -85,7 +85,7 @@ IMAGE_BATCH = 50
 def main(argv=None):
     args = parse_args(argv)
     from dlbhc.images import list_images
-    from dlbhc.retrieval import Query, Retriever, format_table, montage, to_json
+    from dlbhc.serving.retrieval import Query, Retriever, format_table, montage, to_json
     if args.milvus:
         if args.rerank == "pca" or args.exact_top is not None:
             raise UserError("--rerank pca / --exact-top work on a local database; a Milvus "

@@ -20,14 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 
 TOKEN_ENV = "DLBHC_TOKEN"
 
 
 def parse_args(argv):
-    from dlbhc.service import Limits
+    from dlbhc.serving.service import Limits
     limits = Limits()
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +110,8 @@ def main(argv=None):
     args = parse_args(argv)
     import uvicorn
     from uvicorn.supervisors import Multiprocess
-    from dlbhc.service import Limits, QueryService, limit_malloc_arenas
-    from dlbhc.webapp import SETTINGS_ENV, create_app
+    from dlbhc.serving.service import Limits, QueryService, limit_malloc_arenas
+    from dlbhc.serving.webapp import SETTINGS_ENV, create_app
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                     max_pixels=args.max_pixels, max_images=args.max_images,
@@ -154,7 +154,7 @@ def main(argv=None):
             service = None
             os.environ[SETTINGS_ENV] = json.dumps(dict(settings, limits=limits.as_dict(),
                                                        token=args.token))
-            config = uvicorn.Config("dlbhc.webapp:app_from_environment", factory=True,
+            config = uvicorn.Config("dlbhc.serving.webapp:app_from_environment", factory=True,
                                     workers=args.workers, **options)
             print(f"serving {url}" + (f"?token={args.token}" if args.token else "")
                   + f" ({args.workers} worker processes)", flush=True)

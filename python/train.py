@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import run_main  # noqa: E402
 
 # In the project's models/ folder, wherever train.py is started from.
@@ -88,9 +88,9 @@ def main(argv=None):
     own.add_argument("--cache-dir", help="where cached features go (default data/features)")
     add_gpu_argument(p)
     args = p.parse_args(argv)
-    from dlbhc.training import DEFAULT_SPLIT, train, train_collection
+    from dlbhc.training.recipes import DEFAULT_SPLIT, train, train_collection
     if args.data:
-        from dlbhc.backbones import backbone_names
+        from dlbhc.nets.backbones import backbone_names
         summary = train_collection(
             args.data, net=args.net or backbone_names()[0], bits=args.bits, test=args.test,
             root=args.root, runs_dir=args.runs_dir, name=args.name, size=args.size,

@@ -14,7 +14,7 @@ def caffe():
     """pycaffe from the project's build, in CPU mode. Without a build the
     tests that use it fail (`make test` builds Caffe first): a missing build
     is a broken set-up, not a reason to skip."""
-    from dlbhc.caffe_env import import_caffe
+    from dlbhc.nets.caffe_env import import_caffe
     caffe = import_caffe()
     caffe.set_mode_cpu()
     return caffe

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from dlbhc.codes import pack_codes
+from dlbhc.search.codes import pack_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "prototxt"
@@ -391,7 +391,7 @@ def write_legacy_torch(path, tensors, extra_globals=(), fortran=False):
 
 def write_rcc(path, files, version=2, compress=()):
     """A Qt binary resource file (.rcc) holding `files` {"dir/name": bytes},
-    written independently of dlbhc.photos.read_rcc; members named in
+    written independently of dlbhc.datasets.photos.read_rcc; members named in
     `compress` are stored zlib-compressed (qCompress: uint32 size + zlib)."""
     import struct
     import zlib

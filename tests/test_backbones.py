@@ -3,7 +3,7 @@
 The legacy torch reader on generated files (values, layouts, refusals); the
 conversion rule (SAME padding, input normalisation, names); and the real
 converted EfficientNet-Lite0 against the independent numpy forward in
-dlbhc.reference on scikit-image's photos, with ImageNet's classes.
+dlbhc_testing.reference on scikit-image's photos, with ImageNet's classes.
 """
 import hashlib
 import io
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlbhc import backbones
-from dlbhc import reference as ref
+from dlbhc.nets import backbones
+from dlbhc_testing import reference as ref
 from dlbhc.errors import UserError
-from dlbhc.torch_legacy import load_state_dict
+from dlbhc.nets.torch_legacy import load_state_dict
 from helpers import write_legacy_torch
 
 BACKBONE = "efficientnet_lite0"
@@ -245,7 +245,7 @@ def test_the_build_in_use_has_the_depthwise_path(caffe):
     """The comparison above passes on an unpatched Caffe too (both paths are
     then the general one): check that libcaffe holds the patched layer."""
     import subprocess
-    from dlbhc.caffe_env import caffe_root
+    from dlbhc.nets.caffe_env import caffe_root
     lib = sorted((caffe_root() / "build" / "lib").glob("libcaffe.so*"))[0]
     symbols = subprocess.run(["nm", "-DC", str(lib)], capture_output=True, text=True).stdout
     assert "ConvolutionLayer<float>::is_depthwise()" in symbols

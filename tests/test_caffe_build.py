@@ -79,7 +79,7 @@ def test_latent_layer_gradient_matches_finite_differences(caffe, tmp_path):
 
 
 def test_caffe_time_runs_on_a_tiny_net(caffe, tmp_path):
-    from dlbhc.caffe_env import caffe_tool
+    from dlbhc.nets.caffe_env import caffe_tool
     L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[2, 3, 8, 8]))
@@ -96,7 +96,7 @@ def test_caffe_time_runs_on_a_tiny_net(caffe, tmp_path):
 
 
 def test_tools_are_built():
-    from dlbhc.caffe_env import caffe_tool
+    from dlbhc.nets.caffe_env import caffe_tool
     for tool in ("caffe", "convert_imageset", "compute_image_mean", "extract_features"):
         assert os.access(caffe_tool(tool), os.X_OK), tool
 

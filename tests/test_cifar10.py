@@ -1,4 +1,4 @@
-"""dlbhc.cifar10: the CIFAR-10 getter on fake archives (the network faked
+"""dlbhc.datasets.cifar10: the CIFAR-10 getter on fake archives (the network faked
 through get_cifar10's opener), and the data/get_cifar10.py script."""
 import hashlib
 import io
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlbhc import cifar10
-from dlbhc.cifar10 import (ARCHIVE_ENV, CIFAR10_CLASSES, CIFAR10_URL, COMPLETE_MARKER,
+from dlbhc.datasets import cifar10
+from dlbhc.datasets.cifar10 import (ARCHIVE_ENV, CIFAR10_CLASSES, CIFAR10_URL, COMPLETE_MARKER,
                            get_cifar10, verify_archive)
 from dlbhc.errors import UserError
 from dlbhc.images import list_images

@@ -1,12 +1,12 @@
-"""dlbhc.codes: the code format (threshold, packing, width, pad bits) and
+"""dlbhc.search.codes: the code format (threshold, packing, width, pad bits) and
 Hamming distances, against the bit-by-bit reference."""
 import numpy as np
 import pytest
 
-from dlbhc.codes import (CODE_THRESHOLD, HammingBall, code_bytes, group_equal_codes,
+from dlbhc.search.codes import (CODE_THRESHOLD, HammingBall, code_bytes, group_equal_codes,
                          hamming_distances, hamming_matrix, pack_codes, to_words)
-from dlbhc.index import HashIndex
-from dlbhc.reference import naive_hamming
+from dlbhc.search.index import HashIndex
+from dlbhc_testing.reference import naive_hamming
 
 
 def test_pack_codes_is_big_endian_threshold_half_with_zero_pad_bits():
@@ -75,7 +75,7 @@ def test_hamming_ball_matches_bit_by_bit_reference(bits):
     stopping radius is index.shell_radius's over the exact counts (images
     weighted by rows' bucket sizes, or one each), and the ball every row
     within it in (distance, position) order."""
-    from dlbhc.index import shell_radius
+    from dlbhc.search.index import shell_radius
 
     rng = np.random.default_rng(bits)
     codes = pack_codes(rng.random((700, bits)).astype(np.float32))

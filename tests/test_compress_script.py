@@ -24,8 +24,8 @@ def collection(caffe, tmp_path_factory):
 
 
 def test_extract_compress_append_retrieve_evaluate(collection, tmp_path):
-    from dlbhc.reference import brute_force_search
-    from dlbhc.store import FeatureStore
+    from dlbhc_testing.reference import brute_force_search
+    from dlbhc.store.database import FeatureStore
     db = tmp_path / "db.lmdb"
     run_extract([collection["folder"] / "first", "--out", db, *collection["model"]])
     out = run_script(COMPRESS, [db, "--pca", 8])

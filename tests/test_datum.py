@@ -1,4 +1,4 @@
-"""dlbhc.datum: image set -> Caffe Datum database (LMDB, LevelDB), padding,
+"""dlbhc.datasets.datum: image set -> Caffe Datum database (LMDB, LevelDB), padding,
 mean image; and the data/convert_imageset.py script. Every test here needs the
 Caffe build (the conftest `caffe` fixture: a missing build fails them)."""
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlbhc.datum import compute_mean, convert_imageset, pad_imageset
+from dlbhc.datasets.datum import compute_mean, convert_imageset, pad_imageset
 from dlbhc.errors import UserError
 from dlbhc.images import ImageItem, list_images, read_image, resize_for_net
 
@@ -38,7 +38,7 @@ def _image_folder(root):
 
 def _read_lmdb(path):
     import lmdb
-    from dlbhc.caffe_env import import_caffe
+    from dlbhc.nets.caffe_env import import_caffe
     Datum = import_caffe().proto.caffe_pb2.Datum
     env = lmdb.open(str(path), readonly=True, lock=False)
     records = []
@@ -155,7 +155,7 @@ def test_convert_bad_arguments(tmp_path):
 
 
 def test_mean_matches_numpy(tmp_path):
-    from dlbhc.caffe_env import import_caffe
+    from dlbhc.nets.caffe_env import import_caffe
     found = _image_folder(tmp_path / "imgs")
     convert_imageset(found, tmp_path / "db", 7)
     result = compute_mean(tmp_path / "db", tmp_path / "mean.binaryproto", tmp_path / "mean.npy")
@@ -175,7 +175,7 @@ def test_mean_matches_numpy(tmp_path):
 
 
 def test_mean_matches_caffe_compute_image_mean(tmp_path):
-    from dlbhc.caffe_env import caffe_tool, import_caffe
+    from dlbhc.nets.caffe_env import caffe_tool, import_caffe
     convert_imageset(_image_folder(tmp_path / "imgs"), tmp_path / "db", 9)
     ours = compute_mean(tmp_path / "db", tmp_path / "ours.binaryproto", None)
     subprocess.run([str(caffe_tool("compute_image_mean")), "-backend", "lmdb",

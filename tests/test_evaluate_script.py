@@ -68,7 +68,7 @@ def test_no_fine_and_inputs_without_fc7_evaluate_hamming_only(tmp_path):
 
 
 def test_feature_store_folder_gives_the_same_figures_as_npz(tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     store = FeatureStore.create(tmp_path / "db.lmdb", {"bits": 8, "fc7_dim": 1})
     latent = np.unpackbits(DB_CODES, axis=1).astype(np.float32)
     store.append(DB_FC7, latent, DB_CODES,

@@ -26,7 +26,7 @@ def model_args(tiny):
 
 
 def test_store_fields_codes_and_fc7_match_pycaffe(caffe, tiny, tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     images = make_images(tmp_path / "imgs", 10)
     out = tmp_path / "db.lmdb"
     run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
@@ -64,7 +64,7 @@ def test_store_fields_codes_and_fc7_match_pycaffe(caffe, tiny, tmp_path):
 def test_batch_transform_is_bit_identical_to_caffe_transformer(caffe, crop, mean, order):
     """extract.py prepares a whole batch of uint8 crops at once; the result
     must be exactly what caffe.io.Transformer gives image by image."""
-    from dlbhc.model import BatchTransformer, Preprocessing
+    from dlbhc.nets.model import BatchTransformer, Preprocessing
     prep = Preprocessing(resize=crop, crop=crop, mean_bgr=mean, channel_order=order)
     crops = np.random.default_rng(crop).integers(0, 256, (5, crop, crop, 3), dtype=np.uint8)
     t = caffe.io.Transformer({"data": (1, 3, crop, crop)})
@@ -84,7 +84,7 @@ def test_batch_transform_is_bit_identical_to_caffe_transformer(caffe, crop, mean
 
 
 def test_rerun_adds_nothing_and_new_images_are_appended(tiny, tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 6)
     out = tmp_path / "db.lmdb"
     run_extract([tmp_path / "imgs", "--out", out, *model_args(tiny)])
@@ -99,7 +99,7 @@ def test_rerun_adds_nothing_and_new_images_are_appended(tiny, tmp_path):
 
 def test_killed_run_then_rerun_holds_every_image_once(caffe, tmp_path):
     from dlbhc.errors import UserError
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     # a heavier net and many small batches, so the kill lands mid-way
     deploy, weights = make_tiny_net(caffe, tmp_path, size=24, fc7=2048)
     make_images(tmp_path / "imgs", 240)
@@ -157,7 +157,7 @@ def write_bad_and_odd_images(folder):
 
 
 def test_bad_images_are_reported_and_skipped(tiny, tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     bad, good = write_bad_and_odd_images(tmp_path / "mixed")
     out = tmp_path / "db.lmdb"
     result = run_extract([tmp_path / "mixed", "--out", out, *model_args(tiny)], check=False)
@@ -173,7 +173,7 @@ def test_bad_images_are_reported_and_skipped(tiny, tmp_path):
 
 
 def test_leveldb_backend_holds_the_same_records(tiny, tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 7)
     run_extract([tmp_path / "imgs", "--out", tmp_path / "a.lmdb", *model_args(tiny)])
     run_extract([tmp_path / "imgs", "--out", tmp_path / "b.leveldb", "--backend", "leveldb",
@@ -186,7 +186,7 @@ def test_leveldb_backend_holds_the_same_records(tiny, tmp_path):
 
 
 def test_two_shards_merged_equal_a_single_run(tiny, tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 9)
     common = [tmp_path / "imgs", *model_args(tiny)]
     run_extract([*common, "--out", tmp_path / "single.lmdb"])
@@ -227,7 +227,7 @@ def test_missing_inputs_give_clear_errors(tiny, tmp_path):
 
 
 def test_gpu_switch_on_a_cpu_only_build_is_a_clear_error(tiny, tmp_path):
-    from dlbhc.caffe_env import is_cpu_only_build
+    from dlbhc.nets.caffe_env import is_cpu_only_build
     if not is_cpu_only_build():
         pytest.skip("this Caffe is a GPU build")
     make_images(tmp_path / "imgs", 2)
@@ -254,7 +254,7 @@ class FakeBlas:
 
 @pytest.mark.parametrize("faster", [1, 4])
 def test_blas_tuner_keeps_the_faster_thread_count(faster):
-    from dlbhc.pipeline import BlasThreadTuner
+    from dlbhc.extraction.pipeline import BlasThreadTuner
     blas = FakeBlas(4)
     tuner = BlasThreadTuner(blas.control(), trials=3)
     for _ in range(1 + 2 * 3):          # a warm-up batch, then 3 timed batches of each
@@ -270,7 +270,7 @@ def test_blas_tuner_keeps_the_faster_thread_count(faster):
 
 
 def test_blas_tuner_fixed_single_or_absent():
-    from dlbhc.pipeline import BlasThreadTuner
+    from dlbhc.extraction.pipeline import BlasThreadTuner
     blas = FakeBlas(2)
     tuner = BlasThreadTuner(blas.control(), fixed=1)
     assert not tuner.tuning and blas.threads == 1 and tuner.describe() == "BLAS threads 1"
@@ -282,7 +282,7 @@ def test_blas_tuner_fixed_single_or_absent():
 
 
 def test_blas_control_reaches_caffes_openblas(caffe):
-    from dlbhc.caffe_env import blas_threads_control
+    from dlbhc.nets.caffe_env import blas_threads_control
     control = blas_threads_control()
     if control is None:
         pytest.skip("Caffe is not linked with OpenBLAS here")
@@ -299,7 +299,7 @@ def test_forward_workers_store_what_the_main_process_net_stores(tiny, tmp_path):
     """On the CPU with 2+ workers each worker runs its own single-threaded
     net; the store must hold what one net in the main process computes (up
     to BLAS summation order), in the same order, bad files skipped alike."""
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 11)
     (tmp_path / "imgs" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     runs = {}
@@ -325,8 +325,8 @@ def test_hashnet_loads_what_caffe_net_loads(caffe, tiny, tmp_path):
     """HashNet builds the net once and copies the weights in after its
     checks: the same parameters and outputs as caffe.Net(..., weights=...),
     checked or not (forward workers), and describe() hashes both files."""
-    from dlbhc.codes import pack_codes
-    from dlbhc.model import BatchTransformer, HashNet, ImagePreparer
+    from dlbhc.search.codes import pack_codes
+    from dlbhc.nets.model import BatchTransformer, HashNet, ImagePreparer
     deploy, weights = tiny
     reference = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
     paths = make_images(tmp_path / "imgs", 5)
@@ -359,7 +359,7 @@ def test_hashnet_loads_what_caffe_net_loads(caffe, tiny, tmp_path):
 
 def test_hashnet_refuses_a_broken_deploy_or_weights_file(caffe, tiny, tmp_path):
     from dlbhc.errors import UserError
-    from dlbhc.model import HashNet
+    from dlbhc.nets.model import HashNet
     deploy, weights = tiny
     broken = tmp_path / "broken_deploy.prototxt"
     broken.write_text('layer { name: "data" type: "Input" top: "data"\n')
@@ -382,7 +382,7 @@ class FakeStore:
 
 
 def test_committer_stages_batches_and_commits_them_together():
-    from dlbhc.pipeline import Committer, ExtractionReport
+    from dlbhc.extraction.pipeline import Committer, ExtractionReport
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(n, 6)).astype(np.float32), rng.random((n, 10)),
                 [{"path": f"p{n}_{i}", "label": 0, "seq": i} for i in range(n)])
@@ -413,7 +413,7 @@ def test_committer_stages_batches_and_commits_them_together():
 def test_blas_threads_is_applied_with_or_without_decoding_workers(tiny, tmp_path):
     """--blas-threads N runs the net in the main process with N threads, also
     with --workers 0 (decoding in the main process too)."""
-    from dlbhc.caffe_env import blas_threads_control
+    from dlbhc.nets.caffe_env import blas_threads_control
     if blas_threads_control() is None:
         pytest.skip("Caffe is not linked with OpenBLAS here")
     make_images(tmp_path / "imgs", 5)

@@ -1,4 +1,4 @@
-"""dlbhc.index: the bucket table's coarse search (every strategy), the
+"""dlbhc.search.index: the bucket table's coarse search (every strategy), the
 batched coarse-to-fine search against the brute-force reference, and the
 cached index file (the code format's own tests are in test_codes.py)."""
 import os
@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from dlbhc.codes import code_bytes, pack_codes
-from dlbhc.index import HashIndex, SearchResults, default_min_candidates
-from dlbhc.reference import brute_force_search, reference_coarse
-from dlbhc.rerank import fc7_sq_distances, rank_by_distance
+from dlbhc.search.codes import code_bytes, pack_codes
+from dlbhc.search.index import HashIndex, SearchResults, default_min_candidates
+from dlbhc_testing.reference import brute_force_search, reference_coarse
+from dlbhc.search.rerank import fc7_sq_distances, rank_by_distance
 from helpers import clustered_codes, codes_from_ints
 
 # Cost tables that force one coarse strategy (the results must not change).
@@ -59,7 +59,7 @@ def test_small_index_is_exact_whatever_its_sample_suggests(monkeypatch, bits, sa
     codes suggests, else scans every image's code: a sample of 3 images
     misjudges the radius either way, and the result must still be the
     rule's (the scans of unique codes after pivot runs, in "switch", too)."""
-    import dlbhc.index as index_module
+    import dlbhc.search.index as index_module
     monkeypatch.setattr(index_module, "RADIUS_SAMPLE", sample)
     rng = np.random.default_rng(bits)
     codes = clustered_codes(rng, 4000, bits, n_centres=30, flip_p=0.05)

@@ -126,8 +126,8 @@ def test_engines_are_imported_only_when_used():
     scripts' modules and the adapters themselves loads neither engine, so
     the single-machine path runs without them installed."""
     code = ("import sys; sys.path.insert(0, %r)\n" % str(ROOT / "python")
-            + "import dlbhc, dlbhc.ray_extract, dlbhc.milvus_index, dlbhc.retrieval\n"
-            + "import dlbhc.pipeline, dlbhc.store\n"
+            + "import dlbhc, dlbhc.scale.ray_extract, dlbhc.scale.milvus_index, dlbhc.serving.retrieval\n"
+            + "import dlbhc.extraction.pipeline, dlbhc.store.database\n"
             + "print(sorted(m for m in sys.modules if m.split('.')[0] in "
               "('ray', 'pymilvus', 'milvus')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

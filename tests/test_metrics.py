@@ -1,13 +1,14 @@
-"""dlbhc.metrics against hand-computed figures and the per-query reference
-(dlbhc.reference, itself checked by hand here): mAP@k, P@k, radius
+"""dlbhc.search.metrics against hand-computed figures and the per-query reference
+(dlbhc_testing.reference, itself checked by hand here): mAP@k, P@k, radius
 precision, rankings (coarse tie order, fine = the index's search), batching,
 plots, table."""
 import numpy as np
 import pytest
 
-from dlbhc import metrics, reference
-from dlbhc.codes import hamming_distances, pack_codes
-from dlbhc.index import HashIndex
+from dlbhc.search import metrics
+from dlbhc_testing import reference
+from dlbhc.search.codes import hamming_distances, pack_codes
+from dlbhc.search.index import HashIndex
 from helpers import DB_CODES, DB_LABELS, PNG_MAGIC, Q_CODES, Q_LABELS
 
 # ---- per-query measures ------------------------------------------------------

@@ -43,7 +43,7 @@ def milvus_uri(tmp_path_factory):
 def synthetic_store(path, n=1500, bits=48, dim=24, seed=0):
     """A feature store of clustered codes with ties built in: repeated codes
     (buckets), and pairs of images with identical re-rank rows."""
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     rng = np.random.default_rng(seed)
     codes = clustered_codes(rng, n, bits, n_centres=5, flip_p=0.05)
     fc7 = rng.random((n, dim), dtype=np.float32)
@@ -78,9 +78,9 @@ def assert_same_results(got, expected):
 
 @pytest.mark.parametrize("index_type,nprobe", [("BIN_FLAT", None), ("BIN_IVF_FLAT", None)])
 def test_milvus_search_equals_the_local_index(milvus_uri, tmp_path, index_type, nprobe):
-    from dlbhc.index import HashIndex
-    from dlbhc.milvus_index import MilvusCollection, load_database
-    from dlbhc.store import FeatureStore
+    from dlbhc.search.index import HashIndex
+    from dlbhc.scale.milvus_index import MilvusCollection, load_database
+    from dlbhc.store.database import FeatureStore
     codes, fc7 = synthetic_store(tmp_path / "db.lmdb")
     name = f"syn_{index_type.lower()}"
     with FeatureStore.open(tmp_path / "db.lmdb") as store:
@@ -115,9 +115,9 @@ def test_shells_beyond_milvus_topk_cap_are_split(milvus_uri, tmp_path, monkeypat
     """Milvus answers at most 16,384 results a search: bigger shells are
     fetched in id ranges, and candidate counts above the cap grow shell by
     shell.  Checked with the cap lowered to 40."""
-    from dlbhc import milvus_index
-    from dlbhc.index import HashIndex
-    from dlbhc.store import FeatureStore
+    from dlbhc.scale import milvus_index
+    from dlbhc.search.index import HashIndex
+    from dlbhc.store.database import FeatureStore
     codes, fc7 = synthetic_store(tmp_path / "db.lmdb", n=600, bits=16, seed=3)
     with FeatureStore.open(tmp_path / "db.lmdb") as store:
         milvus_index.load_database(store, milvus_uri, "syn_cap")
@@ -211,7 +211,7 @@ def test_unreachable_missing_and_wrong_uris_are_clear_errors(milvus_uri, extract
 
 
 def test_collection_names_from_database_folders():
-    from dlbhc.milvus_index import collection_name
+    from dlbhc.scale.milvus_index import collection_name
     assert collection_name("runs/x/db_train.lmdb") == "db_train"
     assert collection_name("/data/my-photos.2024.leveldb") == "my_photos_2024"
     assert re.fullmatch(r"[A-Za-z_]\w*", collection_name("/data/2024 photos.lmdb"))

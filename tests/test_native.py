@@ -1,11 +1,11 @@
-"""dlbhc.native: the project's C kernels built on first use into a cache,
+"""dlbhc.search.native: the project's C kernels built on first use into a cache,
 loaded once, with a clear error when no compiler can build them."""
 import ctypes
 
 import numpy as np
 import pytest
 
-from dlbhc import native
+from dlbhc.search import native
 from dlbhc.errors import UserError
 
 

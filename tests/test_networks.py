@@ -16,7 +16,7 @@ ALEXNET_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
 def parse(caffe, path, message="NetParameter"):
     """A checked-in prototxt through the project's one reader (needs the
     caffe fixture: the messages are pycaffe's)."""
-    from dlbhc.protos import read_prototxt
+    from dlbhc.nets.protos import read_prototxt
     return read_prototxt(path, message)
 
 
@@ -72,7 +72,7 @@ def test_official_solver_settings(caffe):
 def test_finetuning_copies_conv1_to_fc7_only(caffe, tmp_path):
     """`caffe train -weights` with an ImageNet-shaped AlexNet caffemodel (made
     here with random values, since the real one cannot be downloaded)."""
-    from dlbhc.caffe_env import caffe_root, caffe_tool
+    from dlbhc.nets.caffe_env import caffe_root, caffe_tool
     rng = np.random.default_rng(1)
     imagenet = caffe.Net(str(caffe_root() / "models/bvlc_alexnet/deploy.prototxt"), caffe.TEST)
     for name, params in imagenet.params.items():

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlbhc import backbones, frozen, training
-from dlbhc.collection import load_collection
+from dlbhc.nets import backbones
+from dlbhc.training import frozen
+from dlbhc.training import recipes as training
+from dlbhc.datasets.collection import load_collection
 from dlbhc.errors import UserError
 from dlbhc.images import ImageItem
-from dlbhc.model import HashNet, Preprocessing, write_preprocessing_record
+from dlbhc.nets.model import HashNet, Preprocessing, write_preprocessing_record
 from helpers import EXTRACT, ROOT, TRAIN, make_tiny_net, run_script
 
 BACKBONE = "efficientnet_lite0"
@@ -171,7 +173,7 @@ def test_cached_features_hold_images_then_their_mirror_images(caffe, backbone, t
     assert (summary["images"], summary["records"], summary["skipped"]) == (6, 12, 1)
     assert "broken.jpg" in (tmp_path / "feat.skipped.tsv").read_text()
     import lmdb
-    from dlbhc.protos import caffe_pb2
+    from dlbhc.nets.protos import caffe_pb2
     env = lmdb.open(str(tmp_path / "feat"), readonly=True, lock=False)
     with env.begin() as txn:
         records = [(k, caffe_pb2().Datum.FromString(v)) for k, v in txn.cursor()]
@@ -182,7 +184,7 @@ def test_cached_features_hold_images_then_their_mirror_images(caffe, backbone, t
     assert len([k for k, _ in records if int(k) < n]) == 6
     assert len([k for k, _ in records if int(k) >= n]) == 6
     reference = caffe.Net(str(prototxt), caffe.TEST, weights=str(w))
-    from dlbhc.model import BatchTransformer, ImagePreparer
+    from dlbhc.nets.model import BatchTransformer, ImagePreparer
     crop = ImagePreparer(prep)(items[0].path)
     found = []
     for view in (crop, crop[:, ::-1]):
@@ -244,7 +246,7 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     assert (run / "classes.txt").read_text().split() == list(CLASSES)
     assert len((run / "test.txt").read_text().splitlines()) == 3
     # the run's prototxts: 3 outputs; the checked-in templates unchanged (10)
-    from dlbhc.protos import read_prototxt
+    from dlbhc.nets.protos import read_prototxt
     for name in ("train_val.prototxt", "deploy.prototxt"):
         net = read_prototxt(run / name)
         assert [l.inner_product_param.num_output for l in net.layer
@@ -270,7 +272,7 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
                                      "--weights", summary["weights"], "--out", db,
                                      "--workers", 0])
     assert "stored 3 new images" in extracted.stdout
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     store = FeatureStore.open(db)
     try:
         prep = store.meta["preprocessing"]
@@ -296,7 +298,7 @@ def test_whole_backbone_fine_tuning_on_image_lmdbs(caffe, backbone, tmp_path):
                        "--resize", 40, "--split", "none", "--max-iter", 2, "--batch-size", 4,
                        "--bits", 12], timeout=900)
     run = runs / f"{BACKBONE}_hash12_photos"
-    from dlbhc.protos import read_prototxt
+    from dlbhc.nets.protos import read_prototxt
     data = [l for l in read_prototxt(run / "train_val.prototxt").layer if l.type == "Data"]
     assert [(l.transform_param.crop_size, l.transform_param.mirror) for l in data] == \
         [(32, True), (32, False)]
@@ -317,7 +319,7 @@ def test_small_net_training_on_a_tiny_collection(caffe, tmp_path):
                        "--max-iter", 3, "--batch-size", 5, "--bits", 12], timeout=600)
     run = runs / "cifar_hash12_photos"
     record = json.loads((run / "preprocessing.json").read_text())
-    from dlbhc.protos import read_prototxt
+    from dlbhc.nets.protos import read_prototxt
     train_val = read_prototxt(run / "train_val.prototxt")
     data = [l for l in train_val.layer if l.type == "Data"]
     # the collection's own mean, in the net and in the record

@@ -1,4 +1,4 @@
-"""The compressed (PCA) re-rank store: the projection (dlbhc.pca), its rows
+"""The compressed (PCA) re-rank store: the projection (dlbhc.search.pca), its rows
 in the feature store (learned once, extended with the same projection on
 every append, crash-safe, refused when it does not match), and the fine
 stage that ranks by them, against the brute-force reference (no Caffe)."""
@@ -8,15 +8,15 @@ import os
 import numpy as np
 import pytest
 
-from dlbhc import pca as pca_module
-from dlbhc.codes import pack_codes
+from dlbhc.search import pca as pca_module
+from dlbhc.search.codes import pack_codes
 from dlbhc.errors import UserError
-from dlbhc.index import HashIndex
-from dlbhc.metrics import evaluate
-from dlbhc.pca import Projection
-from dlbhc.reference import brute_force_search
-from dlbhc.rerank import ReducedRows
-from dlbhc.store import FC7_FILE, PCA_PREFIX, FeatureStore, merge
+from dlbhc.search.index import HashIndex
+from dlbhc.search.metrics import evaluate
+from dlbhc.search.pca import Projection
+from dlbhc_testing.reference import brute_force_search
+from dlbhc.search.rerank import ReducedRows
+from dlbhc.store.database import FC7_FILE, PCA_PREFIX, FeatureStore, merge
 from helpers import ROOT, clustered_codes, run_script
 
 COMPRESS = ROOT / "python" / "compress.py"
@@ -371,7 +371,7 @@ def test_evaluation_by_pca_rows_is_the_evaluation_of_the_projected_features():
 
 
 def test_pca_store_serves_the_search_through_the_retriever(tmp_path):
-    from dlbhc.retrieval import Query, Retriever
+    from dlbhc.serving.retrieval import Query, Retriever
     rng = np.random.default_rng(12)
     make_store(tmp_path / "db", rng, n=60).close()
     plain = Retriever(tmp_path / "db")               # no PCA store: fc7, as before

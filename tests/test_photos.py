@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from dlbhc import photos
+from dlbhc.datasets import photos
 from dlbhc.errors import UserError
 from helpers import EXTRACT, ROOT, TRAIN, run_script, write_rcc
 

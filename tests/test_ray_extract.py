@@ -126,7 +126,7 @@ def shard_actor_pids():
 
 
 def assert_same_database(got, expected, n):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     with FeatureStore.open(got) as g, FeatureStore.open(expected) as e:
         assert g.count == e.count == n
         paths = [i["path"] for i in g.infos()]
@@ -176,7 +176,7 @@ def test_rerun_after_the_driver_is_killed_finishes_the_job(ray_cluster, slow_net
     wait_for_progress(tmp_path / "first.txt", proc, 40)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     shards = sorted((tmp_path / "ray.lmdb.ray-shards").glob("shard-*.lmdb"))
     assert shards, "the killed run left no shards"
     with FeatureStore.open(out) as db:
@@ -229,7 +229,7 @@ def test_ray_options_are_checked(tmp_path):
 
 
 def test_shards_are_consecutive_runs_of_the_input_order():
-    from dlbhc.ray_extract import default_shard_size, plan_shards
+    from dlbhc.scale.ray_extract import default_shard_size, plan_shards
     triples = [(i, f"/p{i}", 0) for i in range(10)]
     shards = plan_shards(triples, 4)
     assert [len(s) for s in shards] == [4, 4, 2]

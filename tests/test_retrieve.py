@@ -27,8 +27,8 @@ def retrieve(*args, check=True):
 
 
 def test_full_radius_equals_brute_force(database):
-    from dlbhc.reference import brute_force_search
-    from dlbhc.store import FeatureStore
+    from dlbhc_testing.reference import brute_force_search
+    from dlbhc.store.database import FeatureStore
     with FeatureStore.open(database["db"]) as store:
         codes, fc7 = store.codes(), store.fc7(range(store.count))
         paths = [i["path"] for i in store.infos()]
@@ -45,7 +45,7 @@ def test_full_radius_equals_brute_force(database):
 
 
 def test_query_image_file_finds_itself_first(database):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     with FeatureStore.open(database["db"]) as store:
         path = store.infos([5])[0]["path"]
     out = retrieve(path, "--db", database["db"], "--top-k", 3, "--json")
@@ -68,7 +68,7 @@ def test_json_holds_what_the_table_shows(database):
 
 def test_montage_is_a_png_of_the_expected_size(database, tmp_path):
     from PIL import Image
-    from dlbhc.retrieval import MONTAGE_DPI, MONTAGE_TILE_INCHES
+    from dlbhc.serving.retrieval import MONTAGE_DPI, MONTAGE_TILE_INCHES
     png = tmp_path / "m.png"
     retrieve("--db", database["db"], "--id", 1, "--top-k", 6, "--show", 6, "--montage", png)
     with Image.open(png) as img:
@@ -78,7 +78,7 @@ def test_montage_is_a_png_of_the_expected_size(database, tmp_path):
 
 
 def test_index_cache_is_rebuilt_after_the_database_changes(caffe, tmp_path):
-    from dlbhc.retrieval import index_cache_path
+    from dlbhc.serving.retrieval import index_cache_path
     deploy, weights = make_tiny_net(caffe, tmp_path, bits=12)
     make_images(tmp_path / "imgs", 6)
     db = tmp_path / "db.lmdb"
@@ -127,8 +127,8 @@ def test_float16_database_from_extraction_to_retrieval(caffe, database, tmp_path
     """extract.py --float16 stores fc7 as float16 (half the bytes, values
     within float16 rounding of the float32 database's); retrieve.py answers
     from it exactly as the brute-force search over those stored rows does."""
-    from dlbhc.reference import brute_force_search
-    from dlbhc.store import FeatureStore
+    from dlbhc_testing.reference import brute_force_search
+    from dlbhc.store.database import FeatureStore
     db16 = tmp_path / "db16.lmdb"
     run_extract([database["folder"] / "imgs", "--out", db16, "--deploy", database["deploy"],
                  "--weights", database["weights"], "--mean", MEAN, "--batch-size", 8,

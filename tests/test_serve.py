@@ -51,7 +51,7 @@ def png_bytes(path):
 
 
 def db_paths(database):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     with FeatureStore.open(database["db"]) as store:
         return [info["path"] for info in store.infos()]
 
@@ -385,7 +385,7 @@ WRITER = """
 import sys, time
 import numpy as np
 sys.path.insert(0, {python!r})
-from dlbhc.store import FeatureStore
+from dlbhc.store.database import FeatureStore
 rng = np.random.default_rng(1)
 store = FeatureStore.open({db!r}, readonly=False)
 for b in range({batches}):
@@ -399,7 +399,7 @@ store.close()
 
 
 def test_growing_database_is_served_whole_batches_only(tmp_path):
-    from dlbhc.store import FeatureStore
+    from dlbhc.store.database import FeatureStore
     db = tmp_path / "grow.lmdb"
     rng = np.random.default_rng(0)
     with FeatureStore.create(db, {"bits": 16, "fc7_dim": 8}) as store:

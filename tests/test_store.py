@@ -1,13 +1,13 @@
-"""dlbhc.store: the feature database's records, revision, and the clear
+"""dlbhc.store.database: the feature database's records, revision, and the clear
 errors for damaged or foreign databases (no Caffe needed)."""
 import json
 
 import numpy as np
 import pytest
 
-from dlbhc.codes import pack_codes
+from dlbhc.search.codes import pack_codes
 from dlbhc.errors import UserError
-from dlbhc.store import FC7_FILE, FeatureStore, check_compatible, merge
+from dlbhc.store.database import FC7_FILE, FeatureStore, check_compatible, merge
 
 BITS, DIM = 12, 8
 

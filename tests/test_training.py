@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlbhc import training
+from dlbhc.training import recipes as training
 from dlbhc.errors import UserError
-from dlbhc.protos import read_prototxt
+from dlbhc.nets.protos import read_prototxt
 from helpers import PROTOTXT, ROOT, TRAIN, learnable_images, run_script, write_training_data
 
 

@@ -6,7 +6,7 @@ import urllib.error
 import pytest
 
 from dlbhc.errors import UserError
-from dlbhc.weights import MODELS_DIR, fetch, read_frontmatter
+from dlbhc.nets.weights import MODELS_DIR, fetch, read_frontmatter
 
 
 class FakeResponse(io.BytesIO):

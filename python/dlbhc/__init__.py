@@ -61,21 +61,21 @@ webapp and photos never do, so search can be tested and benchmarked without a ne
 The names below are the public surface; everything else is reached
 through its module.
 """
-from .cifar10 import get_cifar10
-from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
-from .datum import compute_mean, convert_imageset
+from .datasets.cifar10 import get_cifar10
+from .search.codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
+from .datasets.datum import compute_mean, convert_imageset
 from .errors import UserError
 from .images import BadImage, list_images, read_image
-from .index import HashIndex, SearchResult, SearchResults, default_min_candidates
-from .metrics import evaluate
-from .model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
-from .pca import Projection
-from .photos import get_photos
-from .pipeline import extract
-from .rerank import ReducedRows, fc7_sq_distances
-from .retrieval import Query, Retriever
-from .store import FeatureStore
-from .training import train
+from .search.index import HashIndex, SearchResult, SearchResults, default_min_candidates
+from .search.metrics import evaluate
+from .nets.model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
+from .search.pca import Projection
+from .datasets.photos import get_photos
+from .extraction.pipeline import extract
+from .search.rerank import ReducedRows, fc7_sq_distances
+from .serving.retrieval import Query, Retriever
+from .store.database import FeatureStore
+from .training.recipes import train
 
 __all__ = [
     "CODE_THRESHOLD", "FEATURE_BLOB", "LATENT_BLOB",

@@ -42,11 +42,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .codes import code_bytes
-from .errors import UserError
-from .index import (CoarseResult, SearchResults, check_search_args, fine_stage,
+from ..search.codes import code_bytes
+from ..errors import UserError
+from ..search.index import (CoarseResult, SearchResults, check_search_args, fine_stage,
                     sorted_by_hamming)
-from .store import MetaFields
+from ..store.database import MetaFields
 
 # Milvus refuses a top-k (and a range search's limit) above this.
 TOPK_CAP = 16384

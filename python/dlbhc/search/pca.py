@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_write
+from ..errors import UserError
+from ..files import atomic_write
 
 FORMAT_VERSION = 1
 # Default number of fc7 rows the projection is learned on (fewer when the

@@ -23,7 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # -O3: the scan loops vectorise the histogram-free parts; gnu11 for the

@@ -24,8 +24,8 @@ ranked and in what order, not the float arithmetic itself.
 """
 import numpy as np
 
-from .index import SearchResults
-from .rerank import fc7_sq_distances
+from dlbhc.search.index import SearchResults
+from dlbhc.search.rerank import fc7_sq_distances
 
 
 # ---- codes and coarse stage ----------------------------------------------------

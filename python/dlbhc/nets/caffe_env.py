@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def caffe_root():

@@ -47,10 +47,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .codes import pack_codes
-from .errors import UserError
-from .images import BadImage, decode_image, read_image
-from .model import Preprocessing, prepare_crop
+from ..search.codes import pack_codes
+from ..errors import UserError
+from ..images import BadImage, decode_image, read_image
+from ..nets.model import Preprocessing, prepare_crop
 from .retrieval import Query, Retriever, check_search_parameters, load_matching_model
 
 
@@ -112,7 +112,7 @@ class _Job:
 def _set_blas_threads(n):
     """Set the OpenBLAS threads of the Caffe in this process (when it uses
     OpenBLAS); the count in force afterwards, read back (None: no OpenBLAS)."""
-    from .caffe_env import blas_threads_control
+    from ..nets.caffe_env import blas_threads_control
     control = blas_threads_control()
     if control is None:
         return None

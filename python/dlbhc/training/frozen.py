@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .caffe_env import blas_threads_control, import_caffe
-from .datum import LmdbWriter, float_datum_bytes
-from .errors import UserError
-from .files import replace_dir
-from .images import BadImage, write_skipped_list
-from .model import BatchTransformer, ImagePreparer
-from .progress import Progress
-from .protos import caffe_pb2, read_prototxt
+from ..nets.caffe_env import blas_threads_control, import_caffe
+from ..datasets.datum import LmdbWriter, float_datum_bytes
+from ..errors import UserError
+from ..files import replace_dir
+from ..images import BadImage, write_skipped_list
+from ..nets.model import BatchTransformer, ImagePreparer
+from ..progress import Progress
+from ..nets.protos import caffe_pb2, read_prototxt
 
 COMPLETE_FILE = "complete.json"
 
@@ -313,7 +313,7 @@ def merge_weights(deploy, sources, out):
     """Write `out`: the deploy net's weights copied by layer name from each of
     `sources` in turn (later ones win): the backbone, then the trained top.
     A UserError when a layer of the net got no weights from any of them."""
-    from .protos import layer_param_shapes, parse_caffemodel
+    from ..nets.protos import layer_param_shapes, parse_caffemodel
     caffe = import_caffe()
     net = caffe.Net(str(deploy), caffe.TEST)
     filled = set()

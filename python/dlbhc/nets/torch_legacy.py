@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # torch.save's magic number for the legacy format, and the protocol version
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

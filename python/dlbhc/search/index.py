@@ -60,7 +60,7 @@ import numpy as np
 
 from .codes import (HammingBall, check_codes, code_bytes, code_words, distance_dtype,
                     group_equal_codes, query_bytes, to_words)
-from .files import atomic_write
+from ..files import atomic_write
 from .pivots import PivotTable, first_true, pivot_layout
 from .rerank import fine_rank
 

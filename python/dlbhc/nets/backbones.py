@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from .caffe_env import import_caffe
-from .errors import UserError
-from .files import atomic_write, file_digest
+from ..errors import UserError
+from ..files import atomic_write, file_digest
 from .torch_legacy import load_state_dict
 from .weights import MODELS_DIR, read_frontmatter
 

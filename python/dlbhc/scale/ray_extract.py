@@ -50,12 +50,12 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .images import list_images, write_skipped_list
-from .pipeline import (ExtractionReport, extract_items, input_triples, open_or_create_store,
+from ..errors import UserError
+from ..images import list_images, write_skipped_list
+from ..extraction.pipeline import (ExtractionReport, extract_items, input_triples, open_or_create_store,
                        select_inputs)
-from .progress import Progress
-from .store import FeatureStore, merge
+from ..progress import Progress
+from ..store.database import FeatureStore, merge
 
 SHARDS_SUFFIX = ".ray-shards"
 # Ray restarts a killed actor and retries its task this often before the
@@ -179,7 +179,7 @@ class ShardExtractor:
 
     def __init__(self, spec, options, board_name):
         import ray
-        from .model import HashNet
+        from ..nets.model import HashNet
         # (One BLAS thread on the CPU: run_shard's extract_items fixes it.)
         # Ray gives each GPU actor its own device, visible as device 0.
         self.net = HashNet(spec.deploy, spec.weights, spec.mean, gpu=0 if spec.gpu else None,

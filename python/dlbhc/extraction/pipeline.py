@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .caffe_env import blas_threads_control
-from .codes import pack_codes
-from .errors import UserError
-from .files import database_backend
-from .images import BadImage, list_images, write_skipped_list
-from .model import HashNet, ImagePreparer
-from .progress import Progress
-from .store import FeatureStore, check_compatible
+from ..nets.caffe_env import blas_threads_control
+from ..search.codes import pack_codes
+from ..errors import UserError
+from ..files import database_backend
+from ..images import BadImage, list_images, write_skipped_list
+from ..nets.model import HashNet, ImagePreparer
+from ..progress import Progress
+from ..store.database import FeatureStore, check_compatible
 
 
 # A transaction (two fsyncs) per net batch costs more than the forward of a

@@ -24,9 +24,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
-from .files import download, file_digest
-from .progress import Progress
+from ..errors import UserError
+from ..files import download, file_digest
+from ..progress import Progress
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

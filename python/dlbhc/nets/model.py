@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .caffe_env import import_caffe, set_mode
-from .codes import CODE_THRESHOLD, pack_codes
-from .errors import UserError
-from .files import file_digest
-from .images import read_image, resize_for_net
+from ..search.codes import CODE_THRESHOLD, pack_codes
+from ..errors import UserError
+from ..files import file_digest
+from ..images import read_image, resize_for_net
 from .protos import layer_param_shapes, parse_caffemodel, read_prototxt
 
 

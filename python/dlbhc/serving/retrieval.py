@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from .errors import UserError
-from .index import HashIndex
-from .rerank import DEFAULT_EXACT_TOP, ReducedRows, describe
-from .store import FeatureStore, check_compatible
+from ..errors import UserError
+from ..search.index import HashIndex
+from ..search.rerank import DEFAULT_EXACT_TOP, ReducedRows, describe
+from ..store.database import FeatureStore, check_compatible
 
 # What the fine stage ranks by: fc7, the PCA store, or the PCA store when
 # the database has one (else fc7).
@@ -119,7 +119,7 @@ def load_matching_model(meta, db_path, deploy=None, weights=None, gpu=None):
     """A HashNet for queries of the database whose metadata is `meta`: the
     deploy/weights it records, unless others are given; either way they
     must match it (bits, fc7, preprocessing, and the weights' sha1)."""
-    from .model import HashNet
+    from ..nets.model import HashNet
     recorded = meta.get("model", {})
     deploy = deploy or recorded.get("deploy")
     weights = weights or recorded.get("weights")
@@ -199,7 +199,7 @@ class Retriever:
         """A database loaded into Milvus (python/index_milvus.py), opened for
         search: the same answers, Milvus holding codes, re-rank vectors,
         paths and labels (milvus_index)."""
-        from .milvus_index import MilvusCollection
+        from ..scale.milvus_index import MilvusCollection
         self = cls.__new__(cls)
         self.store = MilvusCollection(uri, collection)
         self.db_path = self.store.path
@@ -251,7 +251,7 @@ class Retriever:
     def features_of_images(self, paths):
         if self._net is None:
             self.load_model()
-        from .images import BadImage
+        from ..images import BadImage
         try:
             fc7, _latent, codes = self._net.features_of_paths(paths)
         except BadImage as err:
@@ -351,7 +351,7 @@ def montage(answer, out_path, shown=10):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .images import BadImage, read_image
+    from ..images import BadImage, read_image
 
     hits = answer.hits[:shown]
     cols = len(hits) + 1

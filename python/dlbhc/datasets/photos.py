@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from .errors import UserError
-from .files import atomic_write, file_digest, replace_dir
-from .images import is_image_file
+from ..errors import UserError
+from ..files import atomic_write, file_digest, replace_dir
+from ..images import is_image_file
 
 # Images narrower than this on either side are left out (none in the
 # pinned package; a guard for other versions).

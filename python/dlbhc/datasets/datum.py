@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_write, database_backend, replace_dir
-from .images import BadImage, read_image, resize_for_net, write_skipped_list
-from .progress import Progress
-from .protos import caffe_pb2
+from ..errors import UserError
+from ..files import atomic_write, database_backend, replace_dir
+from ..images import BadImage, read_image, resize_for_net, write_skipped_list
+from ..progress import Progress
+from ..nets.protos import caffe_pb2
 
 BACKENDS = ("lmdb", "leveldb")
 # LMDB refuses keys longer than its compiled-in maximum (511 bytes).

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import UserError
-from .images import UNKNOWN_LABEL, ImageItem, list_images
+from ..errors import UserError
+from ..images import UNKNOWN_LABEL, ImageItem, list_images
 
 DEFAULT_TEST_FRACTION = 0.1
 MIN_IMAGES_PER_CLASS = 2

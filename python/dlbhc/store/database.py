@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from .codes import CODE_THRESHOLD, code_bytes
-from .errors import UserError
-from .files import database_backend, file_digest
-from .pca import DEFAULT_SAMPLE, Projection, sample_ids
-from .progress import Progress
+from ..search.codes import CODE_THRESHOLD, code_bytes
+from ..errors import UserError
+from ..files import database_backend, file_digest
+from ..search.pca import DEFAULT_SAMPLE, Projection, sample_ids
+from ..progress import Progress
 
 SCHEMA_VERSION = 1
 TABLES = ("meta", "latent", "code", "info")

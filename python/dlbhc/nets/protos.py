@@ -8,7 +8,7 @@ through here first, where a message can still say what is wrong.
 from pathlib import Path
 
 from .caffe_env import import_caffe
-from .errors import UserError
+from ..errors import UserError
 
 
 def caffe_pb2():

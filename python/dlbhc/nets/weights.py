@@ -8,10 +8,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from .errors import UserError
-from .files import download, file_digest
+from ..errors import UserError
+from ..files import download, file_digest
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+MODELS_DIR = Path(__file__).resolve().parents[3] / "models"
 
 
 ZOO_FIELDS = ("caffemodel", "caffemodel_url", "sha1")

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
-from .errors import UserError
+from ..errors import UserError
 from .retrieval import to_json
 from .service import (BadRequest, Limits, NotFound, QueryService, Unavailable,
                       limit_malloc_arenas)

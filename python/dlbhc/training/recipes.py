@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from .caffe_env import PROJECT_ROOT, caffe_tool
-from .errors import UserError
-from .progress import format_seconds
-from .protos import caffe_pb2, read_prototxt
+from ..nets.caffe_env import PROJECT_ROOT, caffe_tool
+from ..errors import UserError
+from ..progress import format_seconds
+from ..nets.protos import caffe_pb2, read_prototxt
 
 ITER_RE = re.compile(r"Iteration (\d+).*?, loss = ([-+0-9.eE]+|nan)")
 TEST_RE = re.compile(r"Test net output #\d+: (\w+) = ([-+0-9.eE]+|nan)")
@@ -215,7 +215,7 @@ def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=No
     if final.exists():
         summary["weights"] = str(link_final_weights(run_dir, name, final))
     # the model's preprocessing, so extract.py and retrieve.py need no --mean
-    from .model import write_preprocessing_record
+    from ..nets.model import write_preprocessing_record
     prep = train_val_preprocessing(solver.net, deploy_input_size(
         PROTOTXT_DIR / f"{name}_deploy.prototxt"))
     if prep is not None:
@@ -287,7 +287,7 @@ def train_val_preprocessing(train_val, crop):
     """model.Preprocessing of a train_val's TEST-phase Data layer: its mean
     (mean_value, or the per-channel mean of its mean_file) and, for resize,
     the size of the images its LMDB holds (the first record's)."""
-    from .model import Preprocessing, default_resize, load_mean_bgr
+    from ..nets.model import Preprocessing, default_resize, load_mean_bgr
     net = read_prototxt(train_val, "NetParameter")
     pb = caffe_pb2()
     data = [layer for layer in net.layer if layer.type == "Data"]
@@ -422,8 +422,8 @@ def train_collection(data, net="efficientnet_lite0", bits=48, test=None, root=No
     mean for the small net or with a GPU), `caffe train`, the final weights
     and their preprocessing record. Returns the summary (train_summary.json)
     with the commands that extract, retrieve and evaluate with the model."""
-    from .backbones import backbone_names
-    from .collection import load_collection, write_run_lists
+    from ..nets.backbones import backbone_names
+    from ..datasets.collection import load_collection, write_run_lists
     coll = load_collection(data, test, root=root, test_fraction=test_fraction, seed=seed)
     for note in coll.notes:
         print(note, file=log)
@@ -449,7 +449,7 @@ def train_collection(data, net="efficientnet_lite0", bits=48, test=None, root=No
                                    recipe.weights_args(), gpu, log)
     snapshot = run_dir / "snapshots" / f"{name}_iter_{solver.max_iter}.caffemodel"
     weights = recipe.final_weights(snapshot)
-    from .model import write_preprocessing_record
+    from ..nets.model import write_preprocessing_record
     write_preprocessing_record(run_dir, recipe.prep, note=recipe.prep_note)
     commands = usage_commands(run_dir, weights, train_list, test_list)
     summary.update(net=name, max_iter=solver.max_iter, command=cmd, weights=str(weights),
@@ -489,8 +489,8 @@ class _BackboneRecipe:
 
     def __init__(self, net, bits, coll, run_dir, name, size, resize, split, flips, gpu,
                  workers, cache_dir, seed, log):
-        from .backbones import convert, mean_bgr, read_spec
-        from .model import Preprocessing
+        from ..nets.backbones import convert, mean_bgr, read_spec
+        from ..nets.model import Preprocessing
         self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
         self.gpu, self.workers, self.seed, self.log, self.flips = gpu, workers, seed, log, flips
         # nothing frozen: with a GPU, or asked for (--split none)
@@ -561,7 +561,7 @@ class _BackboneRecipe:
         self.test_records = self.test_summary["records"]
 
     def _image_lmdbs(self):
-        from .datum import convert_imageset
+        from ..datasets.datum import convert_imageset
         folder = self.run_dir / "data"
         folder.mkdir(exist_ok=True)
         train = convert_imageset(self.coll.train, folder / "train_lmdb", self.prep.resize,
@@ -612,7 +612,7 @@ class _SmallNetRecipe:
     for the random crops), the collection's own mean."""
 
     def __init__(self, net, bits, coll, run_dir, name, gpu, cache_dir, seed, log):
-        from .model import Preprocessing
+        from ..nets.model import Preprocessing
         self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
         self.gpu, self.seed, self.log = gpu, seed, log
         self.size = 32
@@ -625,7 +625,7 @@ class _SmallNetRecipe:
         self.prep_note = "small net: squash-resize 32, the collection's per-channel mean"
 
     def prepare_data(self):
-        from .datum import compute_mean, convert_imageset, pad_imageset
+        from ..datasets.datum import compute_mean, convert_imageset, pad_imageset
         started = time.monotonic()
         folder = self.run_dir / "data"
         folder.mkdir(exist_ok=True)

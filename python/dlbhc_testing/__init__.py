@@ -1,0 +1,1 @@
+"""Testing support (not shipped): brute-force references."""
