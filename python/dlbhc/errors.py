@@ -11,7 +11,10 @@ class UserError(Exception):
 
 
 def run_main(main, argv=None):
-    """Run a script's main(argv); turn UserError into a clear message, exit 2."""
+    """Run a script's main(argv); turn UserError into a clear message, exit 2.
+    The library's messages (report) are printed on stderr as plain lines."""
+    from .report import configure
+    configure()
     try:
         return main(argv)
     except UserError as err:

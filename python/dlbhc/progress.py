@@ -1,6 +1,7 @@
 """A small progress line for long jobs: count, rate (items/s) and ETA."""
-import sys
 import time
+
+from .report import message_stream
 
 
 def format_seconds(s):
@@ -21,7 +22,7 @@ class Progress:
         self.label = label
         self.unit = unit
         self.interval = interval
-        self.stream = stream or sys.stderr
+        self.stream = stream or message_stream()
         self.done = 0
         self.start = time.monotonic()
         self._last = 0.0
