@@ -37,10 +37,13 @@ help:
 	@sed -n '1,13p' Makefile
 
 # ---- environment -----------------------------------------------------------
-$(VENV)/.requirements-installed: requirements.txt
+# The package itself is installed editable (pyproject.toml): the venv's python
+# imports dlbhc from python/ wherever it runs.
+$(VENV)/.requirements-installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.requirements-installed
@@ -48,11 +51,11 @@ venv: $(VENV)/.requirements-installed
 # ---- Caffe -----------------------------------------------------------------
 # The build script keys its cache by source, config, patches and toolchain;
 # a clean clone finds the cached build and only links it. The .pth file lets
-# the venv's python import caffe and dlbhc with nothing exported.
+# the venv's python import caffe with nothing exported.
 caffe: venv
 	PYTHON=$(abspath $(PY)) GPU=$(GPU) CUDNN=$(CUDNN) caffe-build/build.sh
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	  printf '%s\n%s\n' "$(abspath .caffe/python)" "$(abspath python)" > $$site/dlbhc-caffe.pth
+	  printf '%s\n' "$(abspath .caffe/python)" > $$site/dlbhc-caffe.pth
 
 # ---- tests -----------------------------------------------------------------
 test: caffe native test-packages

@@ -1,65 +1,43 @@
 """dlbhc: content-based image retrieval with deep binary hash codes.
 
 A Caffe reproduction of Lin et al., "Deep Learning of Binary Hash Codes for
-Fast Image Retrieval" (CVPR 2015 workshops). One module per concern, in
-dependency order (a module imports only modules above it):
+Fast Image Retrieval" (CVPR 2015 workshops). The package is made of rooms
+(sub-packages) by concern; each room's __init__ states its public surface.
+From the bottom up (a room imports only the rooms and modules below it; the
+contract file .importlinter says so and tests/test_layout.py checks it with
+import-linter):
 
+    report      one logger tree for the library's messages (no log= arguments)
     errors      UserError: a mistake the user can fix, shown without traceback
     progress    the progress line of long jobs (count, rate, ETA)
     files       file digests, atomic writes and folder swaps, checked
                 downloads, database kind
-    native      the project's own C kernels (csrc/), compiled on first use
-                into a cache and loaded with ctypes
-    torch_legacy  legacy (pre-zip) PyTorch checkpoints read without torch,
-                through a restricted unpickler
-    caffe_env   finding the built pycaffe/libcaffe, CPU/GPU mode
-    protos      Caffe's prototxt and .caffemodel files, read with clear errors
-    codes       the code format: threshold, packing, width, Hamming distance;
-                the exhaustive scan of the coarse stage (its C kernel)
-    pca         the compressed re-rank features: a PCA projection of fc7,
-                learned once, applied identically to every row and query
-    images      reading any image file into RGB, folder/list walking, labels,
-                the list of unreadable images
-    cifar10     CIFAR-10 acquisition: download or local archive -> folders
-    collection  a user's collection for training: classes, labels, the
-                held-out split, the run's lists
-    photos      a small collection of real photos in class folders from a
-                Debian package (Qt resource bundles read), to try training
-    datum       image sets -> Caffe Datum LMDB/LevelDB, padding, mean images
-    model       deploy net, preprocessing, forward -> fc7 + latent
-    weights     pretrained weights from Caffe's model zoo, sha1-checked
-    backbones   registry ImageNet weights (pip package, sha256) converted
-                into Caffe nets under models/<name>/
-    frozen      frozen lower layers: nets cut at a blob, BatchNorm folded,
-                cached features (with mirror images), merged weights
-    training    `caffe train` runs with progress, per-run prototxts, resume;
-                training on a collection (run prototxts from the templates)
-    store       the feature database: schema, backends, metadata, shards,
-                the PCA re-rank store
-    pipeline    bulk extraction: workers, batching, commits, resume
-    ray_extract extraction as a Ray job: shards on actors holding one net,
-                merged in input order (imports ray only when a job runs)
-    pivots      the coarse stage's pruned scan (pivot groups and runs)
-    rerank      the fine stage: fc7 (or PCA) distances and their tie rule,
-                the two-step PCA-then-fc7 ranking
-    index       bucket table and the batched coarse-to-fine search
-    milvus_index  the index on Milvus: loading a database, the same search
-                with Milvus as coarse stage (imports pymilvus only to connect)
-    retrieval   a database opened for queries; tables, JSON, montages
-    metrics     mAP@k, P@k, radius precision, PR curves, plots (runs the
-                index's search)
-    service     a database served for queries: the net kept loaded (batched,
-                in a thread or worker processes), growth, thumbnails, limits
-    webapp      the HTTP API and the search page over a service (FastAPI)
-    reference   brute-force truths, for tests and benchmarks only
+    images      reading any image file into RGB, folder and `path label` list
+                walking, labels, the list of unreadable images
+    search/     the code format and its C kernel, the bucket index and its cost
+                model, the fine stage (fc7, PCA), search parameters, metrics
+    store/      the feature database: keyed tables + flat fc7 rows, backends,
+                metadata, shards and merge, the PCA re-rank rows
+    nets/       finding pycaffe, prototxt/caffemodel reading, the deploy net
+                and its preprocessing, model-zoo weights, converted backbones
+    datasets/   Caffe Datum LMDBs and means, CIFAR-10, a user's collection,
+                the real-photo sample
+    training/   training recipes behind one protocol, run folders, solver and
+                prototxt writing, `caffe train` and its log, frozen features
+    extraction/ images -> net -> store, in workers, resumable
+    scale/      the same contracts beyond one machine: extraction on Ray, the
+                coarse stage on Milvus (engines imported only when used)
+    serving/    a database opened for queries (Retriever), the query service
+                and its net pool, the HTTP API and the search page
+    cli         the scripts' shared arguments (search parameters, --gpu) and
+                their one error style
 
-Only caffe_env, protos, datum, model, backbones, frozen, training, pipeline
-and ray_extract import Caffe (and only when a function needs it; service
-through model, in the thread or process that runs the net); codes, pca,
-pivots, rerank, index, milvus_index, store, retrieval, metrics, service,
-webapp and photos never do, so search can be tested and benchmarked without a net.
-The names below are the public surface; everything else is reached
-through its module.
+search/ and store/ never import Caffe (serving loads the net through nets/
+in the thread or process that runs it), so search is tested and benchmarked
+without a net. Brute-force truths and synthetic data for tests and
+benchmarks live apart, in python/dlbhc_testing (not installed). The names
+below are the package's public surface; everything else is reached through
+its room.
 """
 from .datasets.cifar10 import get_cifar10
 from .search.codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
