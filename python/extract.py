@@ -84,7 +84,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
-        from dlbhc.store.database import merge
+        from dlbhc.store import merge
         merge(args.merge, args.out, backend=args.backend)
         print(f"merged {len(args.merge)} shards into {args.out}")
         return 0

@@ -55,7 +55,7 @@ from ..images import list_images, write_skipped_list
 from ..extraction.pipeline import (ExtractionReport, extract_items, input_triples, open_or_create_store,
                        select_inputs)
 from ..progress import Progress
-from ..store.database import FeatureStore, merge
+from ..store import FeatureStore, merge
 
 SHARDS_SUFFIX = ".ray-shards"
 # Ray restarts a killed actor and retries its task this often before the
