@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.extraction import (DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS,  # noqa: E402
+                              DEFAULT_WORKERS)
 
 EXIT_SKIPPED = 3
 LOCAL_RAY = "local"
@@ -45,18 +47,22 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="feature database to create or extend")
     p.add_argument("--backend", choices=["lmdb", "leveldb"], default="lmdb")
     p.add_argument("--float16", action="store_true", help="store fc7 as float16 (half the size)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--workers", type=int, default=2,
-                   help="worker processes (0: all in the main process); on the CPU 2 or "
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per net forward (default %(default)s)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="worker processes (default %(default)s; 0: all in the main process); "
+                        "on the CPU 2 or "
                         "more also run one single-threaded net each (unless --blas-threads), "
                         "else they only decode")
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="run the CPU forward once, in the main process, with N BLAS threads "
                         "(default with one worker: the first batches try all threads and "
                         "one while the worker decodes, and keep the faster)")
-    p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--commit-every", type=float, default=DEFAULT_COMMIT_SECONDS,
+                   metavar="SECONDS",
                    help="commit finished batches to the database at most this often "
-                        "(default 2; 0 = every batch); a crash loses at most that much work")
+                        "(default %(default)s; 0 = every batch); a crash loses at most that "
+                        "much work")
     p.add_argument("--shard", help="I/N: process only every N-th image starting at I")
     p.add_argument("--merge", nargs="+", metavar="SHARD_DB",
                    help="instead of extracting, merge these shard databases into --out")
