@@ -33,7 +33,7 @@ from ..nets.model import ImagePreparer
 from ..progress import Progress
 from ..report import get_logger
 from ..search.codes import pack_codes
-from ..store import FeatureStore, check_compatible
+from ..store import DEFAULT_BACKEND, DEFAULT_FC7_DTYPE, FeatureStore, check_compatible
 from .netcopy import NetCopy
 
 log = get_logger(__name__)
@@ -169,8 +169,8 @@ def open_or_create_store(out, net, backend, fc7_dtype):
 
 
 def extract(source, net, out, root=None, batch_size=DEFAULT_BATCH_SIZE, workers=DEFAULT_WORKERS,
-            backend="lmdb", fc7_dtype="float32", shard=None, prefetch=None, limit=None,
-            commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None):
+            backend=DEFAULT_BACKEND, fc7_dtype=DEFAULT_FC7_DTYPE, shard=None, prefetch=None,
+            limit=None, commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None):
     """Extract every image of `source` (folder or list file) into store `out`
     (created, or appended to when it holds the same model); returns an
     ExtractionReport. Skipped images are listed in `out`.skipped.tsv."""
@@ -194,7 +194,7 @@ def input_triples(pairs):
 
 
 def extract_items(triples, net, out, batch_size=DEFAULT_BATCH_SIZE, workers=DEFAULT_WORKERS,
-                  backend="lmdb", fc7_dtype="float32", shard=None, prefetch=None,
+                  backend=DEFAULT_BACKEND, fc7_dtype=DEFAULT_FC7_DTYPE, shard=None, prefetch=None,
                   commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None, progress=None):
     """Extract (seq, path, label) triples into store `out` (created, or
     appended to when it holds the same model), skipping the paths it already

@@ -63,7 +63,7 @@ from ..extraction.pipeline import (DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, E
 from ..images import list_images, write_skipped_list
 from ..progress import Progress
 from ..report import ROOT_LOGGER, get_logger
-from ..store import FeatureStore, merge
+from ..store import DEFAULT_BACKEND, DEFAULT_FC7_DTYPE, FeatureStore, merge
 
 log = get_logger(__name__)
 
@@ -88,7 +88,7 @@ def shards_dir(out):
     return out.with_name(out.name + SHARDS_SUFFIX)
 
 
-def shard_store_path(folder, number, backend="lmdb"):
+def shard_store_path(folder, number, backend=DEFAULT_BACKEND):
     return Path(folder) / f"shard-{number:06d}.{backend}"
 
 
@@ -294,7 +294,7 @@ def _shard_number(path):
 
 
 def extract_on_ray(source, net, out, address=None, root=None, batch_size=DEFAULT_BATCH_SIZE,
-                   backend="lmdb", fc7_dtype="float32", limit=None,
+                   backend=DEFAULT_BACKEND, fc7_dtype=DEFAULT_FC7_DTYPE, limit=None,
                    commit_seconds=DEFAULT_COMMIT_SECONDS, actors=None, shard_size=None):
     """Extract `source` into DB `out` on a Ray cluster (see the module
     docstring); returns an ExtractionReport like pipeline.extract's.

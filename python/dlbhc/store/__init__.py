@@ -19,11 +19,15 @@ imports Caffe (search and storage are tested without a net).
                 joined into one in input order, resumable
 
 Public surface: FeatureStore, MetaFields, check_compatible,
-COMPATIBILITY_FIELDS, merge, and the file names FC7_FILE and PCA_PREFIX.
+COMPATIBILITY_FIELDS, merge, the file names FC7_FILE and PCA_PREFIX, the
+backends by name (BACKENDS) and the defaults of a new database
+(DEFAULT_BACKEND, DEFAULT_FC7_DTYPE).
 """
-from .database import COMPATIBILITY_FIELDS, FC7_FILE, FeatureStore, MetaFields, check_compatible
+from .backends import BACKENDS, DEFAULT_BACKEND
+from .database import (COMPATIBILITY_FIELDS, DEFAULT_FC7_DTYPE, FC7_FILE, FeatureStore, MetaFields,
+                       check_compatible)
 from .merge import merge
 from .pca_rows import PCA_PREFIX
 
-__all__ = ["COMPATIBILITY_FIELDS", "FC7_FILE", "FeatureStore", "MetaFields", "PCA_PREFIX",
-           "check_compatible", "merge"]
+__all__ = ["BACKENDS", "COMPATIBILITY_FIELDS", "DEFAULT_BACKEND", "DEFAULT_FC7_DTYPE", "FC7_FILE",
+           "FeatureStore", "MetaFields", "PCA_PREFIX", "check_compatible", "merge"]

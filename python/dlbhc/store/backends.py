@@ -157,6 +157,8 @@ class LevelDbBackend:
 
 # The backend classes by the name a database records (meta "backend").
 BACKENDS = {"lmdb": LmdbBackend, "leveldb": LevelDbBackend}
+# What a new database uses unless told otherwise (extract.py --backend).
+DEFAULT_BACKEND = "lmdb"
 
 
 def meta_bytes(meta):

@@ -52,11 +52,13 @@ import orjson
 from ..errors import UserError
 from ..files import database_backend
 from ..search.codes import CODE_THRESHOLD, code_bytes
-from .backends import BACKENDS, META_KEY, meta_bytes
+from .backends import BACKENDS, DEFAULT_BACKEND, META_KEY, meta_bytes
 from .pca_rows import PcaRows
 
 SCHEMA_VERSION = 1
 FC7_FILE = "fc7.bin"
+# How fc7 rows are stored unless told otherwise (extract.py --float16: half).
+DEFAULT_FC7_DTYPE = "float32"
 
 
 def key(i):
@@ -106,7 +108,7 @@ class FeatureStore(MetaFields, PcaRows):
 
     # ---- opening ---------------------------------------------------------
     @classmethod
-    def create(cls, path, meta, backend="lmdb"):
+    def create(cls, path, meta, backend=DEFAULT_BACKEND):
         """A new, empty store. `meta` needs bits, fc7_dim; the rest is kept as given."""
         path = Path(path)
         if backend not in BACKENDS:
@@ -118,7 +120,7 @@ class FeatureStore(MetaFields, PcaRows):
         for field in ("bits", "fc7_dim"):
             if field not in meta:
                 raise ValueError(f"store meta needs {field}")
-        meta.setdefault("fc7_dtype", "float32")
+        meta.setdefault("fc7_dtype", DEFAULT_FC7_DTYPE)
         meta.setdefault("threshold", CODE_THRESHOLD)
         meta.update(schema_version=SCHEMA_VERSION, backend=backend, count=0,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

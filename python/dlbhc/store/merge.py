@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from ..files import database_backend
+from .backends import DEFAULT_BACKEND
 from .database import FeatureStore, check_compatible
 
 
-def merge(shard_paths, out_path, backend="lmdb", batch=256, append=False):
+def merge(shard_paths, out_path, backend=DEFAULT_BACKEND, batch=256, append=False):
     """Join shard databases (extract.py --shard i/n, or the shards of a Ray
     extraction) into one.
 
