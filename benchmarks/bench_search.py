@@ -96,7 +96,7 @@ from dlbhc.search import codes as hcodes  # noqa: E402
 from dlbhc.search import index as hindex  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.store.database import FeatureStore, disk_bytes  # noqa: E402
+from dlbhc.store.database import FeatureStore  # noqa: E402
 
 FC7_POOL_ROWS = 4096
 FC7_DIMS = (4096, 2048, 1024, 512, 256, 128)
@@ -219,6 +219,11 @@ def open_or_write_store(path, n, dim, bits, codes, pool, fc7_dtype="float32"):
 
 
 # ---- measurements ----------------------------------------------------------
+def disk_bytes(path):
+    """Bytes of the files directly in a database folder (its size on disk)."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
 def rss_mb():
     """Resident memory (MB): total, anonymous (the process's own arrays) and
     file-backed (mapped pages of fc7.bin and LMDB, which the page cache can drop)."""

@@ -105,7 +105,7 @@ def main(argv=None):
         learned = time.monotonic() - start
         if record:
             print(f"replacing the PCA store {record['rows']}", file=sys.stderr)
-        store.add_pca(projection, dtype=dtype, log=sys.stderr)
+        store.add_pca(projection, dtype=dtype)
         print(describe(store))
         print(f"learned in {learned:.1f} s, projected {store.count} images in "
               f"{time.monotonic() - start - learned:.1f} s")

@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc.extraction import (DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS,  # noqa: E402
+                              DEFAULT_WORKERS)
+from dlbhc.store import BACKENDS, DEFAULT_BACKEND, DEFAULT_FC7_DTYPE  # noqa: E402
 
 EXIT_SKIPPED = 3
 LOCAL_RAY = "local"
@@ -43,20 +46,24 @@ def parse_args(argv):
                         "one, else 256 for a 227 input, else the input size) - must match "
                         "the training data")
     p.add_argument("--out", required=True, help="feature database to create or extend")
-    p.add_argument("--backend", choices=["lmdb", "leveldb"], default="lmdb")
+    p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND)
     p.add_argument("--float16", action="store_true", help="store fc7 as float16 (half the size)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--workers", type=int, default=2,
-                   help="worker processes (0: all in the main process); on the CPU 2 or "
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per net forward (default %(default)s)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="worker processes (default %(default)s; 0: all in the main process); "
+                        "on the CPU 2 or "
                         "more also run one single-threaded net each (unless --blas-threads), "
                         "else they only decode")
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="run the CPU forward once, in the main process, with N BLAS threads "
                         "(default with one worker: the first batches try all threads and "
                         "one while the worker decodes, and keep the faster)")
-    p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--commit-every", type=float, default=DEFAULT_COMMIT_SECONDS,
+                   metavar="SECONDS",
                    help="commit finished batches to the database at most this often "
-                        "(default 2; 0 = every batch); a crash loses at most that much work")
+                        "(default %(default)s; 0 = every batch); a crash loses at most that "
+                        "much work")
     p.add_argument("--shard", help="I/N: process only every N-th image starting at I")
     p.add_argument("--merge", nargs="+", metavar="SHARD_DB",
                    help="instead of extracting, merge these shard databases into --out")
@@ -84,7 +91,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
-        from dlbhc.store.database import merge
+        from dlbhc.store import merge
         merge(args.merge, args.out, backend=args.backend)
         print(f"merged {len(args.merge)} shards into {args.out}")
         return 0
@@ -96,6 +103,7 @@ def main(argv=None):
     from dlbhc.images import skipped_list_path
     from dlbhc.extraction.pipeline import extract, parse_shard
     shard = parse_shard(args.shard)
+    fc7_dtype = "float16" if args.float16 else DEFAULT_FC7_DTYPE
     net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
     if args.ray:
         from dlbhc.scale.ray_extract import extract_on_ray
@@ -103,13 +111,13 @@ def main(argv=None):
                                 address=None if args.ray == LOCAL_RAY else args.ray,
                                 root=args.root, batch_size=args.batch_size,
                                 backend=args.backend,
-                                fc7_dtype="float16" if args.float16 else "float32",
-                                limit=args.limit, commit_seconds=args.commit_every,
+                                fc7_dtype=fc7_dtype, limit=args.limit,
+                                commit_seconds=args.commit_every,
                                 actors=args.ray_actors, shard_size=args.ray_shard_size)
     else:
         report = extract(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
                          workers=args.workers, backend=args.backend,
-                         fc7_dtype="float16" if args.float16 else "float32",
+                         fc7_dtype=fc7_dtype,
                          shard=shard, limit=args.limit, commit_seconds=args.commit_every,
                          blas_threads=args.blas_threads)
     print(f"{args.out}: stored {report.stored} new images ({report.rate:.1f} img/s), "

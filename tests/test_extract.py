@@ -172,6 +172,26 @@ def test_bad_images_are_reported_and_skipped(tiny, tmp_path):
         assert {Path(i["path"]).name for i in store.infos()} == good
 
 
+def test_a_list_with_class_names_stores_the_labels_training_reads(tiny, tmp_path):
+    """A list of `path class` lines (what train.py --data takes) handed to
+    extract.py: every image is stored (not skipped as a missing file named
+    `path class`), labelled as the training side labels the same list."""
+    import os
+    from dlbhc.datasets.collection import load_collection
+    from dlbhc.store.database import FeatureStore
+    images = make_images(tmp_path / "imgs", 6, classes=("dogs", "cats"))
+    lst = tmp_path / "named.txt"
+    lst.write_text("".join(f"{p.relative_to(tmp_path)} {p.parent.name}\n" for p in images))
+    out = tmp_path / "db.lmdb"
+    run_extract([lst, "--out", out, *model_args(tiny)])     # exit 0: nothing skipped
+    with FeatureStore.open(out) as store:
+        stored = {info["path"]: info["label"] for info in store.infos()}
+    collection = load_collection(lst)
+    trained = {os.path.abspath(it.path): it.label for it in collection.train + collection.test}
+    assert collection.classes == ["cats", "dogs"]
+    assert stored == trained and sorted(stored.values()) == [0, 0, 0, 1, 1, 1]
+
+
 def test_leveldb_backend_holds_the_same_records(tiny, tmp_path):
     from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 7)

@@ -332,6 +332,31 @@ def test_list_file_with_root_comments_and_spaces(tmp_path):
     assert found.items[3].path == type(root)("/abs/path.png")
 
 
+def test_list_file_with_class_name_labels(tmp_path):
+    """`path class` lines are labelled as a folder's classes are (sorted
+    names -> 0..C-1), so extract.py and training read one list alike; a
+    last word that is part of an image path, or a line naming an existing
+    file, stays a path."""
+    (tmp_path / "holiday snaps").write_bytes(b"x")
+    lst = tmp_path / "named.txt"
+    lst.write_text("dogs/1.jpg dogs\ncats/1.jpg cats\nbirds/x 2.png   birds\n"
+                   "loose photo.jpg\nholiday snaps\n")
+    found = list_images(lst)
+    assert found.classes == ["birds", "cats", "dogs"]
+    assert found.items == [
+        ImageItem(tmp_path / "dogs/1.jpg", 2, "dogs/1.jpg"),
+        ImageItem(tmp_path / "cats/1.jpg", 1, "cats/1.jpg"),
+        ImageItem(tmp_path / "birds/x 2.png", 0, "birds/x 2.png"),
+        ImageItem(tmp_path / "loose photo.jpg", -1, "loose photo.jpg"),
+        ImageItem(tmp_path / "holiday snaps", -1, "holiday snaps"),
+    ]
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("a.jpg 0\nb.jpg cats\n")
+    with pytest.raises(UserError, match=r"mixes number labels \(a.jpg 0\) and name labels "
+                                        r"\(b.jpg cats\)"):
+        list_images(mixed)
+
+
 def test_list_file_defaults_to_its_own_folder(tmp_path):
     lst = tmp_path / "set.txt"
     lst.write_text("a/b.jpg 1\n")

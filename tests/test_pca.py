@@ -16,7 +16,7 @@ from dlbhc.search.metrics import evaluate
 from dlbhc.search.pca import Projection
 from dlbhc_testing.reference import brute_force_search
 from dlbhc.search.rerank import ReducedRows
-from dlbhc.store.database import FC7_FILE, PCA_PREFIX, FeatureStore, merge
+from dlbhc.store import FC7_FILE, PCA_PREFIX, FeatureStore, merge
 from helpers import ROOT, clustered_codes, run_script
 
 COMPRESS = ROOT / "python" / "compress.py"

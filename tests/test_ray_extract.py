@@ -237,3 +237,20 @@ def test_shards_are_consecutive_runs_of_the_input_order():
     assert default_shard_size(10_000, 2, 50) == 313          # 16 shards per actor
     assert default_shard_size(100, 2, 50) == 50              # never below a batch
     assert default_shard_size(10**9, 2, 50) == 20000         # nor above the cap
+
+
+def test_an_actors_messages_are_caught_and_returned(capsys):
+    """An actor logs through the package's logger; caught_messages keeps
+    those lines (for the shard's summary) instead of printing them on the
+    actor's stderr, which Ray would forward to the driver's."""
+    import logging
+    from dlbhc.report import get_logger
+    from dlbhc.scale.ray_extract import caught_messages
+    root = logging.getLogger("dlbhc")
+    before = root.level, root.propagate, list(root.handlers)
+    with caught_messages() as lines:
+        get_logger("dlbhc.extraction.pipeline").warning("skipped %s: %s", "a.jpg", "broken")
+        get_logger("dlbhc.extraction.pipeline").info("3 of 4 images already stored")
+    assert lines == ["WARNING skipped a.jpg: broken", "INFO 3 of 4 images already stored"]
+    assert capsys.readouterr().err == ""
+    assert (root.level, root.propagate, list(root.handlers)) == before

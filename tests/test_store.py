@@ -7,7 +7,7 @@ import pytest
 
 from dlbhc.search.codes import pack_codes
 from dlbhc.errors import UserError
-from dlbhc.store.database import FC7_FILE, FeatureStore, check_compatible, merge
+from dlbhc.store import FC7_FILE, FeatureStore, check_compatible, merge
 
 BITS, DIM = 12, 8
 

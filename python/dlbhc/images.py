@@ -57,8 +57,9 @@ class ImageItem(NamedTuple):
 
 class ImageSet(NamedTuple):
     """What list_images found: the items and, for a folder of class
-    subfolders, the class names in label order (label i is classes[i]);
-    None for a list file, whose labels are already numbers."""
+    subfolders or a list file with class-name labels, the class names in
+    label order (label i is classes[i]); None for a list file whose labels
+    are numbers (or absent)."""
     items: list
     classes: list = None
 
@@ -283,9 +284,12 @@ def list_images(source, root=None):
       * a list file of `path [label]` lines, Caffe's convert_imageset format:
         blank lines and `#` comments are ignored; the label is the last
         whitespace-separated token when it is an integer (so paths may contain
-        spaces), otherwise -1. Relative paths are resolved against `root`
-        (Caffe's ROOTFOLDER), or, without one, against the list file's own
-        folder, so a list travels with its images. Items keep the file order.
+        spaces), or a class name (see _class_name_of), otherwise -1. Class
+        names are labelled as a folder's classes are (sorted names -> labels
+        0..C-1, returned in .classes); a list mixing number and name labels
+        is refused. Relative paths are resolved against `root` (Caffe's
+        ROOTFOLDER), or, without one, against the list file's own folder, so
+        a list travels with its images. Items keep the file order.
     Returns an ImageSet(items, classes).
     """
     source = Path(source)
@@ -340,7 +344,8 @@ def _list_file(list_path, root):
         raise UserError(
             f"{list_path} is not a UTF-8 text list file (is it an image? give a "
             "folder or a file of `path label` lines)") from None
-    items = []
+    items, names = [], {}       # names: item position -> class name
+    numbered = None             # the first line with a number label, for the mixing error
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -355,16 +360,46 @@ def _list_file(list_path, root):
             if _looks_numeric(tokens[-1]) and len(tokens) > 1:
                 raise UserError(f"{where}: label {tokens[-1]!r} is not an integer; "
                                 "expected `path [label]` with an integer label")
-            rel, label = line, UNKNOWN_LABEL
+            name = _class_name_of(line, tokens, base)
+            if name is None:
+                rel, label = line, UNKNOWN_LABEL
+            else:
+                rel, label = line[: line.rfind(name)].rstrip(), UNKNOWN_LABEL
+                names[len(items)] = name
         else:
             rel = line[: line.rfind(tokens[-1])].rstrip()
             if not (UNKNOWN_LABEL <= label <= _MAX_LABEL):
                 raise UserError(f"{where}: label {label} is out of range; labels are "
                                 f"0..{_MAX_LABEL}, or -1 for unknown")
+            if numbered is None and label != UNKNOWN_LABEL:
+                numbered = (rel, label)
         items.append(ImageItem(base / rel, label, rel))
     if not items:
         raise UserError(f"{list_path} lists no images (only blank lines or comments)")
-    return ImageSet(items, None)
+    if not names:
+        return ImageSet(items, None)
+    if numbered is not None:
+        position, name = next(iter(names.items()))
+        raise UserError(f"{list_path} mixes number labels ({numbered[0]} {numbered[1]}) "
+                        f"and name labels ({items[position].relpath} {name}): use one kind")
+    classes = sorted(set(names.values()))
+    label_of = {name: i for i, name in enumerate(classes)}
+    return ImageSet([it._replace(label=label_of[names[i]]) if i in names else it
+                     for i, it in enumerate(items)], classes)
+
+
+def _class_name_of(line, tokens, base):
+    """The class name ending a list line, or None when the line is a path
+    without a label.  The last word is a class name when it cannot be part
+    of a path to an image (no folder separator, no image extension) and the
+    whole line does not name an existing file: `cats/1.jpg cats` is image
+    cats/1.jpg of class cats, `my photo.jpg` one unlabelled image."""
+    name = tokens[-1]
+    if len(tokens) < 2 or "/" in name or "\\" in name or is_image_file(name):
+        return None
+    if (base / line).exists():
+        return None
+    return name
 
 
 def _looks_numeric(token):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import UserError
-from ..images import UNKNOWN_LABEL, ImageItem, list_images
+from ..images import UNKNOWN_LABEL, list_images
 
 DEFAULT_TEST_FRACTION = 0.1
 MIN_IMAGES_PER_CLASS = 2
@@ -66,7 +66,7 @@ def load_collection(source, test_source=None, root=None, test_fraction=DEFAULT_T
 def _labelled(source, root, notes):
     """(items with labels 0..C-1, class names) of a folder or list file."""
     found = list_images(source, root=root)
-    if found.classes is not None:
+    if Path(source).is_dir():
         unlabelled = [it for it in found.items if it.label == UNKNOWN_LABEL]
         if unlabelled:
             notes.append(f"skipped {len(unlabelled)} image(s) directly in {source} (not in a "
@@ -83,41 +83,22 @@ def _labelled(source, root, notes):
             empty = sorted(set(found.classes) - set(names))
             notes.append(f"subfolders without images are not classes: {', '.join(empty[:5])}")
         return [it._replace(label=remap[it.label]) for it in items], names
-    return _labels_of_list(found.items, source, Path(root) if root else Path(source).parent)
+    return _labels_of_list(found, source)
 
 
-def _labels_of_list(items, source, base):
-    """Labels of a list file: all integers (kept; names are the numbers) or
-    all class names (the last word of the line; sorted names -> labels)."""
-    named, numbered, unlabelled = [], [], []
-    for it in items:
-        if it.label != UNKNOWN_LABEL:
-            numbered.append(it)
-            continue
-        path_text, _, name = it.relpath.rpartition(" ")
-        path_text = path_text.rstrip()
-        if path_text and not it.path.exists():
-            named.append((it, path_text, name))
-        else:
-            unlabelled.append(it)
+def _labels_of_list(found, source):
+    """Labels of a list file (images.list_images reads them): all integers
+    (kept; names are the numbers) or all class names (sorted names ->
+    labels, in found.classes).  Training needs a label on every line."""
+    unlabelled = [it for it in found.items if it.label == UNKNOWN_LABEL]
     if unlabelled:
         raise UserError(f"{source}: {len(unlabelled)} line(s) have no label, e.g. "
                         f"{unlabelled[0].relpath!r}; training needs `path label` on every line "
                         "(label: a class number or a class name)")
-    if named and numbered:
-        raise UserError(f"{source} mixes number labels ({numbered[0].relpath} "
-                        f"{numbered[0].label}) and name labels ({named[0][1]} {named[0][2]}): "
-                        "use one kind")
-    if named:
-        classes = sorted({name for _, _, name in named})
-        index = {name: i for i, name in enumerate(classes)}
-        # list_images's rule for relative paths: from --root, else the list's folder
-        return [ImageItem(base / path_text, index[name], path_text)
-                for _, path_text, name in named], classes
-    if any(it.label < 0 for it in numbered):
-        raise UserError(f"{source}: labels must be 0 or more for training")
-    top = max(it.label for it in numbered)
-    return numbered, [str(i) for i in range(top + 1)]
+    if found.classes is not None:
+        return found.items, found.classes
+    top = max(it.label for it in found.items)
+    return found.items, [str(i) for i in range(top + 1)]
 
 
 def _check_classes(items, classes, source, minimum):

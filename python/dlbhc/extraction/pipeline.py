@@ -2,19 +2,22 @@
 
 Decoding and resizing run in worker processes so the net does not wait for
 images. On the CPU with two or more workers (and no fixed --blas-threads),
-each worker also runs its own single-threaded copy of the net on whole
-batches and the main process only writes the store (_forward_in_workers);
-otherwise (GPU, fewer workers, or --blas-threads N) the net runs in the main
-process, beside decoding workers or none (_forward_in_main). At most a few
+each worker also runs its own single-threaded copy of the net (built from a
+netcopy.NetCopy) on whole batches and the main process only writes the
+store (_forward_in_workers); otherwise (GPU, fewer workers, or
+--blas-threads N) the net runs in the main process, beside decoding workers
+or none (_forward_in_main). At most a few
 chunks are in flight, which bounds memory however large the collection is.
 Results are appended in input order by a Committer, which commits the
 finished batches together every `commit_seconds`, each commit one
 transaction, so a kill at any moment loses at most the uncommitted batches,
 and a rerun continues from there.
+
+Messages (images already stored, images skipped) go to the module's logger
+(report); the progress line to report's message stream.
 """
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,20 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..nets.caffe_env import blas_threads_control
-from ..search.codes import pack_codes
 from ..errors import UserError
 from ..files import database_backend
 from ..images import BadImage, list_images, write_skipped_list
-from ..nets.model import HashNet, ImagePreparer
+from ..nets.caffe_env import blas_threads_control
+from ..nets.model import ImagePreparer
 from ..progress import Progress
-from ..store.database import FeatureStore, check_compatible
+from ..report import get_logger
+from ..search.codes import pack_codes
+from ..store import DEFAULT_BACKEND, DEFAULT_FC7_DTYPE, FeatureStore, check_compatible
+from .netcopy import NetCopy
 
+log = get_logger(__name__)
 
+# The defaults of every way to run an extraction (extract(), the Ray job,
+# extract.py's options): the one place they are set.
+# Images per net forward (and per decoded chunk of a forward worker).
+DEFAULT_BATCH_SIZE = 50
 # A transaction (two fsyncs) per net batch costs more than the forward of a
 # small net: batches are committed together until this much time has passed.
 # A crash loses at most these uncommitted images, which a rerun redoes.
-COMMIT_SECONDS = 2.0
+DEFAULT_COMMIT_SECONDS = 2.0
+# Worker processes: decoding, and on the CPU one single-threaded net each
+# (two fill the two cores of the machines this was measured on; _run).
+DEFAULT_WORKERS = 2
 
 
 @dataclass
@@ -108,14 +121,11 @@ def _worker_chunk(chunk):
 _WORKER_NET = None
 
 
-def _init_net_worker(preparer, net_args):
-    """A forward worker: its own copy of the net, one BLAS thread."""
+def _init_net_worker(preparer, spec):
+    """A forward worker: its own copy of the net (NetCopy: one BLAS thread)."""
     global _WORKER_PREPARER, _WORKER_NET
     _WORKER_PREPARER = preparer
-    control = blas_threads_control()
-    if control is not None:
-        control[1](1)
-    _WORKER_NET = HashNet(*net_args, check=False)
+    _WORKER_NET = spec.build()
 
 
 def _net_worker_chunk(chunk):
@@ -158,9 +168,9 @@ def open_or_create_store(out, net, backend, fc7_dtype):
     return store
 
 
-def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb",
-            fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr, limit=None,
-            commit_seconds=COMMIT_SECONDS, blas_threads=None):
+def extract(source, net, out, root=None, batch_size=DEFAULT_BATCH_SIZE, workers=DEFAULT_WORKERS,
+            backend=DEFAULT_BACKEND, fc7_dtype=DEFAULT_FC7_DTYPE, shard=None, prefetch=None,
+            limit=None, commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None):
     """Extract every image of `source` (folder or list file) into store `out`
     (created, or appended to when it holds the same model); returns an
     ExtractionReport. Skipped images are listed in `out`.skipped.tsv."""
@@ -170,7 +180,7 @@ def extract(source, net, out, root=None, batch_size=50, workers=2, backend="lmdb
         items = items[:limit]
     report = extract_items(input_triples(select_inputs(items, shard)), net, out,
                            batch_size=batch_size, workers=workers, backend=backend,
-                           fc7_dtype=fc7_dtype, shard=shard, prefetch=prefetch, log=log,
+                           fc7_dtype=fc7_dtype, shard=shard, prefetch=prefetch,
                            commit_seconds=commit_seconds, blas_threads=blas_threads)
     report.seconds = time.monotonic() - start
     return report
@@ -183,16 +193,16 @@ def input_triples(pairs):
     return [(seq, os.path.abspath(it.path), int(it.label)) for seq, it in pairs]
 
 
-def extract_items(triples, net, out, batch_size=50, workers=2, backend="lmdb",
-                  fc7_dtype="float32", shard=None, prefetch=None, log=sys.stderr,
-                  commit_seconds=COMMIT_SECONDS, blas_threads=None, progress=None):
+def extract_items(triples, net, out, batch_size=DEFAULT_BATCH_SIZE, workers=DEFAULT_WORKERS,
+                  backend=DEFAULT_BACKEND, fc7_dtype=DEFAULT_FC7_DTYPE, shard=None, prefetch=None,
+                  commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None, progress=None):
     """Extract (seq, path, label) triples into store `out` (created, or
     appended to when it holds the same model), skipping the paths it already
     holds; returns an ExtractionReport and lists skipped images in
     `out`.skipped.tsv.  extract() calls this for a whole collection, and each
     Ray actor (ray_extract) for one shard.  progress: a function
     (images to do) -> an object with update(n) and close() (default: a
-    Progress line on stderr)."""
+    Progress line on the message stream)."""
     start = time.monotonic()
     store = open_or_create_store(out, net, backend, fc7_dtype)
     report = ExtractionReport(total=len(triples))
@@ -203,10 +213,10 @@ def extract_items(triples, net, out, batch_size=50, workers=2, backend="lmdb",
         todo = [t for t in triples if t[1] not in done]
         report.already = len(triples) - len(todo)
         if report.already:
-            print(f"{out}: {report.already} of {len(triples)} images already stored; "
-                  f"{len(todo)} to go", file=log)
+            log.info("%s: %d of %d images already stored; %d to go", out, report.already,
+                     len(triples), len(todo))
         if todo:
-            _run(todo, net, store, report, batch_size, workers, prefetch, log, commit_seconds,
+            _run(todo, net, store, report, batch_size, workers, prefetch, commit_seconds,
                  blas_threads, progress)
     finally:
         store.close()
@@ -302,7 +312,7 @@ class Committer:
     commit, and a final commit(). Codes are packed here (codes.pack_codes);
     report.stored counts the committed images."""
 
-    def __init__(self, store, report, commit_seconds=COMMIT_SECONDS):
+    def __init__(self, store, report, commit_seconds=DEFAULT_COMMIT_SECONDS):
         self.store, self.report, self.commit_seconds = store, report, commit_seconds
         self._fc7, self._latent, self._infos = [], [], []
         self._since = time.monotonic()
@@ -335,20 +345,18 @@ class _Sink:
     committer: Committer
     progress: Progress
     report: ExtractionReport
-    log: object
 
     def skip(self, path, reason):
         self.report.skipped.append((path, reason))
-        print(f"skipped {path}: {reason}", file=self.log)
+        log.warning("skipped %s: %s", path, reason)
 
 
 def _forward_in_workers(todo, net, preparer, workers, batch_size, prefetch, sink):
     """The net in worker processes: each worker decodes a whole batch and
     runs its own single-threaded copy of the net on it; results come back in
     input order, and this process only reports and stages them."""
-    net_args = (net.deploy, net.weights, net.prep.mean_bgr, None, net.prep.resize)
     with mp.get_context("fork").Pool(workers, initializer=_init_net_worker,
-                                     initargs=(preparer, net_args)) as pool:
+                                     initargs=(preparer, NetCopy.of(net))) as pool:
         for results, fc7, latent in _in_order(pool, _net_worker_chunk,
                                               _chunks(todo, batch_size),
                                               prefetch or 2 * workers):
@@ -413,13 +421,13 @@ def _forward_in_main(todo, net, preparer, workers, batch_size, prefetch, tuner, 
     batcher.flush()
 
 
-def _run(todo, net, store, report, batch_size, workers, prefetch, log,
-         commit_seconds=COMMIT_SECONDS, blas_threads=None, progress=None):
+def _run(todo, net, store, report, batch_size, workers, prefetch,
+         commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None, progress=None):
     """Forward every (seq, path, label) of `todo` into `store`, in order."""
     preparer = ImagePreparer(net.prep)
     on_gpu = net.gpu is not None and net.gpu >= 0
     meter = progress(len(todo)) if progress else Progress(len(todo), label="extract", unit="img")
-    sink = _Sink(Committer(store, report, commit_seconds), meter, report, log)
+    sink = _Sink(Committer(store, report, commit_seconds), meter, report)
     # On the CPU, one single-threaded net per worker, each decoding and
     # running whole batches, beats one net whose BLAS threads share the
     # cores with decoding workers: Caffe's layers between the GEMMs run on

@@ -38,24 +38,34 @@ On a cluster, the images and DB's folder must be on a filesystem every
 node mounts at the same path (the actors read images and write shards
 there), and every node needs the project's environment (Caffe and this
 package, e.g. the docker/ images).
+
+Messages go to the module's logger (report).  An actor's own messages
+(extract_items' notes and skipped images) are caught on the actor and come
+back with its shard's summary; the driver logs them at debug level (it
+reports the skipped images itself, once, in input order).
 """
 import fcntl
 import io
+import logging
 import os
 import shutil
 import socket
-import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from ..extraction.netcopy import NetCopy
+from ..extraction.pipeline import (DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, ExtractionReport,
+                                   extract_items, input_triples, open_or_create_store,
+                                   select_inputs)
 from ..images import list_images, write_skipped_list
-from ..extraction.pipeline import (ExtractionReport, extract_items, input_triples, open_or_create_store,
-                       select_inputs)
 from ..progress import Progress
-from ..store.database import FeatureStore, merge
+from ..report import ROOT_LOGGER, get_logger
+from ..store import DEFAULT_BACKEND, DEFAULT_FC7_DTYPE, FeatureStore, merge
+
+log = get_logger(__name__)
 
 SHARDS_SUFFIX = ".ray-shards"
 # Ray restarts a killed actor and retries its task this often before the
@@ -78,7 +88,7 @@ def shards_dir(out):
     return out.with_name(out.name + SHARDS_SUFFIX)
 
 
-def shard_store_path(folder, number, backend="lmdb"):
+def shard_store_path(folder, number, backend=DEFAULT_BACKEND):
     return Path(folder) / f"shard-{number:06d}.{backend}"
 
 
@@ -164,26 +174,37 @@ class _BoardMeter:
         self.board.report.remote(self.shard, self.count)
 
 
-@dataclass
-class NetSpec:
-    """What an actor needs to build its net (paths on the shared filesystem)."""
-    deploy: str
-    weights: str
-    mean: object
-    resize: int
-    gpu: bool
+@contextmanager
+def caught_messages():
+    """The package's messages (report's logger tree) logged inside the block,
+    caught in a list of lines instead of going where the process would
+    print them: on an actor, stderr, which Ray forwards to the driver."""
+    logger = logging.getLogger(ROOT_LOGGER)
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    lines = []
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        lines += buffer.getvalue().splitlines()
 
 
 class ShardExtractor:
     """A Ray actor: one net, loaded once; extracts whole shards."""
 
-    def __init__(self, spec, options, board_name):
+    def __init__(self, net_copy, options, board_name):
         import ray
-        from ..nets.model import HashNet
-        # (One BLAS thread on the CPU: run_shard's extract_items fixes it.)
-        # Ray gives each GPU actor its own device, visible as device 0.
-        self.net = HashNet(spec.deploy, spec.weights, spec.mean, gpu=0 if spec.gpu else None,
-                           resize=spec.resize, check=False)
+        # The copy of the driver's net (one BLAS thread on the CPU; Ray gives
+        # each GPU actor its own device, visible as device 0: net_copy.gpu).
+        self.net = net_copy.build()
         # The board is looked up by name: an actor handle among the
         # constructor's arguments would live in the object store, which a
         # restarted actor cannot count on.
@@ -200,16 +221,16 @@ class ShardExtractor:
                 # An actor killed while creating the store (before its
                 # metadata record): nothing was committed, start afresh.
                 shutil.rmtree(store_path)
-            log = io.StringIO()
             opts = self.options
-            report = extract_items(
-                triples, self.net, store_path, batch_size=opts["batch_size"], workers=0,
-                backend=opts["backend"], fc7_dtype=opts["fc7_dtype"], log=log,
-                commit_seconds=opts["commit_seconds"],
-                blas_threads=None if self.net.gpu is not None else 1,
-                progress=lambda todo: _BoardMeter(self.board, number, len(triples) - todo))
+            with caught_messages() as messages:
+                report = extract_items(
+                    triples, self.net, store_path, batch_size=opts["batch_size"], workers=0,
+                    backend=opts["backend"], fc7_dtype=opts["fc7_dtype"],
+                    commit_seconds=opts["commit_seconds"],
+                    progress=lambda todo: _BoardMeter(self.board, number, len(triples) - todo))
         return {"shard": number, "stored": report.stored, "already": report.already,
-                "skipped": report.skipped, "node": os.uname().nodename, "pid": os.getpid()}
+                "skipped": report.skipped, "messages": messages,
+                "node": os.uname().nodename, "pid": os.getpid()}
 
 
 # ---- the driver ------------------------------------------------------------------
@@ -272,9 +293,9 @@ def _shard_number(path):
     return int(path.name.split("-")[1].split(".")[0])
 
 
-def extract_on_ray(source, net, out, address=None, root=None, batch_size=50,
-                   backend="lmdb", fc7_dtype="float32", limit=None,
-                   commit_seconds=2.0, actors=None, shard_size=None, log=sys.stderr):
+def extract_on_ray(source, net, out, address=None, root=None, batch_size=DEFAULT_BATCH_SIZE,
+                   backend=DEFAULT_BACKEND, fc7_dtype=DEFAULT_FC7_DTYPE, limit=None,
+                   commit_seconds=DEFAULT_COMMIT_SECONDS, actors=None, shard_size=None):
     """Extract `source` into DB `out` on a Ray cluster (see the module
     docstring); returns an ExtractionReport like pipeline.extract's.
     `net` is the driver's HashNet: it checks the model against DB, and its
@@ -305,21 +326,23 @@ def extract_on_ray(source, net, out, address=None, root=None, batch_size=50,
     todo = [t for t in triples if t[1] not in done]
     report = ExtractionReport(total=len(triples), already=in_db)
     if len(todo) < len(triples):
-        print(f"{out}: {in_db} of {len(triples)} images already stored, "
-              f"{len(triples) - len(todo) - in_db} in shards of an earlier run; "
-              f"{len(todo)} to go", file=log)
+        log.info("%s: %d of %d images already stored, %d in shards of an earlier run; "
+                 "%d to go", out, in_db, len(triples), len(triples) - len(todo) - in_db,
+                 len(todo))
     results = []
     if todo:
         ray = connect(address)
         try:
             results = _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size,
-                                  commit_seconds, actors, shard_size, old, report, log)
+                                  commit_seconds, actors, shard_size, old, report)
         finally:
             ray.shutdown()
     for result in sorted(results, key=lambda r: r["shard"]):
         report.skipped += [tuple(s) for s in result.get("skipped", [])]
+        for line in result.get("messages", []):
+            log.debug("shard %d: %s", result["shard"], line)
     for path, reason in report.skipped:
-        print(f"skipped {path}: {reason}", file=log)
+        log.warning("skipped %s: %s", path, reason)
     shards = [p for p in _existing_shards(folder, backend) if _shard_count(p)]
     if shards:
         report.stored = merge(shards, out, backend=backend, append=True)
@@ -340,7 +363,7 @@ def _shard_count(path):
 
 
 def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_seconds,
-                n_actors, shard_size, old, report, log):
+                n_actors, shard_size, old, report):
     """Run every shard of `todo` on actors; the summaries of the shards."""
     on_gpu = net.gpu is not None and net.gpu >= 0
     resources = ray.cluster_resources()
@@ -354,9 +377,7 @@ def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_s
     first = max((_shard_number(p) for p in old), default=-1) + 1
     queue = deque((first + i, chunk) for i, chunk in enumerate(plan_shards(todo, size)))
     n_actors = min(n_actors, len(queue))
-    spec = NetSpec(os.path.abspath(net.deploy), os.path.abspath(net.weights),
-                   [float(v) for v in net.prep.mean_bgr],
-                   net.prep.resize, on_gpu)
+    net_copy = NetCopy.of(net, gpu=0 if on_gpu else None)
     options = dict(batch_size=batch_size, backend=backend, fc7_dtype=fc7_dtype,
                    commit_seconds=commit_seconds)
     board_name = f"dlbhc-progress-{os.getpid()}-{time.time_ns()}"
@@ -364,10 +385,10 @@ def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_s
     actor_class = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0,
                              max_restarts=ACTOR_RESTARTS,
                              max_task_retries=ACTOR_RESTARTS)(ShardExtractor)
-    idle = [actor_class.remote(spec, options, board_name) for _ in range(n_actors)]
+    idle = [actor_class.remote(net_copy, options, board_name) for _ in range(n_actors)]
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    print(f"Ray: {len(queue)} shards of up to {size} images on {n_actors} actors "
-          f"({nodes} node{'s' if nodes != 1 else ''}); shards in {folder}", file=log)
+    log.info("Ray: %d shards of up to %d images on %d actors (%d node%s); shards in %s",
+             len(queue), size, n_actors, nodes, "s" if nodes != 1 else "", folder)
     progress = Progress(len(todo), label="extract (ray)", unit="img", interval=PROGRESS_SECONDS)
     attempts, pending, results, failed = {}, {}, [], []
     replacements = 0
@@ -391,11 +412,11 @@ def _run_shards(ray, todo, net, folder, backend, fc7_dtype, batch_size, commit_s
             except ray.exceptions.RayActorError as err:
                 # Ray restarted the actor ACTOR_RESTARTS times and gave up
                 # (or its node is gone): a new actor takes the shard over.
-                print(f"shard {number}: actor lost ({type(err).__name__}); "
-                      f"attempt {attempts[number]} of {SHARD_ATTEMPTS}", file=log)
+                log.warning("shard %d: actor lost (%s); attempt %d of %d", number,
+                            type(err).__name__, attempts[number], SHARD_ATTEMPTS)
                 if replacements < n_actors * ACTOR_RESTARTS:
                     replacements += 1
-                    idle.append(actor_class.remote(spec, options, board_name))
+                    idle.append(actor_class.remote(net_copy, options, board_name))
                 if attempts[number] < SHARD_ATTEMPTS:
                     queue.appendleft((number, chunk))
                 else:

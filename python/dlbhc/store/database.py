@@ -16,8 +16,10 @@ LevelDB with backend="leveldb") and one flat file:
             projection's sha1
 
 The keyed tables use Caffe's extract_features keys (`%010d`, the image id,
-counting from 0); LMDB tables are named sub-databases, LevelDB keys get the
-table name and a slash as prefix (b"code/0000000001").
+counting from 0), in one of the engines of backends.py (LMDB tables are
+named sub-databases, LevelDB keys get the table name and a slash as prefix:
+b"code/0000000001").  The PCA files' format and rules are in pca_rows.py;
+shards are joined by merge.py.
 
 fc7 sits in a flat file of fixed-size rows because search reads it at random:
 ~1,000-2,000 candidates per query. Through a memory map a candidate's row is
@@ -34,7 +36,7 @@ overwritten by the next append.  Building a PCA store follows the same rule:
 its files are complete and synced before the metadata names them.
 
 Writers change the metadata by read-modify-write inside one write
-transaction (_commit), so compress.py adding a PCA store while extract.py
+transaction (the backend's commit), so compress.py adding a PCA store while extract.py
 appends loses neither: whichever commits second sees the other's record (an
 append that finds a PCA store recorded since it opened the database projects
 its batch before committing).
@@ -47,164 +49,21 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from ..search.codes import CODE_THRESHOLD, code_bytes
 from ..errors import UserError
-from ..files import database_backend, file_digest
-from ..search.pca import DEFAULT_SAMPLE, Projection, sample_ids
-from ..progress import Progress
+from ..files import database_backend
+from ..search.codes import CODE_THRESHOLD, code_bytes
+from .backends import BACKENDS, DEFAULT_BACKEND, META_KEY, meta_bytes
+from .pca_rows import PcaRows
 
 SCHEMA_VERSION = 1
-TABLES = ("meta", "latent", "code", "info")
 FC7_FILE = "fc7.bin"
-PCA_PREFIX = "pca-"
-PCA_DTYPES = ("float32", "float16")
-# Rows read, projected and written per step when a PCA store is built.
-PCA_BUILD_ROWS = 8192
-META_KEY = b"meta"
-# LMDB reserves address space, not disk: 1 TiB holds 60M images of fc7.
-LMDB_MAP_SIZE = 1 << 40
+# How fc7 rows are stored unless told otherwise (extract.py --float16: half).
+DEFAULT_FC7_DTYPE = "float32"
 
 
 def key(i):
+    """The keyed tables' key of image i (Caffe's extract_features format)."""
     return b"%010d" % i
-
-
-class _LmdbBackend:
-    name = "lmdb"
-
-    def __init__(self, path, readonly):
-        import lmdb
-        try:
-            # readahead=False: searches read scattered records; the kernel's
-            # readahead would pull in neighbours nobody asked for.
-            self.env = lmdb.open(str(path), map_size=LMDB_MAP_SIZE, max_dbs=len(TABLES),
-                                 readonly=readonly, readahead=False, subdir=True,
-                                 create=not readonly)
-            if readonly:
-                self.dbs = {t: self.env.open_db(t.encode(), create=False) for t in TABLES}
-            else:
-                # All tables in one transaction: a reader sees all or none of them.
-                with self.env.begin(write=True) as txn:
-                    self.dbs = {t: self.env.open_db(t.encode(), txn=txn, create=True)
-                                for t in TABLES}
-        except lmdb.NotFoundError:
-            raise UserError(f"{path} is not a complete feature database (its tables are "
-                            "missing): it may still be being created") from None
-        except lmdb.Error as err:
-            raise UserError(f"cannot open LMDB feature store {path}: {err}") from err
-
-    def get(self, table, k):
-        with self.env.begin(db=self.dbs[table], buffers=False) as txn:
-            return txn.get(k)
-
-    def get_many(self, table, keys):
-        """Values as bytes for keys (one read transaction; None for a missing key)."""
-        with self.env.begin(db=self.dbs[table]) as txn:
-            # One C call for every key: a top-1000 answer's info records in
-            # 2.1 ms where a get() per key took 5.4 ms (2.5M records, loaded
-            # machine).  getmulti leaves missing keys out: then key by key.
-            found = txn.cursor().getmulti(keys)
-            if len(found) == len(keys):
-                return [v for _, v in found]
-            return [txn.get(k) for k in keys]
-
-    def read_rows(self, table, keys, out):
-        """Copy fixed-size records straight into the rows of `out` (no parsing)."""
-        row_bytes = out.dtype.itemsize * out.shape[1]
-        view = out.view(np.uint8).reshape(out.shape[0], row_bytes)
-        with self.env.begin(db=self.dbs[table], buffers=True) as txn:
-            get = txn.get
-            for i, k in enumerate(keys):
-                buf = get(k)
-                if buf is None:
-                    raise KeyError(k)
-                view[i] = np.frombuffer(buf, dtype=np.uint8)
-
-    def scan(self, table):
-        with self.env.begin(db=self.dbs[table]) as txn:
-            for k, v in txn.cursor():
-                yield k, v
-
-    def write(self, items):
-        """items: list of (table, key, value); one transaction."""
-        with self.env.begin(write=True) as txn:
-            for table, k, v in items:
-                txn.put(k, v, db=self.dbs[table])
-
-    def commit(self, items, change):
-        """One write transaction: `items` and the metadata change(stored meta)
-        returns.  LMDB admits one writer at a time (across processes too), so
-        nobody changes the metadata between the read and the write."""
-        with self.env.begin(write=True) as txn:
-            meta = change(json.loads(txn.get(META_KEY, db=self.dbs["meta"])))
-            for table, k, v in items:
-                txn.put(k, v, db=self.dbs[table])
-            txn.put(META_KEY, _meta_bytes(meta), db=self.dbs["meta"])
-        return meta
-
-    def close(self):
-        self.env.close()
-
-
-class _LevelDbBackend:
-    name = "leveldb"
-
-    def __init__(self, path, readonly):
-        import plyvel
-        try:
-            self.db = plyvel.DB(str(path), create_if_missing=not readonly)
-        except plyvel.Error as err:
-            raise UserError(f"cannot open LevelDB feature store {path}: {err}") from err
-
-    @staticmethod
-    def _k(table, k):
-        return table.encode() + b"/" + k
-
-    def get(self, table, k):
-        return self.db.get(self._k(table, k))
-
-    def get_many(self, table, keys):
-        return [self.db.get(self._k(table, k)) for k in keys]
-
-    def read_rows(self, table, keys, out):
-        row_bytes = out.dtype.itemsize * out.shape[1]
-        view = out.view(np.uint8).reshape(out.shape[0], row_bytes)
-        prefix = table.encode() + b"/"
-        get = self.db.get
-        for i, k in enumerate(keys):
-            buf = get(prefix + k)
-            if buf is None:
-                raise KeyError(k)
-            view[i] = np.frombuffer(buf, dtype=np.uint8)
-
-    def scan(self, table):
-        prefix = table.encode() + b"/"
-        for k, v in self.db.iterator(prefix=prefix):
-            yield k[len(prefix):], v
-
-    def write(self, items):
-        # transaction=True: LevelDB applies the whole batch atomically.
-        with self.db.write_batch(transaction=True, sync=True) as wb:
-            for table, k, v in items:
-                wb.put(self._k(table, k), v)
-
-    def commit(self, items, change):
-        """items and change(stored meta), one batch.  A LevelDB is open in
-        one process at a time (its LOCK file), so nobody else can write it
-        between the read and the write."""
-        meta = change(json.loads(self.get("meta", META_KEY)))
-        self.write(list(items) + [("meta", META_KEY, _meta_bytes(meta))])
-        return meta
-
-    def close(self):
-        self.db.close()
-
-
-_BACKENDS = {"lmdb": _LmdbBackend, "leveldb": _LevelDbBackend}
-
-
-def _meta_bytes(meta):
-    return json.dumps(meta, sort_keys=True).encode()
 
 
 class MetaFields:
@@ -225,8 +84,9 @@ class MetaFields:
         return int(self.meta["fc7_dim"])
 
 
-class FeatureStore(MetaFields):
-    """A feature database made by extract.py (see the module docstring)."""
+class FeatureStore(MetaFields, PcaRows):
+    """A feature database made by extract.py (see the module docstring); its
+    PCA re-rank store's methods come from pca_rows.PcaRows."""
 
     def __init__(self, path, backend, meta, readonly):
         self.path = Path(path)
@@ -235,9 +95,6 @@ class FeatureStore(MetaFields):
         self.readonly = readonly
         self._fc7_map = None        # memory map of fc7.bin, sized to count rows
         self._fc7_fd = None         # write handle (appending stores only)
-        self._pca = None            # (meta record, Projection) once loaded and checked
-        self._pca_map = None        # memory map of the PCA rows, sized to count rows
-        self._pca_fd = None         # (file name, write handle) of the PCA rows
         fc7_path = self.path / FC7_FILE
         if readonly:
             need = self.count * self.fc7_row_bytes
@@ -251,10 +108,10 @@ class FeatureStore(MetaFields):
 
     # ---- opening ---------------------------------------------------------
     @classmethod
-    def create(cls, path, meta, backend="lmdb"):
+    def create(cls, path, meta, backend=DEFAULT_BACKEND):
         """A new, empty store. `meta` needs bits, fc7_dim; the rest is kept as given."""
         path = Path(path)
-        if backend not in _BACKENDS:
+        if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}: use lmdb or leveldb")
         if path.exists() and any(path.iterdir()):
             raise UserError(f"{path} exists and is not empty")
@@ -263,12 +120,12 @@ class FeatureStore(MetaFields):
         for field in ("bits", "fc7_dim"):
             if field not in meta:
                 raise ValueError(f"store meta needs {field}")
-        meta.setdefault("fc7_dtype", "float32")
+        meta.setdefault("fc7_dtype", DEFAULT_FC7_DTYPE)
         meta.setdefault("threshold", CODE_THRESHOLD)
         meta.update(schema_version=SCHEMA_VERSION, backend=backend, count=0,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        db = _BACKENDS[backend](path, readonly=False)
-        db.write([("meta", META_KEY, _meta_bytes(meta))])
+        db = BACKENDS[backend](path, readonly=False)
+        db.write([("meta", META_KEY, meta_bytes(meta))])
         return cls(path, db, meta, readonly=False)
 
     @classmethod
@@ -281,7 +138,7 @@ class FeatureStore(MetaFields):
         backend = database_backend(path)
         if backend is None:
             raise UserError(f"{path} is not a feature database (no LMDB or LevelDB files in it)")
-        db = _BACKENDS[backend](path, readonly=readonly)
+        db = BACKENDS[backend](path, readonly=readonly)
         raw = db.get("meta", META_KEY)
         if raw is None:
             db.close()
@@ -300,11 +157,6 @@ class FeatureStore(MetaFields):
             self._fc7_fd = None
         self._close_pca_fd()
         self._db.close()
-
-    def _close_pca_fd(self):
-        if self._pca_fd is not None:
-            os.close(self._pca_fd[1])
-            self._pca_fd = None
 
     def __enter__(self):
         return self
@@ -389,159 +241,6 @@ class FeatureStore(MetaFields):
         """Set metadata fields (read-modify-write in one transaction)."""
         self.meta = self._db.commit([], lambda stored: dict(stored, **fields))
 
-    # ---- the PCA re-rank store ---------------------------------------------
-    @property
-    def pca_record(self):
-        """The metadata's PCA record (dim, whiten, dtype, file names,
-        projection sha1, ...), or None when the database has no PCA store."""
-        return self.meta.get("pca") or None
-
-    def projection(self):
-        """The database's PCA projection, checked against the metadata (file
-        present, sha1 as recorded, fc7 size and model matching); UserError
-        naming what is wrong otherwise."""
-        record = self.pca_record
-        if record is None:
-            raise UserError(f"{self.path} has no PCA re-rank store: make one with "
-                            f"`python python/compress.py {self.path} --pca 256`")
-        if self._pca is None or self._pca[0] != record:
-            self._pca = (record, self._load_projection(record))
-        return self._pca[1]
-
-    def _load_projection(self, record):
-        path = self.path / record["projection"]
-        rebuild = (f"rebuild it with `python python/compress.py {self.path} --pca "
-                   f"{record.get('dim', 256)} --replace` or search with --rerank fc7")
-        if not path.is_file():
-            raise UserError(f"{self.path}: the PCA projection {record['projection']} recorded "
-                            f"in its metadata is missing: {rebuild}")
-        if file_digest(path) != record["projection_sha1"]:
-            raise UserError(f"{self.path}: {record['projection']} is not the projection the "
-                            f"database recorded (its sha1 differs): {rebuild}")
-        projection = Projection.load(path)
-        problem = projection.mismatch(self.fc7_dim, self.meta.get("model"))
-        if problem is None and projection.dim != int(record["dim"]):
-            problem = f"it has {projection.dim} components, the metadata says {record['dim']}"
-        if problem:
-            raise UserError(f"{self.path}: the PCA projection does not match the database: "
-                            f"{problem}; {rebuild}")
-        rows = self.path / record["rows"]
-        need = self.count * projection.dim * np.dtype(record["dtype"]).itemsize
-        have = rows.stat().st_size if rows.exists() else -1
-        if have < need:
-            raise UserError(f"{self.path}: {record['rows']} holds {max(have, 0)} bytes, the "
-                            f"{self.count} images need {need}: {rebuild}")
-        return projection
-
-    def pca_rows(self):
-        """Every image's projected fc7 as a read-only memory map (count, dim)."""
-        projection = self.projection()
-        record = self.pca_record
-        if self._pca_map is None or self._pca_map.shape[0] != self.count:
-            if self.count == 0:
-                return np.empty((0, projection.dim), dtype=record["dtype"])
-            self._pca_map = np.memmap(self.path / record["rows"], dtype=np.dtype(record["dtype"]),
-                                      mode="r", shape=(self.count, projection.dim))
-        return self._pca_map
-
-    def _write_pca_rows(self, projection, record, fc7, start):
-        """Project stored-precision fc7 rows and write them at row `start` of
-        the PCA rows file named by `record` (synced).  fc7 is in the store's
-        dtype, so the rows are the projection of what fc7.bin holds."""
-        if self._pca_fd is None or self._pca_fd[0] != record["rows"]:
-            self._close_pca_fd()
-            self._pca_fd = (record["rows"], os.open(self.path / record["rows"],
-                                                    os.O_RDWR | os.O_CREAT, 0o644))
-        fd = self._pca_fd[1]
-        row_bytes = projection.dim * np.dtype(record["dtype"]).itemsize
-        for lo in range(0, len(fc7), PCA_BUILD_ROWS):
-            rows = projection.apply(fc7[lo:lo + PCA_BUILD_ROWS]).astype(record["dtype"])
-            os.pwrite(fd, rows.tobytes(), (start + lo) * row_bytes)
-        os.fsync(fd)
-
-    def learn_projection(self, dim, whiten=False, sample=DEFAULT_SAMPLE, seed=0):
-        """Learn a PCA projection on a fixed-seed random sample of this
-        database's fc7 rows (pca.Projection.learn)."""
-        if self.count < 2:
-            raise UserError(f"{self.path} holds {self.count} image(s): PCA needs at least 2")
-        ids = sample_ids(self.count, sample, seed)
-        rows = np.asarray(self.fc7_rows()[ids], dtype=np.float32)
-        return Projection.learn(rows, dim, whiten=whiten, model=self.meta.get("model"))
-
-    def add_pca(self, projection, dtype="float32", log=None):
-        """Write every image's projection into a new PCA rows file and record
-        it (and the projection) in the metadata; a PCA store recorded before
-        is replaced (its files deleted after the switch).  Returns the record.
-
-        Crash-safe like an append: the files are complete and synced before
-        the metadata names them; appends made meanwhile by another process
-        are projected inside the committing transaction."""
-        if self.readonly:
-            raise RuntimeError("store opened read-only")
-        if dtype not in PCA_DTYPES:
-            raise UserError(f"PCA rows dtype {dtype!r}: use one of {', '.join(PCA_DTYPES)}")
-        problem = projection.mismatch(self.fc7_dim, self.meta.get("model"))
-        if problem:
-            raise UserError(f"the projection does not match {self.path}: {problem}. "
-                            "Learn one on this database (--pca N) instead.")
-        before = self.pca_record
-        sha1 = projection.digest()
-        name = f"{PCA_PREFIX}{sha1[:16]}"
-        record = {"dim": projection.dim, "whiten": projection.whiten, "dtype": dtype,
-                  "projection": name + ".npz", "rows": name + f".{dtype}.bin",
-                  "projection_sha1": sha1, "sample": projection.info.get("sample"),
-                  "explained": projection.info.get("explained"),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        projection.save(self.path / record["projection"])
-        done = self.count
-        fc7 = self.fc7_rows()
-        progress = Progress(done, label=f"projecting fc7 -> {projection.name()}", unit="img",
-                            stream=log) if log is not None and done else None
-        for lo in range(0, done, PCA_BUILD_ROWS):
-            hi = min(done, lo + PCA_BUILD_ROWS)
-            self._write_pca_rows(projection, record, fc7[lo:hi], lo)
-            if progress:
-                progress.update(hi - lo)
-        if progress:
-            progress.close()
-
-        def change(stored):
-            if stored.get("pca") != before:
-                raise UserError(f"{self.path}: another process changed the PCA store while "
-                                "this one was building one: run one compress.py at a time")
-            count = int(stored["count"])
-            if count > done:   # appended meanwhile, without these rows
-                self._write_pca_rows(projection, record, self.fc7_rows_upto(count)[done:count],
-                                     done)
-            return dict(stored, pca=record)
-
-        self.meta = self._db.commit([], change)
-        self._pca = (record, projection)
-        self._fc7_map = self._pca_map = None
-        self.remove_unused_pca_files()
-        return record
-
-    def remove_pca(self):
-        """Forget the PCA store (search re-ranks on fc7 again) and delete its files."""
-        if self.readonly:
-            raise RuntimeError("store opened read-only")
-        self.meta = self._db.commit([], lambda stored: {k: v for k, v in stored.items()
-                                                        if k != "pca"})
-        self._pca = self._pca_map = None
-        self._close_pca_fd()
-        return self.remove_unused_pca_files()
-
-    def remove_unused_pca_files(self):
-        """Delete PCA files the metadata does not name (a replaced store, or
-        one a crash left half built).  Returns their names."""
-        record = self.pca_record or {}
-        keep = {record.get("projection"), record.get("rows")}
-        gone = []
-        for f in sorted(self.path.glob(PCA_PREFIX + "*")):
-            if f.name not in keep:
-                f.unlink()
-                gone.append(f.name)
-        return gone
 
     # ---- reading ---------------------------------------------------------
     def fc7_rows(self):
@@ -620,64 +319,6 @@ class FeatureStore(MetaFields):
             raise UserError(f"image id out of range: the database holds ids 0..{self.count - 1}")
 
 
-def merge(shard_paths, out_path, backend="lmdb", batch=256, append=False):
-    """Join shard databases (extract.py --shard i/n, or the shards of a Ray
-    extraction) into one.
-
-    Records are ordered by their position in the full input list (`seq`),
-    so merged shards equal a single run over the same inputs.  With
-    append=True `out_path` may already exist (same model): the records whose
-    path it holds are left out and the rest appended, so a merge cut short
-    by a crash (each batch is one transaction) is finished by running it
-    again.  Returns the number of records written.
-    """
-    shards = [FeatureStore.open(p) for p in shard_paths]
-    out = None
-    try:
-        base = shards[0].meta
-        for s in shards[1:]:
-            check_compatible(base, s.meta, what=f"shard {s.path}")
-        existing = database_backend(out_path) if Path(out_path).exists() else None
-        if append and existing is not None:
-            out = FeatureStore.open(out_path, readonly=False)
-            check_compatible(out.meta, base, what=f"shard {shards[0].path}")
-            have = out.stored_paths() if out.count else set()
-        else:
-            # A shard's PCA store stays behind (its files are the shard's): the
-            # merged database gets one with compress.py (--projection
-            # SHARD/pca-*.npz keeps the shards' projection).
-            meta = {k: v for k, v in base.items()
-                    if k not in ("count", "created", "schema_version", "backend", "shard", "pca")}
-            out = FeatureStore.create(out_path, meta, backend=backend)
-            have = set()
-        entries = []
-        for si, s in enumerate(shards):
-            for i, info in enumerate(s.infos()):
-                if info["path"] not in have:
-                    entries.append((info.get("seq", 0), info["path"], si, i))
-        entries.sort()
-        for start in range(0, len(entries), batch):
-            chunk = entries[start:start + batch]
-            # one read per shard and table, then back into seq order
-            parts = {}
-            for si in sorted({e[2] for e in chunk}):
-                pos = [j for j, e in enumerate(chunk) if e[2] == si]
-                ids = [chunk[j][3] for j in pos]
-                s = shards[si]
-                parts[si] = (pos, s.fc7(ids), s.latent(ids), s.code_rows(ids), s.infos(ids))
-            order = np.concatenate([p[0] for p in parts.values()])
-            back = np.argsort(order)
-            fc7, latent, codes = (np.concatenate([p[k] for p in parts.values()])[back]
-                                  for k in (1, 2, 3))
-            infos = [info for p in parts.values() for info in p[4]]
-            out.append(fc7, latent, codes, [infos[j] for j in back])
-        return len(entries)
-    finally:
-        if out is not None:
-            out.close()
-        for s in shards:
-            s.close()
-
 
 # Fields that must agree for two databases (or a model and a database) to be
 # used together: different values mean different codes or features.
@@ -694,9 +335,4 @@ def check_compatible(expected, actual, what="the model"):
         raise UserError(f"{what} does not match the feature database:\n  " + "\n  ".join(diffs)
                         + "\nUse the deploy net and weights the database was built with, "
                           "or extract a new database (--out NEW).")
-
-
-def disk_bytes(path):
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-
 
