@@ -11,6 +11,7 @@ from dlbhc.errors import UserError
 from dlbhc.nets.protos import read_prototxt
 from dlbhc.training import caffe_log, caffe_train, solver as solvers
 from dlbhc.training import recipes as training
+from dlbhc.training.prototxt import Phases, data_layer_pair, data_layers, set_data_layers
 from helpers import PROTOTXT, ROOT, TRAIN, learnable_images, run_script, write_training_data
 
 
@@ -184,6 +185,25 @@ def test_train_script_refuses_a_data_dir_without_the_data(tmp_path):
                      check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "cifar10_train_32pad4_lmdb" in out.stderr and "--data-dir" in out.stderr
+
+
+def test_one_data_layer_spec_for_the_checked_in_files_and_the_runs(caffe):
+    """The checked-in Data layers (generate.py renders DataLayer.fields())
+    are what DataLayer.add_to builds for a run; set_data_layers rewrites
+    them per phase."""
+    checked_in = read_prototxt(PROTOTXT / "cifar_hash12_train_val.prototxt")
+    train, test = data_layers(checked_in)
+    built = caffe.proto.caffe_pb2.NetParameter()
+    for layer in data_layer_pair((train.data_param.source, test.data_param.source), (100, 100),
+                                 crop_size=32, mean_value=tuple(train.transform_param.mean_value)):
+        layer.add_to(built)
+    assert list(built.layer) == [train, test]
+    set_data_layers(checked_in, source=Phases("a_lmdb", "b_lmdb"), batch_size=Phases(7, 9),
+                    mean_value=(1, 2, 3))
+    assert [(layer.data_param.source, layer.data_param.batch_size,
+             layer.transform_param.mirror, list(layer.transform_param.mean_value))
+            for layer in data_layers(checked_in)] == [("a_lmdb", 7, True, [1, 2, 3]),
+                                                      ("b_lmdb", 9, False, [1, 2, 3])]
 
 
 # ---- python/train.py for real: a few iterations on tiny generated data -------

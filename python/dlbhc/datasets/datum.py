@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import lmdb
 import numpy as np
 
 from ..errors import UserError
@@ -48,8 +49,6 @@ class LmdbWriter:
     """An LMDB written in batches of (key, value) pairs; its map grows as it fills."""
 
     def __init__(self, path, expected_bytes):
-        import lmdb
-        self._lmdb = lmdb
         # Start near the expected size and double when full, rather than
         # reserving Caffe's fixed 1 TB map, which some filesystems refuse.
         self.env = lmdb.open(str(path), map_size=max(expected_bytes, 2**24),
@@ -62,7 +61,7 @@ class LmdbWriter:
                     for key, value in pairs:
                         txn.put(key, value)
                 return
-            except self._lmdb.MapFullError:
+            except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
     def close(self):
@@ -272,7 +271,6 @@ def _iterate_db(db_path, backend):
     """Yield (key, value) bytes of every record, in key order, plus the record
     count (or None) as the first item."""
     if backend == "lmdb":
-        import lmdb
         try:
             # lock=False: reading needs no lock file, so read-only copies work.
             env = lmdb.open(str(db_path), readonly=True, lock=False, subdir=True)
@@ -285,7 +283,7 @@ def _iterate_db(db_path, backend):
         finally:
             env.close()
     else:
-        import plyvel
+        import plyvel  # only for LevelDB, which few use: an optional package
         try:
             db = plyvel.DB(str(db_path), create_if_missing=False)
         except plyvel.Error as err:
@@ -352,7 +350,6 @@ def first_datum_height(lmdb_path):
     """The height of the first Datum in an LMDB (the image size a Data
     layer reads), or None when there is no readable LMDB there."""
     try:
-        import lmdb
         env = lmdb.open(str(lmdb_path), readonly=True, lock=False, subdir=True)
     except Exception:  # noqa: BLE001  (no LMDB there: the caller falls back)
         return None

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from google.protobuf import text_format
+
 from ..errors import UserError
 from ..nets.caffe_env import PROJECT_ROOT
 from ..nets.protos import caffe_pb2, read_prototxt
@@ -196,7 +198,6 @@ def deploy_input_size(deploy):
 def write_net(net, path, header):
     """A NetParameter (or SolverParameter) as prototxt text at `path`, under
     `header` as comment lines; returns the path."""
-    from google.protobuf import text_format
     Path(path).write_text("".join(f"# {line}\n" for line in header.splitlines())
                           + text_format.MessageToString(net))
     return Path(path)
