@@ -109,7 +109,7 @@ def _run_and_watch(cmd, env, run_dir, max_iter):
                 if event is not None:
                     watch.show(event)
                 if "Check failed" in line or "Error" in line:
-                    log.info(line.rstrip())
+                    log.warning(line.rstrip())
         proc.wait()
     except KeyboardInterrupt:
         # caffe snapshots on SIGINT (-sigint_effect snapshot); let it finish that
