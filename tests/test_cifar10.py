@@ -3,6 +3,7 @@ through get_cifar10's opener), and the data/get_cifar10.py script."""
 import hashlib
 import io
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -127,7 +128,8 @@ def test_cifar_from_official_python_batches(tmp_path):
     assert not list(tmp_path.glob(".cifar10.partial-*"))
 
 
-def test_cifar_from_jpg_archive_and_rerun(tmp_path, capsys):
+def test_cifar_from_jpg_archive_and_rerun(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dlbhc")
     archive = make_jpg_archive(tmp_path / "my-copy.tar.gz")
     dest = tmp_path / "out" / "cifar10"
     result = get_cifar10(dest, archive=archive)
@@ -142,7 +144,7 @@ def test_cifar_from_jpg_archive_and_rerun(tmp_path, capsys):
     again = get_cifar10(dest, archive=archive)
     assert again.reused and (again.train, again.test) == (3, 1)
     assert (dest / "train.txt").stat().st_mtime_ns == before
-    assert "already complete" in capsys.readouterr().err
+    assert "already complete" in caplog.text
     (dest / COMPLETE_MARKER).write_text("{oops")
     with pytest.raises(UserError, match="damaged; delete"):
         get_cifar10(dest, archive=archive)
@@ -191,14 +193,15 @@ def test_cifar_download_checks_md5_and_keeps_the_file(tmp_path, monkeypatch):
     assert get_cifar10(tmp_path / "b" / "again", opener=None).train == 5
 
 
-def test_cifar_damaged_download_is_fetched_again(tmp_path, monkeypatch, capsys):
+def test_cifar_damaged_download_is_fetched_again(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="dlbhc")
     monkeypatch.delenv(ARCHIVE_ENV, raising=False)
     payload = make_python_archive(tmp_path / "served.tar.gz").read_bytes()
     monkeypatch.setattr(cifar10, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
     kept = tmp_path / "cifar-10-python.tar.gz"
     kept.write_bytes(payload[:100])         # an interrupted earlier download
     assert get_cifar10(tmp_path / "cifar10", opener=_serve(payload)).train == 5
-    assert "downloading it again" in capsys.readouterr().err
+    assert "downloading it again" in caplog.text
     assert kept.read_bytes() == payload
 
 
@@ -238,19 +241,21 @@ def test_cifar_rejects_code_in_batch_pickle(tmp_path):
         get_cifar10(tmp_path / "c", archive=tmp_path / "evil.tar.gz")
 
 
-def test_cifar_known_archive_name_is_checksummed(tmp_path, capsys):
+def test_cifar_known_archive_name_is_checksummed(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dlbhc")
     fake = make_jpg_archive(tmp_path / "cifar10-jpg.tar.gz")
     with pytest.raises(UserError, match="sha256 .* expected 0e9467"):
         get_cifar10(tmp_path / "c", archive=fake)
     # Any other name is the user's own copy: noted, not checked.
     assert verify_archive(make_jpg_archive(tmp_path / "mine.tar.gz")) is False
-    assert "not verified" in capsys.readouterr().err
+    assert "not verified" in caplog.text
 
 
 @pytest.mark.skipif(not SHARED_JPG_ARCHIVE.exists(), reason="no shared CIFAR-10 archive")
-def test_shared_archive_checksum_is_accepted(tmp_path, capsys):
+def test_shared_archive_checksum_is_accepted(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dlbhc")
     assert verify_archive(SHARED_JPG_ARCHIVE) is True      # checked, and it matches
-    assert "not verified" not in capsys.readouterr().err
+    assert "not verified" not in caplog.text
     # The same check refuses a copy with one byte changed (the archive is
     # about 19 MB, so a copy in tmp_path is cheap).
     data = bytearray(SHARED_JPG_ARCHIVE.read_bytes())

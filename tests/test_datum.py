@@ -1,6 +1,7 @@
 """dlbhc.datasets.datum: image set -> Caffe Datum database (LMDB, LevelDB), padding,
 mean image; and the data/convert_imageset.py script. Every test here needs the
 Caffe build (the conftest `caffe` fixture: a missing build fails them)."""
+import logging
 import os
 import subprocess
 import sys
@@ -52,13 +53,14 @@ def _read_lmdb(path):
     return records
 
 
-def test_convert_folder_to_lmdb(tmp_path, capsys):
+def test_convert_folder_to_lmdb(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dlbhc")
     found = _image_folder(tmp_path / "imgs")
     out = tmp_path / "train_lmdb"
     result = convert_imageset(found, out, 8)
     assert result.written == 3 and result.path == out
     assert [Path(p).name for p, _ in result.skipped] == ["corrupt.jpg"]
-    assert "skipped" in capsys.readouterr().err
+    assert "skipped" in caplog.text
     skipped_file = tmp_path / "train_lmdb.skipped.tsv"
     header, line = skipped_file.read_text().rstrip("\n").split("\n")
     assert header.startswith("# path\treason") and "convert_imageset" in header

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dlbhc.nets import backbones
 from dlbhc.training import frozen
-from dlbhc.training import recipes as training
+from dlbhc.training import prototxt as training_prototxt
 from dlbhc.datasets.collection import load_collection
 from dlbhc.errors import UserError
 from dlbhc.images import ImageItem
@@ -119,8 +119,7 @@ def test_a_hundred_thousand_images_split_in_linear_time(tmp_path):
 
 @pytest.fixture(scope="module")
 def backbone(caffe):
-    import io
-    weights = backbones.convert(BACKBONE, log=io.StringIO())
+    weights = backbones.convert(BACKBONE)
     deploy, _ = backbones.paths(BACKBONE)
     return deploy, weights
 
@@ -128,7 +127,7 @@ def backbone(caffe):
 def test_folded_batchnorm_computes_the_same_features(caffe, backbone, tmp_path):
     deploy, weights = backbone
     net = frozen.frozen_net(deploy, "b4")
-    training.set_input(net, 32, 2)
+    training_prototxt.set_input(net, 32, 2)
     params = frozen.net_params(deploy, weights)
     plain = frozen.net_with_params(net, {k: params[k] for k in frozen.param_layer_names(net)},
                                    tmp_path, "plain")
@@ -164,12 +163,12 @@ def test_cached_features_hold_images_then_their_mirror_images(caffe, backbone, t
     items.append(ImageItem(bad, 0, "apple/broken.jpg"))
     prep = Preprocessing(resize=32, crop=32, mean_bgr=(127.0, 127.0, 127.0))
     net = frozen.frozen_net(deploy, "b1")
-    training.set_input(net, 32, 4)
+    training_prototxt.set_input(net, 32, 4)
     params = frozen.net_params(deploy, weights)
     prototxt, w = frozen.net_with_params(net, {k: params[k] for k in frozen.param_layer_names(net)},
                                          tmp_path, "frozen")
     summary = frozen.cache_features(items, prototxt, w, prep, tmp_path / "feat", flips=True,
-                                    workers=1, batch_size=4, log=open(tmp_path / "log", "w"))
+                                    workers=1, batch_size=4)
     assert (summary["images"], summary["records"], summary["skipped"]) == (6, 12, 1)
     assert "broken.jpg" in (tmp_path / "feat.skipped.tsv").read_text()
     import lmdb
@@ -251,7 +250,7 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
         net = read_prototxt(run / name)
         assert [l.inner_product_param.num_output for l in net.layer
                 if l.name == "fc9_classifier"] == [3]
-    template = read_prototxt(training.PROTOTXT_DIR / f"{BACKBONE}_hash12_train_val.prototxt")
+    template = read_prototxt(training_prototxt.PROTOTXT_DIR / f"{BACKBONE}_hash12_train_val.prototxt")
     assert [l.inner_product_param.num_output for l in template.layer
             if l.name == "fc9_classifier"] == [10]
     train_val = read_prototxt(run / "train_val.prototxt")

@@ -1,1 +1,26 @@
-"""datasets"""
+"""Datasets: images into the forms Caffe trains on, and the data sets used.
+
+Modules:
+    datum       Caffe Datum databases: an image set converted into an LMDB
+                (or LevelDB) as convert_imageset does, padded copies, the
+                mean image, float feature records
+    cifar10     CIFAR-10 as image folders and `path label` lists (download
+                or a local archive, checksummed)
+    photos      a small collection of real photos in class folders, from a
+                pinned Debian package
+    collection  a user's own collection for training: classes, labels and a
+                held-out test split (DEFAULT_TEST_FRACTION of each class)
+
+Only datum touches Caffe's protobuf messages, inside its functions.
+"""
+from .cifar10 import get_cifar10
+from .collection import DEFAULT_TEST_FRACTION, Collection, load_collection
+from .datum import compute_mean, convert_imageset, pad_imageset
+from .photos import get_photos
+
+__all__ = [
+    "DEFAULT_TEST_FRACTION",
+    "Collection",
+    "compute_mean", "convert_imageset", "get_cifar10", "get_photos", "load_collection",
+    "pad_imageset",
+]

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -27,6 +26,9 @@ from PIL import Image
 from ..errors import UserError
 from ..files import download, file_digest
 from ..progress import Progress
+from ..report import get_logger
+
+log = get_logger(__name__)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -59,8 +61,7 @@ class CifarResult(NamedTuple):
     reused: bool        # True when dest was already complete and left alone
 
 
-def get_cifar10(dest_dir, archive=None, url=CIFAR10_URL, stream=None,
-                opener=urllib.request.urlopen):
+def get_cifar10(dest_dir, archive=None, url=CIFAR10_URL, opener=urllib.request.urlopen):
     """Make dest_dir/{train,test}/<class>/*.{png,jpg} plus train.txt, test.txt
     (`relative/path label` lines, labels in CIFAR10_CLASSES order) and
     classes.txt.
@@ -73,9 +74,8 @@ def get_cifar10(dest_dir, archive=None, url=CIFAR10_URL, stream=None,
     Re-running on a complete dest_dir does nothing; the folder only appears
     once everything (marker file last) has been written.
     """
-    stream = stream or sys.stderr
     dest = Path(dest_dir)
-    done = _completed(dest, stream)
+    done = _completed(dest)
     if done:
         return done
     given_by = "archive argument (--archive)" if archive else f"${ARCHIVE_ENV}"
@@ -86,14 +86,13 @@ def get_cifar10(dest_dir, archive=None, url=CIFAR10_URL, stream=None,
         if not archive.is_file():
             raise UserError(f"CIFAR-10 archive {archive} (from the {given_by}) does "
                             "not exist or is not a file")
-        verify_archive(archive, stream)
+        verify_archive(archive)
     else:
-        archive = _download_official(url, dest.parent / "cifar-10-python.tar.gz",
-                                     stream, opener)
+        archive = _download_official(url, dest.parent / "cifar-10-python.tar.gz", opener)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
-        fmt = _extract_cifar(archive, tmp, stream)
+        fmt = _extract_cifar(archive, tmp)
         counts = _write_cifar_lists(tmp)
         (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in CIFAR10_CLASSES))
         info = {"format": fmt, "archive": str(archive), "train": counts["train"],
@@ -109,7 +108,7 @@ def get_cifar10(dest_dir, archive=None, url=CIFAR10_URL, stream=None,
     return CifarResult(dest, counts["train"], counts["test"], fmt, str(archive), False)
 
 
-def _completed(dest, stream):
+def _completed(dest):
     """The CifarResult of a complete dest (its marker is there), or None when
     dest is missing or an empty folder; anything else is refused."""
     marker = dest / COMPLETE_MARKER
@@ -119,8 +118,8 @@ def _completed(dest, stream):
             info["train"], info["test"], info["format"], info["archive"]
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{marker} is damaged; delete {dest} and run again") from None
-        print(f"{dest} is already complete ({info['train']} train, {info['test']} "
-              f"test images); delete it to rebuild", file=stream)
+        log.info("%s is already complete (%s train, %s test images); delete it to rebuild",
+                 dest, info["train"], info["test"])
         return CifarResult(dest, info["train"], info["test"], info["format"],
                            info["archive"], True)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -130,7 +129,7 @@ def _completed(dest, stream):
     return None
 
 
-def verify_archive(archive, stream=None):
+def verify_archive(archive):
     """Check an archive whose file name is in KNOWN_ARCHIVES against its
     published digest: True when it matches, a UserError when it does not.
     Any other name is a user's own copy: a note is printed and False returned.
@@ -138,8 +137,8 @@ def verify_archive(archive, stream=None):
     archive = Path(archive)
     known = KNOWN_ARCHIVES.get(archive.name)
     if not known:
-        print(f"note: {archive.name} is not a published CIFAR-10 archive name; "
-              "its checksum is not verified", file=stream or sys.stderr)
+        log.warning("note: %s is not a published CIFAR-10 archive name; its checksum is "
+                    "not verified", archive.name)
         return False
     algo, expected = known
     actual = file_digest(archive, algo)
@@ -150,17 +149,16 @@ def verify_archive(archive, stream=None):
     return True
 
 
-def _download_official(url, target, stream, opener):
+def _download_official(url, target, opener):
     """Download the official archive to `target` (kept, so a rerun does not
     download again), checking its md5; reuse a good copy already there."""
     if target.is_file():
         if file_digest(target, "md5") == CIFAR10_MD5:
-            print(f"using the already downloaded {target}", file=stream)
+            log.info("using the already downloaded %s", target)
             return target
-        print(f"{target} is incomplete or damaged; downloading it again", file=stream)
+        log.warning("%s is incomplete or damaged; downloading it again", target)
     return download(
         url, target, "md5", CIFAR10_MD5, label="download cifar-10", opener=opener,
-        stream=stream,
         offline_hint="If this machine is offline, get cifar-10-python.tar.gz elsewhere "
                      f"and pass it with --archive PATH or the {ARCHIVE_ENV} environment "
                      "variable")
@@ -204,14 +202,14 @@ def _load_batch(data, name):
     return rows, labels.astype(int)
 
 
-def _extract_cifar(archive, out_dir, stream):
+def _extract_cifar(archive, out_dir):
     """Stream through the tar archive once, writing images into out_dir.
     Returns the format found ("python", "jpg", or both joined by "+")."""
     for split in ("train", "test"):
         for name in CIFAR10_CLASSES:
             (out_dir / split / name).mkdir(parents=True)
     expected = 60000 if archive.name in KNOWN_ARCHIVES else 0
-    progress = Progress(expected, label="extract cifar-10", stream=stream)
+    progress = Progress(expected, label="extract cifar-10")
     formats = set()
     try:
         # "r|*": sequential read, no seeking, so a large .tar.gz is never

@@ -9,18 +9,21 @@ imported only inside the functions that build or parse Datum messages
 """
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
+import lmdb
 import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_write, database_backend, replace_dir
 from ..images import BadImage, read_image, resize_for_net, write_skipped_list
-from ..progress import Progress
 from ..nets.protos import caffe_pb2
+from ..progress import Progress
+from ..report import get_logger
+
+log = get_logger(__name__)
 
 BACKENDS = ("lmdb", "leveldb")
 # LMDB refuses keys longer than its compiled-in maximum (511 bytes).
@@ -46,8 +49,6 @@ class LmdbWriter:
     """An LMDB written in batches of (key, value) pairs; its map grows as it fills."""
 
     def __init__(self, path, expected_bytes):
-        import lmdb
-        self._lmdb = lmdb
         # Start near the expected size and double when full, rather than
         # reserving Caffe's fixed 1 TB map, which some filesystems refuse.
         self.env = lmdb.open(str(path), map_size=max(expected_bytes, 2**24),
@@ -60,7 +61,7 @@ class LmdbWriter:
                     for key, value in pairs:
                         txn.put(key, value)
                 return
-            except self._lmdb.MapFullError:
+            except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
     def close(self):
@@ -127,7 +128,7 @@ def _varint_field(number, value):
 # --- image set -> Caffe database ----------------------------------------------------
 
 def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
-                     overwrite=False, batch_size=1000, stream=None):
+                     overwrite=False, batch_size=1000):
     """Write images into a Caffe Datum database, like Caffe's convert_imageset.
 
     items: ImageItems (or an ImageSet). Each image is decoded with read_image,
@@ -138,12 +139,11 @@ def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
     training set needs the seeded shuffle, since Caffe's Data layer reads in
     key order and never shuffles.
 
-    Unreadable images are reported (stderr and `<out>.skipped.tsv`, see
+    Unreadable images are reported (the report logger and `<out>.skipped.tsv`, see
     images.write_skipped_list) and skipped. The database is built in
     `<out>.partial` and renamed when done; an existing `out` is refused unless
     overwrite=True.
     """
-    stream = stream or sys.stderr
     items = list(getattr(items, "items", items))
     shape = _check_convert_args(items, size, backend)
     out = Path(out_lmdb)
@@ -156,12 +156,12 @@ def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
     expected = int(len(items) * (3 * shape[0] * shape[1] + 600) * 1.3)
 
     start = time.monotonic()
-    progress = Progress(len(items), label=f"convert {out.name}", stream=stream)
+    progress = Progress(len(items), label=f"convert {out.name}")
     writer = writer_cls(partial, expected)
     try:
         try:
             written, skipped = _write_items(items, writer, Datum, shape, batch_size,
-                                            progress, stream)
+                                            progress)
         finally:
             writer.close()
         progress.close()
@@ -173,7 +173,7 @@ def convert_imageset(items, out_lmdb, size, shuffle_seed=None, backend="lmdb",
 
     listed = write_skipped_list(out, skipped, "convert_imageset")
     if listed:
-        print(f"{len(skipped)} unreadable image(s) skipped; listed in {listed}", file=stream)
+        log.warning("%d unreadable image(s) skipped; listed in %s", len(skipped), listed)
     return ConvertResult(out, written, skipped, time.monotonic() - start)
 
 
@@ -207,7 +207,7 @@ def _prepare_output(out, overwrite):
     return partial
 
 
-def _write_items(items, writer, Datum, shape, batch_size, progress, stream):
+def _write_items(items, writer, Datum, shape, batch_size, progress):
     """Decode, resize and store every item in batches of batch_size; returns
     (number written, [(path, reason) of the unreadable ones])."""
     skipped, pending, written = [], [], 0
@@ -217,7 +217,7 @@ def _write_items(items, writer, Datum, shape, batch_size, progress, stream):
             rgb = read_image(item.path)
         except BadImage as bad:
             skipped.append((str(bad.path), bad.reason))
-            print(f"skipped {bad.path}: {bad.reason}", file=stream)
+            log.warning("skipped %s: %s", bad.path, bad.reason)
             continue
         chw_bgr = resize_for_net(rgb, shape)[:, :, ::-1].transpose(2, 0, 1)
         # Caffe numbers every listed line, read or not, so keys match the
@@ -271,7 +271,6 @@ def _iterate_db(db_path, backend):
     """Yield (key, value) bytes of every record, in key order, plus the record
     count (or None) as the first item."""
     if backend == "lmdb":
-        import lmdb
         try:
             # lock=False: reading needs no lock file, so read-only copies work.
             env = lmdb.open(str(db_path), readonly=True, lock=False, subdir=True)
@@ -284,7 +283,7 @@ def _iterate_db(db_path, backend):
         finally:
             env.close()
     else:
-        import plyvel
+        import plyvel  # only for LevelDB, which few use: an optional package
         try:
             db = plyvel.DB(str(db_path), create_if_missing=False)
         except plyvel.Error as err:
@@ -347,9 +346,27 @@ def pad_imageset(src, dst, pad, mode="reflect", overwrite=False, batch=1000):
     return count
 
 
+def first_datum_height(lmdb_path):
+    """The height of the first Datum in an LMDB (the image size a Data
+    layer reads), or None when there is no readable LMDB there."""
+    try:
+        env = lmdb.open(str(lmdb_path), readonly=True, lock=False, subdir=True)
+    except Exception:  # noqa: BLE001  (no LMDB there: the caller falls back)
+        return None
+    try:
+        with env.begin() as txn:
+            for _key, value in txn.cursor():
+                datum = caffe_pb2().Datum()
+                datum.ParseFromString(value)
+                return datum.height
+    finally:
+        env.close()
+    return None
+
+
 # --- mean image -------------------------------------------------------------------
 
-def compute_mean(lmdb_path, binaryproto_out, npy_out, backend=None, stream=None):
+def compute_mean(lmdb_path, binaryproto_out, npy_out, backend=None):
     """Per-pixel mean of a Datum database, as Caffe's compute_image_mean.
 
     Writes binaryproto_out (a BlobProto 1 x C x H x W, the `mean_file` of a
@@ -358,7 +375,6 @@ def compute_mean(lmdb_path, binaryproto_out, npy_out, backend=None, stream=None)
     backend is 'lmdb' or 'leveldb', found from the folder's files when None.
     Streams over the database, so memory holds only one running sum.
     """
-    stream = stream or sys.stderr
     db_path = Path(lmdb_path)
     if not db_path.is_dir():
         raise UserError(f"database {db_path} does not exist")
@@ -366,7 +382,7 @@ def compute_mean(lmdb_path, binaryproto_out, npy_out, backend=None, stream=None)
     pb2 = caffe_pb2()
     records = _iterate_db(db_path, backend)
     try:
-        shape, total_sum, count = _sum_records(records, db_path, pb2.Datum, stream)
+        shape, total_sum, count = _sum_records(records, db_path, pb2.Datum)
     finally:
         records.close()     # closes the database even when a record is bad
     if count == 0:
@@ -388,10 +404,10 @@ def compute_mean(lmdb_path, binaryproto_out, npy_out, backend=None, stream=None)
     return MeanResult(mean, channel_mean, count)
 
 
-def _sum_records(records, db_path, Datum, stream):
+def _sum_records(records, db_path, Datum):
     """Sum the pixels of every Datum; returns (shape, sum, count)."""
     total = next(records)
-    progress = Progress(total or 0, label=f"mean {db_path.name}", stream=stream)
+    progress = Progress(total or 0, label=f"mean {db_path.name}")
     datum = Datum()
     shape = total_sum = None
     count = 0

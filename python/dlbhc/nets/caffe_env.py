@@ -7,6 +7,7 @@ that Caffe's Makefile sets on _caffe.so, so no LD_LIBRARY_PATH either.
 CAFFE_ROOT, when set, points at another Caffe tree (for example one built by
 hand) and wins over `.caffe`.
 """
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -85,7 +86,6 @@ def blas_threads_control():
     libcaffe calls, or None when Caffe was linked with another BLAS. dlopen
     of the already loaded soname returns the same library, so this changes
     the running Caffe's GEMMs (numpy's wheels bundle a separate OpenBLAS)."""
-    import ctypes
     try:
         lib = ctypes.CDLL("libopenblas.so.0")
         return lib.openblas_get_num_threads, lib.openblas_set_num_threads

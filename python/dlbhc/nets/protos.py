@@ -7,6 +7,8 @@ through here first, where a message can still say what is wrong.
 """
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from .caffe_env import import_caffe
 from ..errors import UserError
 
@@ -19,7 +21,6 @@ def caffe_pb2():
 def read_prototxt(path, message="NetParameter"):
     """A prototxt parsed into caffe_pb2.<message> (NetParameter or
     SolverParameter), or a UserError naming the file and where it is wrong."""
-    from google.protobuf import text_format
     proto = getattr(caffe_pb2(), message)()
     path = Path(path)
     try:

@@ -4,12 +4,14 @@ Each model has a readme.md under models/<name>/ with Caffe's model-zoo
 front matter (caffemodel, caffemodel_url, sha1), the format Caffe's own
 scripts/download_model_binary.py reads.
 """
-import sys
 import urllib.request
 from pathlib import Path
 
 from ..errors import UserError
 from ..files import download, file_digest
+from ..report import get_logger
+
+log = get_logger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[3] / "models"
 
@@ -35,7 +37,7 @@ def read_frontmatter(readme, required=ZOO_FIELDS):
     return fields
 
 
-def fetch(model_name, models_dir=MODELS_DIR, opener=urllib.request.urlopen, log=sys.stderr):
+def fetch(model_name, models_dir=MODELS_DIR, opener=urllib.request.urlopen):
     """Download models/<name>/<caffemodel> unless a file with the right sha1 is there."""
     folder = Path(models_dir) / model_name
     readme = folder / "readme.md"
@@ -46,13 +48,13 @@ def fetch(model_name, models_dir=MODELS_DIR, opener=urllib.request.urlopen, log=
     target = folder / info["caffemodel"]
     if target.exists():
         if file_digest(target, "sha1") == info["sha1"]:
-            print(f"{target} present, sha1 ok", file=log)
+            log.info("%s present, sha1 ok", target)
             return target
         raise UserError(f"{target} exists but its sha1 is not {info['sha1']}: a partial or "
                         "different file; delete it and run again")
     download(info["caffemodel_url"], target, "sha1", info["sha1"], label=info["caffemodel"],
-             opener=opener, stream=log,
+             opener=opener,
              offline_hint=f"Download it on a machine with internet access and put it at "
                           f"{target} (sha1 {info['sha1']}), then run this again to check it.")
-    print(f"{target}: sha1 ok", file=log)
+    log.info("%s: sha1 ok", target)
     return target

@@ -24,22 +24,30 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..nets.caffe_env import blas_threads_control, import_caffe
 from ..datasets.datum import LmdbWriter, float_datum_bytes
 from ..errors import UserError
 from ..files import replace_dir
 from ..images import BadImage, write_skipped_list
+from ..nets.caffe_env import blas_threads_control, import_caffe
 from ..nets.model import BatchTransformer, ImagePreparer
+from ..nets.protos import caffe_pb2, layer_param_shapes, parse_caffemodel, read_prototxt
 from ..progress import Progress
-from ..nets.protos import caffe_pb2, read_prototxt
+from ..report import get_logger
+from .prototxt import data_layer_pair
+
+log = get_logger(__name__)
 
 COMPLETE_FILE = "complete.json"
+# Processes computing features (each runs the frozen net with one BLAS
+# thread): one per core of the 2-core machine the CPU recipe was tuned on.
+# (extraction's workers are another pool, above this room, with its own
+# default.)
+FEATURE_WORKERS = 2
 
 
 # ---- cutting nets ------------------------------------------------------------------
@@ -81,16 +89,10 @@ def top_net(train_val, split, train_source, test_source, train_batch, test_batch
     net = read_prototxt(train_val, "NetParameter") if not hasattr(train_val, "layer") \
         else train_val
     _, upper = split_layers(net, split)
-    pb = caffe_pb2()
-    out = pb.NetParameter(name=f"{net.name}_above_{split}")
-    for phase, source, batch in (("TRAIN", train_source, train_batch),
-                                 ("TEST", test_source, test_batch)):
-        layer = out.layer.add(name="features", type="Data")
-        layer.top.extend([split, "label"])
-        layer.include.add(phase=getattr(pb, phase))
-        layer.data_param.source = str(source)
-        layer.data_param.batch_size = int(batch)
-        layer.data_param.backend = pb.DataParameter.LMDB
+    out = caffe_pb2().NetParameter(name=f"{net.name}_above_{split}")
+    for layer in data_layer_pair((train_source, test_source), (train_batch, test_batch),
+                                 mirror=False, name="features", tops=(split, "label")):
+        layer.add_to(out)
     out.layer.extend(upper)
     return out
 
@@ -238,8 +240,8 @@ def _features_star(args):
     return _features(*args)
 
 
-def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1, workers=2,
-                   batch_size=25, log=sys.stderr, label="features"):
+def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1,
+                   workers=FEATURE_WORKERS, batch_size=25, label="features"):
     """Feature LMDB `out` of the frozen net (prototxt + weights) over items
     (ImageItems), prepared with `prep` (model.Preprocessing). With flips,
     every image also gives its mirror image's features. Record order is
@@ -268,7 +270,7 @@ def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1, wor
     start = time.monotonic()
     writer = LmdbWriter(partial, 1 << 30)
     skipped, shape, stored = [], None, 0
-    progress = Progress(n, label=label, stream=log, interval=5)
+    progress = Progress(n, label=label, interval=5)
     try:
         with mp.get_context("fork").Pool(max(1, workers), initializer=_init_worker,
                                          initargs=(prototxt, weights, prep)) as pool:
@@ -278,7 +280,7 @@ def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1, wor
                     if reason is not None:
                         path, why = reason.split("\t", 1)
                         skipped.append((path, why))
-                        print(f"skipped {path}: {why}", file=log)
+                        log.warning("skipped %s: %s", path, why)
                         continue
                     shape = feature.shape
                     pairs.append((b"%010d" % position[index], float_datum_bytes(feature, lab)))
@@ -313,7 +315,6 @@ def merge_weights(deploy, sources, out):
     """Write `out`: the deploy net's weights copied by layer name from each of
     `sources` in turn (later ones win): the backbone, then the trained top.
     A UserError when a layer of the net got no weights from any of them."""
-    from ..nets.protos import layer_param_shapes, parse_caffemodel
     caffe = import_caffe()
     net = caffe.Net(str(deploy), caffe.TEST)
     filled = set()

@@ -1,4 +1,10 @@
-"""`make train`: run `caffe train` on a hashing net with progress and a summary.
+"""`make train`: the project's training recipes, each a recipe.Recipe.
+
+    CheckedInRecipe   a checked-in CIFAR-10 net (prototxt/<net>_hash<bits>_*)
+                      as it is: `train()`, train.py without --data
+    SmallNetRecipe    the small net from scratch on a user's collection
+    BackboneRecipe    an ImageNet backbone fine-tuned on a user's collection
+                      (`train_collection()`, train.py --data)
 
 The checked-in solver is the recipe; a run gets its own copy under
 runs/<net>_hash<bits>/ with only what the command line changed (max_iter,
@@ -12,338 +18,35 @@ file) from data/cifar10/ in the project. With `data_dir` (train.py
 Data layers read the same file names from DIR instead (`source` and
 `mean_file` rewritten), and the run's solver.prototxt points at that copy;
 without it the solver's net is the checked-in train_val, as before.
+
+A collection's run folder (runs/<net>_hash<bits>_<collection>/) holds its
+lists and class names, run prototxts (classifier sized to the classes), the
+data (cached frozen features for a backbone on the CPU; image LMDBs and mean
+for the small net or with a GPU), the final weights and their preprocessing
+record.
 """
-import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from ..nets.caffe_env import PROJECT_ROOT, caffe_tool
+from ..datasets.collection import DEFAULT_TEST_FRACTION, load_collection, write_run_lists
+from ..datasets.datum import compute_mean, convert_imageset, pad_imageset
 from ..errors import UserError
-from ..progress import format_seconds
-from ..nets.protos import caffe_pb2, read_prototxt
+from ..nets.backbones import DEFAULT_BACKBONE, backbone_names, convert, mean_bgr, read_spec
+from ..nets.caffe_env import PROJECT_ROOT
+from ..nets.model import Preprocessing
+from ..nets.protos import read_prototxt
+from ..report import get_logger
+from . import frozen
+from .caffe_train import latest_solverstate, link_final_weights
+from .prototxt import (PROTOTXT_DIR, Phases, data_files, deploy_input_size, move_data_files,
+                       project_path, set_data_layers, set_input, set_num_classes, write_net)
+from .recipe import Recipe, run_folder, train_val_preprocessing
+from .solver import run_name, schedule, solver_path, write_solver
 
-ITER_RE = re.compile(r"Iteration (\d+).*?, loss = ([-+0-9.eE]+|nan)")
-TEST_RE = re.compile(r"Test net output #\d+: (\w+) = ([-+0-9.eE]+|nan)")
+log = get_logger(__name__)
 
-
-def run_name(net, bits):
-    return f"{net}_hash{bits}"
-
-
-PROTOTXT_DIR = PROJECT_ROOT / "prototxt"
-
-
-def solver_path(net, bits):
-    path = PROTOTXT_DIR / f"{run_name(net, bits)}_solver.prototxt"
-    if not path.exists():
-        known = sorted(p.name.replace("_solver.prototxt", "")
-                       for p in (PROJECT_ROOT / "prototxt").glob("*_solver.prototxt"))
-        raise UserError(f"no solver {path.name}; available: {', '.join(known)}")
-    return path
-
-
-def derived_solver(net, bits, run_dir, max_iter=None, gpu=False, data_dir=None):
-    """Write runs/<name>/solver.prototxt and return (path, SolverParameter).
-
-    With `data_dir`, also runs/<name>/train_val.prototxt reading its data
-    from there (derived_train_val), and the solver's net is that copy.
-    """
-    from google.protobuf import text_format
-    solver = read_prototxt(solver_path(net, bits), "SolverParameter")
-    if max_iter:
-        scale_schedule(solver, max_iter)
-    modes = caffe_pb2().SolverParameter
-    solver.solver_mode = modes.GPU if gpu else modes.CPU
-    name = run_name(net, bits)
-    # Absolute paths: caffe runs in the project root, whatever the caller's
-    # working folder.
-    run_dir = Path(os.path.abspath(run_dir))
-    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    solver.snapshot_prefix = str(run_dir / "snapshots" / name)
-    solver.net = str(PROJECT_ROOT / solver.net) if not os.path.isabs(solver.net) else solver.net
-    if data_dir is not None:
-        solver.net = str(derived_train_val(Path(solver.net), run_dir, data_dir))
-    check_data(Path(solver.net), data_dir)
-    out = run_dir / "solver.prototxt"
-    out.write_text(f"# derived from prototxt/{name}_solver.prototxt by python/train.py\n"
-                   + text_format.MessageToString(solver))
-    return out, solver
-
-
-def scale_schedule(solver, max_iter):
-    """Set max_iter, scaling the learning-rate steps, tests and snapshots alike."""
-    scale = max_iter / solver.max_iter
-    if solver.lr_policy == "step":
-        solver.stepsize = max(1, int(round(solver.stepsize * scale)))
-    if solver.lr_policy == "multistep":
-        steps = [max(1, int(round(s * scale))) for s in solver.stepvalue]
-        del solver.stepvalue[:]
-        solver.stepvalue.extend(steps)
-    if solver.test_interval:
-        # Caffe tests every test_interval iterations: keep about as many
-        # tests, one of them at the last iteration, so the run reports
-        # its final accuracy.
-        tests = max(1, round(max_iter / solver.test_interval))
-        solver.test_interval = max_iter // tests if max_iter % tests == 0 else max_iter
-    solver.max_iter = max_iter
-    solver.snapshot = min(solver.snapshot, max_iter) if solver.snapshot else max_iter
-
-
-def derived_train_val(train_val, run_dir, data_dir):
-    """Write run_dir/train_val.prototxt: `train_val` with every Data layer's
-    `source` and `mean_file` moved to the same file name under `data_dir`.
-    Returns its path."""
-    from google.protobuf import text_format
-    data_dir = Path(os.path.abspath(data_dir))
-    net = read_prototxt(train_val, "NetParameter")
-    for layer in net.layer:
-        if layer.type != "Data":
-            continue
-        if layer.data_param.source:
-            layer.data_param.source = str(data_dir / Path(layer.data_param.source).name)
-        if layer.transform_param.mean_file:
-            layer.transform_param.mean_file = str(
-                data_dir / Path(layer.transform_param.mean_file).name)
-    out = run_dir / "train_val.prototxt"
-    out.write_text(f"# {train_val.name} reading its data from {data_dir} "
-                   "(python/train.py --data-dir)\n" + text_format.MessageToString(net))
-    return out
-
-
-def set_data_layers(net, sources, batch_sizes, mean_bgr, crop=None):
-    """Point a train_val NetParameter's Data layers at (train, test)
-    `sources` with (train, test) `batch_sizes` and the per-channel
-    `mean_bgr`; with `crop`, random crops of that size, mirrored in
-    training.  Returns net (changed in place)."""
-    train_phase = caffe_pb2().TRAIN
-    for layer in net.layer:
-        if layer.type != "Data":
-            continue
-        is_train = any(r.phase == train_phase for r in layer.include)
-        layer.data_param.source = str(sources[0 if is_train else 1])
-        layer.data_param.batch_size = batch_sizes[0 if is_train else 1]
-        if crop is not None:
-            layer.transform_param.crop_size = crop
-            layer.transform_param.mirror = is_train
-        del layer.transform_param.mean_value[:]
-        layer.transform_param.mean_value.extend(mean_bgr)
-    return net
-
-
-def check_data(train_val, data_dir=None):
-    """Refuse early when the LMDBs or mean files the net reads are missing
-    (`data_dir`: the --data-dir they were moved to, for the message)."""
-    net = read_prototxt(train_val, "NetParameter")
-    for layer in net.layer:
-        if layer.type != "Data":
-            continue
-        for path in (layer.data_param.source, layer.transform_param.mean_file):
-            if path and not (PROJECT_ROOT / path).exists() and not Path(path).exists():
-                hint = (f"--data-dir {data_dir} must hold the files the checked-in "
-                        "train_val reads, under the same names" if data_dir is not None else
-                        "run `make data` (small net) or `make data-alexnet` (AlexNet) first")
-                raise UserError(f"{train_val.name} reads {path}, which does not exist: {hint}")
-
-
-def latest_solverstate(run_dir):
-    states = sorted((run_dir / "snapshots").glob("*.solverstate"),
-                    key=lambda p: int(re.search(r"_iter_(\d+)", p.name).group(1)))
-    return states[-1] if states else None
-
-
-
-def run_caffe_train(solver_file, max_iter, run_dir, args, gpu, log, failed_hint=lambda: ""):
-    """`caffe train -solver SOLVER -sigint_effect snapshot ARGS [-gpu N]`
-    with progress on `log` and Caffe's log in run_dir/train.log: (the
-    command, _run_and_watch's summary).  A failed run raises UserError
-    (failed_hint() is appended to its message)."""
-    cmd = [str(caffe_tool("caffe")), "train", "-solver", str(solver_file),
-           "-sigint_effect", "snapshot"] + list(args)
-    if gpu is not None:
-        cmd += ["-gpu", str(gpu)]
-    print("running: " + " ".join(cmd), file=log)
-    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
-    summary = _run_and_watch(cmd, env, run_dir / "train.log", max_iter, log)
-    if summary["returncode"] != 0:
-        raise UserError(f"caffe train failed (exit {summary['returncode']}); see "
-                        f"{run_dir / 'train.log'}" + failed_hint())
-    return cmd, summary
-
-
-def link_final_weights(run_dir, name, snapshot):
-    """run_dir/<name>.caffemodel: a relative link to the final snapshot."""
-    link = run_dir / f"{name}.caffemodel"
-    link.unlink(missing_ok=True)
-    link.symlink_to(snapshot.relative_to(run_dir))
-    return link
-
-
-def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
-          runs_dir=None, data_dir=None, log=sys.stderr):
-    """Run `caffe train` for <net>_hash<bits> in runs_dir/<net>_hash<bits>/
-    (default runs/), reading the training data from data_dir when given (see
-    the module docstring); returns the summary also written to
-    train_summary.json."""
-    name = run_name(net, bits)
-    run_dir = Path(os.path.abspath(Path(runs_dir or PROJECT_ROOT / "runs") / name))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    solver_file, solver = derived_solver(net, bits, run_dir, max_iter, gpu is not None,
-                                         data_dir)
-    args = []
-    # caffe runs in the project root: paths the user gave are made absolute
-    # here, where they were meant relative to the caller's folder.
-    if resume:
-        state = latest_solverstate(run_dir) if resume == "auto" else Path(os.path.abspath(resume))
-        if state is None or not Path(state).exists():
-            raise UserError(f"nothing to resume from in {run_dir / 'snapshots'}" if resume == "auto"
-                            else f"solver state {resume} does not exist")
-        args += ["-snapshot", str(state)]
-    elif weights:
-        if not Path(weights).exists():
-            raise UserError(f"weights {weights} do not exist (for bvlc_alexnet: `make weights`)")
-        args += ["-weights", os.path.abspath(weights)]
-    cmd, summary = run_caffe_train(
-        solver_file, solver.max_iter, run_dir, args, gpu, log,
-        failed_hint=lambda: ("; resume with `make train ... RESUME=auto`"
-                             if latest_solverstate(run_dir) else ""))
-    final = run_dir / "snapshots" / f"{name}_iter_{solver.max_iter}.caffemodel"
-    if final.exists():
-        summary["weights"] = str(link_final_weights(run_dir, name, final))
-    # the model's preprocessing, so extract.py and retrieve.py need no --mean
-    from ..nets.model import write_preprocessing_record
-    prep = train_val_preprocessing(solver.net, deploy_input_size(
-        PROTOTXT_DIR / f"{name}_deploy.prototxt"))
-    if prep is not None:
-        write_preprocessing_record(run_dir, prep, note=f"from {Path(solver.net).name}'s TEST "
-                                   "Data layer (mean) and LMDB (image size)")
-    summary.update(net=name, max_iter=solver.max_iter, command=cmd)
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _die_with_parent():
-    """In the child before exec: SIGTERM when train.py dies (Linux), so a
-    killed train.py (kill -9, a timeout) leaves no caffe training on."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _run_and_watch(cmd, env, log_path, max_iter, log):
-    start = time.monotonic()
-    first_iter = None
-    last = {"iter": 0, "loss": None}
-    tests = {}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True, bufsize=1, cwd=PROJECT_ROOT,
-                            preexec_fn=_die_with_parent)
-    try:
-        with open(log_path, "w", buffering=1) as logfile:  # line-buffered: tail -f works
-            logfile.write("# " + " ".join(cmd) + "\n")
-            for line in proc.stdout:
-                logfile.write(line)
-                m = ITER_RE.search(line)
-                if m:
-                    it = int(m.group(1))
-                    if first_iter is None:
-                        first_iter = (it, time.monotonic())
-                    last.update(iter=it, loss=float(m.group(2)))
-                    done_iters = it - first_iter[0]
-                    elapsed = time.monotonic() - first_iter[1]
-                    rate = done_iters / elapsed if elapsed > 0 and done_iters else 0
-                    eta = format_seconds((max_iter - it) / rate) if rate else "--:--"
-                    print(f"train iter {it}/{max_iter} loss {last['loss']:.4f} "
-                          f"{rate:.2f} it/s ETA {eta}", file=log, flush=True)
-                m = TEST_RE.search(line)
-                if m:
-                    tests[m.group(1)] = float(m.group(2))
-                    print(f"test  iter {last['iter']}: {m.group(1)} = {m.group(2)}",
-                          file=log, flush=True)
-                if "Check failed" in line or "Error" in line:
-                    print(line.rstrip(), file=log)
-        proc.wait()
-    except KeyboardInterrupt:
-        # caffe snapshots on SIGINT (-sigint_effect snapshot); let it finish that
-        proc.send_signal(signal.SIGINT)
-        proc.wait()
-        raise
-    seconds = time.monotonic() - start
-    iters = last["iter"] - (first_iter[0] if first_iter else 0)
-    return {"returncode": proc.returncode, "seconds": round(seconds, 1),
-            "iterations": last["iter"], "final_loss": last["loss"], "test": tests,
-            "seconds_per_iter": round(seconds / iters, 4) if iters else None}
-
-
-# ---- the preprocessing a run's model was trained with ------------------------------
-
-def train_val_preprocessing(train_val, crop):
-    """model.Preprocessing of a train_val's TEST-phase Data layer: its mean
-    (mean_value, or the per-channel mean of its mean_file) and, for resize,
-    the size of the images its LMDB holds (the first record's)."""
-    from ..nets.model import Preprocessing, default_resize, load_mean_bgr
-    net = read_prototxt(train_val, "NetParameter")
-    pb = caffe_pb2()
-    data = [layer for layer in net.layer if layer.type == "Data"]
-    test = [layer for layer in data
-            if any(rule.phase == pb.TEST for rule in layer.include)] or data
-    if not test:
-        return None
-    transform = test[0].transform_param
-    if transform.mean_value:
-        values = list(transform.mean_value)
-        mean = tuple(values * 3 if len(values) == 1 else values)
-    elif transform.mean_file:
-        mean = load_mean_bgr(_project_path(transform.mean_file))
-    else:
-        mean = (0.0, 0.0, 0.0)
-    resize = _lmdb_image_size(_project_path(test[0].data_param.source)) or default_resize(crop)
-    return Preprocessing(resize=int(resize), crop=int(crop), mean_bgr=tuple(mean))
-
-
-def _project_path(path):
-    return Path(path) if os.path.isabs(path) else PROJECT_ROOT / path
-
-
-def _lmdb_image_size(source):
-    """The height of the first Datum in an LMDB (None when unreadable)."""
-    try:
-        import lmdb
-        env = lmdb.open(str(source), readonly=True, lock=False, subdir=True)
-    except Exception:  # noqa: BLE001  (no LMDB there: the caller falls back)
-        return None
-    try:
-        with env.begin() as txn:
-            for _key, value in txn.cursor():
-                datum = caffe_pb2().Datum()
-                datum.ParseFromString(value)
-                return datum.height
-    finally:
-        env.close()
-    return None
-
-
-def deploy_input_size(deploy):
-    """The side of a deploy net's square input (its Input layer's shape)."""
-    net = read_prototxt(deploy, "NetParameter")
-    for layer in net.layer:
-        if layer.type == "Input":
-            return int(layer.input_param.shape[0].dim[-1])
-    if net.input_shape:
-        return int(net.input_shape[0].dim[-1])
-    raise UserError(f"{deploy} has no Input layer: not a deploy net")
-
-
-# ---- training on a collection ------------------------------------------------------------
-
-# Layer names the run prototxts change (prototxt/generate.py names them).
-CLASSIFIER_LAYER = "fc9_classifier"
 # Default split of the CPU recipe: everything below block 14's output (blob
 # b14, stride 32: 192 channels) is frozen and cached; block 15, the head,
 # fc7, the latent layer and the classifier are fine-tuned. Splitting lower
@@ -353,6 +56,110 @@ DEFAULT_SPLIT = "b14"
 SMALL_NET = "cifar"
 
 
+# ---- the checked-in CIFAR-10 nets --------------------------------------------------
+
+def check_data(train_val, data_dir=None):
+    """Refuse early when the LMDBs or mean files the net reads are missing
+    (`data_dir`: the --data-dir they were moved to, for the message)."""
+    for path in data_files(read_prototxt(train_val, "NetParameter")):
+        if not project_path(path).exists():
+            hint = (f"--data-dir {data_dir} must hold the files the checked-in "
+                    "train_val reads, under the same names" if data_dir is not None else
+                    "run `make data` (small net) or `make data-alexnet` (AlexNet) first")
+            raise UserError(f"{train_val.name} reads {path}, which does not exist: {hint}")
+
+
+def derived_train_val(train_val, run_dir, data_dir):
+    """Write run_dir/train_val.prototxt: `train_val` with every Data layer's
+    `source` and `mean_file` moved to the same file name under `data_dir`.
+    Returns its path."""
+    net = move_data_files(read_prototxt(train_val, "NetParameter"), data_dir)
+    return write_net(net, run_dir / "train_val.prototxt",
+                     f"{train_val.name} reading its data from {os.path.abspath(data_dir)} "
+                     "(python/train.py --data-dir)")
+
+
+def derived_solver(net, bits, run_dir, max_iter=None, gpu=None, data_dir=None):
+    """Write runs/<name>/solver.prototxt and return (path, SolverParameter).
+
+    With `data_dir`, also runs/<name>/train_val.prototxt reading its data
+    from there (derived_train_val), and the solver's net is that copy."""
+    run_dir = Path(os.path.abspath(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    template = solver_path(net, bits)
+    train_val = project_path(read_prototxt(template, "SolverParameter").net)
+    if data_dir is not None:
+        train_val = derived_train_val(train_val, run_dir, data_dir)
+    check_data(train_val, data_dir)
+    return write_solver(template, run_dir, run_name(net, bits), gpu=gpu, net=train_val,
+                        max_iter=max_iter)
+
+
+class CheckedInRecipe(Recipe):
+    """A checked-in net and solver, as they are (see the module docstring):
+    from -weights (AlexNet: ImageNet's), a solver state (resume) or scratch."""
+
+    def __init__(self, net, bits, weights=None, max_iter=None, gpu=None, resume=None,
+                 runs_dir=None, data_dir=None):
+        self.net, self.bits, self.weights, self.max_iter = net, bits, weights, max_iter
+        self.gpu, self.resume, self.data_dir = gpu, resume, data_dir
+        self.name = run_name(net, bits)
+        self.run_dir = run_folder(runs_dir, self.name)
+        self.prep_note = None
+
+    def prepare_data(self):
+        return None     # made by `make data`; checked by derived_solver
+
+    def write_prototxts(self):
+        return derived_solver(self.net, self.bits, self.run_dir, self.max_iter, self.gpu,
+                              self.data_dir)
+
+    def weights_args(self):
+        # caffe runs in the project root: paths the user gave are made
+        # absolute here, where they were meant relative to the caller's folder.
+        if self.resume:
+            state = (latest_solverstate(self.run_dir) if self.resume == "auto"
+                     else Path(os.path.abspath(self.resume)))
+            if state is None or not Path(state).exists():
+                raise UserError(f"nothing to resume from in {self.run_dir / 'snapshots'}"
+                                if self.resume == "auto"
+                                else f"solver state {self.resume} does not exist")
+            return ["-snapshot", str(state)]
+        if self.weights:
+            if not Path(self.weights).exists():
+                raise UserError(f"weights {self.weights} do not exist (for bvlc_alexnet: "
+                                "`make weights`)")
+            return ["-weights", os.path.abspath(self.weights)]
+        return []
+
+    def failed_hint(self):
+        return ("; resume with `make train ... RESUME=auto`"
+                if latest_solverstate(self.run_dir) else "")
+
+    def final_weights(self, snapshot):
+        return link_final_weights(self.run_dir, self.name, snapshot) if snapshot.exists() \
+            else None
+
+    def preprocessing(self, solver):
+        # the model's preprocessing, so extract.py and retrieve.py need no --mean
+        self.prep_note = (f"from {Path(solver.net).name}'s TEST Data layer (mean) and LMDB "
+                          "(image size)")
+        return train_val_preprocessing(solver.net, deploy_input_size(
+            PROTOTXT_DIR / f"{self.name}_deploy.prototxt"))
+
+
+def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
+          runs_dir=None, data_dir=None):
+    """Run `caffe train` for <net>_hash<bits> in runs_dir/<net>_hash<bits>/
+    (default runs/), reading the training data from data_dir when given (see
+    the module docstring); returns the summary also written to
+    train_summary.json."""
+    return CheckedInRecipe(net, bits, weights, max_iter, gpu, resume, runs_dir,
+                           data_dir).run()
+
+
+# ---- a user's own collection -------------------------------------------------------
+
 def collection_name(source):
     """A run-name suffix from a folder or list file name."""
     stem = Path(os.path.abspath(source)).name
@@ -360,107 +167,239 @@ def collection_name(source):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "collection"
 
 
-def set_num_classes(net, num_classes):
-    """The classifier's num_output in a NetParameter."""
-    found = [layer for layer in net.layer if layer.name == CLASSIFIER_LAYER]
-    if not found:
-        raise UserError(f"{net.name} has no layer {CLASSIFIER_LAYER} to size for the classes")
-    found[0].inner_product_param.num_output = int(num_classes)
-    return net
+class CollectionRecipe(Recipe):
+    """What both collection recipes share: the collection, the run folder,
+    the schedule options and the summary."""
+
+    def __init__(self, net, bits, coll, run_dir, name, gpu, seed, epochs=None, max_iter=None,
+                 batch_size=None, base_lr=None):
+        self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
+        self.gpu, self.seed = gpu, seed
+        self.epochs, self.max_iter, self.batch_size, self.base_lr = \
+            epochs, max_iter, batch_size, base_lr
+        self.template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
+        self.template_train_val = PROTOTXT_DIR / f"{run_name(net, bits)}_train_val.prototxt"
+
+    def write_run_solver(self, train_val, batch, test_batch):
+        """The run's solver for `train_val`: epochs (or max_iter) over the
+        training records, the whole test set tested at the end."""
+        return write_solver(solver_path(self.net, self.bits), self.run_dir, self.name,
+                            gpu=self.gpu, net=train_val,
+                            max_iter=schedule(self.records, batch, self.epochs, self.max_iter),
+                            test_iter=-(-self.test_records // test_batch),
+                            base_lr=self.base_lr, note="python/train.py --data")
+
+    def preprocessing(self, solver):
+        return self.prep
+
+    def summary_extra(self):
+        train_list, test_list = self.run_dir / "train.txt", self.run_dir / "test.txt"
+        return dict(deploy=str(self.run_dir / "deploy.prototxt"), classes=self.coll.classes,
+                    train_images=len(self.coll.train), test_images=len(self.coll.test),
+                    recipe=self.describe(),
+                    commands=usage_commands(self.run_dir, self.final, train_list, test_list))
 
 
-def set_input(net, size, batch):
-    """The Input layer's shape (batch, 3, size, size) in a deploy NetParameter."""
-    for layer in net.layer:
-        if layer.type == "Input":
-            del layer.input_param.shape[0].dim[:]
-            layer.input_param.shape[0].dim.extend([batch, 3, size, size])
-            return net
-    raise UserError(f"{net.name} has no Input layer")
+class BackboneRecipe(CollectionRecipe):
+    """An ImageNet backbone fine-tuned on the collection. CPU: the layers
+    below `split` frozen and cached (with mirror images), the rest trained
+    on the cache. GPU (or split "none"): the whole net trained on image
+    LMDBs, random crops and mirroring."""
+
+    def __init__(self, net, bits, coll, run_dir, name, gpu, seed, size=None, resize=None,
+                 split=DEFAULT_SPLIT, flips=True, workers=frozen.FEATURE_WORKERS,
+                 cache_dir=None, **schedule_options):
+        super().__init__(net, bits, coll, run_dir, name, gpu, seed, **schedule_options)
+        self.workers, self.flips = workers, flips
+        # nothing frozen: with a GPU, or asked for (--split none)
+        self.split = None if gpu is not None or split in (None, "none") else split
+        spec = read_spec(net)
+        # convert() returns only a file with the readme's pinned sha1.
+        self.backbone, self.backbone_sha1 = convert(net), spec["sha1"]
+        if not self.template_deploy.exists():
+            raise UserError(f"no {self.template_deploy.name}: {net} comes with "
+                            f"{', '.join(p.name for p in PROTOTXT_DIR.glob(net + '_hash*_deploy*'))}")
+        size = int(size or deploy_input_size(self.template_deploy))
+        if size % 32:
+            raise UserError(f"--size {size}: the backbone takes sides that are multiples of 32 "
+                            "(its SAME padding is exact on even sizes at every stride-2 layer)")
+        resize = int(resize or round(size * 8 / 7))
+        if resize < size:
+            raise UserError(f"--resize {resize} is smaller than --size {size}")
+        self.prep = Preprocessing(resize=resize, crop=size, mean_bgr=mean_bgr(spec))
+        self.prep_note = (f"{net} input: squash-resize {resize}, centre crop {size}, BGR minus "
+                          "the ImageNet model's mean")
+        self.cache_root = Path(cache_dir or PROJECT_ROOT / "data" / "features")
+        self.deploy = write_net(
+            set_num_classes(set_input(read_prototxt(self.template_deploy), size, 10),
+                            coll.num_classes),
+            run_dir / "deploy.prototxt",
+            f"{self.name}: {self.template_deploy.name} with {coll.num_classes} classes and "
+            f"{size}x{size} input (python/train.py --data)")
+
+    def prepare_data(self):
+        started = time.monotonic()
+        if self.split is None:
+            self._image_lmdbs()
+        else:
+            self._cached_features()
+        return time.monotonic() - started
+
+    def _cached_features(self):
+        key = frozen.cache_key(self.backbone_sha1, self.split, self.prep, self.flips,
+                               self.coll.train + self.coll.test)
+        folder = self.cache_root / f"{self.net}_{self.split}_{self.prep.crop}_{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if all((folder / part / frozen.COMPLETE_FILE).exists()
+               for part in ("train_lmdb", "test_lmdb")):
+            # Both caches are complete (a run with other bits, a rerun):
+            # cache_features only reads their summaries, no frozen net needed.
+            prototxt = weights = None
+        else:
+            net = frozen.frozen_net(self.deploy, self.split)
+            set_input(net, self.prep.crop, 25)
+            folded, folded_params = frozen.fold_batchnorm(
+                net, frozen.net_params(self.deploy, self.backbone))
+            prototxt, weights = frozen.net_with_params(folded, folded_params, folder, "frozen")
+        log.info("features below %s (frozen, BatchNorm folded) -> %s", self.split, folder)
+        self.train_summary = frozen.cache_features(
+            self.coll.train, prototxt, weights, self.prep, folder / "train_lmdb",
+            flips=self.flips, seed=self.seed, workers=self.workers,
+            label="features (train" + (" + mirror)" if self.flips else ")"))
+        self.test_summary = frozen.cache_features(
+            self.coll.test, prototxt, weights, self.prep, folder / "test_lmdb", flips=False,
+            seed=self.seed, workers=self.workers, label="features (test)")
+        self.sources = (folder / "train_lmdb", folder / "test_lmdb")
+        self.records = self.train_summary["records"]
+        self.test_records = self.test_summary["records"]
+
+    def _image_lmdbs(self):
+        folder = self.run_dir / "data"
+        folder.mkdir(exist_ok=True)
+        train = convert_imageset(self.coll.train, folder / "train_lmdb", self.prep.resize,
+                                 shuffle_seed=self.seed, overwrite=True)
+        test = convert_imageset(self.coll.test, folder / "test_lmdb", self.prep.resize,
+                                overwrite=True)
+        self.sources = (train.path, test.path)
+        self.records, self.test_records = train.written, test.written
+
+    def write_prototxts(self):
+        train_val = set_num_classes(read_prototxt(self.template_train_val), self.coll.num_classes)
+        batch = int(self.batch_size or 32)
+        test_batch = min(50, self.test_records)
+        if self.split is not None:
+            net = frozen.top_net(train_val, self.split, self.sources[0], self.sources[1], batch,
+                                 test_batch)
+            how = (f"layers above {self.split} on cached features of {self.prep.crop}x"
+                   f"{self.prep.crop} inputs" + (" and their mirror images" if self.flips else ""))
+        else:
+            net = set_data_layers(train_val, source=Phases(*self.sources),
+                                  batch_size=Phases(batch, test_batch),
+                                  mean_value=self.prep.mean_bgr, crop_size=self.prep.crop,
+                                  mirror=True)
+            how = f"the whole net on {self.prep.resize}px image LMDBs, {self.prep.crop} crops"
+        path = write_net(net, self.run_dir / "train_val.prototxt",
+                         f"{self.name}: {self.template_train_val.name}, {how}, "
+                         f"{self.coll.num_classes} classes (python/train.py --data)")
+        return self.write_run_solver(path, batch, test_batch)
+
+    def weights_args(self):
+        return ["-weights", str(self.backbone)]
+
+    def final_weights(self, snapshot):
+        out = self.run_dir / f"{self.name}.caffemodel"
+        out.unlink(missing_ok=True)
+        self.final = frozen.merge_weights(self.deploy, [self.backbone, snapshot], out)
+        return self.final
+
+    def describe(self):
+        return {"backbone": self.net, "split": self.split, "flips": self.flips,
+                "preprocessing": self.prep.as_dict(),
+                "features": getattr(self, "train_summary", None)}
 
 
-def write_net(net, path, header):
-    from google.protobuf import text_format
-    Path(path).write_text("".join(f"# {line}\n" for line in header.splitlines())
-                          + text_format.MessageToString(net))
-    return Path(path)
+class SmallNetRecipe(CollectionRecipe):
+    """The small net from scratch: 32x32 LMDBs (training images padded by 4
+    for the random crops), the collection's own mean."""
+
+    size = 32
+
+    def __init__(self, net, bits, coll, run_dir, name, gpu, seed, **schedule_options):
+        super().__init__(net, bits, coll, run_dir, name, gpu, seed, **schedule_options)
+        self.deploy = write_net(
+            set_num_classes(read_prototxt(self.template_deploy), coll.num_classes),
+            run_dir / "deploy.prototxt",
+            f"{name}: {self.template_deploy.name} with {coll.num_classes} classes")
+        self.prep_note = "small net: squash-resize 32, the collection's per-channel mean"
+
+    def prepare_data(self):
+        started = time.monotonic()
+        folder = self.run_dir / "data"
+        folder.mkdir(exist_ok=True)
+        train = convert_imageset(self.coll.train, folder / "train_32_lmdb", self.size,
+                                 shuffle_seed=self.seed, overwrite=True)
+        test = convert_imageset(self.coll.test, folder / "test_32_lmdb", self.size,
+                                overwrite=True)
+        mean = compute_mean(train.path, None, folder / "train_32_mean.npy")
+        pad_imageset(train.path, folder / "train_32pad4_lmdb", 4, overwrite=True)
+        self.prep = Preprocessing(resize=self.size, crop=self.size,
+                                  mean_bgr=tuple(float(m) for m in mean.channel_mean))
+        self.sources = (folder / "train_32pad4_lmdb", test.path)
+        self.records, self.test_records = train.written, test.written
+        return time.monotonic() - started
+
+    def write_prototxts(self):
+        net = set_num_classes(read_prototxt(self.template_train_val), self.coll.num_classes)
+        batch = int(self.batch_size or 100)
+        test_batch = min(100, self.test_records)
+        set_data_layers(net, source=Phases(*self.sources), batch_size=Phases(batch, test_batch),
+                        mean_value=self.prep.mean_bgr)
+        path = write_net(net, self.run_dir / "train_val.prototxt",
+                         f"{self.name}: {self.template_train_val.name} on the collection's "
+                         f"LMDBs, its mean, {self.coll.num_classes} classes "
+                         "(python/train.py --data)")
+        return self.write_run_solver(path, batch, test_batch)
+
+    def final_weights(self, snapshot):
+        self.final = link_final_weights(self.run_dir, self.name, snapshot)
+        return self.final
+
+    def describe(self):
+        return {"net": self.net, "preprocessing": self.prep.as_dict()}
 
 
-def run_solver(template, net_path, run_dir, name, max_iter, test_iter, gpu, test_interval=None,
-               base_lr=None, snapshot=None):
-    """solver.prototxt in the run folder from a checked-in solver: its net,
-    schedule, snapshots and device set for this run."""
-    from google.protobuf import text_format
-    solver = read_prototxt(template, "SolverParameter")
-    solver.net = str(net_path)
-    solver.max_iter = int(max_iter)
-    solver.test_iter[:] = [int(test_iter)]
-    solver.test_interval = int(test_interval or max_iter)
-    solver.snapshot = int(snapshot or max_iter)
-    solver.display = max(1, min(solver.display, max_iter // 20))
-    if base_lr:
-        solver.base_lr = float(base_lr)
-    modes = caffe_pb2().SolverParameter
-    solver.solver_mode = modes.GPU if gpu is not None else modes.CPU
-    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    solver.snapshot_prefix = str(run_dir / "snapshots" / name)
-    out = run_dir / "solver.prototxt"
-    out.write_text(f"# derived from {Path(template).name} by python/train.py --data\n"
-                   + text_format.MessageToString(solver))
-    return out, solver
-
-
-def train_collection(data, net="efficientnet_lite0", bits=48, test=None, root=None,
+def train_collection(data, net=DEFAULT_BACKBONE, bits=48, test=None, root=None,
                      runs_dir=None, name=None, size=None, resize=None, split=DEFAULT_SPLIT,
                      epochs=None, max_iter=None, batch_size=None, base_lr=None, flips=True,
-                     gpu=None, workers=2, cache_dir=None, test_fraction=0.1, seed=1,
-                     log=sys.stderr):
+                     gpu=None, workers=frozen.FEATURE_WORKERS, cache_dir=None,
+                     test_fraction=DEFAULT_TEST_FRACTION, seed=1):
     """Train <net>_hash<bits> on a user's collection (folder of class
-    subfolders, or `path label` list), everything in runs_dir/<name>/:
-    lists and class names, run prototxts (classifier sized to the classes),
-    data (cached frozen features for a backbone on the CPU; image LMDBs and
-    mean for the small net or with a GPU), `caffe train`, the final weights
-    and their preprocessing record. Returns the summary (train_summary.json)
-    with the commands that extract, retrieve and evaluate with the model."""
-    from ..nets.backbones import backbone_names
-    from ..datasets.collection import load_collection, write_run_lists
+    subfolders, or `path label` list), everything in runs_dir/<name>/ (see
+    the module docstring). Returns the summary (train_summary.json) with the
+    commands that extract, retrieve and evaluate with the model."""
     coll = load_collection(data, test, root=root, test_fraction=test_fraction, seed=seed)
     for note in coll.notes:
-        print(note, file=log)
+        log.info(note)
     name = name or f"{run_name(net, bits)}_{collection_name(data)}"
-    run_dir = Path(os.path.abspath(Path(runs_dir or PROJECT_ROOT / "runs") / name))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_list, test_list, _ = write_run_lists(run_dir, coll)
-    print(f"{len(coll.classes)} classes ({', '.join(coll.classes[:8])}"
-          f"{', ...' if len(coll.classes) > 8 else ''}), {len(coll.train)} training and "
-          f"{len(coll.test)} test images -> {run_dir}", file=log)
+    run_dir = run_folder(runs_dir, name)
+    write_run_lists(run_dir, coll)
+    log.info("%d classes (%s%s), %d training and %d test images -> %s", len(coll.classes),
+             ", ".join(coll.classes[:8]), ", ..." if len(coll.classes) > 8 else "",
+             len(coll.train), len(coll.test), run_dir)
+    schedule_options = dict(epochs=epochs, max_iter=max_iter, batch_size=batch_size,
+                            base_lr=base_lr)
     if net in backbone_names():
-        recipe = _BackboneRecipe(net, bits, coll, run_dir, name, size, resize, split, flips,
-                                 gpu, workers, cache_dir, seed, log)
+        recipe = BackboneRecipe(net, bits, coll, run_dir, name, gpu, seed, size=size,
+                                resize=resize, split=split, flips=flips, workers=workers,
+                                cache_dir=cache_dir, **schedule_options)
     elif net == SMALL_NET:
-        recipe = _SmallNetRecipe(net, bits, coll, run_dir, name, gpu, cache_dir, seed, log)
+        recipe = SmallNetRecipe(net, bits, coll, run_dir, name, gpu, seed, **schedule_options)
     else:
         raise UserError(f"--data trains a backbone ({', '.join(backbone_names())}) or the small "
                         f"net ({SMALL_NET}); {net!r} needs weights that cannot be fetched here")
-    started = time.monotonic()
-    data_seconds = recipe.prepare_data()
-    solver_file, solver = recipe.write_prototxts(epochs, max_iter, batch_size, base_lr)
-    cmd, summary = run_caffe_train(solver_file, solver.max_iter, run_dir,
-                                   recipe.weights_args(), gpu, log)
-    snapshot = run_dir / "snapshots" / f"{name}_iter_{solver.max_iter}.caffemodel"
-    weights = recipe.final_weights(snapshot)
-    from ..nets.model import write_preprocessing_record
-    write_preprocessing_record(run_dir, recipe.prep, note=recipe.prep_note)
-    commands = usage_commands(run_dir, weights, train_list, test_list)
-    summary.update(net=name, max_iter=solver.max_iter, command=cmd, weights=str(weights),
-                   deploy=str(run_dir / "deploy.prototxt"), classes=coll.classes,
-                   train_images=len(coll.train), test_images=len(coll.test),
-                   data_seconds=round(data_seconds, 1), train_seconds=summary["seconds"],
-                   total_seconds=round(time.monotonic() - started, 1),
-                   recipe=recipe.describe(), commands=commands)
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    print("\nTrained. Build the database, search it and measure it with:\n  "
-          + "\n  ".join(commands), file=log)
+    summary = recipe.run()
+    log.info("\nTrained. Build the database, search it and measure it with:\n  %s",
+             "\n  ".join(summary["commands"]))
     return summary
 
 
@@ -479,197 +418,3 @@ def usage_commands(run_dir, weights, train_list, test_list):
         f"python python/evaluate.py --database {db_train} --queries {db_test} --k 1000 "
         f"--out-dir {rel(run_dir / 'evaluation')}",
     ]
-
-
-class _BackboneRecipe:
-    """An ImageNet backbone fine-tuned on the collection. CPU: the layers
-    below `split` frozen and cached (with mirror images), the rest trained
-    on the cache. GPU (or split "none"): the whole net trained on image
-    LMDBs, random crops and mirroring."""
-
-    def __init__(self, net, bits, coll, run_dir, name, size, resize, split, flips, gpu,
-                 workers, cache_dir, seed, log):
-        from ..nets.backbones import convert, mean_bgr, read_spec
-        from ..nets.model import Preprocessing
-        self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
-        self.gpu, self.workers, self.seed, self.log, self.flips = gpu, workers, seed, log, flips
-        # nothing frozen: with a GPU, or asked for (--split none)
-        self.split = None if gpu is not None or split in (None, "none") else split
-        spec = read_spec(net)
-        # convert() returns only a file with the readme's pinned sha1.
-        self.backbone, self.backbone_sha1 = convert(net, log=log), spec["sha1"]
-        template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
-        if not template_deploy.exists():
-            raise UserError(f"no {template_deploy.name}: {net} comes with "
-                            f"{', '.join(p.name for p in PROTOTXT_DIR.glob(net + '_hash*_deploy*'))}")
-        size = int(size or deploy_input_size(template_deploy))
-        if size % 32:
-            raise UserError(f"--size {size}: the backbone takes sides that are multiples of 32 "
-                            "(its SAME padding is exact on even sizes at every stride-2 layer)")
-        resize = int(resize or round(size * 8 / 7))
-        if resize < size:
-            raise UserError(f"--resize {resize} is smaller than --size {size}")
-        self.prep = Preprocessing(resize=resize, crop=size, mean_bgr=mean_bgr(spec))
-        self.prep_note = (f"{net} input: squash-resize {resize}, centre crop {size}, BGR minus "
-                          "the ImageNet model's mean")
-        self.template_deploy = template_deploy
-        self.template_train_val = PROTOTXT_DIR / f"{run_name(net, bits)}_train_val.prototxt"
-        self.template_solver = PROTOTXT_DIR / f"{run_name(net, bits)}_solver.prototxt"
-        self.cache_root = Path(cache_dir or PROJECT_ROOT / "data" / "features")
-        self.deploy = write_net(
-            set_num_classes(set_input(read_prototxt(template_deploy), size, 10),
-                            coll.num_classes),
-            run_dir / "deploy.prototxt",
-            f"{self.name}: {template_deploy.name} with {coll.num_classes} classes and "
-            f"{size}x{size} input (python/train.py --data)")
-
-    def prepare_data(self):
-        started = time.monotonic()
-        if self.split is None:
-            self._image_lmdbs()
-        else:
-            self._cached_features()
-        return time.monotonic() - started
-
-    def _cached_features(self):
-        from .frozen import COMPLETE_FILE, cache_features, cache_key, fold_batchnorm, \
-            frozen_net, net_params, net_with_params
-        key = cache_key(self.backbone_sha1, self.split, self.prep, self.flips,
-                        self.coll.train + self.coll.test)
-        folder = self.cache_root / f"{self.net}_{self.split}_{self.prep.crop}_{key}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if all((folder / part / COMPLETE_FILE).exists() for part in ("train_lmdb", "test_lmdb")):
-            # Both caches are complete (a run with other bits, a rerun):
-            # cache_features only reads their summaries, no frozen net needed.
-            prototxt = weights = None
-        else:
-            net = frozen_net(self.deploy, self.split)
-            set_input(net, self.prep.crop, 25)
-            folded, folded_params = fold_batchnorm(net, net_params(self.deploy, self.backbone))
-            prototxt, weights = net_with_params(folded, folded_params, folder, "frozen")
-        print(f"features below {self.split} (frozen, BatchNorm folded) -> {folder}",
-              file=self.log)
-        self.train_summary = cache_features(
-            self.coll.train, prototxt, weights, self.prep, folder / "train_lmdb",
-            flips=self.flips, seed=self.seed, workers=self.workers, log=self.log,
-            label="features (train" + (" + mirror)" if self.flips else ")"))
-        self.test_summary = cache_features(
-            self.coll.test, prototxt, weights, self.prep, folder / "test_lmdb", flips=False,
-            seed=self.seed, workers=self.workers, log=self.log, label="features (test)")
-        self.sources = (folder / "train_lmdb", folder / "test_lmdb")
-        self.records = self.train_summary["records"]
-        self.test_records = self.test_summary["records"]
-
-    def _image_lmdbs(self):
-        from ..datasets.datum import convert_imageset
-        folder = self.run_dir / "data"
-        folder.mkdir(exist_ok=True)
-        train = convert_imageset(self.coll.train, folder / "train_lmdb", self.prep.resize,
-                                 shuffle_seed=self.seed, overwrite=True, stream=self.log)
-        test = convert_imageset(self.coll.test, folder / "test_lmdb", self.prep.resize,
-                                overwrite=True, stream=self.log)
-        self.sources = (train.path, test.path)
-        self.records, self.test_records = train.written, test.written
-
-    def write_prototxts(self, epochs, max_iter, batch_size, base_lr):
-        from .frozen import top_net
-        train_val = set_num_classes(read_prototxt(self.template_train_val), self.coll.num_classes)
-        batch = int(batch_size or 32)
-        test_batch = min(50, self.test_records)
-        if self.split is not None:
-            net = top_net(train_val, self.split, self.sources[0], self.sources[1], batch,
-                          test_batch)
-            how = (f"layers above {self.split} on cached features of {self.prep.crop}x"
-                   f"{self.prep.crop} inputs" + (" and their mirror images" if self.flips else ""))
-        else:
-            net = set_data_layers(train_val, self.sources, (batch, test_batch),
-                                  self.prep.mean_bgr, crop=self.prep.crop)
-            how = f"the whole net on {self.prep.resize}px image LMDBs, {self.prep.crop} crops"
-        path = write_net(net, self.run_dir / "train_val.prototxt",
-                         f"{self.name}: {self.template_train_val.name}, {how}, "
-                         f"{self.coll.num_classes} classes (python/train.py --data)")
-        max_iter = schedule(self.records, batch, epochs, max_iter)
-        return run_solver(self.template_solver, path, self.run_dir, self.name, max_iter,
-                          -(-self.test_records // test_batch), self.gpu, base_lr=base_lr)
-
-    def weights_args(self):
-        return ["-weights", str(self.backbone)]
-
-    def final_weights(self, snapshot):
-        from .frozen import merge_weights
-        out = self.run_dir / f"{self.name}.caffemodel"
-        out.unlink(missing_ok=True)
-        return merge_weights(self.deploy, [self.backbone, snapshot], out)
-
-    def describe(self):
-        return {"backbone": self.net, "split": self.split, "flips": self.flips,
-                "preprocessing": self.prep.as_dict(),
-                "features": getattr(self, "train_summary", None)}
-
-
-class _SmallNetRecipe:
-    """The small net from scratch: 32x32 LMDBs (training images padded by 4
-    for the random crops), the collection's own mean."""
-
-    def __init__(self, net, bits, coll, run_dir, name, gpu, cache_dir, seed, log):
-        from ..nets.model import Preprocessing
-        self.net, self.bits, self.coll, self.run_dir, self.name = net, bits, coll, run_dir, name
-        self.gpu, self.seed, self.log = gpu, seed, log
-        self.size = 32
-        self.template_deploy = PROTOTXT_DIR / f"{run_name(net, bits)}_deploy.prototxt"
-        self.deploy = write_net(
-            set_num_classes(read_prototxt(self.template_deploy), coll.num_classes),
-            run_dir / "deploy.prototxt",
-            f"{name}: {self.template_deploy.name} with {coll.num_classes} classes")
-        self.Preprocessing = Preprocessing
-        self.prep_note = "small net: squash-resize 32, the collection's per-channel mean"
-
-    def prepare_data(self):
-        from ..datasets.datum import compute_mean, convert_imageset, pad_imageset
-        started = time.monotonic()
-        folder = self.run_dir / "data"
-        folder.mkdir(exist_ok=True)
-        train = convert_imageset(self.coll.train, folder / "train_32_lmdb", self.size,
-                                 shuffle_seed=self.seed, overwrite=True, stream=self.log)
-        test = convert_imageset(self.coll.test, folder / "test_32_lmdb", self.size,
-                                overwrite=True, stream=self.log)
-        mean = compute_mean(train.path, None, folder / "train_32_mean.npy", stream=self.log)
-        pad_imageset(train.path, folder / "train_32pad4_lmdb", 4, overwrite=True)
-        self.prep = self.Preprocessing(resize=self.size, crop=self.size,
-                                       mean_bgr=tuple(float(m) for m in mean.channel_mean))
-        self.sources = (folder / "train_32pad4_lmdb", test.path)
-        self.records, self.test_records = train.written, test.written
-        return time.monotonic() - started
-
-    def write_prototxts(self, epochs, max_iter, batch_size, base_lr):
-        template = PROTOTXT_DIR / f"{run_name(self.net, self.bits)}_train_val.prototxt"
-        net = set_num_classes(read_prototxt(template), self.coll.num_classes)
-        batch = int(batch_size or 100)
-        test_batch = min(100, self.test_records)
-        set_data_layers(net, self.sources, (batch, test_batch), self.prep.mean_bgr)
-        path = write_net(net, self.run_dir / "train_val.prototxt",
-                         f"{self.name}: {template.name} on the collection's LMDBs, its mean, "
-                         f"{self.coll.num_classes} classes (python/train.py --data)")
-        max_iter = schedule(self.records, batch, epochs, max_iter)
-        return run_solver(solver_path(self.net, self.bits), path, self.run_dir, self.name,
-                          max_iter, -(-self.test_records // test_batch), self.gpu,
-                          base_lr=base_lr)
-
-    def weights_args(self):
-        return []
-
-    def final_weights(self, snapshot):
-        return link_final_weights(self.run_dir, self.name, snapshot)
-
-    def describe(self):
-        return {"net": self.net, "preprocessing": self.prep.as_dict()}
-
-
-DEFAULT_EPOCHS = 10
-
-
-def schedule(records, batch, epochs=None, max_iter=None):
-    """max_iter: given, or `epochs` passes over the training records."""
-    if max_iter:
-        return int(max_iter)
-    return max(1, round((epochs or DEFAULT_EPOCHS) * records / batch))

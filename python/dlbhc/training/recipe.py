@@ -1,0 +1,122 @@
+"""The steps every training recipe has, and the run that chains them.
+
+A recipe turns a request (a net, its bits, the data) into a trained model in
+its own run folder. Every recipe answers the same five questions, and
+Recipe.run() asks them in order around one `caffe train`:
+
+    prepare_data()      make or check the data the run's nets read
+                        (LMDBs, cached features); returns seconds spent
+    write_prototxts()   the run's train_val / deploy copies and its
+                        solver.prototxt: (solver path, SolverParameter)
+    weights_args()      `caffe train` arguments that start it from weights
+                        (-weights, -snapshot) or nothing (from scratch)
+    final_weights()     after training: the model's weights file (a link to
+                        the last snapshot, or weights merged from several)
+    preprocessing()     the input preprocessing the model was trained with,
+                        recorded beside the weights (preprocessing.json) so
+                        extract.py and retrieve.py need no --mean
+
+and may add to the summary (summary_extra). The recipes are in recipes.py:
+the checked-in CIFAR-10 nets, the small net on a collection, an ImageNet
+backbone fine-tuned on a collection. A new recipe (a faster from-scratch
+net, say) is one more subclass; one that trains without Caffe (an
+unsupervised ITQ rotation) would implement run() itself and keep the run
+folder's layout (summary, weights, preprocessing record).
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+from ..datasets.datum import first_datum_height
+from ..nets.caffe_env import PROJECT_ROOT
+from ..nets.model import Preprocessing, default_resize, load_mean_bgr, write_preprocessing_record
+from ..nets.protos import read_prototxt
+from .caffe_train import run_caffe_train
+from .prototxt import data_layers, layer_phase, project_path
+
+SUMMARY_FILE = "train_summary.json"
+
+
+def run_folder(runs_dir, name):
+    """runs_dir/<name> (default runs/ in the project), made, absolute."""
+    run_dir = Path(os.path.abspath(Path(runs_dir or PROJECT_ROOT / "runs") / name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Recipe:
+    """A training recipe (see the module docstring): subclasses set name,
+    run_dir and gpu and implement the steps."""
+
+    name = run_dir = gpu = None
+    prep_note = ""
+
+    def prepare_data(self):
+        raise NotImplementedError
+
+    def write_prototxts(self):
+        raise NotImplementedError
+
+    def weights_args(self):
+        return []
+
+    def final_weights(self, snapshot):
+        raise NotImplementedError
+
+    def preprocessing(self, solver):
+        raise NotImplementedError
+
+    def failed_hint(self):
+        """Appended to the message of a failed `caffe train`."""
+        return ""
+
+    def summary_extra(self):
+        return {}
+
+    def run(self):
+        """Prepare, write, `caffe train`, record: the summary, also written
+        to run_dir/train_summary.json."""
+        started = time.monotonic()
+        data_seconds = self.prepare_data()
+        solver_file, solver = self.write_prototxts()
+        cmd, summary = run_caffe_train(solver_file, solver.max_iter, self.run_dir,
+                                       self.weights_args(), self.gpu,
+                                       failed_hint=self.failed_hint)
+        snapshot = self.run_dir / "snapshots" / f"{self.name}_iter_{solver.max_iter}.caffemodel"
+        weights = self.final_weights(snapshot)
+        if weights is not None:
+            summary["weights"] = str(weights)
+        prep = self.preprocessing(solver)
+        if prep is not None:
+            write_preprocessing_record(self.run_dir, prep, note=self.prep_note)
+        summary.update(net=self.name, max_iter=solver.max_iter, command=cmd)
+        if data_seconds is not None:
+            summary.update(data_seconds=round(data_seconds, 1),
+                           train_seconds=summary["seconds"],
+                           total_seconds=round(time.monotonic() - started, 1))
+        summary.update(self.summary_extra())
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train_val_preprocessing(train_val, crop):
+    """model.Preprocessing of a train_val's TEST-phase Data layer: its mean
+    (mean_value, or the per-channel mean of its mean_file) and, for resize,
+    the size of the images its LMDB holds (the first record's)."""
+    net = read_prototxt(train_val, "NetParameter")
+    data = data_layers(net)
+    test = [layer for layer in data if layer_phase(layer) == "TEST"] or data
+    if not test:
+        return None
+    transform = test[0].transform_param
+    if transform.mean_value:
+        values = list(transform.mean_value)
+        mean = tuple(values * 3 if len(values) == 1 else values)
+    elif transform.mean_file:
+        mean = load_mean_bgr(project_path(transform.mean_file))
+    else:
+        mean = (0.0, 0.0, 0.0)
+    resize = (first_datum_height(project_path(test[0].data_param.source))
+              or default_resize(crop))
+    return Preprocessing(resize=int(resize), crop=int(crop), mean_bgr=tuple(mean))
