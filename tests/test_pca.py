@@ -13,6 +13,7 @@ from dlbhc.search.codes import pack_codes
 from dlbhc.errors import UserError
 from dlbhc.search.index import HashIndex
 from dlbhc.search.metrics import evaluate
+from dlbhc.search.params import SearchParams
 from dlbhc.search.pca import Projection
 from dlbhc_testing.reference import brute_force_search
 from dlbhc.search.rerank import ReducedRows
@@ -361,10 +362,12 @@ def test_evaluation_by_pca_rows_is_the_evaluation_of_the_projected_features():
     labels = np.arange(len(codes)) % 4
     q_labels = np.arange(len(q)) % 4
     reduced = ReducedRows(rows, projection.apply, exact_top=0, name="pca5")
-    by_pca = evaluate(codes, labels, q, q_labels, db_fc7=fc7, q_fc7=q_fc7, k=100, bits=20,
+    by_pca = evaluate(codes, labels, q, q_labels, db_fc7=fc7, q_fc7=q_fc7,
+                      params=SearchParams(top_k=100), bits=20,
                       reduced=reduced)
     projected = evaluate(codes, labels, q, q_labels, db_fc7=rows,
-                         q_fc7=projection.apply(q_fc7), k=100, bits=20)
+                         q_fc7=projection.apply(q_fc7), params=SearchParams(top_k=100),
+                         bits=20)
     assert by_pca["fine"]["rerank"] == "pca5" and projected["fine"]["rerank"] == "fc7"
     for key in ("map_at_k", "map", "precision_curve", "candidates_mean"):
         assert by_pca["fine"][key] == projected["fine"][key]
