@@ -33,14 +33,9 @@ file names from DIR instead (e.g. cifar10_train_32pad4_lmdb and
 cifar10_test_32_lmdb for the small net): the run folder then also gets its
 own train_val.prototxt with those paths, which its solver.prototxt uses.
 """
-import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
-from dlbhc.errors import run_main  # noqa: E402
+from dlbhc import cli
 
 # In the project's models/ folder, wherever train.py is started from.
 DEFAULT_WEIGHTS = {"alexnet": str(Path(__file__).resolve().parents[1] / "models" / "bvlc_alexnet"
@@ -48,8 +43,7 @@ DEFAULT_WEIGHTS = {"alexnet": str(Path(__file__).resolve().parents[1] / "models"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--net", default=None,
                    help="cifar (small net, default without --data), alexnet, or a backbone "
                         "(efficientnet_lite0, default with --data)")
@@ -86,7 +80,7 @@ def main(argv=None):
                      help="do not cache mirror images' features (half the caching time)")
     own.add_argument("--workers", type=int, default=2, help="processes computing features")
     own.add_argument("--cache-dir", help="where cached features go (default data/features)")
-    add_gpu_argument(p)
+    cli.add_gpu_argument(p)
     args = p.parse_args(argv)
     from dlbhc.training.recipes import DEFAULT_SPLIT, train, train_collection
     if args.data:
@@ -117,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

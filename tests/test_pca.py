@@ -386,7 +386,8 @@ def test_pca_store_serves_the_search_through_the_retriever(tmp_path):
     r = Retriever(tmp_path / "db", exact_top=5)
     assert r.rerank == "pca4 + fc7 top 5"
     fc7, codes = r.features_of_ids([3])
-    answer = r.search([Query("id 3", exclude_id=3)], codes, fc7, k=20, candidates=1000)[0]
+    answer = r.search([Query("id 3", exclude_id=3)], codes, fc7,
+                      SearchParams(top_k=20, candidates=1000))[0]
     assert answer.rerank == "pca4 + fc7 top 5"
     assert [h.exact for h in answer.hits] == [True] * 4 + [False] * 16   # 5 minus itself
     r.close()
@@ -398,7 +399,8 @@ def test_pca_store_serves_the_search_through_the_retriever(tmp_path):
     assert json.loads(json.dumps(answer.as_dict()))["rerank"] == "pca4 + fc7 top 5"
     as_fc7 = Retriever(tmp_path / "db", rerank="fc7")
     assert as_fc7.reduced is None
-    answer = as_fc7.search([Query("id 3", exclude_id=3)], codes, fc7, k=20, candidates=1000)[0]
+    answer = as_fc7.search([Query("id 3", exclude_id=3)], codes, fc7,
+                           SearchParams(top_k=20, candidates=1000))[0]
     assert all(h.exact for h in answer.hits) and answer.rerank == "fc7"
     as_fc7.close()
     with pytest.raises(UserError, match="--rerank 'pca4': choose one of auto, fc7, pca"):

@@ -63,9 +63,6 @@ class SearchParams:
     candidates: int = None
     max_radius: int = None
 
-    # The field names as the rules name them, in the order they are checked.
-    NAMES = ("top_k", "candidates", "max_radius")
-
     def __post_init__(self):
         self.within()
 
