@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from ..errors import UserError
+from ..report import configure
 from ..search.params import DEFAULT_TOP_K
 from .netpool import Unavailable
 from .retrieval import to_json
@@ -185,6 +186,8 @@ def app_from_environment():
     serve.py left in the environment (JSON: QueryService's arguments, with
     limits and token)."""
     limit_malloc_arenas()
+    # A process of its own (spawned): its messages on stderr, as serve.py's.
+    configure()
     settings = json.loads(os.environ[SETTINGS_ENV])
     token = settings.pop("token", None)
     limits = Limits(**settings.pop("limits"))
