@@ -28,8 +28,7 @@ answer as HashIndex.search):
              (split by id ranges when it holds more than Milvus's top-k cap).
     fine     the candidates' re-rank vectors are fetched and ranked by
              results.fine_stage: squared L2 in float32, ties by id.
-The parameters are checked by search.params.SearchParams, as the local
-index's are.
+Its defaults and radius clamp are search.params's, as the local index's are.
 With an exact Milvus index (BIN_FLAT, or BIN_IVF_FLAT searched with nprobe =
 nlist) the candidate set is exactly the local index's and the ranking is the
 same code, so results equal HashIndex.search's, ties included (by id).  With
@@ -47,7 +46,7 @@ import numpy as np
 from ..search.codes import code_bytes
 from ..errors import UserError
 from ..search.index import check_queries
-from ..search.params import SearchParams, radius_limit
+from ..search.params import coarse_target, radius_limit
 from ..search.results import CoarseResult, SearchResults, fine_stage, sorted_by_hamming
 from ..store.database import MetaFields
 
@@ -437,12 +436,11 @@ class MilvusIndex:
         vectors, the ones index_milvus.py loaded.)"""
         if reduced is not None:
             raise ValueError("a Milvus collection re-ranks by the vectors it holds: no reduced rows")
-        params = SearchParams(top_k=k, candidates=min_candidates, max_radius=max_radius)
-        query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits)
+        query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)
         if len(query_codes) == 0:
             return SearchResults.from_ranked([], k)
         start = time.perf_counter()
-        coarse = self.coarse_many(query_codes, params.min_candidates, params.max_radius)
+        coarse = self.coarse_many(query_codes, coarse_target(k, min_candidates), max_radius)
         every = np.unique(np.concatenate([c.ids for c in coarse]))
         rows = fc7(every) if callable(fc7) else np.asarray(fc7[every], dtype=np.float32)
         shared = (time.perf_counter() - start) / len(coarse)

@@ -64,7 +64,7 @@ from .codes import (HammingBall, check_codes, code_bytes, code_words, concat_ran
                     distance_dtype, group_equal_codes, query_bytes, to_words)
 from .costs import MAX_SHELL_PROBES, RUNS_OVERHEAD_STEPS, unit_costs
 from ..files import atomic_write
-from .params import SearchParams, radius_limit
+from .params import coarse_target, radius_limit
 from .pivots import PivotTable, first_true, pivot_layout
 from .probing import ProbedShells, ShellProber, probe_table
 from .results import CoarseResult, SearchResults, fine_stage, sorted_by_hamming
@@ -93,14 +93,17 @@ def shell_radius(cum_counts, min_candidates, max_radius=None):
     return np.where(enough.any(axis=-1), first, limit)
 
 
-def check_queries(query_codes, query_fc7, bits):
-    """A batch of queries, checked: (codes, fc7) as arrays, or ValueError
-    saying what does not fit (the parameters are SearchParams's to check)."""
+def check_queries(query_codes, query_fc7, bits, k):
+    """A batch search's queries and k, checked: (codes, fc7) as arrays, or
+    ValueError saying what does not fit.  (A user's parameters are checked
+    before, by params.SearchParams.)"""
     query_codes = check_codes(query_codes, bits, "query codes")
     query_fc7 = np.asarray(query_fc7)
     if query_fc7.ndim != 2 or len(query_fc7) != len(query_codes):
         raise ValueError(f"query fc7 {query_fc7.shape} does not match "
                          f"{len(query_codes)} query codes")
+    if k is not None and int(k) < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
     return query_codes, query_fc7
 
 
@@ -263,21 +266,21 @@ class HashIndex:
         k: results per query; None ranks every candidate (rows as wide as the
         largest candidate set).  min_candidates defaults to
         params.default_min_candidates(k); max_radius caps the Hamming radius
-        (all three checked by params.SearchParams).
+        (the parameters a params.SearchParams holds, checked there).
         reduced: a rerank.ReducedRows (the database's PCA store) to rank by
         compressed rows, the best reduced.exact_top again by fc7 (fc7 is
         only read for those; it may be None when exact_top is 0).
         Returns SearchResults.
         """
-        params = SearchParams(top_k=k, candidates=min_candidates, max_radius=max_radius)
-        query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits)
+        query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)
+        need = coarse_target(k, min_candidates)
         # Every query's projection at once (a row's projection depends on
         # that row alone, pca.Projection.apply).
         query_reduced = reduced.project(query_fc7) if reduced is not None else query_fc7
         ranked = []
         for code, q_fc7, q_red in zip(query_codes, query_fc7, query_reduced):
             start = time.perf_counter()
-            coarse = self.coarse(code, params.min_candidates, params.max_radius)
+            coarse = self.coarse(code, need, max_radius)
             ranked.append(fine_stage(coarse, q_fc7, fc7, k, reduced, q_red)
                           + (time.perf_counter() - start,))
         return SearchResults.from_ranked(ranked, k)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .codes import check_codes, hamming_matrix
 from .index import HashIndex
-from .params import SearchParams
+from .params import SearchParams, coarse_target
 from .rerank import describe
 
 # Queries evaluated together: the (batch, N) work arrays stay around this
@@ -157,7 +157,7 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, pa
     if params.top_k is None:
         raise ValueError("the evaluation needs a cut-off k (params.top_k)")
     k = min(int(params.top_k), n)
-    need = SearchParams(top_k=k, candidates=params.candidates).min_candidates
+    need = coarse_target(k, params.candidates)
     if batch_size is None:
         batch_size = max(1, BATCH_ELEMENTS // n)
 

@@ -14,7 +14,13 @@ SearchParams holds them, checks them once when made (UserError naming the
 parameter and the rule it broke) and, with within(), against a server's
 upper limits.  The command lines spell them --top-k, --candidates and
 --max-radius (cli.add_search_arguments), the API top_k, candidates and
-max_radius; the index's batched search keeps faiss's k (HashIndex.search).
+max_radius.
+
+The engines' batched searches (HashIndex.search, milvus_index's) are the
+low-level, faiss-like call under SearchParams: they keep faiss's k and take
+what a SearchParams holds (k, min_candidates, max_radius), with the same
+defaults and clamp (coarse_target, radius_limit) but the looser contract of
+a library call (k >= 0, min_candidates 0 for the query's own shell only).
 """
 from dataclasses import dataclass
 
@@ -36,6 +42,15 @@ def default_min_candidates(k):
     added on top, so the actual pool is often larger.
     """
     return 2 * int(k)
+
+
+def coarse_target(k, min_candidates=None):
+    """The number of images the coarse stage gathers at least: min_candidates,
+    else default_min_candidates(k) (0 when k is None: every candidate is
+    ranked, and none was asked for)."""
+    if min_candidates is not None:
+        return int(min_candidates)
+    return default_min_candidates(k if k is not None else 0)
 
 
 def radius_limit(max_radius, bits):
@@ -76,11 +91,9 @@ class SearchParams:
 
     @property
     def min_candidates(self):
-        """The coarse stage's target: candidates, else 2 x top_k (0 when
-        every candidate is ranked and no target was given)."""
-        if self.candidates is not None:
-            return int(self.candidates)
-        return default_min_candidates(self.top_k if self.top_k is not None else 0)
+        """The coarse stage's target: candidates, else 2 x top_k (see
+        coarse_target)."""
+        return coarse_target(self.top_k, self.candidates)
 
     def radius_limit(self, bits):
         """max_radius clamped to the code width (see radius_limit)."""
