@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_search import (add_cluster_args, fc7_pool, open_or_write_store, summary,  # noqa: E402
                           synthetic_codes)
-from dlbhc.search.index import HashIndex, default_min_candidates  # noqa: E402
+from dlbhc.search.index import HashIndex  # noqa: E402
+from dlbhc.search.params import default_min_candidates  # noqa: E402
 from dlbhc.scale.milvus_index import MilvusCollection, load_database  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
 from dlbhc.store.database import FeatureStore  # noqa: E402

@@ -138,7 +138,7 @@ OPEN_SCRIPT = textwrap.dedent("""
     opened = rss()
     fc7, codes = r.features_of_ids([0])
     t3 = time.perf_counter()
-    r.search([Query("q")], codes, fc7, k=10)
+    r.search([Query("q")], codes, fc7)
     t4 = time.perf_counter()
     print(json.dumps({{"import_s": t1 - t0, "open_s": t2 - t1, "first_query_s": t4 - t3,
                       "rss_open_mb": opened, "rss_after_query_mb": rss(),

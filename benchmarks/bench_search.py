@@ -93,6 +93,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from dlbhc.search import codes as hcodes  # noqa: E402
+from dlbhc.search import costs as hcosts  # noqa: E402
 from dlbhc.search import index as hindex  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
@@ -526,8 +527,8 @@ def calibrate(args, rng):
                                          args.mean_flips)
         index = hindex.HashIndex.build(codes, bits)
         qwords = [hcodes.query_words(q, bits) for q in queries]
-        r = 2 if math.comb(bits, 2) <= hindex.MAX_SHELL_PROBES else 1
-        index._probe_shell(qwords[0], r)   # builds the flip masks outside the timing
+        r = 2 if math.comb(bits, 2) <= hcosts.MAX_SHELL_PROBES else 1
+        index.prober.shell(qwords[0], r)   # builds the flip masks outside the timing
 
         def per_item(fn, items):
             best = math.inf
@@ -538,15 +539,15 @@ def calibrate(args, rng):
                 best = min(best, time.perf_counter() - t)
             return best / (len(qwords) * items) * 1e9
 
-        probe = per_item(lambda qw: index._probe_shell(qw, r), math.comb(bits, r))
+        probe = per_item(lambda qw: index.prober.shell(qw, r), math.comb(bits, r))
         # A gathered scan of a sorted subset (what pivot runs are), with the
         # per-bucket bookkeeping of HashIndex._scan (weights, histogram, mask).
         subset = np.sort(rng.choice(index.n_buckets, size=min(index.n_buckets, 200_000),
                                     replace=False))
 
         def gathered(qw):
-            d = index._bucket_distances(subset, qw)
-            np.bincount(d, weights=index._sizes_f[subset], minlength=bits + 1)
+            d = index.bucket_distances(subset, qw)
+            np.bincount(d, weights=index.bucket_weights[subset], minlength=bits + 1)
             return subset[d <= 3]
         gather = per_item(gathered, len(subset))
         # The exhaustive scan as a search runs it (need = min_candidates):
@@ -554,7 +555,7 @@ def calibrate(args, rng):
         # per unique code.
         need = args.min_candidates or args.k
         code_of = {id(qw): q.tobytes() for qw, q in zip(qwords, queries)}
-        full = per_item(lambda qw: index._full_scan(code_of[id(qw)], need, bits),
+        full = per_item(lambda qw: index.full_scan(code_of[id(qw)], need, bits),
                         index.n_buckets)
 
         def step(qw):
@@ -563,9 +564,9 @@ def calibrate(args, rng):
             bounds = index.pivots.runs(qw, index.costs, index.n_buckets)
             rr = bounds.radius_lower_bound(1, 0, bits)
             lo, hi = bounds.cells(rr)
-            b = hindex._concat_ranges(index.band_cum[lo], index.band_cum[hi])[:1]
-            d = index._bucket_distances(b, qw)
-            np.cumsum(np.bincount(d, weights=index._sizes_f[b], minlength=bits + 1))
+            b = hcodes.concat_ranges(index.band_cum[lo], index.band_cum[hi])[:1]
+            d = index.bucket_distances(b, qw)
+            np.cumsum(np.bincount(d, weights=index.bucket_weights[b], minlength=bits + 1))
         step_ns = per_item(step, 1)
         print(f"{bits:>5} {index.n_words:>5} {index.n_buckets:>9} {probe:>8.1f} {gather:>8.1f} "
               f"{full:>8.1f} {step_ns:>9.0f}", flush=True)

@@ -21,24 +21,19 @@ the new one is complete); the same settings again are left alone unless
 --replace.  A projection learned on another database must match this one
 (fc7 size, and the same model's weights) or it is refused.
 """
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.search.pca import DEFAULT_SAMPLE  # noqa: E402
+from dlbhc import cli
+from dlbhc.search.pca import DEFAULT_SAMPLE
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("db", help="feature database made by extract.py")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--pca", type=int, metavar="DIM",
+    what.add_argument("--pca", type=cli.positive_int, metavar="DIM",
                       help="learn a PCA projection keeping DIM components (e.g. 256)")
     what.add_argument("--projection", metavar="NPZ",
                       help="apply a projection learned before (a pca-*.npz of another "
@@ -55,8 +50,6 @@ def parse_args(argv):
     p.add_argument("--replace", action="store_true",
                    help="rebuild even when the database has a PCA store of these settings")
     args = p.parse_args(argv)
-    if args.pca is not None and args.pca < 1:
-        p.error("--pca must be at least 1")
     if args.sample < 2:
         p.error("--sample must be at least 2")
     return args
@@ -113,4 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

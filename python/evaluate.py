@@ -18,7 +18,6 @@ same defaults: re-ranked by the database's PCA store when it has one
 An image is relevant to a query when their labels are equal.
 --out-dir receives figures.json, precision_at_k.png and precision_recall.png.
 """
-import argparse
 import json
 import sys
 import zipfile
@@ -26,37 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.search import metrics  # noqa: E402
-from dlbhc.search.codes import code_bytes  # noqa: E402
-from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.serving.retrieval import add_rerank_arguments  # noqa: E402
+from dlbhc import cli
+from dlbhc.errors import UserError
+from dlbhc.progress import Progress
+from dlbhc.search import metrics
+from dlbhc.search.codes import code_bytes
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--database", required=True, help="database features (.npz or feature db)")
     p.add_argument("--queries", required=True, help="query features (.npz or feature db)")
-    p.add_argument("--k", type=int, default=1000, help="mAP@k and P@k cut-off (default 1000)")
     p.add_argument("--out-dir", help="write figures.json and the PNG plots here")
     p.add_argument("--no-fine", action="store_true",
                    help="skip the fc7 re-ranking (Hamming ranking only)")
-    p.add_argument("--min-candidates", type=int,
-                   help="coarse candidates re-ranked by fc7 (default 2 x k)")
-    p.add_argument("--max-radius", type=int, help="largest Hamming radius of the candidates")
-    add_rerank_arguments(p)
-    p.add_argument("--radius", type=int, default=2,
+    # The search's options, as retrieve.py spells them; --k and
+    # --min-candidates are this script's earlier spellings, still accepted.
+    cli.add_search_arguments(p, top_k=metrics.EVALUATION_TOP_K,
+                             top_k_help="mAP@k and P@k cut-off, the fine ranking's k",
+                             aliases={"top_k": ["--k"], "candidates": ["--min-candidates"]})
+    cli.add_rerank_arguments(p)
+    p.add_argument("--radius", type=cli.non_negative_int, default=2,
                    help="Hamming radius of the precision-within-radius figure (default 2)")
     args = p.parse_args(argv)
-    if args.k < 1:
-        raise UserError("--k must be at least 1")
-    if args.min_candidates is not None and args.min_candidates < 1:
-        raise UserError("--min-candidates must be at least 1")
-    if args.max_radius is not None and args.max_radius < 0:
-        raise UserError("--max-radius must be 0 or more")
+    args.search = cli.search_params(p, args)
     return args
 
 
@@ -143,8 +135,7 @@ def main(argv=None):
         results = metrics.evaluate(
             db["codes"], db["labels"], queries["codes"], queries["labels"],
             db_fc7=db["fc7"] if fine else None, q_fc7=queries["fc7"] if fine else None,
-            k=args.k, bits=db["bits"], min_candidates=args.min_candidates,
-            max_radius=args.max_radius, radius=args.radius, progress=progress,
+            params=args.search, bits=db["bits"], radius=args.radius, progress=progress,
             index=db["index"], reduced=db["reduced"])
     except ValueError as err:
         raise UserError(str(err)) from err
@@ -164,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

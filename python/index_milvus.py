@@ -13,26 +13,19 @@ images: it loads what is missing.  With BIN_FLAT (the default), or
 BIN_IVF_FLAT searched with --nprobe equal to --nlist, searches return what
 the local index returns.
 """
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.errors import run_main  # noqa: E402
+from dlbhc import cli
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("db", help="feature database made by extract.py")
     p.add_argument("--uri", required=True, help="Milvus server, e.g. http://localhost:19530")
     p.add_argument("--collection", help="collection name (default: from the database's "
                                         "folder name)")
     p.add_argument("--index", choices=["BIN_FLAT", "BIN_IVF_FLAT"], default="BIN_FLAT",
                    help="Milvus index of the codes (default BIN_FLAT: exact)")
-    p.add_argument("--nlist", type=int, default=1024, help="BIN_IVF_FLAT clusters")
-    p.add_argument("--nprobe", type=int, help="BIN_IVF_FLAT clusters searched (default: "
+    p.add_argument("--nlist", type=cli.positive_int, default=1024, help="BIN_IVF_FLAT clusters")
+    p.add_argument("--nprobe", type=cli.positive_int, help="BIN_IVF_FLAT clusters searched (default: "
                                               "--nlist, i.e. exact)")
     p.add_argument("--replace", action="store_true",
                    help="drop a collection of that name holding another database")
@@ -60,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

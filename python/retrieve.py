@@ -19,20 +19,15 @@ net recorded there (or --deploy/--weights, which must match it).
 searches a database loaded into Milvus (python/index_milvus.py): the same
 rule and the same answers, Milvus holding the codes and re-rank vectors.
 """
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
-from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc.serving.retrieval import add_rerank_arguments  # noqa: E402
+from dlbhc import cli
+from dlbhc.errors import UserError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("query", nargs="*", help="query image file(s)")
     p.add_argument("--db", help="feature database made by extract.py")
     p.add_argument("--milvus", metavar="URI",
@@ -44,18 +39,16 @@ def parse_args(argv):
                         "the image itself is left out of its results")
     p.add_argument("--queries", help="list file of query images (`path [label]` lines)")
     p.add_argument("--root", help="folder that relative paths in --queries start from")
-    p.add_argument("--top-k", type=int, default=10, help="results per query (up to 1000+)")
-    p.add_argument("--show", type=int, default=10, help="rows printed per query (table)")
-    p.add_argument("--candidates", type=int,
-                   help="coarse stage gathers at least this many (default 2 x top-k)")
-    p.add_argument("--max-radius", type=int, help="never look beyond this Hamming radius")
-    add_rerank_arguments(p)
+    p.add_argument("--show", type=cli.non_negative_int, default=10,
+                   help="rows printed per query (table)")
+    cli.add_search_arguments(p, top_k_help="results per query, up to 1000+")
+    cli.add_rerank_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="PNG", help="write a picture of the results "
                    "(the first query's; with several queries, one PNG each: NAME_0.png ...)")
     p.add_argument("--deploy", help="deploy prototxt (default: the one the database records)")
     p.add_argument("--weights", help="weights (default: the ones the database records)")
-    add_gpu_argument(p)
+    cli.add_gpu_argument(p)
     args = p.parse_args(argv)
     if bool(args.db) == bool(args.milvus):
         p.error("give the database: --db DB, or --milvus URI --collection NAME")
@@ -63,11 +56,7 @@ def parse_args(argv):
         p.error("--milvus needs --collection NAME (as given to index_milvus.py)")
     if not (args.query or args.id or args.queries):
         p.error("give a query image, --id N or --queries LIST")
-    from dlbhc.serving.retrieval import check_search_parameters
-    try:
-        check_search_parameters(args.top_k, args.candidates, args.max_radius)
-    except UserError as err:
-        p.error("--" + str(err).replace("_", "-"))
+    args.search = cli.search_params(p, args)
     return args
 
 
@@ -99,10 +88,9 @@ def main(argv=None):
             items = list_images(args.queries, root=args.root).items
             image_queries += [Query(str(it.path), label=int(it.label)) for it in items]
         answers = []
-        search = dict(k=args.top_k, candidates=args.candidates, max_radius=args.max_radius)
         if args.id:
             id_queries, codes, fc7 = retriever.id_queries(args.id)
-            answers += retriever.search(id_queries, codes, fc7, **search)
+            answers += retriever.search(id_queries, codes, fc7, args.search)
         if image_queries:
             for q in image_queries:
                 if not Path(q.name).is_file():
@@ -111,7 +99,7 @@ def main(argv=None):
             for start in range(0, len(image_queries), IMAGE_BATCH):
                 chunk = image_queries[start:start + IMAGE_BATCH]
                 fc7, codes = retriever.features_of_images([q.name for q in chunk])
-                answers += retriever.search(chunk, codes, fc7, **search)
+                answers += retriever.search(chunk, codes, fc7, args.search)
         if args.json:
             print(to_json(answers))
         else:
@@ -126,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

@@ -11,17 +11,12 @@ and at /api/docs.  Searches run on the database as extract.py leaves it:
 images appended while the server runs are taken in (index rebuilt in the
 background) without a restart.
 """
-import argparse
 import json
 import os
 import socket
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
-from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc import cli
+from dlbhc.errors import UserError
 
 TOKEN_ENV = "DLBHC_TOKEN"
 
@@ -29,8 +24,7 @@ TOKEN_ENV = "DLBHC_TOKEN"
 def parse_args(argv):
     from dlbhc.serving.service import Limits
     limits = Limits()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--db", required=True, help="feature database made by extract.py")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only)")
@@ -42,16 +36,16 @@ def parse_args(argv):
                    help="do not load the net: search by database id only")
     p.add_argument("--deploy", help="deploy prototxt (default: the one the database records)")
     p.add_argument("--weights", help="weights (default: the ones the database records)")
-    add_gpu_argument(p)
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    cli.add_gpu_argument(p)
+    p.add_argument("--workers", type=cli.positive_int, default=1, metavar="N",
                    help="N server processes on the one port, each with its own index and net "
                         "(default 1; see README for measurements)")
-    p.add_argument("--net-processes", type=int, default=0, metavar="N",
+    p.add_argument("--net-processes", type=cli.non_negative_int, default=0, metavar="N",
                    help="run N nets in worker processes (default 0: one net in a thread of "
                         "the server; see README for the measured difference)")
-    p.add_argument("--max-batch", type=int, default=32,
+    p.add_argument("--max-batch", type=cli.positive_int, default=32,
                    help="query images run through the net together (default %(default)s)")
-    p.add_argument("--blas-threads", type=int,
+    p.add_argument("--blas-threads", type=cli.positive_int,
                    help="OpenBLAS threads per net (default 1: measured fastest for query "
                         "batches on a shared machine; see README)")
     p.add_argument("--refresh-seconds", type=float, default=2.0,
@@ -59,24 +53,18 @@ def parse_args(argv):
                         "(default %(default)s; 0: never)")
     p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / (1 << 20),
                    help="largest request body (default %(default)g MB)")
-    p.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+    p.add_argument("--max-pixels", type=cli.positive_int, default=limits.max_pixels,
                    help="largest uploaded image, width x height (default %(default)d)")
-    p.add_argument("--max-images", type=int, default=limits.max_images,
+    p.add_argument("--max-images", type=cli.positive_int, default=limits.max_images,
                    help="query images or ids in one request (default %(default)d)")
-    p.add_argument("--max-top-k", type=int, default=limits.max_top_k,
+    p.add_argument("--max-top-k", type=cli.positive_int, default=limits.max_top_k,
                    help="largest top_k a request may ask (default %(default)d)")
-    p.add_argument("--max-connections", type=int, default=64,
+    p.add_argument("--max-connections", type=cli.positive_int, default=64,
                    help="connections served at once; more get 503 (default %(default)d)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     args = p.parse_args(argv)
-    for name in ("max_upload_mb", "max_pixels", "max_images", "max_top_k", "max_batch",
-                 "max_connections"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.net_processes < 0:
-        p.error("--net-processes must be 0 or more")
-    if args.workers < 1:
-        p.error("--workers must be at least 1")
+    if args.max_upload_mb <= 0:
+        p.error("--max-upload-mb must be positive")
     if not 0 <= args.port <= 65535:
         p.error("--port must be in 0..65535")
     return args
@@ -167,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

@@ -33,18 +33,13 @@ file names from DIR instead (e.g. cifar10_train_32pad4_lmdb and
 cifar10_test_32_lmdb for the small net): the run folder then also gets its
 own train_val.prototxt with those paths, which its solver.prototxt uses.
 """
-import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dlbhc.datasets.collection import DEFAULT_TEST_FRACTION  # noqa: E402
-from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.nets.backbones import DEFAULT_BACKBONE  # noqa: E402
-from dlbhc.nets.caffe_env import add_gpu_argument  # noqa: E402
-from dlbhc.training.frozen import FEATURE_WORKERS  # noqa: E402
-from dlbhc.training.recipes import DEFAULT_SPLIT, SMALL_NET  # noqa: E402
+from dlbhc import cli
+from dlbhc.datasets.collection import DEFAULT_TEST_FRACTION
+from dlbhc.nets.backbones import DEFAULT_BACKBONE
+from dlbhc.training.frozen import FEATURE_WORKERS
+from dlbhc.training.recipes import DEFAULT_SPLIT, SMALL_NET
 
 # In the project's models/ folder, wherever train.py is started from.
 DEFAULT_WEIGHTS = {"alexnet": str(Path(__file__).resolve().parents[1] / "models" / "bvlc_alexnet"
@@ -55,15 +50,14 @@ CHECKED_IN_ONLY = ("--weights", "--resume", "--data-dir")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--net", default=None,
                    help=f"{SMALL_NET} (small net, default without --data), alexnet, or a "
                         f"backbone ({DEFAULT_BACKBONE}, default with --data)")
     p.add_argument("--bits", type=int, default=48)
     p.add_argument("--max-iter", type=int, help="shorter/longer schedule; steps scale alike")
     p.add_argument("--runs-dir", help="where run folders go (default runs/)")
-    add_gpu_argument(p)
+    cli.add_gpu_argument(p)
     checked_in = p.add_argument_group("the checked-in CIFAR-10 nets (without --data)")
     checked_in.add_argument("--weights", help="initial weights (-weights); AlexNet default: "
                             + DEFAULT_WEIGHTS["alexnet"])
@@ -148,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli.run(main)

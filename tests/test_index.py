@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from dlbhc.search.codes import code_bytes, pack_codes
-from dlbhc.search.index import HashIndex, SearchResults, default_min_candidates
+from dlbhc.search.index import HashIndex
+from dlbhc.search.params import default_min_candidates
+from dlbhc.search.results import SearchResults
 from dlbhc_testing.reference import brute_force_search, reference_coarse
 from dlbhc.search.rerank import fc7_sq_distances, rank_by_distance
 from helpers import clustered_codes, codes_from_ints

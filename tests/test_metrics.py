@@ -9,6 +9,7 @@ from dlbhc.search import metrics
 from dlbhc_testing import reference
 from dlbhc.search.codes import hamming_distances, pack_codes
 from dlbhc.search.index import HashIndex
+from dlbhc.search.params import SearchParams
 from helpers import DB_CODES, DB_LABELS, PNG_MAGIC, Q_CODES, Q_LABELS
 
 # ---- per-query measures ------------------------------------------------------
@@ -100,7 +101,8 @@ def test_exact_sq_distances_tie_equal_rows_and_match_float64():
 
 # ---- evaluate -----------------------------------------------------------------
 def test_evaluate_reproduces_hand_computed_figures():
-    res = metrics.evaluate(DB_CODES, DB_LABELS, Q_CODES, Q_LABELS, k=3, bits=8)
+    res = metrics.evaluate(DB_CODES, DB_LABELS, Q_CODES, Q_LABELS, params=SearchParams(top_k=3),
+                           bits=8)
     c = res["coarse"]
     # Relevance along the coarse rankings (label equal to the query's):
     #   q0: 2 1 3 0 5 4 -> 0 0 1 1 0 1
@@ -131,7 +133,7 @@ def test_evaluate_fine_hand_computed():
     db_fc7 = np.array([[9.0], [1.0], [3.0], [-1.0], [0.5], [0.0]], np.float32)
     q_fc7 = np.zeros((1, 1), np.float32)
     res = metrics.evaluate(DB_CODES, DB_LABELS, Q_CODES[:1], Q_LABELS[:1], db_fc7, q_fc7,
-                           k=3, bits=8, min_candidates=3)
+                           SearchParams(top_k=3, candidates=3), bits=8)
     # fine ranking 1 3 2 0 5 4 (see above), labels 1 0 1 0 1 0, query label 0:
     # relevance 0 1 0 1 0 1 -> AP@3 = (1/2) / 1 found; P@3 = 1/3
     f = res["fine"]
@@ -150,8 +152,9 @@ def test_evaluate_in_batches_equals_per_query_reference():
     codes = pack_codes((centres[labels] ^ (rng.random((n + nq, bits)) < 0.15)).astype(np.float32))
     fc7 = rng.standard_normal((n + nq, dim)).astype(np.float32) + labels[:, None]
     db, q, dbl, ql = codes[:n], codes[n:], labels[:n], labels[n:]
-    res = metrics.evaluate(db, dbl, q, ql, fc7[:n], fc7[n:], k=100, bits=bits,
-                           min_candidates=60, batch_size=4)
+    res = metrics.evaluate(db, dbl, q, ql, fc7[:n], fc7[n:],
+                           SearchParams(top_k=100, candidates=60), bits=bits,
+                           batch_size=4)
     coarse = reference.coarse_ranking(db, q, bits)
     fine, _ = reference.fine_ranking(db, q, fc7[:n], fc7[n:], 60, bits=bits)
     for name, ranking in (("coarse", coarse), ("fine", fine)):
@@ -180,7 +183,7 @@ def test_evaluate_rejects_mismatched_inputs():
 def test_plots_are_written_as_loadable_pngs(tmp_path):
     db_fc7 = np.arange(6, dtype=np.float32)[:, None]
     res = metrics.evaluate(DB_CODES, DB_LABELS, Q_CODES, Q_LABELS, db_fc7,
-                           np.zeros((3, 1), np.float32), k=3, bits=8)
+                           np.zeros((3, 1), np.float32), SearchParams(top_k=3), bits=8)
     from matplotlib.image import imread
     for plot, name in ((metrics.plot_precision_at_k, "pk.png"),
                        (metrics.plot_precision_recall, "pr.png")):
@@ -195,7 +198,7 @@ def test_plots_are_written_as_loadable_pngs(tmp_path):
 def test_format_table_lists_both_methods_with_their_figures():
     db_fc7 = np.arange(6, dtype=np.float32)[:, None]
     res = metrics.evaluate(DB_CODES, DB_LABELS, Q_CODES, Q_LABELS, db_fc7,
-                           np.zeros((3, 1), np.float32), k=3, bits=8)
+                           np.zeros((3, 1), np.float32), SearchParams(top_k=3), bits=8)
     table = metrics.format_table(res)
     coarse_line = next(line for line in table.splitlines() if "coarse" in line)
     fine_line = next(line for line in table.splitlines() if "fine" in line)

@@ -13,6 +13,7 @@ from dlbhc.search.codes import pack_codes
 from dlbhc.errors import UserError
 from dlbhc.search.index import HashIndex
 from dlbhc.search.metrics import evaluate
+from dlbhc.search.params import SearchParams
 from dlbhc.search.pca import Projection
 from dlbhc_testing.reference import brute_force_search
 from dlbhc.search.rerank import ReducedRows
@@ -361,10 +362,12 @@ def test_evaluation_by_pca_rows_is_the_evaluation_of_the_projected_features():
     labels = np.arange(len(codes)) % 4
     q_labels = np.arange(len(q)) % 4
     reduced = ReducedRows(rows, projection.apply, exact_top=0, name="pca5")
-    by_pca = evaluate(codes, labels, q, q_labels, db_fc7=fc7, q_fc7=q_fc7, k=100, bits=20,
+    by_pca = evaluate(codes, labels, q, q_labels, db_fc7=fc7, q_fc7=q_fc7,
+                      params=SearchParams(top_k=100), bits=20,
                       reduced=reduced)
     projected = evaluate(codes, labels, q, q_labels, db_fc7=rows,
-                         q_fc7=projection.apply(q_fc7), k=100, bits=20)
+                         q_fc7=projection.apply(q_fc7), params=SearchParams(top_k=100),
+                         bits=20)
     assert by_pca["fine"]["rerank"] == "pca5" and projected["fine"]["rerank"] == "fc7"
     for key in ("map_at_k", "map", "precision_curve", "candidates_mean"):
         assert by_pca["fine"][key] == projected["fine"][key]
@@ -383,7 +386,8 @@ def test_pca_store_serves_the_search_through_the_retriever(tmp_path):
     r = Retriever(tmp_path / "db", exact_top=5)
     assert r.rerank == "pca4 + fc7 top 5"
     fc7, codes = r.features_of_ids([3])
-    answer = r.search([Query("id 3", exclude_id=3)], codes, fc7, k=20, candidates=1000)[0]
+    answer = r.search([Query("id 3", exclude_id=3)], codes, fc7,
+                      SearchParams(top_k=20, candidates=1000))[0]
     assert answer.rerank == "pca4 + fc7 top 5"
     assert [h.exact for h in answer.hits] == [True] * 4 + [False] * 16   # 5 minus itself
     r.close()
@@ -395,7 +399,8 @@ def test_pca_store_serves_the_search_through_the_retriever(tmp_path):
     assert json.loads(json.dumps(answer.as_dict()))["rerank"] == "pca4 + fc7 top 5"
     as_fc7 = Retriever(tmp_path / "db", rerank="fc7")
     assert as_fc7.reduced is None
-    answer = as_fc7.search([Query("id 3", exclude_id=3)], codes, fc7, k=20, candidates=1000)[0]
+    answer = as_fc7.search([Query("id 3", exclude_id=3)], codes, fc7,
+                           SearchParams(top_k=20, candidates=1000))[0]
     assert all(h.exact for h in answer.hits) and answer.rerank == "fc7"
     as_fc7.close()
     with pytest.raises(UserError, match="--rerank 'pca4': choose one of auto, fc7, pca"):

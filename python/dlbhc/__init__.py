@@ -44,7 +44,9 @@ from .search.codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming
 from .datasets.datum import compute_mean, convert_imageset
 from .errors import UserError
 from .images import BadImage, list_images, read_image
-from .search.index import HashIndex, SearchResult, SearchResults, default_min_candidates
+from .search.index import HashIndex
+from .search.params import SearchParams, default_min_candidates
+from .search.results import SearchResult, SearchResults
 from .search.metrics import evaluate
 from .nets.model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
 from .search.pca import Projection
@@ -58,7 +60,7 @@ from .training.recipes import train
 __all__ = [
     "CODE_THRESHOLD", "FEATURE_BLOB", "LATENT_BLOB",
     "BadImage", "FeatureStore", "HashIndex", "HashNet", "Preprocessing", "Projection", "Query",
-    "ReducedRows", "Retriever", "SearchResult", "SearchResults", "UserError",
+    "ReducedRows", "Retriever", "SearchParams", "SearchResult", "SearchResults", "UserError",
     "code_bytes", "compute_mean", "convert_imageset", "default_min_candidates", "evaluate",
     "extract", "fc7_sq_distances", "get_cifar10", "get_photos", "hamming_distances",
     "hamming_matrix", "list_images", "pack_codes", "read_image", "train",

@@ -24,7 +24,7 @@ ranked and in what order, not the float arithmetic itself.
 """
 import numpy as np
 
-from dlbhc.search.index import SearchResults
+from dlbhc.search.results import SearchResults
 from dlbhc.search.rerank import fc7_sq_distances
 
 

@@ -60,8 +60,9 @@ def is_cpu_only_build():
 
 
 def set_mode(gpu=None):
-    """Caffe's convention: `--gpu N` selects set_mode_gpu + set_device(N),
-    otherwise set_mode_cpu. Returns the caffe module."""
+    """Caffe's convention: `--gpu N` (cli.add_gpu_argument) selects
+    set_mode_gpu + set_device(N), otherwise set_mode_cpu. Returns the caffe
+    module."""
     caffe = import_caffe()
     if gpu is None or gpu < 0:
         caffe.set_mode_cpu()
@@ -72,13 +73,6 @@ def set_mode(gpu=None):
         caffe.set_device(gpu)
         caffe.set_mode_gpu()
     return caffe
-
-
-def add_gpu_argument(parser):
-    """The `--gpu [ID]` switch of Caffe's own Python scripts."""
-    parser.add_argument("--gpu", type=int, nargs="?", const=0, default=None,
-                        metavar="ID", help="run the net on GPU ID (default 0 "
-                        "when given without ID); CPU otherwise")
 
 
 def blas_threads_control():

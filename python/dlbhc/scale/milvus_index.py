@@ -27,7 +27,8 @@ answer as HashIndex.search):
              search fetches every image within R, the whole boundary shell
              (split by id ranges when it holds more than Milvus's top-k cap).
     fine     the candidates' re-rank vectors are fetched and ranked by
-             index.fine_stage: squared L2 in float32, ties by id.
+             results.fine_stage: squared L2 in float32, ties by id.
+Its defaults and radius clamp are search.params's, as the local index's are.
 With an exact Milvus index (BIN_FLAT, or BIN_IVF_FLAT searched with nprobe =
 nlist) the candidate set is exactly the local index's and the ranking is the
 same code, so results equal HashIndex.search's, ties included (by id).  With
@@ -44,8 +45,9 @@ import numpy as np
 
 from ..search.codes import code_bytes
 from ..errors import UserError
-from ..search.index import (CoarseResult, SearchResults, check_search_args, fine_stage,
-                    sorted_by_hamming)
+from ..search.index import check_queries
+from ..search.params import coarse_target, radius_limit
+from ..search.results import CoarseResult, SearchResults, fine_stage, sorted_by_hamming
 from ..store.database import MetaFields
 
 # Milvus refuses a top-k (and a range search's limit) above this.
@@ -381,7 +383,7 @@ class MilvusIndex:
     def coarse_many(self, codes, min_candidates, max_radius=None):
         """CoarseResults of a batch of query codes: the local index's rule
         (smallest radius holding min_candidates images, whole last shell)."""
-        limit = self.bits if max_radius is None else max(0, min(int(max_radius), self.bits))
+        limit = radius_limit(max_radius, self.bits)
         need = max(0, int(min_candidates))
         results = []
         if need == 0 or self.count == 0:
@@ -425,7 +427,7 @@ class MilvusIndex:
 
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
                reduced=None):
-        """Coarse stage on Milvus, fine stage by index.fine_stage over the
+        """Coarse stage on Milvus, fine stage by results.fine_stage over the
         candidates' re-rank vectors; fc7 is a function ids -> rows
         (MilvusCollection.fc7), fetched once for all queries' candidates.
         Returns SearchResults; seconds: each query's share of the batch's
@@ -434,12 +436,11 @@ class MilvusIndex:
         vectors, the ones index_milvus.py loaded.)"""
         if reduced is not None:
             raise ValueError("a Milvus collection re-ranks by the vectors it holds: no reduced rows")
-        query_codes, query_fc7, min_candidates = check_search_args(
-            query_codes, query_fc7, self.bits, k, min_candidates)
+        query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)
         if len(query_codes) == 0:
             return SearchResults.from_ranked([], k)
         start = time.perf_counter()
-        coarse = self.coarse_many(query_codes, min_candidates, max_radius)
+        coarse = self.coarse_many(query_codes, coarse_target(k, min_candidates), max_radius)
         every = np.unique(np.concatenate([c.ids for c in coarse]))
         rows = fc7(every) if callable(fc7) else np.asarray(fc7[every], dtype=np.float32)
         shared = (time.perf_counter() - start) / len(coarse)

@@ -302,3 +302,21 @@ def group_equal_codes(words):
     else:
         starts = np.empty(0, dtype=np.int64)
     return order, np.append(starts, n).astype(np.int64)
+
+
+def concat_ranges(starts, stops):
+    """Concatenation of arange(starts[i], stops[i]) for all i (vectorised):
+    the members of groups laid out as group_equal_codes's (CSR offsets), or
+    of the pivot runs' cells."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(stops, dtype=np.int64) - starts
+    keep = lengths > 0
+    if not keep.all():
+        starts, lengths = starts[keep], lengths[keep]
+    if not len(lengths):
+        return np.empty(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    # Position i of range j is (ends[j] - lengths[j]) + offset; shift maps it
+    # to starts[j] + offset.
+    shift = starts - (ends - lengths)
+    return np.arange(ends[-1], dtype=np.int64) + np.repeat(shift, lengths)

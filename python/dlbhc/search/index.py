@@ -19,12 +19,15 @@ query_fc7, fc7, k) for a batch of queries, like faiss's search(xq, k):
              ranked by the compressed rows instead, the best exact_top of
              them again by fc7 (rerank.fine_rank).
 retrieve.py, the evaluation (metrics.evaluate) and the benchmarks all call
-this one implementation.
+this one implementation; its parameters (k, min_candidates, max_radius) are
+checked by params.SearchParams, and what it returns (ordering rules
+included) is results.py's, shared with the Milvus path.
 
-Ordering rules (the brute-force functions of reference.py follow the same
-rules, so the fast path can be compared with them exactly)
-    coarse   by (Hamming distance, image id).
-    fine     by (squared fc7 distance, image id): rerank.fc7_sq_distances.
+This module keeps the bucket table, its persistence and the choice among
+the coarse strategies, the parts that need the whole table.  What each
+strategy needs alone lives beside it: the measured costs that choose
+(costs.py), probing's hash table and flip masks (probing.py), the pivot
+runs (pivots.py) and the C scan (codes.HammingBall).
 
 How the coarse stage avoids scanning everything
     Images with identical codes share a bucket: the table keeps the U unique
@@ -48,84 +51,29 @@ How the coarse stage avoids scanning everything
            said whether the few shells worth probing likely hold the ball.
 
     Which one runs is decided per query by a cost model whose unit costs were
-    measured (see _COST_NS).
+    measured (costs.COST_NS).
 """
 import math
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .codes import (HammingBall, check_codes, code_bytes, code_words, distance_dtype,
-                    group_equal_codes, query_bytes, to_words)
+from .codes import (HammingBall, check_codes, code_bytes, code_words, concat_ranges,
+                    distance_dtype, group_equal_codes, query_bytes, to_words)
+from .costs import MAX_SHELL_PROBES, RUNS_OVERHEAD_STEPS, unit_costs
 from ..files import atomic_write
+from .params import coarse_target, radius_limit
 from .pivots import PivotTable, first_true, pivot_layout
-from .rerank import fine_rank
+from .probing import ProbedShells, ShellProber, probe_table
+from .results import CoarseResult, SearchResults, fine_stage, sorted_by_hamming
 
 FORMAT_VERSION = 1
 
-# --- cost model -------------------------------------------------------------
-# Unit costs of the coarse stage, in nanoseconds, by code width in 64-bit
-# words, measured with `python benchmarks/bench_search.py --calibrate --sizes
-# 1000000 --bits 48,128,256` (clustered synthetic codes, U ~ 0.7-0.8M unique)
-# on the project's 2-core build machine with nothing else running, numpy 2.4,
-# after the exhaustive scan moved to the project's own C kernel
-# (csrc/hamming_ball.c).  Only their ratios matter: they decide which exact
-# strategy runs, never what it returns.
-#   probe   one enumerated flip pattern: XOR, hash (codes over 64 bits),
-#           binary search among the unique codes, verify
-#   gather  one unique code reached through the pivot runs: gather, XOR,
-#           popcount, histogram
-#   scan    one unique code in the exhaustive scan (the C pass, the stopping
-#           rule, the selection and expansion of the ball, per unique code,
-#           for a 1000-candidate search)
-#   step    fixed overhead of one growing step of the pivot-run scan
-# Other widths interpolate (and beyond 4 words keep the 4-word figures).
-_COST_WORDS = (1, 2, 4)
-_COST_NS = {"probe": (62.0, 215.5, 225.7),
-            "gather": (7.3, 12.5, 17.5),
-            "scan": (0.8, 1.1, 1.8),
-            "step": (59.5e3, 72.1e3, 108.8e3)}
-# Searching through the pivot runs costs several growing steps plus the
-# bounds search that sizes them, and more than the unit costs say with
-# caches cold between queries (as in a service, or bench_search's shuffled
-# methods).  Measured that way, quiet, per query at 48 / 128 bits: at 1M
-# codes the runs took 1.08 / 1.28 ms where one C scan took 0.79 / 0.91; at
-# 2.5M the runs 0.92 / 1.39 ms, the scan 1.45 / 1.98.  The crossover lies
-# between 9-15 and 20-28 steps' worth: when a scan of every unique code
-# costs less than this many steps, the runs are not even considered.
-RUNS_OVERHEAD_STEPS = 16
-
-
-def _unit_costs(n_words):
-    return {name: float(np.interp(n_words, _COST_WORDS, values))
-            for name, values in _COST_NS.items()}
-
-
-# Enumerating a shell costs memory for its flip masks; beyond this many
-# patterns a scan is always cheaper anyway.
-MAX_SHELL_PROBES = 1 << 18
 # A small index decides between probing shells and scanning every code from
 # the distances of this many images, a fixed sample (the radius it suggests).
 RADIUS_SAMPLE = 2048
-
-_HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def default_min_candidates(k):
-    """Coarse candidates gathered for a top-k fine search: 2 * k.
-
-    The fine stage can only return what the coarse stage found.  Gathering
-    twice k lets fc7 promote images from just beyond the k-th Hamming rank
-    (the paper's reason for re-ranking), while the re-rank cost (one fc7 read
-    per candidate) stays proportional to k.  The whole boundary shell is
-    added on top, so the actual pool is often larger.
-    """
-    return 2 * int(k)
 
 
 def shell_radius(cum_counts, min_candidates, max_radius=None):
@@ -136,8 +84,7 @@ def shell_radius(cum_counts, min_candidates, max_radius=None):
     min(max_radius, bits) when no radius up to it gathers enough.
     """
     cum_counts = np.asarray(cum_counts)
-    top = cum_counts.shape[-1] - 1
-    limit = top if max_radius is None else max(0, min(int(max_radius), top))
+    limit = radius_limit(max_radius, cum_counts.shape[-1] - 1)
     if cum_counts.ndim == 1:
         # One query (the search's case): counts never decrease with r.
         return min(int(np.searchsorted(cum_counts[:limit + 1], min_candidates)), limit)
@@ -146,193 +93,10 @@ def shell_radius(cum_counts, min_candidates, max_radius=None):
     return np.where(enough.any(axis=-1), first, limit)
 
 
-def _concat_ranges(starts, stops):
-    """Concatenation of arange(starts[i], stops[i]) for all i (vectorised)."""
-    starts = np.asarray(starts, dtype=np.int64)
-    lengths = np.asarray(stops, dtype=np.int64) - starts
-    keep = lengths > 0
-    if not keep.all():
-        starts, lengths = starts[keep], lengths[keep]
-    if not len(lengths):
-        return np.empty(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    # Position i of range j is (ends[j] - lengths[j]) + offset; shift maps it
-    # to starts[j] + offset.
-    shift = starts - (ends - lengths)
-    return np.arange(ends[-1], dtype=np.int64) + np.repeat(shift, lengths)
-
-
-def _flip_masks(bits, r, n_words):
-    """All codes with exactly r of the first `bits` bits set, as (W, C(bits, r)) words."""
-    combos = np.arange(bits, dtype=np.int64)[:, None]
-    for _ in range(r - 1):
-        # Extend each combination by every position after its last one.
-        last = combos[:, -1]
-        counts = bits - 1 - last
-        base = np.repeat(combos, counts, axis=0)
-        starts = np.repeat(last + 1, counts)
-        within = np.arange(len(base)) - np.repeat(np.cumsum(counts) - counts, counts)
-        combos = np.column_stack([base, starts + within])
-    n = len(combos)
-    masks = np.zeros((n, 8 * n_words), dtype=np.uint8)
-    rows = np.repeat(np.arange(n), r)
-    flat = combos.ravel()
-    np.bitwise_or.at(masks, (rows, flat // 8), (1 << (7 - flat % 8)).astype(np.uint8))
-    words = masks.view(np.uint64).reshape(n, n_words)
-    return tuple(np.ascontiguousarray(words[:, j]) for j in range(n_words))
-
-
-def _mix64(x):
-    """splitmix64's finaliser: a bijection on uint64 with full avalanche (in place)."""
-    x ^= x >> np.uint64(30)
-    x *= _MIX1
-    x ^= x >> np.uint64(27)
-    x *= _MIX2
-    x ^= x >> np.uint64(31)
-    return x
-
-
-_U64 = (1 << 64) - 1
-# Sort keys of the coarse result: (hamming << _ID_BITS) | id in an int64
-# (ids below 2**40, distances up to MAX_BITS = 1024 < 2**23).
-_ID_BITS = 40
-_ID_MASK = (1 << _ID_BITS) - 1
-
-
-def _mix_int(x):
-    """_mix64 for one Python int."""
-    x ^= x >> 30
-    x = (x * int(_MIX1)) & _U64
-    x ^= x >> 27
-    x = (x * int(_MIX2)) & _U64
-    return x ^ (x >> 31)
-
-
-def _hash_int(words, seed):
-    """_hash_words for one code given as Python ints (same keys)."""
-    h = seed
-    for w in words:
-        h ^= _mix_int((w + int(_HASH_MULT)) & _U64)
-        h = _mix_int(h)
-    return h
-
-
-def _hash_words(columns, seed):
-    """64-bit keys for multi-word codes (single-word codes are their own key).
-
-    Collisions between distinct codes are possible in principle; build()
-    checks the table for them and picks another seed, and lookups confirm
-    the full code, so a collision can cost time but never a wrong answer.
-    """
-    if len(columns) == 1:
-        return columns[0]
-    if len(columns[0]) == 1:
-        # One probe (the query's own bucket): Python ints avoid ~20 numpy
-        # calls of fixed overhead each.
-        return np.array([_hash_int([int(c[0]) for c in columns], seed)], dtype=np.uint64)
-    h = np.full(columns[0].shape, seed, dtype=np.uint64)
-    for col in columns:
-        h ^= _mix64(col + _HASH_MULT)
-        h = _mix64(h)
-    return h
-
-
-@dataclass
-class CoarseResult:
-    """Coarse candidates: ids (int64) ordered by (hamming, id), their Hamming
-    distances (int32), and the radius the search stopped at."""
-    ids: np.ndarray
-    hamming: np.ndarray
-    radius: int
-
-
-@dataclass
-class SearchResult:
-    """Top-k of one query's coarse-to-fine search, ordered by (fc7 distance, id).
-
-    l2 is the Euclidean fc7 distance: the float64 square root of the float32
-    squared distance the ranking uses (so equal l2 values are exactly the
-    ties ordered by id); candidates is how many images the coarse stage
-    passed to the re-rank, radius where it stopped; seconds the time the
-    query's coarse and fine stages took.  With a compressed (PCA) re-rank,
-    only the first `exact` results are ranked and measured by fc7; the rest
-    by the distance between compressed rows (in their l2)."""
-    ids: np.ndarray
-    hamming: np.ndarray
-    l2: np.ndarray
-    candidates: int
-    radius: int
-    seconds: float = 0.0
-    exact: int = None
-
-    def __post_init__(self):
-        if self.exact is None:
-            self.exact = len(self.ids)
-
-
-@dataclass
-class SearchResults:
-    """A batch of searches in faiss's layout: row i is query i's top k.
-
-        ids        (Q, k) int64    -1 where a query found fewer than k images
-        hamming    (Q, k) int32    Hamming distance to the query, -1 padding
-        l2         (Q, k) float64  fc7 distance (see SearchResult), inf padding
-        candidates (Q,)   int64    images the coarse stage passed to the re-rank
-        radius     (Q,)   int32    Hamming radius the coarse stage stopped at
-        seconds    (Q,)   float64  time of each query's search
-        exact      (Q,)   int64    leading results ranked and measured by fc7
-                                   (all found, unless a compressed re-rank
-                                   ranked the rest: see SearchResult)
-
-    results[i] is query i's SearchResult, without the padding."""
-    ids: np.ndarray
-    hamming: np.ndarray
-    l2: np.ndarray
-    candidates: np.ndarray
-    radius: np.ndarray
-    seconds: np.ndarray
-    exact: np.ndarray = None
-
-    def __post_init__(self):
-        if self.exact is None:
-            self.exact = np.count_nonzero(self.ids >= 0, axis=1).astype(np.int64)
-
-    @classmethod
-    def empty(cls, n_queries, k):
-        return cls(np.full((n_queries, k), -1, dtype=np.int64),
-                   np.full((n_queries, k), -1, dtype=np.int32),
-                   np.full((n_queries, k), np.inf),
-                   np.zeros(n_queries, dtype=np.int64), np.zeros(n_queries, dtype=np.int32),
-                   np.zeros(n_queries))
-
-    @classmethod
-    def from_ranked(cls, ranked, k):
-        """Rows from per-query (ids, hamming, sq_distances, candidates,
-        radius, exact, seconds), as fine_stage (+ the time) gives them;
-        k=None: rows as wide as the longest."""
-        width = max((len(r[0]) for r in ranked), default=0) if k is None else int(k)
-        out = cls.empty(len(ranked), width)
-        for i, (ids, ham, d2, n_cand, radius, n_exact, seconds) in enumerate(ranked):
-            out.ids[i, :len(ids)] = ids
-            out.hamming[i, :len(ids)] = ham
-            out.l2[i, :len(ids)] = np.sqrt(d2.astype(np.float64))
-            out.candidates[i], out.radius[i], out.seconds[i] = n_cand, radius, seconds
-            out.exact[i] = n_exact
-        return out
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        found = int(np.count_nonzero(self.ids[i] >= 0))
-        return SearchResult(self.ids[i, :found], self.hamming[i, :found], self.l2[i, :found],
-                            int(self.candidates[i]), int(self.radius[i]), float(self.seconds[i]),
-                            int(self.exact[i]))
-
-
-def check_search_args(query_codes, query_fc7, bits, k, min_candidates):
-    """The arguments of a batched search, checked: (codes, fc7, min_candidates
-    with its default_min_candidates(k) default)."""
+def check_queries(query_codes, query_fc7, bits, k):
+    """A batch search's queries and k, checked: (codes, fc7) as arrays, or
+    ValueError saying what does not fit.  (A user's parameters are checked
+    before, by params.SearchParams.)"""
     query_codes = check_codes(query_codes, bits, "query codes")
     query_fc7 = np.asarray(query_fc7)
     if query_fc7.ndim != 2 or len(query_fc7) != len(query_codes):
@@ -340,25 +104,7 @@ def check_search_args(query_codes, query_fc7, bits, k, min_candidates):
                          f"{len(query_codes)} query codes")
     if k is not None and int(k) < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    if min_candidates is None:
-        min_candidates = default_min_candidates(k if k is not None else 0)
-    return query_codes, query_fc7, min_candidates
-
-
-def fine_stage(coarse, query_fc7, fc7, k, reduced=None, query_reduced=None):
-    """One query's fine stage over its CoarseResult: the candidates ranked
-    by rerank.fine_rank (fc7 distance, or the compressed rows of `reduced`
-    then exact fc7 on its best exact_top; ties by id), top k (all with None).
-    Returns (ids, hamming, sq_distances, candidates, radius, exact).  Every
-    coarse stage (this index's, or an engine's such as milvus_index's)
-    ends here, so they rank alike."""
-    # Ascending ids: one sequential pass over the rows.
-    by_id = np.argsort(coarse.ids, kind="stable")
-    ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
-    if not len(ids):
-        return ids, ham, np.empty(0, np.float32), 0, coarse.radius, 0
-    top, d2, n_exact = fine_rank(ids, query_fc7, fc7, k, reduced, query_reduced)
-    return ids[top], ham[top], d2, len(ids), coarse.radius, n_exact
+    return query_codes, query_fc7
 
 
 class HashIndex:
@@ -396,8 +142,12 @@ class HashIndex:
         self.pivots = PivotTable(self.bits, pivot_words, band_cum, bucket_offsets)
         self._columns = tuple(np.ascontiguousarray(w) for w in bucket_words)
         self._sizes = np.diff(bucket_offsets).astype(ids.dtype)
-        # bincount's weights are float64 anyway: converted once, not per query.
-        self._sizes_f = self._sizes.astype(np.float64)
+        # Images per bucket as bincount's weights (float64 anyway): converted
+        # once, not per query.
+        self.bucket_weights = self._sizes.astype(np.float64)
+        # The probe strategy's lookups (probing.py).
+        self.prober = ShellProber(self.bits, self._columns, probe_keys, probe_buckets,
+                                  self.hash_seed)
         # Row-major copy for the exhaustive scan's C kernel (codes.HammingBall,
         # per-thread buffers: the service searches from several threads).
         self._rows = np.ascontiguousarray(bucket_words.T)
@@ -405,8 +155,7 @@ class HashIndex:
         self._small_ball = None   # the scan of small indexes, see _small_table
         self._affordable = {}     # see _affordable_shells
         self._dtype = distance_dtype(self.bits)
-        self._shell_masks = {}
-        self.costs = _unit_costs(self.n_words)
+        self.costs = unit_costs(self.n_words)
 
     @property
     def pivot_words(self):
@@ -434,9 +183,9 @@ class HashIndex:
         pivot_words, band_cum, perm = pivot_layout(unique_words, sizes, bits)
         new_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes[perm], out=new_offsets[1:])
-        ids = order[_concat_ranges(offsets[:-1][perm], offsets[1:][perm])].astype(id_dtype)
+        ids = order[concat_ranges(offsets[:-1][perm], offsets[1:][perm])].astype(id_dtype)
         bucket_words = np.ascontiguousarray(unique_words[perm].T)
-        keys, key_order, seed = _probe_table(tuple(bucket_words))
+        keys, key_order, seed = probe_table(tuple(bucket_words))
         return cls(bits, n, bucket_words, new_offsets, ids, pivot_words, band_cum,
                    keys, key_order.astype(id_dtype), seed)
 
@@ -498,7 +247,7 @@ class HashIndex:
     def memory_bytes(self):
         """Bytes held by the index's arrays, derived ones included."""
         arrays = [self.bucket_words, self.bucket_offsets, self.ids, self.probe_keys,
-                  self.probe_buckets, self._sizes, self._sizes_f, self._rows,
+                  self.probe_buckets, self._sizes, self.bucket_weights, self._rows,
                   *(() if self._small_ball is None else
                     (self._small_ball.rows, *self._small_ball.sample))]
         unique = {id(a): a for a in arrays if a is not None}
@@ -516,21 +265,22 @@ class HashIndex:
         ids in ascending order (friendlier to a B-tree or a file).
         k: results per query; None ranks every candidate (rows as wide as the
         largest candidate set).  min_candidates defaults to
-        default_min_candidates(k); max_radius caps the Hamming radius.
+        params.default_min_candidates(k); max_radius caps the Hamming radius
+        (the parameters a params.SearchParams holds, checked there).
         reduced: a rerank.ReducedRows (the database's PCA store) to rank by
         compressed rows, the best reduced.exact_top again by fc7 (fc7 is
         only read for those; it may be None when exact_top is 0).
         Returns SearchResults.
         """
-        query_codes, query_fc7, min_candidates = check_search_args(
-            query_codes, query_fc7, self.bits, k, min_candidates)
+        query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)
+        need = coarse_target(k, min_candidates)
         # Every query's projection at once (a row's projection depends on
         # that row alone, pca.Projection.apply).
         query_reduced = reduced.project(query_fc7) if reduced is not None else query_fc7
         ranked = []
         for code, q_fc7, q_red in zip(query_codes, query_fc7, query_reduced):
             start = time.perf_counter()
-            coarse = self.coarse(code, min_candidates, max_radius)
+            coarse = self.coarse(code, need, max_radius)
             ranked.append(fine_stage(coarse, q_fc7, fc7, k, reduced, q_red)
                           + (time.perf_counter() - start,))
         return SearchResults.from_ranked(ranked, k)
@@ -545,7 +295,7 @@ class HashIndex:
         distance <= R are returned, ordered by (hamming, id).
         """
         code = query_bytes(query_code, self.bits)
-        limit = self.bits if max_radius is None else max(0, min(int(max_radius), self.bits))
+        limit = radius_limit(max_radius, self.bits)
         need = max(0, int(min_candidates))
         if self.count == 0:
             return CoarseResult(np.empty(0, np.int64), np.empty(0, np.int32), 0)
@@ -559,11 +309,11 @@ class HashIndex:
         if full_cost <= RUNS_OVERHEAD_STEPS * self.costs["step"]:
             return self._small_index_search(code, need, limit, full_cost)
         qwords = code_words(code)
-        probed = _Probed()
+        probed = ProbedShells(self.prober, self._sizes)
         bounds = None
         r = 0
         while True:
-            self._probe_into(probed, qwords, r)
+            probed.add(qwords, r)
             if probed.images >= need or r >= limit:
                 return self._expand(probed.buckets, probed.dists, r)
             r += 1
@@ -579,37 +329,6 @@ class HashIndex:
             bounds = self.pivots.runs(qwords, self.costs, self.n_buckets)
         return self._scan(code, qwords, bounds, need, r, limit)
 
-    def _probe_into(self, probed, qwords, r):
-        """Enumerate shell r and add its buckets to `probed` (a _Probed)."""
-        b = self._probe_shell(qwords, r)
-        if len(b):
-            probed.buckets.append(b)
-            probed.dists.append(np.full(len(b), r, dtype=np.int32))
-            probed.images += int(self._sizes[b].sum())
-
-    def _probe_shell(self, qwords, r):
-        """Buckets at Hamming distance exactly r, by enumerating flip patterns."""
-        if r == 0:
-            probes = tuple(np.array([w], dtype=np.uint64) for w in qwords)
-        else:
-            masks = self._shell_masks.get(r)
-            if masks is None:
-                masks = _flip_masks(self.bits, r, self.n_words)
-                self._shell_masks[r] = masks
-            probes = tuple(np.bitwise_xor(m, w) for m, w in zip(masks, qwords))
-        keys = _hash_words(probes, self.hash_seed)
-        pos = np.searchsorted(self.probe_keys, keys)
-        np.minimum(pos, len(self.probe_keys) - 1, out=pos)
-        hit = np.flatnonzero(self.probe_keys[pos] == keys)
-        buckets = self.probe_buckets[pos[hit]]
-        if self.n_words > 1:
-            # Keys are hashes: confirm that the bucket's code is the probe.
-            same = np.ones(len(hit), dtype=bool)
-            for col, probe in zip(self._columns, probes):
-                same &= col[buckets] == probe[hit]
-            buckets = buckets[same]
-        return buckets
-
     def _scan(self, code, qwords, bounds, need, r_min, limit):
         """Exact coarse search by scanning unique codes (pivot runs or all)."""
         r_s = bounds.radius_lower_bound(need, r_min, limit)
@@ -620,15 +339,15 @@ class HashIndex:
         full_cost = self.n_buckets * costs["scan"]
         spent = bounds.runs_cost(r_s)
         if spent >= full_cost:
-            return self._full_scan(code, need, limit)
+            return self.full_scan(code, need, limit)
 
         lo, hi = bounds.cells(r_s)
         band_cum = self.pivots.band_cum
-        scanned_b = [_concat_ranges(band_cum[lo], band_cum[hi])]
-        scanned_d = [self._bucket_distances(scanned_b[0], qwords)]
+        scanned_b = [concat_ranges(band_cum[lo], band_cum[hi])]
+        scanned_d = [self.bucket_distances(scanned_b[0], qwords)]
         hist = np.zeros(self.bits + 1)
         while True:
-            hist += np.bincount(scanned_d[-1], weights=self._sizes_f[scanned_b[-1]],
+            hist += np.bincount(scanned_d[-1], weights=self.bucket_weights[scanned_b[-1]],
                                 minlength=self.bits + 1)
             cum = np.cumsum(hist)
             # Every image within r_s lies in the runs, so cum[:r_s+1] is exact.
@@ -648,10 +367,10 @@ class HashIndex:
             stops = np.concatenate([band_cum[lo], band_cum[new_hi]])
             spent += costs["step"] + costs["gather"] * int(stops.sum() - starts.sum())
             if spent >= full_cost:
-                return self._full_scan(code, need, limit)
-            new_b = _concat_ranges(starts, stops)
+                return self.full_scan(code, need, limit)
+            new_b = concat_ranges(starts, stops)
             scanned_b.append(new_b)
-            scanned_d.append(self._bucket_distances(new_b, qwords))
+            scanned_d.append(self.bucket_distances(new_b, qwords))
             lo, hi, r_s = new_lo, new_hi, r_next
         keep = [d <= radius for d in scanned_d]
         return self._expand([b[m] for b, m in zip(scanned_b, keep)],
@@ -670,9 +389,9 @@ class HashIndex:
                 found = ball.search(code, need, limit, probe_radius)
             if found is None:
                 qwords = code_words(code)
-                probed = _Probed()
+                probed = ProbedShells(self.prober, self._sizes)
                 for r in range(min(probe_radius, limit) + 1):
-                    self._probe_into(probed, qwords, r)
+                    probed.add(qwords, r)
                     if probed.images >= need or r >= limit:
                         return self._expand(probed.buckets, probed.dists, r)
         if found is None:
@@ -698,7 +417,7 @@ class HashIndex:
             self._affordable[key] = r
         return r
 
-    def _full_scan(self, code, need, limit):
+    def full_scan(self, code, need, limit):
         """Every unique code (the bucket table's rows) through the C scan,
         the buckets within the stopping radius then expanded to their images."""
         buckets, dist, radius = self._ball.search(code, need, limit)
@@ -724,7 +443,8 @@ class HashIndex:
                 self._small_ball = HammingBall(self._rows, self._sizes, sample)
         return self._small_ball
 
-    def _bucket_distances(self, buckets, qwords):
+    def bucket_distances(self, buckets, qwords):
+        """Hamming distances of the query (its words) to the given buckets' codes."""
         if not len(buckets):
             return np.empty(0, dtype=self._dtype)
         out = np.bitwise_count(np.bitwise_xor(self._columns[0][buckets], qwords[0]))
@@ -742,37 +462,6 @@ class HashIndex:
         dists = dist_parts[0] if len(dist_parts) == 1 else np.concatenate(dist_parts)
         starts = self.bucket_offsets[buckets]
         stops = self.bucket_offsets[buckets + 1]
-        ids = self.ids[_concat_ranges(starts, stops)]
+        ids = self.ids[concat_ranges(starts, stops)]
         return CoarseResult(*sorted_by_hamming(ids, np.repeat(dists, stops - starts)),
                             int(radius))
-
-
-class _Probed:
-    """The shells enumerated so far: their buckets, distances, image count."""
-
-    def __init__(self):
-        self.buckets, self.dists, self.images = [], [], 0
-
-
-def sorted_by_hamming(ids, dist):
-    """(ids int64, distances int32) in the coarse stage's (hamming, id)
-    order: one sort of int64 keys hamming << _ID_BITS | id, without
-    lexsort's two passes and gathers."""
-    keys = dist.astype(np.int64) << _ID_BITS
-    keys |= ids
-    keys.sort()
-    return keys & _ID_MASK, (keys >> _ID_BITS).astype(np.int32)
-
-
-def _probe_table(columns):
-    """Sorted 64-bit keys of the unique codes (word columns), the bucket of
-    each key, and the hash seed: a seed under which no two codes share a key
-    (tried from 0 upwards)."""
-    for seed in range(17):
-        keys = _hash_words(columns, seed)
-        key_order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[key_order]
-        if not np.any(sorted_keys[1:] == sorted_keys[:-1]):
-            return np.ascontiguousarray(sorted_keys), key_order, seed
-        # Two distinct codes with one 64-bit key: try another hash.
-    raise RuntimeError("cannot find a collision-free hash for the codes")

@@ -25,12 +25,15 @@ may be the store's memory map).
 import numpy as np
 
 from .codes import check_codes, hamming_matrix
-from .index import HashIndex, default_min_candidates
+from .index import HashIndex
+from .params import SearchParams, coarse_target
 from .rerank import describe
 
 # Queries evaluated together: the (batch, N) work arrays stay around this
 # many elements (a few hundred MB at the peak for int64 rankings).
 BATCH_ELEMENTS = 1 << 23
+# The paper's cut-off: mAP@1000 and P@1000 (evaluate.py's --top-k default).
+EVALUATION_TOP_K = 1000
 # Points of the precision-recall-by-rank curve (log- plus linear-spaced ranks).
 PR_POINTS = 60
 
@@ -112,16 +115,17 @@ class _Accumulator:
                             "recall": (self.pr_r / n).tolist()}}
 
 
-def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, k=1000,
-             bits=None, min_candidates=None, max_radius=None, batch_size=None,
-             radius=2, progress=None, index=None, reduced=None):
+def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, params=None,
+             bits=None, batch_size=None, radius=2, progress=None, index=None, reduced=None):
     """All figures of the paper's protocol for one database / query set.
 
     db_codes (N, B), q_codes (Q, B): packed codes; db_labels (N,), q_labels
     (Q,): integer labels (relevant = same label).  With db_fc7 (N, D) (an
     array or the store's memory map) and q_fc7 (Q, D) the coarse-to-fine
-    ranking is evaluated too, through HashIndex.search with min_candidates
-    (default index.default_min_candidates(k)) and max_radius; `index` is
+    ranking is evaluated too, through HashIndex.search with params (a
+    params.SearchParams, default SearchParams(top_k=EVALUATION_TOP_K):
+    top_k is k, the cut-off of mAP@k and P@k, and the coarse stage gathers
+    params.min_candidates within params.max_radius); `index` is
     the database's HashIndex when the caller has one (else it is built);
     `reduced` (rerank.ReducedRows, e.g. the database's PCA store) makes the
     fine stage rank by compressed rows, as HashIndex.search does with it.
@@ -149,13 +153,16 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, k=
         elif index.count != n or index.bits != bits:
             raise ValueError(f"the index holds {index.count} {index.bits}-bit codes, the "
                              f"database {n} {bits}-bit ones")
-    k = max(1, min(int(k), n))
-    need = default_min_candidates(k) if min_candidates is None else int(min_candidates)
+    params = SearchParams(top_k=EVALUATION_TOP_K) if params is None else params
+    if params.top_k is None:
+        raise ValueError("the evaluation needs a cut-off k (params.top_k)")
+    k = min(int(params.top_k), n)
+    need = coarse_target(k, params.candidates)
     if batch_size is None:
         batch_size = max(1, BATCH_ELEMENTS // n)
 
     coarse = _CoarseFigures(k, rank_cutoffs(n), bits)
-    fine_figures = _FineFigures(k, rank_cutoffs(n), index, db_fc7, need, max_radius,
+    fine_figures = _FineFigures(k, rank_cutoffs(n), index, db_fc7, need, params.max_radius,
                                 reduced) if fine else None
     for lo in range(0, nq, batch_size):
         batch = slice(lo, lo + batch_size)

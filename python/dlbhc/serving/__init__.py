@@ -1,1 +1,35 @@
-"""serving"""
+"""Serving: a feature database answering queries, from the command line or
+over HTTP.
+
+Modules, from one query up to the web server:
+
+    retrieval  a database opened for search (Retriever: the cached index,
+               the query's features, coarse-to-fine search as a
+               search.params.SearchParams asks) and how answers are shown
+               (table, JSON, montage picture); retrieve.py and evaluate.py
+               use it directly
+    netpool    the net kept loaded for a server's concurrent requests,
+               batched on one net in a thread or on nets in worker processes
+    service    QueryService, the server without HTTP: the database followed
+               as it grows, uploads decoded within limits, thumbnails, the
+               request errors (BadRequest, NotFound; netpool.Unavailable)
+    webapp     the HTTP API and the search page over a QueryService (FastAPI)
+    web/       the page's HTML, JavaScript and CSS
+
+The engines stay behind their imports: this package never imports FastAPI
+(only `dlbhc.serving.webapp` does, imported by serve.py) and reaches Milvus
+only through dlbhc.scale when Retriever.on_milvus is called; Caffe is
+imported only where a net is built.  The names below are the room's public
+surface.
+"""
+from .netpool import NetPool, Unavailable
+from .retrieval import (FINE_STAGES, Answer, Hit, Query, Retriever, format_table,
+                        index_cache_path, load_matching_model, montage, to_json)
+from .service import BadRequest, Limits, NotFound, QueryService
+
+__all__ = [
+    "FINE_STAGES",
+    "Answer", "BadRequest", "Hit", "Limits", "NetPool", "NotFound", "Query", "QueryService",
+    "Retriever", "Unavailable",
+    "format_table", "index_cache_path", "load_matching_model", "montage", "to_json",
+]

@@ -16,8 +16,6 @@ The fine stage re-ranks by fc7, or by the database's PCA store when it has
 one (compress.py; rerank="auto", the default), with the best exact_top
 (rerank.DEFAULT_EXACT_TOP) ranked again by fc7: FINE_STAGES.
 """
-import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +24,17 @@ import numpy as np
 import orjson
 
 from ..errors import UserError
+from ..report import get_logger
 from ..search.index import HashIndex
+from ..search.params import SearchParams
 from ..search.rerank import DEFAULT_EXACT_TOP, ReducedRows, describe
 from ..store.database import FeatureStore, check_compatible
+
+log = get_logger(__name__)
 
 # What the fine stage ranks by: fc7, the PCA store, or the PCA store when
 # the database has one (else fc7).
 FINE_STAGES = ("auto", "fc7", "pca")
-
-
-def add_rerank_arguments(parser):
-    """--rerank and --exact-top, as retrieve.py and evaluate.py take them."""
-    def exact_top(text):
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"{text!r}: give a number of results, 0 or more")
-        return int(text)
-    parser.add_argument("--rerank", choices=FINE_STAGES, default="auto",
-                        help="fine stage: fc7 distances, the database's PCA store "
-                             "(compress.py), or auto (PCA when the database has one; default)")
-    parser.add_argument("--exact-top", type=exact_top, metavar="N",
-                        help="with PCA: rank the best N again by exact fc7 distance "
-                             f"(default {DEFAULT_EXACT_TOP}; 0: PCA ranking only)")
 
 
 def index_cache_path(db_path):
@@ -96,25 +84,6 @@ class Answer:
                 "results": [h.__dict__ for h in self.hits]}
 
 
-def check_search_parameters(top_k, candidates=None, max_radius=None, max_top_k=None,
-                            max_candidates=None):
-    """The rules of a search's parameters (retrieve.py's options, serve.py's
-    API): UserError naming the first one broken."""
-    def bounded(name, value, low, high):
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise UserError(f"{name} must be an integer (got {value!r})")
-        if value < low or (high is not None and value > high):
-            rule = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise UserError(f"{name} must be {rule} (got {value})")
-    if top_k is None:
-        raise UserError("top_k must be given")
-    bounded("top_k", top_k, 1, max_top_k)
-    bounded("candidates", candidates, 1, max_candidates)
-    bounded("max_radius", max_radius, 0, None)
-
-
 def load_matching_model(meta, db_path, deploy=None, weights=None, gpu=None):
     """A HashNet for queries of the database whose metadata is `meta`: the
     deploy/weights it records, unless others are given; either way they
@@ -150,9 +119,8 @@ class Retriever:
     when the database is opened).  self.reduced is the rerank.ReducedRows
     the search uses (None for fc7)."""
 
-    def __init__(self, db_path, log=sys.stderr, rerank="auto", exact_top=None):
+    def __init__(self, db_path, rerank="auto", exact_top=None):
         self.db_path = Path(db_path)
-        self.log = log
         self.store = FeatureStore.open(self.db_path)
         if self.store.count == 0:
             raise UserError(f"{db_path} holds no images yet: run extract.py on a collection first")
@@ -176,9 +144,8 @@ class Retriever:
         except OSError:  # a read-only folder: build in memory, do not cache
             index, rebuilt = HashIndex.build(self.store.codes(), self.store.bits), True
         if rebuilt:
-            print(f"built the search index of {index.count} images "
-                  f"({index.n_buckets} buckets) in {time.monotonic() - start:.1f} s",
-                  file=self.log)
+            log.info("built the search index of %d images (%d buckets) in %.1f s",
+                     index.count, index.n_buckets, time.monotonic() - start)
         self.index, self.index_time = index, time.time()
 
     def refresh(self):
@@ -195,7 +162,7 @@ class Retriever:
         return True
 
     @classmethod
-    def on_milvus(cls, uri, collection, log=sys.stderr):
+    def on_milvus(cls, uri, collection):
         """A database loaded into Milvus (python/index_milvus.py), opened for
         search: the same answers, Milvus holding codes, re-rank vectors,
         paths and labels (milvus_index)."""
@@ -206,8 +173,8 @@ class Retriever:
         self.index = self.store.index
         self._net = None
         self._exact_top = None   # re-ranked by the collection's vectors
-        print(f"searching {self.store.count} images in Milvus ({self.store.path}, "
-              f"{self.store.search_settings['index_type']})", file=log)
+        log.info("searching %d images in Milvus (%s, %s)", self.store.count, self.store.path,
+                 self.store.search_settings["index_type"])
         return self
 
     def _fine_stage(self, rerank, exact_top):
@@ -277,17 +244,22 @@ class Retriever:
         return queries, codes, fc7
 
     # ---- search ------------------------------------------------------------
-    def search(self, queries, codes, fc7, k=10, candidates=None, max_radius=None):
+    def search(self, queries, codes, fc7, params=None):
         """Answers for a batch of queries (Query objects) with their codes
-        (Q, B) and fc7 (Q, D): HashIndex.search over the database's fc7 rows,
-        then the results' paths and labels.  A query with exclude_id gets
-        k results besides that image."""
-        want = k + (1 if any(q.exclude_id is not None for q in queries) else 0)
+        (Q, B) and fc7 (Q, D): HashIndex.search over the database's fc7 rows
+        as params (a SearchParams; default SearchParams()) asks, then the
+        results' paths and labels.  A query with exclude_id gets top_k
+        results besides that image."""
+        params = SearchParams() if params is None else params
+        k = params.top_k
+        # One more for queries that leave their own image out (None: all).
+        excluding = any(q.exclude_id is not None for q in queries)
+        want = k + 1 if excluding and k is not None else k
         # One index (and PCA rows) for the whole batch, even when refresh()
         # swaps them meanwhile.
         index, reduced = self.index, self.reduced
         found = index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
-                             min_candidates=candidates, max_radius=max_radius,
+                             min_candidates=params.candidates, max_radius=params.max_radius,
                              reduced=reduced)
         ranked_by = describe(reduced)      # one fine stage for the whole batch
         answers = []

@@ -5,17 +5,9 @@ limits that keep hostile input harmless.  HTTP is webapp.py's; this module
 knows nothing of it and answers with retrieval's Answer objects (the shape
 of `retrieve.py --json`).
 
-The net.  pycaffe's Net is not thread-safe, its forward holds Python's GIL
-for its whole length (pycaffe never releases it), and Caffe's CPU/GPU mode
-is per thread.  So no request thread ever touches a net: requests hand
-their decoded crops to NetPool, whose dispatcher threads gather whatever
-is waiting into one batch (up to max_batch images) and run it either
-  * on one net owned by a dispatcher thread in this process
-    (net_processes=0; the forward then stalls every other request for its
-    duration, by-id searches included), or
-  * on N nets in worker processes, one each (net_processes=N), fed through
-    pipes: the server's threads keep running during forwards.
-benchmarks/bench_serve.py measures both; README says which is the default.
+The net.  No request thread ever touches it: requests hand their decoded
+crops to netpool.NetPool, which batches them onto one net in a thread or N
+nets in worker processes (net_processes; netpool.py says why).
 
 Growth.  A watcher thread re-reads the database's metadata every
 refresh_seconds; when extract.py has appended, Retriever.refresh builds the
@@ -36,10 +28,7 @@ most max_connections x 1 MB + decode_slots x (max_upload_bytes +
 Thumbnails are cached up to thumbnail_cache_bytes.
 """
 import io
-import multiprocessing as mp
 import os
-import queue
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -47,11 +36,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..search.codes import pack_codes
 from ..errors import UserError
 from ..images import BadImage, decode_image, read_image
 from ..nets.model import Preprocessing, prepare_crop
-from .retrieval import Query, Retriever, check_search_parameters, load_matching_model
+from ..report import get_logger
+from ..search.codes import pack_codes
+from ..search.params import DEFAULT_TOP_K, SearchParams
+from .netpool import NetPool, Unavailable
+from .retrieval import Query, Retriever
+
+log = get_logger(__name__)
 
 
 class BadRequest(UserError):
@@ -60,10 +54,6 @@ class BadRequest(UserError):
 
 class NotFound(UserError):
     """No such image (HTTP 404)."""
-
-
-class Unavailable(UserError):
-    """The server cannot do this now or at all (HTTP 503)."""
 
 
 @dataclass
@@ -96,231 +86,6 @@ def limit_malloc_arenas(arenas=2):
         libc.mallopt(-8, int(arenas))     # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
-
-
-# ---- the net -------------------------------------------------------------------
-
-class _Job:
-    __slots__ = ("crops", "done", "fc7", "latent", "error")
-
-    def __init__(self, crops):
-        self.crops = crops
-        self.done = threading.Event()
-        self.fc7 = self.latent = self.error = None
-
-
-def _set_blas_threads(n):
-    """Set the OpenBLAS threads of the Caffe in this process (when it uses
-    OpenBLAS); the count in force afterwards, read back (None: no OpenBLAS)."""
-    from ..nets.caffe_env import blas_threads_control
-    control = blas_threads_control()
-    if control is None:
-        return None
-    if n:
-        control[1](int(n))
-    return int(control[0]())
-
-
-class _ThreadNet:
-    """The net in this process, built and run by its dispatcher thread only
-    (Caffe's mode is per thread, and the net is not thread-safe)."""
-    where = "thread"
-
-    def __init__(self, model_args, blas_threads):
-        self.model_args, self.blas_threads = model_args, blas_threads
-        self.net = None
-        self.blas_in_force = None
-
-    def start(self):
-        self.blas_in_force = _set_blas_threads(self.blas_threads)
-        self.net = load_matching_model(*self.model_args)
-
-    def forward(self, crops):
-        return self.net.forward_crops(crops)
-
-    def close(self):
-        self.net = None
-
-
-def _net_process_main(conn, model_args, blas_threads):
-    """A net worker process: load the net, then answer crops with (fc7, latent)."""
-    net = _ThreadNet(model_args, blas_threads)    # in this process's only thread
-    try:
-        net.start()
-    except BaseException as err:  # noqa: BLE001  (reported to the parent)
-        conn.send(("error", f"{type(err).__name__}: {err}" if not isinstance(err, UserError)
-                   else str(err)))
-        return
-    conn.send(("ready", net.blas_in_force))
-    while True:
-        try:
-            crops = conn.recv()
-        except (EOFError, KeyboardInterrupt):
-            return
-        if crops is None:
-            return
-        try:
-            conn.send(("ok", net.forward(crops)))
-        except Exception as err:  # noqa: BLE001
-            conn.send(("error", f"{type(err).__name__}: {err}"))
-
-
-class _ProcessNet:
-    """One net in a worker process of its own, fed through a pipe."""
-    where = "process"
-
-    def __init__(self, model_args, blas_threads):
-        self.model_args, self.blas_threads = model_args, blas_threads
-        self.proc = self.conn = None
-        self.blas_in_force = None
-
-    def start(self):
-        # spawn, not fork: the server has threads (and maybe a GPU context).
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_net_process_main, daemon=True,
-                                args=(child, self.model_args, self.blas_threads))
-        self.proc.start()
-        child.close()
-        status, message = self._recv()
-        if status != "ready":
-            self.close()
-            raise UserError(message)
-        self.blas_in_force = message
-
-    def _recv(self):
-        try:
-            return self.conn.recv()
-        except (EOFError, OSError):
-            return "error", f"the net's worker process (pid {self.proc.pid}) died " \
-                            f"(exit code {self.proc.exitcode})"
-
-    def forward(self, crops):
-        try:
-            self.conn.send(crops)
-        except (BrokenPipeError, OSError):
-            pass   # reported by _recv
-        status, value = self._recv()
-        if status != "ok":
-            if not self.proc.is_alive():
-                self.close()
-                self.start()   # a fresh worker for the next batch
-            raise RuntimeError(value)
-        return value
-
-    def close(self):
-        if self.conn is not None:
-            try:
-                self.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            self.conn.close()
-        if self.proc is not None:
-            self.proc.join(timeout=5)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
-        self.proc = self.conn = None
-
-
-class NetPool:
-    """Forward passes for concurrent requests, batched: features(crops)
-    blocks until the crops' fc7 and latent are computed.  One dispatcher
-    thread per net takes the waiting jobs (up to max_batch images in all)
-    and runs them as one forward."""
-
-    def __init__(self, model_args, processes=0, max_batch=32, blas_threads=None):
-        self.processes = int(processes)
-        self.max_batch = max(1, int(max_batch))
-        # One BLAS thread per net unless asked: query batches are small, and
-        # on the shared 2-core machine a second OpenBLAS thread never helped
-        # the small net's forward and, with other work on the cores, made it
-        # up to 2.8x slower (its threads spin-wait for each other): batch 32
-        # 93 vs 263 ms (bench_serve.py --blas-table; docs/serving.md).
-        self.blas_threads = 1 if blas_threads is None else int(blas_threads)
-        self.model_args = model_args
-        self._jobs = queue.Queue()
-        kind = _ProcessNet if self.processes > 0 else _ThreadNet
-        self._nets = [kind(model_args, self.blas_threads) for _ in range(max(1, self.processes))]
-        self._threads = []
-        for net in self._nets:
-            ready, failure = threading.Event(), []
-            thread = threading.Thread(target=self._dispatch, args=(net, ready, failure),
-                                      name="dlbhc-net", daemon=True)
-            thread.start()
-            ready.wait()
-            if failure:
-                self.close()
-                raise failure[0]
-            self._threads.append(thread)
-
-    @property
-    def nets(self):
-        return list(self._nets)
-
-    @property
-    def mode(self):
-        return f"{self.processes} worker processes" if self.processes else "one net in a thread"
-
-    def features(self, crops):
-        """crops (n, crop, crop, 3) uint8 -> fc7 (n, D), latent (n, bits)."""
-        job = _Job(np.ascontiguousarray(crops))
-        self._jobs.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise Unavailable(f"the net failed on this request: {job.error}")
-        return job.fc7, job.latent
-
-    def _dispatch(self, net, ready, failure):
-        try:
-            net.start()
-            # One forward before the first request: Caffe allocates its
-            # blobs' memory on the first (measured: the first upload's
-            # forward took 450 ms, the next ones a few).
-            crop = int(self.model_args[0]["preprocessing"]["crop"])
-            net.forward(np.zeros((1, crop, crop, 3), dtype=np.uint8))
-        except BaseException as err:  # noqa: BLE001  (raised by the constructor)
-            failure.append(err)
-            ready.set()
-            return
-        ready.set()
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                break
-            batch, n = [job], len(job.crops)
-            while n < self.max_batch:
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._jobs.put(None)   # for the next dispatcher, after this batch
-                    break
-                batch.append(more)
-                n += len(more.crops)
-            try:
-                crops = batch[0].crops if len(batch) == 1 else \
-                    np.concatenate([j.crops for j in batch])
-                fc7, latent = net.forward(crops)
-                start = 0
-                for j in batch:
-                    end = start + len(j.crops)
-                    j.fc7, j.latent = fc7[start:end], latent[start:end]
-                    start = end
-            except Exception as err:  # noqa: BLE001  (handed to the waiting requests)
-                for j in batch:
-                    j.error = str(err)
-            for j in batch:
-                j.done.set()
-        net.close()
-
-    def close(self):
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join(timeout=10)
-        self._threads = []
 
 
 # ---- thumbnails ------------------------------------------------------------------
@@ -381,11 +146,9 @@ class QueryService:
     searches by id need none), and the database followed as it grows."""
 
     def __init__(self, db_path, limits=None, net=True, deploy=None, weights=None, gpu=None,
-                 net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0,
-                 log=sys.stderr):
+                 net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0):
         self.limits = limits or Limits()
-        self.log = log
-        self.retriever = Retriever(db_path, log=log)
+        self.retriever = Retriever(db_path)
         self.store = self.retriever.store
         self.prep = Preprocessing.from_dict(self.store.meta["preprocessing"]) \
             if "preprocessing" in self.store.meta else None
@@ -434,12 +197,11 @@ class QueryService:
         try:
             start = time.monotonic()
             if self.retriever.refresh():
-                print(f"database grew to {self.retriever.index.count} images: index "
-                      f"updated in {time.monotonic() - start:.2f} s", file=self.log, flush=True)
+                log.info("database grew to %d images: index updated in %.2f s",
+                         self.retriever.index.count, time.monotonic() - start)
                 return True
         except Exception as err:  # noqa: BLE001  (keep serving what we have)
-            print(f"could not take in the database's new images: {err}", file=self.log,
-                  flush=True)
+            log.warning("could not take in the database's new images: %s", err)
         return False
 
     # ---- what the server is ------------------------------------------------------
@@ -482,13 +244,14 @@ class QueryService:
             raise NotFound(f"no image with id {shown!r}: the database holds ids 0..{count - 1}")
         return int(text)
 
-    def _search_options(self, top_k, candidates, max_radius):
+    def search_params(self, top_k=DEFAULT_TOP_K, candidates=None, max_radius=None):
+        """A request's SearchParams, checked against the limits too;
+        BadRequest naming the parameter broken."""
         try:
-            check_search_parameters(top_k, candidates, max_radius, max_top_k=self.limits.max_top_k,
-                                    max_candidates=self.limits.max_candidates)
+            return SearchParams(top_k, candidates, max_radius).within(
+                max_top_k=self.limits.max_top_k, max_candidates=self.limits.max_candidates)
         except UserError as err:
             raise BadRequest(str(err)) from None
-        return dict(k=top_k, candidates=candidates, max_radius=max_radius)
 
     def _check_count(self, n, what):
         if n == 0:
@@ -497,21 +260,23 @@ class QueryService:
             raise BadRequest(f"{n} {what} in one request: at most {self.limits.max_images}")
 
     # ---- searches ------------------------------------------------------------
-    def search_ids(self, id_texts, top_k=10, candidates=None, max_radius=None):
-        """Answers for database images used as queries (no net needed); each
-        image is left out of its own results, as retrieve.py --id does."""
-        options = self._search_options(top_k, candidates, max_radius)
+    def search_ids(self, id_texts, params=None):
+        """Answers for database images used as queries (no net needed), as
+        params (SearchParams, from search_params) asks; each image is left
+        out of its own results, as retrieve.py --id does."""
+        params = self.search_params() if params is None else params
         self._check_count(len(id_texts), "ids")
         ids = [self.parse_id(t) for t in id_texts]
         with self._search_slots:
             queries, codes, fc7 = self.retriever.id_queries(ids)
-            return self.retriever.search(queries, codes, fc7, **options)
+            return self.retriever.search(queries, codes, fc7, params)
 
-    def search_uploads(self, files, top_k=10, candidates=None, max_radius=None):
+    def search_uploads(self, files, params=None):
         """Answers for uploaded images, files = [(name, bytes or binary file
-        object)], in order (a file is read only once it holds a decode slot).
-        Returns (answers, timings in ms: decode, net, search)."""
-        options = self._search_options(top_k, candidates, max_radius)
+        object)], in order (a file is read only once it holds a decode slot),
+        as params asks (see search_ids).  Returns (answers, timings in ms:
+        decode, net, search)."""
+        params = self.search_params() if params is None else params
         self._check_count(len(files), "images")
         if self.net is None:
             raise Unavailable("this server runs without a net (--no-net): "
@@ -533,7 +298,7 @@ class QueryService:
         forwarded = time.perf_counter()
         with self._search_slots:
             answers = self.retriever.search([Query(n) for n in names], pack_codes(latent), fc7,
-                                            **options)
+                                            params)
         done = time.perf_counter()
         return answers, {"decode": 1000 * (decoded - start), "net": 1000 * (forwarded - decoded),
                          "search": 1000 * (done - forwarded)}

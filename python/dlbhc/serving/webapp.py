@@ -33,9 +33,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from ..errors import UserError
+from ..report import configure
+from ..search.params import DEFAULT_TOP_K
+from .netpool import Unavailable
 from .retrieval import to_json
-from .service import (BadRequest, Limits, NotFound, QueryService, Unavailable,
-                      limit_malloc_arenas)
+from .service import BadRequest, Limits, NotFound, QueryService, limit_malloc_arenas
 
 TOKEN_COOKIE = "dlbhc_token"
 # serve.py --workers N: the settings each worker process builds its service from.
@@ -141,25 +143,24 @@ def create_app(service, token=None):
     @app.get("/api/search", summary="Search with database images as queries (by id)")
     def search_by_id(id: list[str] = Query(..., description="database image id; repeat for "
                                            "several queries"),
-                     top_k: int = Query(10, description=top_k_doc),
+                     top_k: int = Query(DEFAULT_TOP_K, description=top_k_doc),
                      candidates: int | None = Query(None, description=candidates_doc),
                      max_radius: int | None = Query(None, description=radius_doc)):
-        answers = service.search_ids(id, top_k=top_k, candidates=candidates,
-                                     max_radius=max_radius)
+        params = service.search_params(top_k, candidates, max_radius)
+        answers = service.search_ids(id, params)
         return Response(to_json(answers, indent=None), media_type="application/json")
 
     @app.post("/api/search", summary="Search with uploaded images (multipart field 'image', "
                                      "repeatable)")
     async def search_by_upload(image: list[UploadFile] = File(..., description="query image(s)"),
-                               top_k: int = Query(10, description=top_k_doc),
+                               top_k: int = Query(DEFAULT_TOP_K, description=top_k_doc),
                                candidates: int | None = Query(None, description=candidates_doc),
                                max_radius: int | None = Query(None, description=radius_doc)):
         # (QueryService checks the number of images.)  The parts stay where the multipart parser put them (memory up to
         # 1 MB, a temporary file beyond): each is read while it is decoded.
+        params = service.search_params(top_k, candidates, max_radius)
         files = [(upload.filename, upload.file) for upload in image]
-        answers, timings = await run_in_threadpool(
-            service.search_uploads, files, top_k=top_k, candidates=candidates,
-            max_radius=max_radius)
+        answers, timings = await run_in_threadpool(service.search_uploads, files, params)
         return Response(to_json(answers, indent=None), media_type="application/json",
                         headers={"Server-Timing": _timing_header(timings)})
 
@@ -185,6 +186,8 @@ def app_from_environment():
     serve.py left in the environment (JSON: QueryService's arguments, with
     limits and token)."""
     limit_malloc_arenas()
+    # A process of its own (spawned): its messages on stderr, as serve.py's.
+    configure()
     settings = json.loads(os.environ[SETTINGS_ENV])
     token = settings.pop("token", None)
     limits = Limits(**settings.pop("limits"))
