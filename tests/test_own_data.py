@@ -8,7 +8,6 @@ end to end on a tiny generated collection of 3 classes, for the backbone
 """
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

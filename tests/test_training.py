@@ -136,10 +136,6 @@ def test_a_short_schedule_still_ends_with_a_test(no_data_check, tmp_path):
 
 # ---- --data-dir: the run's own train_val ------------------------------------
 
-def data_layers(net):
-    return [layer for layer in net.layer if layer.type == "Data"]
-
-
 def without_data_paths(net):
     """The NetParameter with its Data layers' paths cleared (to compare the rest)."""
     net = type(net).FromString(net.SerializeToString())
