@@ -39,23 +39,18 @@ benchmarks live apart, in python/dlbhc_testing (not installed). The names
 below are the package's public surface; everything else is reached through
 its room.
 """
-from .datasets.cifar10 import get_cifar10
-from .search.codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
-from .datasets.datum import compute_mean, convert_imageset
+
+from .datasets import compute_mean, convert_imageset, get_cifar10, get_photos
 from .errors import UserError
+from .extraction import extract
 from .images import BadImage, list_images, read_image
-from .search.index import HashIndex
-from .search.params import SearchParams, default_min_candidates
-from .search.results import SearchResult, SearchResults
-from .search.metrics import evaluate
-from .nets.model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
-from .search.pca import Projection
-from .datasets.photos import get_photos
-from .extraction.pipeline import extract
-from .search.rerank import ReducedRows, fc7_sq_distances
-from .serving.retrieval import Query, Retriever
-from .store.database import FeatureStore
-from .training.recipes import train
+from .nets import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
+from .search import (CODE_THRESHOLD, HashIndex, Projection, ReducedRows, SearchParams,
+                     SearchResult, SearchResults, code_bytes, default_min_candidates, evaluate,
+                     fc7_sq_distances, hamming_distances, hamming_matrix, pack_codes)
+from .serving import Query, Retriever
+from .store import FeatureStore
+from .training import train
 
 __all__ = [
     "CODE_THRESHOLD", "FEATURE_BLOB", "LATENT_BLOB",
@@ -66,4 +61,4 @@ __all__ = [
     "hamming_matrix", "list_images", "pack_codes", "read_image", "train",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
