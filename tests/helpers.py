@@ -4,17 +4,22 @@ Datum LMDBs and means, and running the command-line scripts.
 Everything is written under the folder a test gives (its tmp_path), never
 into the checkout.
 """
+import io
 import re
 import socket
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from dlbhc.search.codes import pack_codes
+# The seeded synthetic codes have one home, dlbhc_testing.synthetic (the
+# benchmarks use them too); test files take them from here or from there.
+from dlbhc_testing.synthetic import clustered_codes, codes_from_ints  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "prototxt"
@@ -161,20 +166,6 @@ def tiny_database(caffe, folder, n=40, classes=("a", "b", "c"), bits=12):
 
 # ---- codes and tiny evaluation data -------------------------------------------
 
-def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):
-    """n codes around n_centres random centres, each bit flipped w.p. flip_p
-    (hash codes cluster like this: images of one kind share nearly a code)."""
-    centres = rng.random((n_centres, bits)) < 0.5
-    latent = centres[rng.integers(0, n_centres, n)] ^ (rng.random((n, bits)) < flip_p)
-    return pack_codes(latent.astype(np.float32))
-
-
-def codes_from_ints(values, bits):
-    """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
-    latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
-    return pack_codes(latent.astype(np.float32))
-
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -193,6 +184,28 @@ DB_CODES = codes_from_ints([0b00000011, 0b00000001, 0b00000000, 0b00000010,
 DB_LABELS = np.array([0, 1, 1, 0, 0, 1])
 Q_CODES = codes_from_ints([0b00000000, 0b11111111, 0b11110001], 8)
 Q_LABELS = np.array([0, 2, 0])
+
+
+# ---- hostile uploads ----------------------------------------------------------
+
+def bomb_png(width=30000, height=30000):
+    """A valid PNG header declaring width x height, with a few KB of data:
+    decoding it would allocate width * height * 3 bytes (2.7 GB)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + \
+        chunk(b"IEND", b"")
+
+
+def truncated_jpeg():
+    """The first 700 bytes of a 64x64 JPEG of noise."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)) \
+        .save(out, format="JPEG")
+    return out.getvalue()[:700]
 
 
 # ---- the query server (python/serve.py) ---------------------------------------

@@ -14,9 +14,9 @@ EVALUATE = ROOT / "python" / "evaluate.py"
 
 
 @pytest.fixture(scope="module")
-def collection(caffe, tmp_path_factory):
+def collection(tiny_net, tmp_path_factory):
     folder = tmp_path_factory.mktemp("compress")
-    deploy, weights = make_tiny_net(caffe, folder, bits=12, fc7=32)
+    deploy, weights = tiny_net
     make_images(folder / "first", 30, classes=("a", "b", "c"))
     make_images(folder / "later", 12, classes=("a", "b", "c"), seed=1)
     model = ["--deploy", deploy, "--weights", weights, "--mean", MEAN, "--batch-size", 8]

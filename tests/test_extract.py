@@ -14,10 +14,9 @@ from helpers import EXTRACT, MEAN, make_images, make_tiny_net, run_extract
 
 
 @pytest.fixture(scope="module")
-def tiny(caffe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    deploy, weights = make_tiny_net(caffe, folder)
-    return deploy, weights
+def tiny(tiny_net):
+    """(deploy, weights): the session's tiny net (conftest.py)."""
+    return tiny_net
 
 
 def model_args(tiny):

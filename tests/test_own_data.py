@@ -125,6 +125,7 @@ def backbone(caffe):
     return deploy, weights
 
 
+@pytest.mark.network
 def test_folded_batchnorm_computes_the_same_features(caffe, backbone, tmp_path):
     deploy, weights = backbone
     net = frozen.frozen_net(deploy, "b4")
@@ -145,6 +146,7 @@ def test_folded_batchnorm_computes_the_same_features(caffe, backbone, tmp_path):
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-4 * np.abs(outputs[0]).max())
 
 
+@pytest.mark.network
 def test_split_refuses_unknown_blobs_and_cuts_between_blocks(backbone):
     deploy, _ = backbone
     with pytest.raises(UserError, match="no blob 'nowhere'"):
@@ -155,6 +157,7 @@ def test_split_refuses_unknown_blobs_and_cuts_between_blocks(backbone):
     assert frozen.frozen_net(deploy, "b10").layer[-1].name == "b10_add"
 
 
+@pytest.mark.network
 def test_cached_features_hold_images_then_their_mirror_images(caffe, backbone, tmp_path):
     deploy, weights = backbone
     colour_collection(tmp_path / "c", per_class=2)
@@ -219,6 +222,7 @@ def test_the_recorded_preprocessing_is_used_and_a_contradicting_mean_refused(caf
 
 # ---- python/train.py --data, end to end ------------------------------------------------
 
+@pytest.mark.network
 def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     """3 classes of 8 images: frozen layers cached at 32x32 with mirror
     images, a few iterations of the upper layers, then extract.py with the
@@ -289,6 +293,7 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     assert list((run / "evaluation").glob("*.json"))
 
 
+@pytest.mark.network
 def test_whole_backbone_fine_tuning_on_image_lmdbs(caffe, backbone, tmp_path):
     """--split none (the GPU route, run here on the CPU): image LMDBs at
     --resize, random crops and mirroring, every layer trained."""

@@ -7,15 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MEAN, make_images, make_tiny_net, run_extract, tiny_database
+from helpers import MEAN, make_images, make_tiny_net, run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVE = ROOT / "python" / "retrieve.py"
-
-
-@pytest.fixture(scope="module")
-def database(caffe, tmp_path_factory):
-    return tiny_database(caffe, tmp_path_factory.mktemp("retrieve"))
 
 
 def retrieve(*args, check=True):

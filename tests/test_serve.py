@@ -8,25 +8,18 @@ import subprocess
 import sys
 import threading
 import time
-import struct
 import urllib.error
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (MEAN, ROOT, Server, http_request, make_images, run_extract, run_script,
-                     tiny_database)
+from helpers import (MEAN, ROOT, Server, bomb_png, http_request, make_images, run_extract,
+                     run_script, truncated_jpeg)
 
 RETRIEVE = ROOT / "python" / "retrieve.py"
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def database(caffe, tmp_path_factory):
-    return tiny_database(caffe, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -180,25 +173,6 @@ def test_bad_parameters_get_a_clear_json_error(server, path, status, says):
 def test_wrong_method(server):
     status, _, body = http_request(server.url + "api/info", method="DELETE", headers=AUTH)
     assert status == 405 and "error" in json.loads(body)
-
-
-def bomb_png(width=30000, height=30000):
-    """A valid PNG header declaring width x height, with a few KB of data:
-    decoding it would allocate width * height * 3 bytes (2.7 GB)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + \
-        chunk(b"IEND", b"")
-
-
-def truncated_jpeg():
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)) \
-        .save(out, format="JPEG")
-    return out.getvalue()[:700]
 
 
 def oversized_upload(server, size=64 << 20):
