@@ -17,6 +17,7 @@ def no_data_check(monkeypatch):
     monkeypatch.setattr(training, "check_data", lambda train_val, data_dir=None: None)
 
 
+@pytest.mark.caffe
 @pytest.mark.parametrize("net,bits", [("cifar", 48), ("alexnet", 48), ("alexnet", 128)])
 def test_derived_solver_scales_the_schedule(no_data_check, tmp_path, net, bits):
     original = read_prototxt(training.solver_path(net, bits), "SolverParameter")
@@ -41,6 +42,7 @@ def test_unknown_net_lists_the_available_ones():
         training.solver_path("cifar", 7)
 
 
+@pytest.mark.caffe
 def test_missing_training_data_names_the_make_target(tmp_path):
     train_val = tmp_path / "train_val.prototxt"
     train_val.write_text('layer { name: "data" type: "Data" top: "data" top: "label"\n'
@@ -66,6 +68,7 @@ def test_log_lines_are_parsed():
     assert t and (t.group(1), t.group(2)) == ("accuracy", "0.8123")
 
 
+@pytest.mark.caffe
 def test_a_short_schedule_still_ends_with_a_test(no_data_check, tmp_path):
     _, solver = training.derived_solver("cifar", 48, tmp_path, max_iter=1000)
     assert solver.test_interval <= 1000 and 1000 % solver.test_interval == 0
@@ -85,6 +88,7 @@ def without_data_paths(net):
     return net
 
 
+@pytest.mark.caffe
 @pytest.mark.parametrize("net,bits", [("cifar", 12), ("alexnet", 48)])
 def test_data_dir_gives_the_run_its_own_train_val(tmp_path, net, bits):
     checked_in = read_prototxt(PROTOTXT / f"{net}_hash{bits}_train_val.prototxt")
@@ -110,12 +114,14 @@ def test_data_dir_gives_the_run_its_own_train_val(tmp_path, net, bits):
         training.derived_solver(net, bits, tmp_path / "run2", data_dir=tmp_path / "empty")
 
 
+@pytest.mark.caffe
 def test_without_data_dir_the_solver_uses_the_checked_in_train_val(no_data_check, tmp_path):
     _, solver = training.derived_solver("cifar", 12, tmp_path, max_iter=10)
     assert solver.net == str(ROOT / "prototxt" / "cifar_hash12_train_val.prototxt")
     assert not (tmp_path / "train_val.prototxt").exists()
 
 
+@pytest.mark.caffe
 def test_train_script_refuses_a_data_dir_without_the_data(tmp_path):
     out = run_script(TRAIN, ["--net", "cifar", "--bits", "12", "--max-iter", "2",
                              "--data-dir", tmp_path / "empty", "--runs-dir", tmp_path / "runs"],
