@@ -186,7 +186,37 @@ Q_CODES = codes_from_ints([0b00000000, 0b11111111, 0b11110001], 8)
 Q_LABELS = np.array([0, 2, 0])
 
 
-# ---- hostile uploads ----------------------------------------------------------
+# ---- bad and hostile requests to the API -----------------------------------------
+
+# Bad requests to the API of a 40-image database (ids 0..39, at most 32 a
+# request): (path, status, words in the error). test_serve sends them over
+# HTTP, test_api in process.
+BAD_PARAMETERS = [
+    ("/api/search?id=1&top_k=0", 400, "top_k"),
+    ("/api/search?id=1&top_k=1000000000", 400, "top_k must be between 1 and 10000"),
+    ("/api/search?id=1&top_k=abc", 400, "top_k"),
+    ("/api/search?id=1&max_radius=-1", 400, "max_radius"),
+    ("/api/search?id=1&candidates=0", 400, "candidates"),
+    ("/api/search?top_k=3", 400, "id"),
+    ("/api/search?" + "&".join(f"id={i}" for i in range(33)), 400, "at most 32"),
+    ("/api/search?id=40", 404, "ids 0..39"),
+    ("/api/search?id=-1", 404, "no image"),
+    ("/api/search?id=abc", 404, "no image"),
+    ("/api/search?id=1e3", 404, "no image"),
+    ("/api/search?id=/etc/passwd", 404, "no image"),
+    ("/api/search?id=../../etc/passwd", 404, "no image"),
+    ("/api/images/99/thumbnail", 404, "no image"),
+    ("/api/images/%2Fetc%2Fpasswd/thumbnail", 404, ""),
+    ("/api/images/..%2F..%2Fetc%2Fpasswd/thumbnail", 404, ""),
+    ("/api/images/../../../etc/passwd", 404, ""),
+    ("/api/images/3/thumbnail?size=0", 400, "size"),
+    ("/api/images/3/thumbnail?size=100000", 400, "size"),
+    ("/static/..%2F..%2Fetc%2Fpasswd", 404, ""),
+    ("/static/%2Fetc%2Fpasswd", 404, ""),
+    ("/static/webapp.py", 404, ""),
+    ("/etc/passwd", 404, ""),
+]
+
 
 def bomb_png(width=30000, height=30000):
     """A valid PNG header declaring width x height, with a few KB of data:
