@@ -58,11 +58,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "tests"))   # helpers.Server: serve.py in its own process
 
 from dlbhc.errors import UserError, run_main  # noqa: E402
-from helpers import Server, multipart  # noqa: E402
 from dlbhc_testing import synthetic  # noqa: E402
+from dlbhc_testing.server import Server, multipart  # noqa: E402
 
 BAR_MS = 15.0
 # How the server runs for the CIFAR-10 database: serve.py's options.

@@ -1,5 +1,6 @@
 """Test helpers shared between test files: tiny nets, image folders, Caffe
-Datum LMDBs and means, and running the command-line scripts.
+Datum LMDBs and means, running the command-line scripts, bad and hostile
+requests to the API, legacy torch files and Qt resource bundles.
 
 Everything is written under the folder a test gives (its tmp_path), never
 into the checkout.
@@ -17,8 +18,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-# The seeded synthetic codes have one home, dlbhc_testing.synthetic (the
-# benchmarks use them too); test files take them from here or from there.
+# Shared with the benchmarks, so kept in the testing package: the seeded
+# synthetic codes, and serve.py run for real; test files take them from here
+# or from there.
+from dlbhc_testing.server import Server, http_request, multipart  # noqa: F401
 from dlbhc_testing.synthetic import clustered_codes, codes_from_ints  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,111 +239,6 @@ def truncated_jpeg():
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)) \
         .save(out, format="JPEG")
     return out.getvalue()[:700]
-
-
-# ---- the query server (python/serve.py) ---------------------------------------
-
-SERVE = ROOT / "python" / "serve.py"
-
-
-class Server:
-    """python/serve.py running in a process of its own on a free port."""
-
-    def __init__(self, args, timeout=180):
-        import os
-        import time
-        self.proc = subprocess.Popen([sys.executable, str(SERVE), "--port", "0", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.lines = []
-        deadline = time.monotonic() + timeout
-        self.url = None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if line.startswith("serving http://"):
-                self.url = line.split()[1].split("?")[0]
-                break
-        if self.url is None:
-            self.stop()
-            raise AssertionError("serve.py did not start:\n" + "".join(self.lines)[-3000:])
-        import threading
-        # Keep reading its output so that the pipe never fills up.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        return "".join(self.lines)
-
-    def status(self, field="VmRSS"):
-        """A field of the server's /proc status in kB (VmRSS: resident memory)."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise KeyError(field)
-
-    def open_files(self):
-        import os
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def get(self, path, headers=None):
-        return http_request(self.url + path.lstrip("/"), headers=headers)
-
-    def get_json(self, path, headers=None):
-        import json
-        status, _, body = self.get(path, headers)
-        assert status == 200, (status, body[:500])
-        return json.loads(body)
-
-    def upload(self, path, files, headers=None):
-        """POST files [(name, bytes)] as multipart field 'image' to path."""
-        body, content_type = multipart([("image", name, data) for name, data in files])
-        return http_request(self.url + path.lstrip("/"), data=body,
-                            headers=dict(headers or {}, **{"Content-Type": content_type}))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def http_request(url, data=None, headers=None, method=None, timeout=60):
-    """(status, headers, body bytes) of one request; HTTP errors are answers too."""
-    import urllib.error
-    import urllib.request
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, err.headers, err.read()
-
-
-def multipart(fields):
-    """A multipart/form-data body of [(field, filename, bytes)]; (body, content type)."""
-    boundary = "dlbhc-test-boundary-7d1f9a"
-    parts = []
-    for field, name, data in fields:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-                     f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-                     .encode() + data + b"\r\n")
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 # ---- legacy PyTorch checkpoints ------------------------------------------------

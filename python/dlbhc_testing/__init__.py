@@ -9,5 +9,7 @@ the data the tests and benchmarks are made of.
                 small model and the benchmarks' Zipf-sized clusters), fc7
                 rows from a fixed pool, feature databases written with the
                 store
+    server      python/serve.py run for real in a process of its own, and
+                plain HTTP requests to it (tests and the serving benchmark)
     measure     how the benchmarks summarise latencies (p50, p99, mean, max)
 """
