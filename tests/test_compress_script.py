@@ -23,6 +23,7 @@ def collection(tiny_net, tmp_path_factory):
     return {"folder": folder, "model": model, "deploy": deploy, "weights": weights}
 
 
+@pytest.mark.slow
 def test_extract_compress_append_retrieve_evaluate(collection, tmp_path):
     from dlbhc_testing.reference import brute_force_search
     from dlbhc.store.database import FeatureStore
@@ -70,6 +71,7 @@ def test_extract_compress_append_retrieve_evaluate(collection, tmp_path):
         assert figures["fine"]["rerank"] == name
 
 
+@pytest.mark.slow
 def test_a_projection_of_other_weights_is_refused(caffe, collection, tmp_path):
     db = tmp_path / "db.lmdb"
     run_extract([collection["folder"] / "first", "--out", db, *collection["model"]])

@@ -72,6 +72,7 @@ def test_montage_is_a_png_of_the_expected_size(database, tmp_path):
                             round((MONTAGE_TILE_INCHES + 0.5) * MONTAGE_DPI))
 
 
+@pytest.mark.slow
 def test_index_cache_is_rebuilt_after_the_database_changes(caffe, tmp_path):
     from dlbhc.serving.retrieval import index_cache_path
     deploy, weights = make_tiny_net(caffe, tmp_path, bits=12)

@@ -378,6 +378,7 @@ def test_growing_database_is_served_whole_batches_only(tmp_path):
             writer.kill()
 
 
+@pytest.mark.slow
 def test_images_extract_appends_are_found_without_restart(database, tmp_path):
     images, db = tmp_path / "imgs", tmp_path / "db.lmdb"
     extract = [images, "--out", db, "--deploy", database["deploy"], "--weights",
@@ -400,6 +401,7 @@ def test_images_extract_appends_are_found_without_restart(database, tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_worker_processes_answer_like_one_server(server, database):
     path = db_paths(database)[13]
     srv = Server(["--db", database["db"], "--workers", 2])

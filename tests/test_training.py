@@ -132,6 +132,7 @@ def test_train_script_refuses_a_data_dir_without_the_data(tmp_path):
 
 # ---- python/train.py for real: a few iterations on tiny generated data -------
 
+@pytest.mark.slow
 def test_train_script_runs_caffe_train_on_a_data_dir(caffe, tmp_path):
     """`python/train.py --data-dir` trains the small 12-bit net for a few
     iterations on LMDBs written here (40x40 padded training images, 32x32
