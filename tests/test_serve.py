@@ -287,6 +287,7 @@ def test_no_net_searches_by_id_only(database):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_nets_in_worker_processes_answer_like_the_thread(server, database):
     path = db_paths(database)[21]
     data = open(path, "rb").read()
