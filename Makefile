@@ -1,6 +1,7 @@
 # dlbhc: deep binary hash codes for fast image retrieval (Caffe).
 #
 #   make test            build everything needed and run the tests
+#   make test-fast       the inner loop: no Ray, Milvus, browser, downloads or slow tests
 #   make demo            the whole pipeline end to end on CIFAR-10 (small net, CPU)
 #   make caffe [GPU=1 [CUDNN=1]]   build Caffe (cached under ~/.cache/dlbhc/caffe)
 #   make native          the search's C kernel (cached under ~/.cache/dlbhc/native)
@@ -27,14 +28,14 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe native test test-packages data data-alexnet photos weights weights-caffenet backbone train \
+.PHONY: all venv caffe native test test-fast test-packages data data-alexnet photos weights weights-caffenet backbone train \
         demo serve serve-db prototxt bench-extract bench-search bench-scale bench-map \
         bench-pca-map bench-serve bench-ray bench-milvus clean-runs help
 
 all: caffe
 
 help:
-	@sed -n '1,13p' Makefile
+	@sed -n '1,14p' Makefile
 
 # ---- environment -----------------------------------------------------------
 # The package itself is installed editable (pyproject.toml): the venv's python
@@ -60,6 +61,13 @@ caffe: venv
 # ---- tests -----------------------------------------------------------------
 test: caffe native test-packages
 	$(PY) -m pytest tests -q
+
+# The inner loop (under 2 minutes on 2 cores): every test but those marked
+# (pytest.ini) as starting Ray or Milvus, driving Chromium, downloading
+# packages, or slow. Quick Caffe tests stay in: it still runs tiny nets.
+FAST_TESTS := not slow and not ray and not milvus and not browser and not network
+test-fast: caffe native
+	$(PY) -m pytest tests -q -m "$(FAST_TESTS)"
 
 # The coarse stage's C kernel (python/dlbhc/search/csrc), compiled into
 # ~/.cache/dlbhc/native once per source version; searches would otherwise

@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/bench_milvus.py --n 100000 --queries 50
     .venv/bin/python benchmarks/bench_milvus.py --db DB --query-db QDB   # a real database
 
-Synthetic data (default): bench_search.py's generator (Zipf-sized clusters
-of codes, fc7 rows from a pool of 4096, so re-rank ties are common), N
+Synthetic data (default): dlbhc_testing.synthetic's generator (Zipf-sized
+clusters of codes, fc7 rows from a pool of 4096, so re-rank ties are common), N
 images of --bits bits with --fc7-dim re-rank values, written with the
 feature store; or a real database (--db, queries taken from --query-db's
 codes and fc7, e.g. CIFAR-10's test set).  A Milvus standalone server (the
@@ -31,15 +31,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_search import (add_cluster_args, fc7_pool, open_or_write_store, summary,  # noqa: E402
-                          synthetic_codes)
 from dlbhc.search.index import HashIndex  # noqa: E402
 from dlbhc.search.params import default_min_candidates  # noqa: E402
 from dlbhc.scale.milvus_index import MilvusCollection, load_database  # noqa: E402
 from dlbhc.progress import Progress  # noqa: E402
 from dlbhc.store.database import FeatureStore  # noqa: E402
+from dlbhc_testing.measure import latency_summary  # noqa: E402
+from dlbhc_testing.synthetic import (add_cluster_args, fc7_pool, open_or_write_store,  # noqa: E402
+                                     zipf_clustered_codes)
 
 
 def parse_args(argv):
@@ -77,8 +77,8 @@ def main(argv=None):
             q_codes, q_fc7 = qdb.code_rows(pick), qdb.fc7(pick)
         what = f"{args.db} ({store.count} images, {store.bits} bits, fc7 {store.fc7_dim})"
     else:
-        codes, q_codes = synthetic_codes(args.n, args.queries, args.bits, rng, args.centres,
-                                         args.zipf, args.mean_flips)
+        codes, q_codes = zipf_clustered_codes(args.n, args.queries, args.bits, rng, args.centres,
+                                              args.zipf, args.mean_flips)
         pool = fc7_pool(args.fc7_dim, rng)
         store, _ = open_or_write_store(work / "store.lmdb", args.n, args.fc7_dim, args.bits,
                                        codes, pool)
@@ -124,7 +124,7 @@ def main(argv=None):
                           and np.array_equal(a.candidates, b.candidates)):
                     mismatches += 1
         collection.close()
-        figures.update({name: summary(ms) for name, ms in times.items()})
+        figures.update({name: latency_summary(ms) for name, ms in times.items()})
         figures["answers_equal"] = len(q_codes) - mismatches
         figures["load_avg_after"] = os.getloadavg()
     finally:

@@ -8,9 +8,9 @@ fc7 on the best few hundred; cold and warm; and the cost of opening it.
 
 What it does, all through the project's own code:
   1. writes a feature database of --n images (FeatureStore.create/append):
-     clustered synthetic --bits codes (bench_search.synthetic_codes) and
+     clustered synthetic --bits codes (dlbhc_testing.synthetic) and
      fc7 of --fc7-dim values as --fc7-dtype (default float16: 2.5M x 4096 x
-     2 bytes = 20.5 GB; float32 would be 41 GB) from bench_search's pool of
+     2 bytes = 20.5 GB; float32 would be 41 GB) from the synthetic pool of
      4096 random rows (values do not change timings); reused when --workdir
      already holds it complete;
   2. gives it a PCA store with `python/compress.py DB --pca 256` (timed);
@@ -49,11 +49,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_search import (FC7_POOL_ROWS, add_cluster_args, fc7_pool, open_or_write_store,  # noqa: E402
-                          summary, synthetic_codes)
 from dlbhc.errors import UserError, run_main  # noqa: E402
+from dlbhc_testing.measure import latency_summary  # noqa: E402
+from dlbhc_testing.synthetic import (FC7_POOL_ROWS, add_cluster_args, fc7_pool,  # noqa: E402
+                                     open_or_write_store, zipf_clustered_codes)
 
 METHODS = ("coarse", "fc7", "pca", "pca+exact")
 
@@ -178,9 +178,9 @@ def search_pass(args):
     (fresh) process; prints the figures as JSON."""
     from dlbhc.serving.retrieval import Retriever
     method = args.pass_method
-    _, queries = synthetic_codes(args.n, args.queries, args.bits,
-                                 np.random.default_rng([args.seed, args.n, args.bits]),
-                                 args.centres, args.zipf, args.mean_flips)
+    _, queries = zipf_clustered_codes(args.n, args.queries, args.bits,
+                                      np.random.default_rng([args.seed, args.n, args.bits]),
+                                      args.centres, args.zipf, args.mean_flips)
     pool = fc7_pool(args.fc7_dim, np.random.default_rng(args.seed))
     q_fc7 = pool[np.random.default_rng([args.seed, 1]).integers(0, FC7_POOL_ROWS,
                                                                  args.queries)]
@@ -197,7 +197,7 @@ def search_pass(args):
     cold_ms, cold = time_pass(run, args.queries)
     warm_ms, warm = time_pass(run, args.queries)
     result = {"rerank": retriever.rerank if method != "coarse" else "none",
-              "cold_ms": summary(cold_ms), "warm_ms": summary(warm_ms),
+              "cold_ms": latency_summary(cold_ms), "warm_ms": latency_summary(warm_ms),
               "cold_equals_warm": all(np.array_equal(a.ids, b.ids) for a, b in zip(cold, warm))}
     if method != "coarse":
         result["candidates_p50"] = float(np.median([r.candidates for r in warm]))
@@ -228,9 +228,9 @@ def main(argv=None):
     report = {"args": vars(args), "load_start": load0}
 
     # 1. the database
-    codes, queries = synthetic_codes(args.n, args.queries, args.bits,
-                                     np.random.default_rng([args.seed, args.n, args.bits]),
-                                     args.centres, args.zipf, args.mean_flips)
+    codes, queries = zipf_clustered_codes(args.n, args.queries, args.bits,
+                                          np.random.default_rng([args.seed, args.n, args.bits]),
+                                          args.centres, args.zipf, args.mean_flips)
     pool = fc7_pool(args.fc7_dim, np.random.default_rng(args.seed))
     store, write_s = open_or_write_store(db, args.n, args.fc7_dim, args.bits, codes, pool,
                                          fc7_dtype=args.fc7_dtype)

@@ -47,23 +47,12 @@ given (the re-rank through FeatureStore.fc7 gives the same top k as one
 reading the generating fc7 pool directly) and that the coarse stage's
 Hamming distances match faiss's exhaustive scan.
 
-Synthetic data (the distribution hash codes of a trained net have: images of
-one kind share nearly the same code, and kinds are unequally common, so the
-buckets of identical codes are very uneven):
-  * --centres cluster centres, uniform random codes (each bit 1 w.p. 1/2);
-  * each image picks centre i (i = 1..C) with probability proportional to
-    1 / i ** --zipf (Zipf sizes: with C = 1000, s = 1 the largest cluster
-    holds ~13% of the images, the smallest ~0.013%);
-  * its code is the centre with f ~ Poisson(--mean-flips) bit flips at
-    uniformly random positions (drawn with replacement: a position drawn
-    twice flips back), so many images of a cluster share its exact code
-    (P(f = 0) = e^-3 ~ 5% at the default) and the rest spread over nearby
-    codes;
-  * queries are further draws from the same process, not in the database;
-  * ids are in draw order, so a cluster's images are spread over the ids
-    (a query's candidates are scattered rows of fc7.bin).
-  * fc7 rows are taken from a fixed pool of 4096 random non-negative vectors
-    (row i = pool[i % 4096]); their values do not change any timing.
+Synthetic data: dlbhc_testing.synthetic's zipf_clustered_codes (Zipf-sized
+clusters of codes around --centres random centres, Poisson(--mean-flips) bit
+flips from a code's centre; queries are further draws, not in the database;
+its docstring has the details), fc7 rows from its fixed pool of 4096 random
+non-negative vectors (row i = pool[i % 4096]; their values do not change
+any timing).
 The feature store holds fc7 of --fc7-dim values; the default ("auto") is the
 largest of 4096, 2048, ..., 128 for which N rows fit --fc7-budget-mb (2.6 GB):
 4096 at N=100k, 512 at 1M, 256 at 2.5M (printed with every row of the
@@ -96,12 +85,11 @@ from dlbhc.search import codes as hcodes  # noqa: E402
 from dlbhc.search import costs as hcosts  # noqa: E402
 from dlbhc.search import index as hindex  # noqa: E402
 from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.store.database import FeatureStore  # noqa: E402
+from dlbhc_testing.measure import latency_summary  # noqa: E402
+from dlbhc_testing.synthetic import (FC7_BUDGET_MB, FC7_POOL_ROWS, add_cluster_args,  # noqa: E402
+                                     fc7_dim_within, fc7_pool, open_or_write_store,
+                                     zipf_clustered_codes)
 
-FC7_POOL_ROWS = 4096
-FC7_DIMS = (4096, 2048, 1024, 512, 256, 128)
-STORE_BATCH_BYTES = 64 << 20   # fc7 bytes per FeatureStore.append when writing a store
 METHODS = ("coarse", "rerank", "flat", "flat_count", "hash", "multihash", "numpy")
 FAISS_METHODS = ("flat", "flat_count", "hash", "multihash")
 # A faiss bucket index's setting counts as exact-grade when the top k it
@@ -110,14 +98,6 @@ EXACT_RECALL = 0.99
 TUNING_QUERIES = 30
 # Tuning stops raising a bucket index's nflip past this many exhaustive scans' time.
 TUNING_BUDGET_SCANS = 3
-
-
-def add_cluster_args(p):
-    """synthetic_codes' cluster options, for every benchmark that uses it."""
-    p.add_argument("--centres", type=int, default=1000, help="cluster centres")
-    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of cluster sizes")
-    p.add_argument("--mean-flips", type=float, default=3.0,
-                   help="mean random bit flips from a code's centre")
 
 
 def parse_args(argv):
@@ -133,7 +113,7 @@ def parse_args(argv):
                         "so the re-rank sees at least k candidates)")
     add_cluster_args(p)
     p.add_argument("--fc7-dim", default="auto", help="fc7 values per image, or auto")
-    p.add_argument("--fc7-budget-mb", type=float, default=2600,
+    p.add_argument("--fc7-budget-mb", type=float, default=FC7_BUDGET_MB,
                    help="auto fc7 dim: largest whose N rows fit this (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
     p.add_argument("--seed", type=int, default=0)
@@ -158,65 +138,10 @@ def parse_args(argv):
 
 
 # ---- data ------------------------------------------------------------------
-def synthetic_codes(n, n_queries, bits, rng, centres, zipf, mean_flips):
-    """(database codes (n, B), query codes (n_queries, B)): see the module docstring."""
-    centre_codes = np.packbits(rng.random((centres, bits)) < 0.5, axis=1)
-    weights = 1.0 / np.arange(1, centres + 1) ** zipf
-    total = n + n_queries
-    cluster = rng.choice(centres, size=total, p=weights / weights.sum())
-    codes = centre_codes[cluster]
-    flips = rng.poisson(mean_flips, total)
-    rows = np.repeat(np.arange(total), flips)
-    pos = rng.integers(0, bits, len(rows))
-    np.bitwise_xor.at(codes, (rows, pos // 8), (1 << (7 - pos % 8)).astype(np.uint8))
-    return codes[:n], codes[n:]
-
-
-def fc7_pool(dim, rng):
-    return np.abs(rng.standard_normal((FC7_POOL_ROWS, dim))).astype(np.float32)
-
-
 def choose_fc7_dim(n, args):
     if args.fc7_dim != "auto":
         return int(args.fc7_dim)
-    budget = args.fc7_budget_mb * 1e6
-    for dim in FC7_DIMS:
-        if n * dim * 4 <= budget:
-            return dim
-    return FC7_DIMS[-1]
-
-
-def open_or_write_store(path, n, dim, bits, codes, pool, fc7_dtype="float32"):
-    """A FeatureStore of n images with fc7 rows pool[i % len(pool)], written
-    with the store's own writer (reused when a previous run left it complete)."""
-    path = Path(path)
-    if path.exists():
-        try:
-            store = FeatureStore.open(path)
-            if store.count == n and store.fc7_dim == dim and store.bits == bits \
-                    and store.meta["fc7_dtype"] == fc7_dtype:
-                return store, 0.0
-            store.close()
-        except UserError:
-            pass
-        shutil.rmtree(path)
-    start = time.perf_counter()
-    store = FeatureStore.create(path, {"bits": bits, "fc7_dim": dim, "fc7_dtype": fc7_dtype,
-                                       "synthetic": True})
-    # Large batches: one fc7 write + fsync and one LMDB transaction per batch.
-    itemsize = np.dtype(fc7_dtype).itemsize
-    batch = int(min(200_000, max(10_000, STORE_BATCH_BYTES // (itemsize * dim))))
-    progress = Progress(n, label=f"writing fc7 store N={n} dim={dim}", interval=10)
-    for lo in range(0, n, batch):
-        hi = min(n, lo + batch)
-        ids = np.arange(lo, hi)
-        latent = np.unpackbits(codes[lo:hi], axis=1, count=bits).astype(np.float32)
-        store.append(pool[ids % len(pool)], latent, codes[lo:hi],
-                     [{"path": "", "label": -1, "seq": int(i)} for i in ids])
-        progress.update(hi - lo)
-    progress.close()
-    store.close()
-    return FeatureStore.open(path), time.perf_counter() - start
+    return fc7_dim_within(n, args.fc7_budget_mb)
 
 
 # ---- measurements ----------------------------------------------------------
@@ -240,12 +165,6 @@ def rss_mb():
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def summary(ms):
-    ms = np.asarray(ms, dtype=np.float64)
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-            "mean": float(ms.mean()), "max": float(ms.max())}
 
 
 class NumpyScan:
@@ -337,8 +256,8 @@ def tune_faiss(faiss, kind, bits, codes, queries, exact, k, grid, budget_ms):
 
 
 def bench_config(n, bits, store, args, rng, faiss):
-    codes, queries = synthetic_codes(n, args.queries + TUNING_QUERIES, bits, rng, args.centres,
-                                     args.zipf, args.mean_flips)
+    codes, queries = zipf_clustered_codes(n, args.queries + TUNING_QUERIES, bits, rng,
+                                          args.centres, args.zipf, args.mean_flips)
     queries, tuning = queries[:args.queries], queries[args.queries:]
     pool = fc7_pool(store.fc7_dim, np.random.default_rng(args.seed))   # the store's rows
     q_fc7 = pool[rng.integers(0, FC7_POOL_ROWS, args.queries)]
@@ -441,8 +360,8 @@ def bench_config(n, bits, store, args, rng, faiss):
                        "p90": float(np.percentile(candidates, 90)),
                        "max": int(np.max(candidates))},
         "radius": {"p50": float(np.median(radius)), "max": int(np.max(radius))},
-        "fc7_read_ms": summary(read_ms),
-        "latency_ms": {mt: summary(v) for mt, v in times.items()},
+        "fc7_read_ms": latency_summary(read_ms),
+        "latency_ms": {mt: latency_summary(v) for mt, v in times.items()},
     }
     del fx, index, scan
     return row
@@ -523,8 +442,8 @@ def calibrate(args, rng):
     print(f"unit costs in ns at N={n} (best of 3 passes over {args.queries} queries)")
     print(f"{'bits':>5} {'words':>5} {'U':>9} {'probe':>8} {'gather':>8} {'scan':>8} {'step':>9}")
     for bits in args.bits:
-        codes, queries = synthetic_codes(n, args.queries, bits, rng, args.centres, args.zipf,
-                                         args.mean_flips)
+        codes, queries = zipf_clustered_codes(n, args.queries, bits, rng, args.centres,
+                                              args.zipf, args.mean_flips)
         index = hindex.HashIndex.build(codes, bits)
         qwords = [hcodes.query_words(q, bits) for q in queries]
         r = 2 if math.comb(bits, 2) <= hcosts.MAX_SHELL_PROBES else 1
@@ -600,7 +519,7 @@ def main(argv=None):
             dim = choose_fc7_dim(n, args)
             # The store gets the codes of the first code length; only its
             # fc7 table is read by the benchmark.
-            store_codes, _ = synthetic_codes(n, 0, args.bits[0], np.random.default_rng(
+            store_codes, _ = zipf_clustered_codes(n, 0, args.bits[0], np.random.default_rng(
                 [args.seed, n]), args.centres, args.zipf, args.mean_flips)
             store, write_s = open_or_write_store(workdir / f"store_n{n}_d{dim}", n, dim,
                                                  args.bits[0], store_codes,

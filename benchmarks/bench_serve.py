@@ -19,9 +19,10 @@ other work on the machine inflates far less than it does latencies.
 
 Databases
   synthetic  N images x --bits, the codes and fc7 rows of
-             benchmarks/bench_search.py's generator and store writer (its
-             default cluster settings; fc7 width chosen as it does: 256
-             values at 2.5M); no net (serve.py --no-net): by-id queries.
+             dlbhc_testing.synthetic's generator and store writer (its
+             default cluster settings; fc7 width chosen as bench_search.py
+             does: 256 values at 2.5M); no net (serve.py --no-net): by-id
+             queries.
   cifar      a CIFAR-10 database made by extract.py (--cifar-db; `make demo`
              makes runs/demo/cifar_hash48/db_train.lmdb): by-id queries and
              uploads of its own JPEGs (re-encoded CIFAR-10, as on the
@@ -57,12 +58,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "tests"))   # helpers.Server: serve.py in its own process
-sys.path.insert(0, str(HERE))
 
-import bench_search  # noqa: E402  (the synthetic generator and store writer)
 from dlbhc.errors import UserError, run_main  # noqa: E402
-from helpers import Server, multipart  # noqa: E402
+from dlbhc_testing import synthetic  # noqa: E402
+from dlbhc_testing.server import Server, multipart  # noqa: E402
 
 BAR_MS = 15.0
 # How the server runs for the CIFAR-10 database: serve.py's options.
@@ -272,14 +271,13 @@ HEADER = (f"{'database':>14} {'queries':>13} {'net':>9} {'C':>3} {'q/s':>8} {'p5
 # ---- the databases ---------------------------------------------------------------
 
 def synthetic_store(n, args, workdir):
-    """bench_search's synthetic store of n images (its default settings)."""
-    defaults = bench_search.parse_args([])
-    dim = bench_search.choose_fc7_dim(n, defaults)
-    codes, _ = bench_search.synthetic_codes(n, 0, args.bits, np.random.default_rng([args.seed, n]),
-                                            defaults.centres, defaults.zipf, defaults.mean_flips)
-    store, write_s = bench_search.open_or_write_store(
+    """The synthetic store of n images (the generator's default settings)."""
+    dim = synthetic.fc7_dim_within(n)
+    codes, _ = synthetic.zipf_clustered_codes(n, 0, args.bits,
+                                              np.random.default_rng([args.seed, n]))
+    store, write_s = synthetic.open_or_write_store(
         workdir / f"serve_n{n}_b{args.bits}_d{dim}", n, dim, args.bits, codes,
-        bench_search.fc7_pool(dim, np.random.default_rng(args.seed)))
+        synthetic.fc7_pool(dim, np.random.default_rng(args.seed)))
     path = store.path
     store.close()
     return path, dim, write_s

@@ -1,19 +1,27 @@
 """Test helpers shared between test files: tiny nets, image folders, Caffe
-Datum LMDBs and means, and running the command-line scripts.
+Datum LMDBs and means, running the command-line scripts, bad and hostile
+requests to the API, legacy torch files and Qt resource bundles.
 
 Everything is written under the folder a test gives (its tmp_path), never
 into the checkout.
 """
+import io
 import socket
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from dlbhc.search.codes import pack_codes
+# Shared with the benchmarks, so kept in the testing package: the seeded
+# synthetic codes, and serve.py run for real; test files take them from here
+# or from there.
+from dlbhc_testing.server import Server, http_request, multipart  # noqa: F401
+from dlbhc_testing.synthetic import clustered_codes, codes_from_ints  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "prototxt"
@@ -163,20 +171,6 @@ def tiny_database(caffe, folder, n=40, classes=("a", "b", "c"), bits=12):
 
 # ---- codes and tiny evaluation data -------------------------------------------
 
-def clustered_codes(rng, n, bits, n_centres=6, flip_p=0.08):
-    """n codes around n_centres random centres, each bit flipped w.p. flip_p
-    (hash codes cluster like this: images of one kind share nearly a code)."""
-    centres = rng.random((n_centres, bits)) < 0.5
-    latent = centres[rng.integers(0, n_centres, n)] ^ (rng.random((n, bits)) < flip_p)
-    return pack_codes(latent.astype(np.float32))
-
-
-def codes_from_ints(values, bits):
-    """Codes whose bit j (0 = first) is bit (bits-1-j) of the integer."""
-    latent = (np.asarray(values)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
-    return pack_codes(latent.astype(np.float32))
-
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -197,109 +191,56 @@ Q_CODES = codes_from_ints([0b00000000, 0b11111111, 0b11110001], 8)
 Q_LABELS = np.array([0, 2, 0])
 
 
-# ---- the query server (python/serve.py) ---------------------------------------
+# ---- bad and hostile requests to the API -----------------------------------------
 
-SERVE = ROOT / "python" / "serve.py"
-
-
-class Server:
-    """python/serve.py running in a process of its own on a free port."""
-
-    def __init__(self, args, timeout=180):
-        import os
-        import time
-        self.proc = subprocess.Popen([sys.executable, str(SERVE), "--port", "0", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.lines = []
-        deadline = time.monotonic() + timeout
-        self.url = None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if line.startswith("serving http://"):
-                self.url = line.split()[1].split("?")[0]
-                break
-        if self.url is None:
-            self.stop()
-            raise AssertionError("serve.py did not start:\n" + "".join(self.lines)[-3000:])
-        import threading
-        # Keep reading its output so that the pipe never fills up.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        return "".join(self.lines)
-
-    def status(self, field="VmRSS"):
-        """A field of the server's /proc status in kB (VmRSS: resident memory)."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise KeyError(field)
-
-    def open_files(self):
-        import os
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def get(self, path, headers=None):
-        return http_request(self.url + path.lstrip("/"), headers=headers)
-
-    def get_json(self, path, headers=None):
-        import json
-        status, _, body = self.get(path, headers)
-        assert status == 200, (status, body[:500])
-        return json.loads(body)
-
-    def upload(self, path, files, headers=None):
-        """POST files [(name, bytes)] as multipart field 'image' to path."""
-        body, content_type = multipart([("image", name, data) for name, data in files])
-        return http_request(self.url + path.lstrip("/"), data=body,
-                            headers=dict(headers or {}, **{"Content-Type": content_type}))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+# Bad requests to the API of a 40-image database (ids 0..39, at most 32 a
+# request): (path, status, words in the error). test_serve sends them over
+# HTTP, test_api in process.
+BAD_PARAMETERS = [
+    ("/api/search?id=1&top_k=0", 400, "top_k"),
+    ("/api/search?id=1&top_k=1000000000", 400, "top_k must be between 1 and 10000"),
+    ("/api/search?id=1&top_k=abc", 400, "top_k"),
+    ("/api/search?id=1&max_radius=-1", 400, "max_radius"),
+    ("/api/search?id=1&candidates=0", 400, "candidates"),
+    ("/api/search?top_k=3", 400, "id"),
+    ("/api/search?" + "&".join(f"id={i}" for i in range(33)), 400, "at most 32"),
+    ("/api/search?id=40", 404, "ids 0..39"),
+    ("/api/search?id=-1", 404, "no image"),
+    ("/api/search?id=abc", 404, "no image"),
+    ("/api/search?id=1e3", 404, "no image"),
+    ("/api/search?id=/etc/passwd", 404, "no image"),
+    ("/api/search?id=../../etc/passwd", 404, "no image"),
+    ("/api/images/99/thumbnail", 404, "no image"),
+    ("/api/images/%2Fetc%2Fpasswd/thumbnail", 404, ""),
+    ("/api/images/..%2F..%2Fetc%2Fpasswd/thumbnail", 404, ""),
+    ("/api/images/../../../etc/passwd", 404, ""),
+    ("/api/images/3/thumbnail?size=0", 400, "size"),
+    ("/api/images/3/thumbnail?size=100000", 400, "size"),
+    ("/static/..%2F..%2Fetc%2Fpasswd", 404, ""),
+    ("/static/%2Fetc%2Fpasswd", 404, ""),
+    ("/static/webapp.py", 404, ""),
+    ("/etc/passwd", 404, ""),
+]
 
 
-def http_request(url, data=None, headers=None, method=None, timeout=60):
-    """(status, headers, body bytes) of one request; HTTP errors are answers too."""
-    import urllib.error
-    import urllib.request
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, err.headers, err.read()
+def bomb_png(width=30000, height=30000):
+    """A valid PNG header declaring width x height, with a few KB of data:
+    decoding it would allocate width * height * 3 bytes (2.7 GB)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + \
+        chunk(b"IEND", b"")
 
 
-def multipart(fields):
-    """A multipart/form-data body of [(field, filename, bytes)]; (body, content type)."""
-    boundary = "dlbhc-test-boundary-7d1f9a"
-    parts = []
-    for field, name, data in fields:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-                     f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-                     .encode() + data + b"\r\n")
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+def truncated_jpeg():
+    """The first 700 bytes of a 64x64 JPEG of noise."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)) \
+        .save(out, format="JPEG")
+    return out.getvalue()[:700]
 
 
 # ---- legacy PyTorch checkpoints ------------------------------------------------

@@ -157,6 +157,7 @@ def photo_crops():
     return np.stack(crops)          # (n, 224, 224, 3) RGB
 
 
+@pytest.mark.network
 def test_conversion_is_pinned_and_reproducible(converted):
     _, path, _ = converted
     spec = backbones.read_spec(BACKBONE)
@@ -164,6 +165,7 @@ def test_conversion_is_pinned_and_reproducible(converted):
     assert spec["license"] == "Apache-2.0"
 
 
+@pytest.mark.network
 def test_caffe_forward_equals_the_reference_and_knows_the_photos(caffe, converted):
     deploy, weights, state = converted
     crops = photo_crops()

@@ -15,6 +15,8 @@ import pytest
 
 from helpers import MEAN, ROOT, Server, make_images, make_tiny_net, run_extract
 
+pytestmark = [pytest.mark.browser]
+
 CIFAR_JPG = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -95,12 +95,14 @@ def test_caffe_time_runs_on_a_tiny_net(caffe, tmp_path):
     assert "Average Forward pass" in out.stderr
 
 
+@pytest.mark.caffe
 def test_tools_are_built():
     from dlbhc.nets.caffe_env import caffe_tool
     for tool in ("caffe", "convert_imageset", "compute_image_mean", "extract_features"):
         assert os.access(caffe_tool(tool), os.X_OK), tool
 
 
+@pytest.mark.caffe
 def test_import_caffe_with_nothing_exported(tmp_path):
     """The venv's python finds pycaffe and libcaffe by itself (.pth + rpath)."""
     env = {k: v for k, v in os.environ.items()

@@ -14,15 +14,16 @@ EVALUATE = ROOT / "python" / "evaluate.py"
 
 
 @pytest.fixture(scope="module")
-def collection(caffe, tmp_path_factory):
+def collection(tiny_net, tmp_path_factory):
     folder = tmp_path_factory.mktemp("compress")
-    deploy, weights = make_tiny_net(caffe, folder, bits=12, fc7=32)
+    deploy, weights = tiny_net
     make_images(folder / "first", 30, classes=("a", "b", "c"))
     make_images(folder / "later", 12, classes=("a", "b", "c"), seed=1)
     model = ["--deploy", deploy, "--weights", weights, "--mean", MEAN, "--batch-size", 8]
     return {"folder": folder, "model": model, "deploy": deploy, "weights": weights}
 
 
+@pytest.mark.slow
 def test_extract_compress_append_retrieve_evaluate(collection, tmp_path):
     from dlbhc_testing.reference import brute_force_search
     from dlbhc.store.database import FeatureStore
@@ -70,6 +71,7 @@ def test_extract_compress_append_retrieve_evaluate(collection, tmp_path):
         assert figures["fine"]["rerank"] == name
 
 
+@pytest.mark.slow
 def test_a_projection_of_other_weights_is_refused(caffe, collection, tmp_path):
     db = tmp_path / "db.lmdb"
     run_extract([collection["folder"] / "first", "--out", db, *collection["model"]])

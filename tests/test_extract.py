@@ -14,10 +14,9 @@ from helpers import EXTRACT, MEAN, make_images, make_tiny_net, run_extract
 
 
 @pytest.fixture(scope="module")
-def tiny(caffe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    deploy, weights = make_tiny_net(caffe, folder)
-    return deploy, weights
+def tiny(tiny_net):
+    """(deploy, weights): the session's tiny net (conftest.py)."""
+    return tiny_net
 
 
 def model_args(tiny):
@@ -83,6 +82,7 @@ def test_batch_transform_is_bit_identical_to_caffe_transformer(caffe, crop, mean
         np.testing.assert_allclose(got[:, 0], crops[..., 2].astype(np.float32) - mean[0], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_rerun_adds_nothing_and_new_images_are_appended(tiny, tmp_path):
     from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 6)
@@ -205,6 +205,7 @@ def test_leveldb_backend_holds_the_same_records(tiny, tmp_path):
         np.testing.assert_array_equal(a.fc7(range(7)), b.fc7(range(7)))
 
 
+@pytest.mark.slow
 def test_two_shards_merged_equal_a_single_run(tiny, tmp_path):
     from dlbhc.store.database import FeatureStore
     make_images(tmp_path / "imgs", 9)
@@ -223,6 +224,7 @@ def test_two_shards_merged_equal_a_single_run(tiny, tmp_path):
         np.testing.assert_array_equal(s.latent(range(9)), m.latent(range(9)))
 
 
+@pytest.mark.slow
 def test_a_different_model_is_refused(caffe, tiny, tmp_path):
     make_images(tmp_path / "imgs", 4)
     out = tmp_path / "db.lmdb"
@@ -315,6 +317,7 @@ def test_blas_control_reaches_caffes_openblas(caffe):
         set_(before)
 
 
+@pytest.mark.slow
 def test_forward_workers_store_what_the_main_process_net_stores(tiny, tmp_path):
     """On the CPU with 2+ workers each worker runs its own single-threaded
     net; the store must hold what one net in the main process computes (up
@@ -438,6 +441,7 @@ def test_committer_stages_batches_and_commits_them_together():
 
 
 
+@pytest.mark.slow
 def test_blas_threads_is_applied_with_or_without_decoding_workers(tiny, tmp_path):
     """--blas-threads N runs the net in the main process with N threads, also
     with --workers 0 (decoding in the main process too)."""

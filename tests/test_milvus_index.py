@@ -11,7 +11,7 @@ import socket
 import numpy as np
 import pytest
 
-from helpers import MEAN, ROOT, clustered_codes, free_port, make_images, make_tiny_net, \
+from helpers import MEAN, ROOT, clustered_codes, free_port, make_images, \
     run_extract, run_script
 
 INDEX_MILVUS = ROOT / "python" / "index_milvus.py"
@@ -76,6 +76,7 @@ def assert_same_results(got, expected):
     np.testing.assert_array_equal(got.radius, expected.radius)
 
 
+@pytest.mark.milvus
 @pytest.mark.parametrize("index_type,nprobe", [("BIN_FLAT", None), ("BIN_IVF_FLAT", None)])
 def test_milvus_search_equals_the_local_index(milvus_uri, tmp_path, index_type, nprobe):
     from dlbhc.search.index import HashIndex
@@ -111,6 +112,7 @@ def test_milvus_search_equals_the_local_index(milvus_uri, tmp_path, index_type, 
             collection.close()
 
 
+@pytest.mark.milvus
 def test_shells_beyond_milvus_topk_cap_are_split(milvus_uri, tmp_path, monkeypatch):
     """Milvus answers at most 16,384 results a search: bigger shells are
     fetched in id ranges, and candidate counts above the cap grow shell by
@@ -137,9 +139,9 @@ def test_shells_beyond_milvus_topk_cap_are_split(milvus_uri, tmp_path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def extracted(caffe, tmp_path_factory):
+def extracted(tiny_net, tmp_path_factory):
     folder = tmp_path_factory.mktemp("extracted")
-    deploy, weights = make_tiny_net(caffe, folder)
+    deploy, weights = tiny_net
     make_images(folder / "imgs", 30)
     db = folder / "db.lmdb"
     model = ["--deploy", deploy, "--weights", weights, "--mean", MEAN]
@@ -155,6 +157,7 @@ def retrieve_json(*args):
     return answers
 
 
+@pytest.mark.milvus
 def test_index_milvus_and_retrieve_give_the_local_answers(milvus_uri, extracted):
     folder, db, model = extracted
     out = run_script(INDEX_MILVUS, [db, "--uri", milvus_uri, "--collection", "tiny"])
@@ -178,6 +181,7 @@ def test_index_milvus_and_retrieve_give_the_local_answers(milvus_uri, extracted)
     assert len(local[0]["results"]) == 34
 
 
+@pytest.mark.milvus
 def test_a_collection_of_another_database_is_refused(milvus_uri, extracted, tmp_path):
     _folder, db, _model = extracted
     synthetic_store(tmp_path / "other.lmdb", n=50)
@@ -191,6 +195,7 @@ def test_a_collection_of_another_database_is_refused(milvus_uri, extracted, tmp_
     assert "50 images (50 loaded now)" in out.stdout
 
 
+@pytest.mark.milvus
 def test_unreachable_missing_and_wrong_uris_are_clear_errors(milvus_uri, extracted, tmp_path):
     _folder, db, _model = extracted
     nobody = f"http://127.0.0.1:{free_port()}"

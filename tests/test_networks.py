@@ -69,6 +69,7 @@ def test_official_solver_settings(caffe):
 
 # ---- fine-tuning mechanics ----------------------------------------------------
 
+@pytest.mark.slow
 def test_finetuning_copies_conv1_to_fc7_only(caffe, tmp_path):
     """`caffe train -weights` with an ImageNet-shaped AlexNet caffemodel (made
     here with random values, since the real one cannot be downloaded)."""
@@ -114,6 +115,7 @@ def test_finetuning_copies_conv1_to_fc7_only(caffe, tmp_path):
 
 # ---- the small net learns -------------------------------------------------------
 
+@pytest.mark.slow
 def test_small_net_loss_goes_down(caffe, tmp_path):
     rng = np.random.default_rng(0)
     images, labels = learnable_images(rng, 200)

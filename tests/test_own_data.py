@@ -123,6 +123,7 @@ def backbone(caffe):
     return deploy, weights
 
 
+@pytest.mark.network
 def test_folded_batchnorm_computes_the_same_features(caffe, backbone, tmp_path):
     deploy, weights = backbone
     net = frozen.frozen_net(deploy, "b4")
@@ -143,6 +144,7 @@ def test_folded_batchnorm_computes_the_same_features(caffe, backbone, tmp_path):
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-4 * np.abs(outputs[0]).max())
 
 
+@pytest.mark.network
 def test_split_refuses_unknown_blobs_and_cuts_between_blocks(backbone):
     deploy, _ = backbone
     with pytest.raises(UserError, match="no blob 'nowhere'"):
@@ -153,6 +155,7 @@ def test_split_refuses_unknown_blobs_and_cuts_between_blocks(backbone):
     assert frozen.frozen_net(deploy, "b10").layer[-1].name == "b10_add"
 
 
+@pytest.mark.network
 def test_cached_features_hold_images_then_their_mirror_images(caffe, backbone, tmp_path):
     deploy, weights = backbone
     colour_collection(tmp_path / "c", per_class=2)
@@ -217,6 +220,7 @@ def test_the_recorded_preprocessing_is_used_and_a_contradicting_mean_refused(caf
 
 # ---- python/train.py --data, end to end ------------------------------------------------
 
+@pytest.mark.network
 def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     """3 classes of 8 images: frozen layers cached at 32x32 with mirror
     images, a few iterations of the upper layers, then extract.py with the
@@ -287,6 +291,7 @@ def test_backbone_training_on_a_tiny_collection(caffe, backbone, tmp_path):
     assert list((run / "evaluation").glob("*.json"))
 
 
+@pytest.mark.network
 def test_whole_backbone_fine_tuning_on_image_lmdbs(caffe, backbone, tmp_path):
     """--split none (the GPU route, run here on the CPU): image LMDBs at
     --resize, random crops and mirroring, every layer trained."""
@@ -330,7 +335,7 @@ def test_small_net_training_on_a_tiny_collection(caffe, tmp_path):
 @pytest.mark.parametrize("setup,message", [
     ("one_class", "one class only"),
     ("missing", "does not exist"),
-    ("size", "multiples of 32"),
+    pytest.param("size", "multiples of 32", marks=pytest.mark.caffe),  # checked once pycaffe loads
 ])
 def test_train_script_bad_input_messages(tmp_path, setup, message):
     args = ["--runs-dir", tmp_path / "runs", "--cache-dir", tmp_path / "cache"]

@@ -97,6 +97,7 @@ def test_collection_from_a_package_and_a_wrong_checksum_refused(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.network
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs Debian's apt-get")
 def test_train_and_evaluate_on_real_photos_never_seen(caffe, tmp_path):
     """The issue's bar: a folder of class subfolders of real photos trains

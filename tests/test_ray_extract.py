@@ -143,6 +143,7 @@ def assert_same_database(got, expected, n):
             {k: v for k, v in e.meta.items() if k not in drop}
 
 
+@pytest.mark.ray
 def test_killed_actor_is_retried_and_every_image_is_stored_once(ray_cluster, slow_net,
                                                                  collection, tmp_path):
     address, env = ray_cluster
@@ -165,6 +166,7 @@ def test_killed_actor_is_retried_and_every_image_is_stored_once(ray_cluster, slo
     assert (tmp_path / "ray.lmdb.skipped.tsv").read_text().count("broken.jpg") == 1
 
 
+@pytest.mark.ray
 def test_rerun_after_the_driver_is_killed_finishes_the_job(ray_cluster, slow_net,
                                                            collection, tmp_path):
     address, env = ray_cluster
@@ -195,6 +197,7 @@ def test_rerun_after_the_driver_is_killed_finishes_the_job(ray_cluster, slow_net
     assert re.search(r"stored 0 new images .*, 300 were already there", third.stdout)
 
 
+@pytest.mark.ray
 def test_without_an_address_a_local_ray_runs_the_same_job(caffe, tmp_path):
     deploy, weights = make_tiny_net(caffe, tmp_path)
     make_images(tmp_path / "imgs", 40)
@@ -207,6 +210,7 @@ def test_without_an_address_a_local_ray_runs_the_same_job(caffe, tmp_path):
     assert_same_database(tmp_path / "ray.lmdb", tmp_path / "single.lmdb", 40)
 
 
+@pytest.mark.ray
 def test_an_unreachable_cluster_is_a_clear_error(caffe, tmp_path):
     deploy, weights = make_tiny_net(caffe, tmp_path)
     make_images(tmp_path / "imgs", 3)

@@ -7,15 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MEAN, make_images, make_tiny_net, run_extract, tiny_database
+from helpers import MEAN, make_images, make_tiny_net, run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVE = ROOT / "python" / "retrieve.py"
-
-
-@pytest.fixture(scope="module")
-def database(caffe, tmp_path_factory):
-    return tiny_database(caffe, tmp_path_factory.mktemp("retrieve"))
 
 
 def retrieve(*args, check=True):
@@ -77,6 +72,7 @@ def test_montage_is_a_png_of_the_expected_size(database, tmp_path):
                             round((MONTAGE_TILE_INCHES + 0.5) * MONTAGE_DPI))
 
 
+@pytest.mark.slow
 def test_index_cache_is_rebuilt_after_the_database_changes(caffe, tmp_path):
     from dlbhc.serving.retrieval import index_cache_path
     deploy, weights = make_tiny_net(caffe, tmp_path, bits=12)

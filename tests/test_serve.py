@@ -8,25 +8,18 @@ import subprocess
 import sys
 import threading
 import time
-import struct
 import urllib.error
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (MEAN, ROOT, Server, http_request, make_images, run_extract, run_script,
-                     tiny_database)
+from helpers import (BAD_PARAMETERS, MEAN, ROOT, Server, bomb_png, http_request, make_images,
+                     run_extract, run_script, truncated_jpeg)
 
 RETRIEVE = ROOT / "python" / "retrieve.py"
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def database(caffe, tmp_path_factory):
-    return tiny_database(caffe, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -140,33 +133,6 @@ def test_the_page_and_its_assets(server):
 
 # ---- bad and hostile requests ----------------------------------------------------------
 
-BAD_PARAMETERS = [
-    ("/api/search?id=1&top_k=0", 400, "top_k"),
-    ("/api/search?id=1&top_k=1000000000", 400, "top_k must be between 1 and 10000"),
-    ("/api/search?id=1&top_k=abc", 400, "top_k"),
-    ("/api/search?id=1&max_radius=-1", 400, "max_radius"),
-    ("/api/search?id=1&candidates=0", 400, "candidates"),
-    ("/api/search?top_k=3", 400, "id"),
-    ("/api/search?" + "&".join(f"id={i}" for i in range(33)), 400, "at most 32"),
-    ("/api/search?id=40", 404, "ids 0..39"),
-    ("/api/search?id=-1", 404, "no image"),
-    ("/api/search?id=abc", 404, "no image"),
-    ("/api/search?id=1e3", 404, "no image"),
-    ("/api/search?id=/etc/passwd", 404, "no image"),
-    ("/api/search?id=../../etc/passwd", 404, "no image"),
-    ("/api/images/99/thumbnail", 404, "no image"),
-    ("/api/images/%2Fetc%2Fpasswd/thumbnail", 404, ""),
-    ("/api/images/..%2F..%2Fetc%2Fpasswd/thumbnail", 404, ""),
-    ("/api/images/../../../etc/passwd", 404, ""),
-    ("/api/images/3/thumbnail?size=0", 400, "size"),
-    ("/api/images/3/thumbnail?size=100000", 400, "size"),
-    ("/static/..%2F..%2Fetc%2Fpasswd", 404, ""),
-    ("/static/%2Fetc%2Fpasswd", 404, ""),
-    ("/static/webapp.py", 404, ""),
-    ("/etc/passwd", 404, ""),
-]
-
-
 @pytest.mark.parametrize("path,status,says", BAD_PARAMETERS)
 def test_bad_parameters_get_a_clear_json_error(server, path, status, says):
     got, headers, body = server.get(path, AUTH)
@@ -180,25 +146,6 @@ def test_bad_parameters_get_a_clear_json_error(server, path, status, says):
 def test_wrong_method(server):
     status, _, body = http_request(server.url + "api/info", method="DELETE", headers=AUTH)
     assert status == 405 and "error" in json.loads(body)
-
-
-def bomb_png(width=30000, height=30000):
-    """A valid PNG header declaring width x height, with a few KB of data:
-    decoding it would allocate width * height * 3 bytes (2.7 GB)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + \
-        chunk(b"IEND", b"")
-
-
-def truncated_jpeg():
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)) \
-        .save(out, format="JPEG")
-    return out.getvalue()[:700]
 
 
 def oversized_upload(server, size=64 << 20):
@@ -340,6 +287,7 @@ def test_no_net_searches_by_id_only(database):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_nets_in_worker_processes_answer_like_the_thread(server, database):
     path = db_paths(database)[21]
     data = open(path, "rb").read()
@@ -431,6 +379,7 @@ def test_growing_database_is_served_whole_batches_only(tmp_path):
             writer.kill()
 
 
+@pytest.mark.slow
 def test_images_extract_appends_are_found_without_restart(database, tmp_path):
     images, db = tmp_path / "imgs", tmp_path / "db.lmdb"
     extract = [images, "--out", db, "--deploy", database["deploy"], "--weights",
@@ -453,6 +402,7 @@ def test_images_extract_appends_are_found_without_restart(database, tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_worker_processes_answer_like_one_server(server, database):
     path = db_paths(database)[13]
     srv = Server(["--db", database["db"], "--workers", 2])

@@ -20,6 +20,7 @@ def no_data_check(monkeypatch):
     monkeypatch.setattr(training, "check_data", lambda train_val, data_dir=None: None)
 
 
+@pytest.mark.caffe
 @pytest.mark.parametrize("net,bits", [("cifar", 48), ("alexnet", 48), ("alexnet", 128)])
 def test_derived_solver_scales_the_schedule(no_data_check, tmp_path, net, bits):
     original = read_prototxt(solvers.solver_path(net, bits), "SolverParameter")
@@ -44,6 +45,7 @@ def test_unknown_net_lists_the_available_ones():
         solvers.solver_path("cifar", 7)
 
 
+@pytest.mark.caffe
 def test_missing_training_data_names_the_make_target(tmp_path):
     train_val = tmp_path / "train_val.prototxt"
     train_val.write_text('layer { name: "data" type: "Data" top: "data" top: "label"\n'
@@ -118,6 +120,7 @@ def test_the_caffe_log_gives_the_learning_curve(tmp_path):
     assert caffe_log.parse_log(CAFFE_LOG.splitlines()).train == log.train
 
 
+@pytest.mark.caffe
 def test_train_script_refuses_options_of_the_other_mode(tmp_path):
     """--weights/--resume/--data-dir are for the checked-in nets, the
     collection's options need --data: named, not silently dropped."""
@@ -129,6 +132,7 @@ def test_train_script_refuses_options_of_the_other_mode(tmp_path):
     assert out.returncode == 2 and "--epochs needs --data" in out.stderr
 
 
+@pytest.mark.caffe
 def test_a_short_schedule_still_ends_with_a_test(no_data_check, tmp_path):
     _, solver = training.derived_solver("cifar", 48, tmp_path, max_iter=1000)
     assert solver.test_interval <= 1000 and 1000 % solver.test_interval == 0
@@ -144,6 +148,7 @@ def without_data_paths(net):
     return net
 
 
+@pytest.mark.caffe
 @pytest.mark.parametrize("net,bits", [("cifar", 12), ("alexnet", 48)])
 def test_data_dir_gives_the_run_its_own_train_val(tmp_path, net, bits):
     checked_in = read_prototxt(PROTOTXT / f"{net}_hash{bits}_train_val.prototxt")
@@ -169,12 +174,14 @@ def test_data_dir_gives_the_run_its_own_train_val(tmp_path, net, bits):
         training.derived_solver(net, bits, tmp_path / "run2", data_dir=tmp_path / "empty")
 
 
+@pytest.mark.caffe
 def test_without_data_dir_the_solver_uses_the_checked_in_train_val(no_data_check, tmp_path):
     _, solver = training.derived_solver("cifar", 12, tmp_path, max_iter=10)
     assert solver.net == str(ROOT / "prototxt" / "cifar_hash12_train_val.prototxt")
     assert not (tmp_path / "train_val.prototxt").exists()
 
 
+@pytest.mark.caffe
 def test_train_script_refuses_a_data_dir_without_the_data(tmp_path):
     out = run_script(TRAIN, ["--net", "cifar", "--bits", "12", "--max-iter", "2",
                              "--data-dir", tmp_path / "empty", "--runs-dir", tmp_path / "runs"],
@@ -204,6 +211,7 @@ def test_one_data_layer_spec_for_the_checked_in_files_and_the_runs(caffe):
 
 # ---- python/train.py for real: a few iterations on tiny generated data -------
 
+@pytest.mark.slow
 def test_train_script_runs_caffe_train_on_a_data_dir(caffe, tmp_path):
     """`python/train.py --data-dir` trains the small 12-bit net for a few
     iterations on LMDBs written here (40x40 padded training images, 32x32
