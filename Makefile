@@ -167,7 +167,7 @@ demo: data
 	$(PY) python/retrieve.py $(CIFAR_DIR)/$$(head -n 1 $(CIFAR_DIR)/test.txt | cut -d' ' -f1) \
 	    --db $(DEMO_DIR)/db_train.lmdb --top-k 1000 --show 10 --montage $(DEMO_DIR)/montage.png
 	$(PY) python/evaluate.py --database $(DEMO_DIR)/db_train.lmdb \
-	    --queries $(DEMO_DIR)/db_test.lmdb --k 1000 --out-dir $(DEMO_DIR)/evaluation
+	    --queries $(DEMO_DIR)/db_test.lmdb --top-k 1000 --out-dir $(DEMO_DIR)/evaluation
 	@echo "demo done: $(DEMO_DIR)/montage.png, $(DEMO_DIR)/evaluation/"
 
 # ---- serving --------------------------------------------------------------------

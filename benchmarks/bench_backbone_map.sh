@@ -64,7 +64,7 @@ for bits in $BITS; do
         t=$(date +%s)
         mkdir -p "$run/evaluation"
         "$PY" python/evaluate.py --database "$run/db_train.lmdb" --queries "$run/db_test.lmdb" \
-            --k 1000 --out-dir "$run/evaluation" | tee "$run/evaluation/evaluate_stdout.txt"
+            --top-k 1000 --out-dir "$run/evaluation" | tee "$run/evaluation/evaluate_stdout.txt"
         echo "evaluate_seconds $(( $(date +%s) - t )) load $(load)" >> "$timing"
     fi
     "$PY" benchmarks/bench_summary.py "$run" "$bits"

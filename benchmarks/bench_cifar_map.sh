@@ -96,7 +96,7 @@ done
 mkdir -p "$RUN/evaluation"
 log "evaluate: python/evaluate.py"
 "$PY" python/evaluate.py --database "$RUN/db_train.lmdb" --queries "$RUN/db_test.lmdb" \
-    --k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
+    --top-k 1000 --out-dir "$RUN/evaluation" | tee "$RUN/evaluation/evaluate_stdout.txt"
 
 # ---- the PCA re-rank store ---------------------------------------------------
 if [ "${PCA_MAP:-1}" = 1 ]; then

@@ -17,7 +17,7 @@ between the GEMMs run on one thread; see benchmarks/bench_extract.py).
 import os
 from dataclasses import dataclass
 
-from ..nets.caffe_env import blas_threads_control
+from ..nets.caffe_env import set_blas_threads
 from ..nets.model import HashNet
 
 
@@ -43,7 +43,6 @@ class NetCopy:
         process's BLAS then runs one thread."""
         net = HashNet(self.deploy, self.weights, list(self.mean), gpu=self.gpu,
                       resize=self.resize, check=False)
-        control = blas_threads_control() if self.gpu is None else None
-        if control is not None:
-            control[1](1)
+        if self.gpu is None:
+            set_blas_threads(1)
         return net

@@ -85,3 +85,17 @@ def blas_threads_control():
         return lib.openblas_get_num_threads, lib.openblas_set_num_threads
     except (OSError, AttributeError):
         return None
+
+
+def set_blas_threads(n):
+    """Set the OpenBLAS threads of this process's Caffe to `n` (None or 0:
+    leave them) when it uses OpenBLAS; the count in force afterwards, read
+    back (None: another BLAS). Every process that runs a net of its own (an
+    extraction worker or Ray actor, a server's net process, a feature-cache
+    worker) sets its threads here."""
+    control = blas_threads_control()
+    if control is None:
+        return None
+    if n:
+        control[1](int(n))
+    return int(control[0]())

@@ -25,6 +25,7 @@ import threading
 import numpy as np
 
 from ..errors import UserError
+from ..nets.caffe_env import set_blas_threads
 from .retrieval import load_matching_model
 
 
@@ -44,18 +45,6 @@ class _Job:
         self.fc7 = self.latent = self.error = None
 
 
-def _set_blas_threads(n):
-    """Set the OpenBLAS threads of the Caffe in this process (when it uses
-    OpenBLAS); the count in force afterwards, read back (None: no OpenBLAS)."""
-    from ..nets.caffe_env import blas_threads_control
-    control = blas_threads_control()
-    if control is None:
-        return None
-    if n:
-        control[1](int(n))
-    return int(control[0]())
-
-
 class _ThreadNet:
     """The net in this process, built and run by its dispatcher thread only
     (Caffe's mode is per thread, and the net is not thread-safe)."""
@@ -67,7 +56,7 @@ class _ThreadNet:
         self.blas_in_force = None
 
     def start(self):
-        self.blas_in_force = _set_blas_threads(self.blas_threads)
+        self.blas_in_force = set_blas_threads(self.blas_threads)
         self.net = load_matching_model(*self.model_args)
 
     def forward(self, crops):

@@ -33,7 +33,7 @@ from ..datasets.datum import LmdbWriter, float_datum_bytes
 from ..errors import UserError
 from ..files import replace_dir
 from ..images import BadImage, write_skipped_list
-from ..nets.caffe_env import blas_threads_control, import_caffe
+from ..nets.caffe_env import import_caffe, set_blas_threads
 from ..nets.model import BatchTransformer, ImagePreparer
 from ..nets.protos import caffe_pb2, layer_param_shapes, parse_caffemodel, read_prototxt
 from ..progress import Progress
@@ -195,9 +195,7 @@ _WORKER = {}
 
 
 def _init_worker(prototxt, weights, prep):
-    control = blas_threads_control()
-    if control is not None:
-        control[1](1)
+    set_blas_threads(1)
     caffe = import_caffe()
     caffe.set_mode_cpu()
     net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))

@@ -415,6 +415,6 @@ def usage_commands(run_dir, weights, train_list, test_list):
         f"python python/extract.py {rel(test_list)} --deploy {deploy} --weights {rel(weights)} "
         f"--out {db_test}",
         f"python python/retrieve.py QUERY.jpg --db {db_train} --montage results.png",
-        f"python python/evaluate.py --database {db_train} --queries {db_test} --k 1000 "
+        f"python python/evaluate.py --database {db_train} --queries {db_test} --top-k 1000 "
         f"--out-dir {rel(run_dir / 'evaluation')}",
     ]
