@@ -25,10 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+from dlbhc.nets.caffe_env import caffe_tool, import_caffe
 
-from dlbhc.nets.caffe_env import caffe_tool, import_caffe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def deploy_with_batch(src, dst, batch):

@@ -29,17 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
-from dlbhc.search.index import HashIndex  # noqa: E402
-from dlbhc.search.params import default_min_candidates  # noqa: E402
-from dlbhc.scale.milvus_index import MilvusCollection, load_database  # noqa: E402
-from dlbhc.progress import Progress  # noqa: E402
-from dlbhc.store.database import FeatureStore  # noqa: E402
-from dlbhc_testing.measure import latency_summary  # noqa: E402
-from dlbhc_testing.synthetic import (add_cluster_args, fc7_pool, open_or_write_store,  # noqa: E402
+from dlbhc.search.index import HashIndex
+from dlbhc.search.params import default_min_candidates
+from dlbhc.scale.milvus_index import MilvusCollection, load_database
+from dlbhc.progress import Progress
+from dlbhc.store.database import FeatureStore
+from dlbhc_testing.measure import latency_summary
+from dlbhc_testing.synthetic import (add_cluster_args, fc7_pool, open_or_write_store,
                                      zipf_clustered_codes)
+
 
 
 def parse_args(argv):

@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+from dlbhc.errors import UserError, run_main
 
-from dlbhc.errors import UserError, run_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 DEMO = ROOT / "runs" / "demo" / "cifar_hash48"
 

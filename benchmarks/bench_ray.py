@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_extract import deploy_with_batch, random_weights
+from dlbhc.store.database import FeatureStore
 
-from bench_extract import deploy_with_batch, random_weights  # noqa: E402
-from dlbhc.store.database import FeatureStore  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 PROGRESS = re.compile(r"extract \(ray\) (\d+)/(\d+)")
 

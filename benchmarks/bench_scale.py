@@ -47,13 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
-from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc_testing.measure import latency_summary  # noqa: E402
-from dlbhc_testing.synthetic import (FC7_POOL_ROWS, add_cluster_args, fc7_pool,  # noqa: E402
+from dlbhc.errors import UserError, run_main
+from dlbhc_testing.measure import latency_summary
+from dlbhc_testing.synthetic import (FC7_POOL_ROWS, add_cluster_args, fc7_pool,
                                      open_or_write_store, zipf_clustered_codes)
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 METHODS = ("coarse", "fc7", "pca", "pca+exact")
 

@@ -79,14 +79,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from dlbhc.search import codes as hcodes  # noqa: E402
-from dlbhc.search import costs as hcosts  # noqa: E402
-from dlbhc.search import index as hindex  # noqa: E402
-from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc_testing.measure import latency_summary  # noqa: E402
-from dlbhc_testing.synthetic import (FC7_BUDGET_MB, FC7_POOL_ROWS, add_cluster_args,  # noqa: E402
+from dlbhc.search import codes as hcodes
+from dlbhc.search import costs as hcosts
+from dlbhc.search import index as hindex
+from dlbhc.errors import UserError, run_main
+from dlbhc_testing.measure import latency_summary
+from dlbhc_testing.synthetic import (FC7_BUDGET_MB, FC7_POOL_ROWS, add_cluster_args,
                                      fc7_dim_within, fc7_pool, open_or_write_store,
                                      zipf_clustered_codes)
 

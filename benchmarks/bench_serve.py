@@ -55,13 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "python"))
-
-from dlbhc.errors import UserError, run_main  # noqa: E402
-from dlbhc_testing import synthetic  # noqa: E402
-from dlbhc_testing.server import Server, multipart  # noqa: E402
+from dlbhc.errors import UserError, run_main
+from dlbhc_testing import synthetic
+from dlbhc_testing.server import Server, multipart
 
 BAR_MS = 15.0
 # How the server runs for the CIFAR-10 database: serve.py's options.

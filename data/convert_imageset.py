@@ -13,11 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from dlbhc.datasets.datum import BACKENDS, compute_mean, convert_imageset  # noqa: E402
-from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.images import list_images  # noqa: E402
+from dlbhc.datasets.datum import BACKENDS, compute_mean, convert_imageset
+from dlbhc.errors import run_main
+from dlbhc.images import list_images
 
 
 def main(argv=None):

@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT / "python"))
+from dlbhc.datasets.cifar10 import ARCHIVE_ENV, CIFAR10_URL, get_cifar10
+from dlbhc.errors import run_main
 
-from dlbhc.datasets.cifar10 import ARCHIVE_ENV, CIFAR10_URL, get_cifar10  # noqa: E402
-from dlbhc.errors import run_main  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):

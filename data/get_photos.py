@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT / "python"))
+from dlbhc.errors import run_main
+from dlbhc.datasets.photos import GCOMPRIS, get_photos
 
-from dlbhc.errors import run_main  # noqa: E402
-from dlbhc.datasets.photos import GCOMPRIS, get_photos  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):

@@ -20,12 +20,9 @@ unless --overwrite is given.
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-from dlbhc.datasets.datum import pad_imageset  # noqa: E402
-from dlbhc.errors import run_main  # noqa: E402
+from dlbhc.datasets.datum import pad_imageset
+from dlbhc.errors import run_main
 
 
 def main(argv=None):

@@ -6,13 +6,19 @@ Markers (registered in pytest.ini, --strict-markers): caffe, slow, ray,
 milvus, browser, network.  `make test` runs every test; `make test-fast`
 leaves out ray, milvus, browser, network and slow (the inner loop).
 """
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# This checkout's package first, for the tests and for the scripts and
+# workers they start (data/ and benchmarks/ scripts import the installed
+# package: a venv's editable install may point at another checkout).
 sys.path.insert(0, str(PROJECT_ROOT / "python"))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(PROJECT_ROOT / "python")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def pytest_collection_modifyitems(items):
