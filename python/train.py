@@ -103,9 +103,10 @@ def main(argv=None):
     if args.data:
         wrong = given(CHECKED_IN_ONLY)
         if wrong:
-            p.error(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply "
-                    "with --data (training on your own collection): they are for the "
-                    "checked-in CIFAR-10 nets")
+            one = len(wrong) == 1
+            p.error(f"{', '.join(wrong)} {'does' if one else 'do'} not apply with --data "
+                    f"(training on your own collection): {'it is' if one else 'they are'} "
+                    "for the checked-in CIFAR-10 nets")
         from dlbhc.training.recipes import train_collection
         summary = train_collection(
             args.data, net=args.net or DEFAULT_BACKBONE, bits=args.bits, test=args.test,
