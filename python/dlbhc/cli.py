@@ -21,10 +21,11 @@ cli's integer types, SearchParams's rules) and a mistake found later
 `error: MESSAGE` on stderr, without a traceback, and the script exits with
 status 2; a command-line mistake shows the usage line above it.
 
-The sys.path preamble.  `python python/x.py` puts the script's own folder,
-python/, first on sys.path, so the scripts import dlbhc with no preamble
-at all; scripts elsewhere (data/, benchmarks/) put python/ on the path
-themselves, or use the package installed into the venv.
+The sys.path preamble.  There is none: `python python/x.py` puts the
+script's own folder, python/, first on sys.path, so the scripts import
+dlbhc as they are; scripts elsewhere (data/, benchmarks/) import the package
+`make venv` installs (editable, pyproject.toml), and the tests put python/
+first in tests/conftest.py.
 
 This is the top room of the layering (.importlinter): it may import every
 room, and none imports it.

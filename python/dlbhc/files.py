@@ -76,7 +76,7 @@ def _umask():
 
 
 def download(url, target, algo, expected, label=None, opener=urllib.request.urlopen,
-             stream=None, offline_hint=""):
+             offline_hint=""):
     """Download `url` to `target`, checking the file's `algo` digest.
 
     The bytes go to `target.partial` first and are renamed only when the
@@ -93,7 +93,7 @@ def download(url, target, algo, expected, label=None, opener=urllib.request.urlo
         with opener(url, timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             progress = Progress(total or None, label=label or target.name, unit="B",
-                                interval=2, stream=stream)
+                                interval=2)
             for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
                 out.write(chunk)
                 digest.update(chunk)

@@ -123,7 +123,7 @@ def _properties(client, name):
 # ---- loading a database ------------------------------------------------------
 
 def load_database(store, uri, name, index_type="BIN_FLAT", nlist=1024, nprobe=None,
-                  replace=False, log=None, progress=None):
+                  replace=False, progress=None):
     """Put FeatureStore `store` into collections NAME and NAME_rerank at
     `uri`.  Resumable: a rerun loads what is missing (the ids past what each
     collection holds: every insert is one whole batch); a collection of
