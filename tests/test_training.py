@@ -2,6 +2,7 @@
 with --data-dir), data checks, resume, and a real short run of `caffe train`."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,20 @@ def test_the_caffe_log_gives_the_learning_curve(tmp_path):
     assert list(rows[0]) == ["iteration", "seconds", "learning_rate", "accuracy", "loss"]
     assert [(r["iteration"], r["accuracy"]) for r in rows] == [("0", "0.1"), ("200", "0.6123")]
     assert caffe_log.parse_log(CAFFE_LOG.splitlines()).train == log.train
+
+
+def test_the_learning_curve_of_a_log_whose_glog_writes_the_year():
+    """glog 0.7 and later (this project's Caffe build) write the year in the
+    prefix (I20261127 23:59:58.1): the curve's seconds are the same as from
+    the year-less prefix of Caffe 1.0's logs, across New Year's Eve too."""
+    with_year = re.sub(r"^([IWEF])(11)(2[78])", lambda m: m[1] + "2026" + m[2] + m[3],
+                       CAFFE_LOG, flags=re.M)
+    assert with_year.startswith("I20261127 23:59:58.100000")
+    assert caffe_log.parse_log(with_year.splitlines()).train == \
+        caffe_log.parse_log(CAFFE_LOG.splitlines()).train
+    new_year = with_year.replace("I20261127", "I20261231").replace("I20261128", "I20270101")
+    assert [row["seconds"] for row in caffe_log.parse_log(new_year.splitlines()).test] == \
+        [1.4, 113.0]
 
 
 @pytest.mark.caffe

@@ -32,8 +32,10 @@ ITERATION_RE = re.compile(r"Iteration (\d+)")
 TRAIN_OUTPUT_RE = re.compile(r"Train net output #(\d+): (\S+) = ([-+.\deE]+|nan)")
 TEST_OUTPUT_RE = re.compile(r"Test net output #(\d+): (\S+) = ([-+.\deE]+|nan)")
 LEARNING_RATE_RE = re.compile(r"Iteration (\d+), lr = ([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
-# glog's prefix: severity, month and day, time of day.
-GLOG_TIME_RE = re.compile(r"^[IWEF](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2})\.(\d+)")
+# glog's prefix: severity, [year,] month and day, time of day. glog before
+# 0.7 (Caffe 1.0's logs) writes I1127 23:59:58.1; glog 0.7 and later, as
+# in this project's build, put the year in: I20261127 23:59:58.1.
+GLOG_TIME_RE = re.compile(r"^[IWEF](\d{4})?(\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2})\.(\d+)")
 
 TRAIN_CURVE_FILE = "train_curve.csv"
 TEST_CURVE_FILE = "test_curve.csv"
@@ -41,13 +43,14 @@ CURVE_COLUMNS = ("iteration", "seconds", "learning_rate")
 
 
 def log_time(line):
-    """The datetime of a glog line (in a leap year, for Feb 29), or None."""
+    """The datetime of a glog line, or None. Without a year in the prefix
+    it is put in 2000 (a leap year, for Feb 29)."""
     m = GLOG_TIME_RE.match(line)
     if not m:
         return None
-    month, day, hour, minute, second, fraction = m.groups()
-    return datetime(2000, int(month), int(day), int(hour), int(minute), int(second),
-                    int(fraction[:6].ljust(6, "0")))
+    year, month, day, hour, minute, second, fraction = m.groups()
+    return datetime(int(year or 2000), int(month), int(day), int(hour), int(minute),
+                    int(second), int(fraction[:6].ljust(6, "0")))
 
 
 class CaffeLog:
