@@ -167,13 +167,15 @@ class HashIndex:
 
     # ---- building ----------------------------------------------------------
     @classmethod
-    def build(cls, codes, bits):
-        """Index packed codes (N, code_bytes(bits)) uint8; image id = row number."""
+    def build(cls, codes, bits, ids=None):
+        """Index packed codes (N, code_bytes(bits)) uint8; image id = row
+        number, or ids[row] (ascending, e.g. a database's live rows)."""
         bits = int(bits)
         codes = check_codes(codes, bits)
         n = len(codes)
         words = to_words(codes)
-        id_dtype = np.int32 if n < 2**31 else np.int64
+        top = n if ids is None or not len(ids) else int(ids[-1]) + 1
+        id_dtype = np.int32 if top < 2**31 else np.int64
 
         # Buckets of equal codes (ids ascending within each), then laid out
         # in the pivots' scan order.
@@ -183,7 +185,8 @@ class HashIndex:
         pivot_words, band_cum, perm = pivot_layout(unique_words, sizes, bits)
         new_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes[perm], out=new_offsets[1:])
-        ids = order[concat_ranges(offsets[:-1][perm], offsets[1:][perm])].astype(id_dtype)
+        rows = order[concat_ranges(offsets[:-1][perm], offsets[1:][perm])]
+        ids = (rows if ids is None else np.asarray(ids)[rows]).astype(id_dtype)
         bucket_words = np.ascontiguousarray(unique_words[perm].T)
         keys, key_order, seed = probe_table(tuple(bucket_words))
         return cls(bits, n, bucket_words, new_offsets, ids, pivot_words, band_cum,
@@ -225,13 +228,14 @@ class HashIndex:
             return None
 
     @classmethod
-    def load_or_build(cls, path, revision, get_codes, bits):
+    def load_or_build(cls, path, revision, get_codes, bits, ids=None):
         """Cached index at `path` if saved for this revision, else build it
-        from get_codes() and save it there.  Returns (index, rebuilt: bool)."""
+        from get_codes() (with ids: see build) and save it there.  Returns
+        (index, rebuilt: bool)."""
         index = cls.load(path, revision)
         if index is not None and index.bits == int(bits):
             return index, False
-        index = cls.build(get_codes(), bits)
+        index = cls.build(get_codes(), bits, ids)
         index.save(path, revision)
         return index, True
 
@@ -431,7 +435,9 @@ class HashIndex:
         then expanded.  Built on first use (a few MB)."""
         if self._small_ball is None:
             rng = np.random.default_rng(0)
-            if self.count <= 2 * self.n_buckets:
+            # (ids 0..count-1 only: an index of some rows has gaps)
+            dense = self.count == 0 or int(self.ids.max()) == self.count - 1
+            if dense and self.count <= 2 * self.n_buckets:
                 rows = np.empty((self.count, self.n_words), dtype=np.uint64)
                 rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
                 sample = rng.choice(self.count, size=min(self.count, RADIUS_SAMPLE),

@@ -121,44 +121,69 @@ class Retriever:
 
     def __init__(self, db_path, rerank="auto", exact_top=None):
         self.db_path = Path(db_path)
-        self.store = FeatureStore.open(self.db_path)
-        if self.store.count == 0:
+        store = FeatureStore.open(self.db_path)
+        self._view = (store, None)   # (store, index): swapped whole by refresh
+        self._retired = None         # the store a compaction replaced, closed next time
+        if store.count == 0:
+            store.close()
             raise UserError(f"{db_path} holds no images yet: run extract.py on a collection first")
         try:
             self._exact_top = self._fine_stage(rerank, exact_top)
         except UserError:
-            self.store.close()
+            store.close()
             raise
-        self._take_index()
+        self._take_index(store)
         self._net = None
 
-    def _take_index(self):
-        """Search with the index of the store's current revision from now on
+    @property
+    def store(self):
+        return self._view[0]
+
+    @property
+    def index(self):
+        return self._view[1]
+
+    def _take_index(self, store):
+        """Search `store` with the index of its current revision from now on
         (index_time: when it was taken): the cached copy beside the database,
-        else built (and cached when the folder is writable)."""
+        else built (and cached when the folder is writable).  The index holds
+        the live rows only (removed images are never candidates)."""
         start = time.monotonic()
+        live = store.live_rows() if store.removed_count else None
+
+        def codes():
+            every = store.codes()
+            return every if live is None else every[live]
         try:
             index, rebuilt = HashIndex.load_or_build(
-                index_cache_path(self.db_path), self.store.revision(),
-                self.store.codes, self.store.bits)
+                index_cache_path(self.db_path), store.revision(), codes, store.bits, ids=live)
         except OSError:  # a read-only folder: build in memory, do not cache
-            index, rebuilt = HashIndex.build(self.store.codes(), self.store.bits), True
+            index, rebuilt = HashIndex.build(codes(), store.bits, ids=live), True
         if rebuilt:
             log.info("built the search index of %d images (%d buckets) in %.1f s",
                      index.count, index.n_buckets, time.monotonic() - start)
-        self.index, self.index_time = index, time.time()
+        self._view, self.index_time = (store, index), time.time()
 
     def refresh(self):
-        """Take in what was appended to the database since it was opened
-        (or last refreshed): True when a new index replaced the old one.
+        """Take in what was appended to or removed from the database since
+        it was opened (or last refreshed), and a compaction's new copy:
+        True when a new index replaced the old one.
 
         The new index is built before it replaces the old one, and a search
-        uses the index it started with, so searches running meanwhile answer
-        from the previous state; every state is a whole number of committed
-        batches (see FeatureStore.refresh)."""
-        if not self.store.refresh() and self.index.count == self.store.count:
+        uses the store and index it started with, so searches running
+        meanwhile answer from the previous state; every state is a whole
+        number of committed batches and removals (see FeatureStore.refresh)."""
+        store = self.store
+        if store.replaced():
+            fresh = FeatureStore.open(self.db_path)
+            self._take_index(fresh)
+            if self._retired is not None:
+                self._retired.close()
+            self._retired = store
+            return True
+        if not store.refresh() and self.index.count == store.live_count:
             return False
-        self._take_index()
+        self._take_index(store)
         return True
 
     @classmethod
@@ -168,9 +193,9 @@ class Retriever:
         paths and labels (milvus_index)."""
         from ..scale.milvus_index import MilvusCollection
         self = cls.__new__(cls)
-        self.store = MilvusCollection(uri, collection)
-        self.db_path = self.store.path
-        self.index = self.store.index
+        store = MilvusCollection(uri, collection)
+        self._view, self._retired = (store, store.index), None
+        self.db_path = store.path
         self._net = None
         self._exact_top = None   # re-ranked by the collection's vectors
         log.info("searching %d images in Milvus (%s, %s)", self.store.count, self.store.path,
@@ -194,10 +219,13 @@ class Retriever:
         """The rerank.ReducedRows the search ranks by (None: fc7), over the
         store's PCA rows as they are now (a store that grew maps its new
         rows too)."""
+        return self._reduced(self.store)
+
+    def _reduced(self, store):
         if self._exact_top is None:
             return None
-        projection = self.store.projection()
-        return ReducedRows(self.store.pca_rows(), projection.apply, self._exact_top,
+        projection = store.projection()
+        return ReducedRows(store.pca_rows(), projection.apply, self._exact_top,
                            projection.name())
 
     @property
@@ -207,6 +235,8 @@ class Retriever:
 
     def close(self):
         self.store.close()
+        if self._retired is not None:
+            self._retired.close()
 
     # ---- the query's features ----------------------------------------------
     def load_model(self, deploy=None, weights=None, gpu=None):
@@ -226,18 +256,22 @@ class Retriever:
         return fc7, codes
 
     def features_of_ids(self, image_ids):
-        """fc7 (Q, D) and codes (Q, B) of database images used as queries."""
-        ids = np.asarray(image_ids, dtype=np.int64)
-        bad = [int(i) for i in ids if not 0 <= i < self.store.count]
-        if bad:
-            raise UserError(f"--id {bad[0]}: the database holds ids 0..{self.store.count - 1}")
-        return self.store.fc7(ids), self.store.code_rows(ids)
+        """fc7 (Q, D) and codes (Q, B) of database images used as queries
+        (UserError for an id the database does not hold, or has removed)."""
+        store = self.store
+        rows = store.rows_of_ids(np.asarray(image_ids, dtype=np.int64))
+        return store.fc7(rows), store.code_rows(rows)
+
+    def image_info(self, image_id):
+        """The info record (path, label, ...) of a live image by id."""
+        store = self.store
+        return store.infos(store.rows_of_ids([int(image_id)]))[0]
 
     def id_queries(self, image_ids):
         """Database images as queries: (Query objects, codes, fc7); each
         query leaves its own image out of its results."""
         fc7, codes = self.features_of_ids(image_ids)
-        infos = self.store.infos(image_ids)
+        infos = self.store.infos(self.store.rows_of_ids(image_ids))
         queries = [Query(f"id {i}: {info['path']}", label=int(info["label"]), path=info["path"],
                          exclude_id=int(i))
                    for i, info in zip(image_ids, infos)]
@@ -255,21 +289,24 @@ class Retriever:
         # One more for queries that leave their own image out (None: all).
         excluding = any(q.exclude_id is not None for q in queries)
         want = k + 1 if excluding and k is not None else k
-        # One index (and PCA rows) for the whole batch, even when refresh()
-        # swaps them meanwhile.
-        index, reduced = self.index, self.reduced
-        found = index.search(np.asarray(codes), np.asarray(fc7), self.store.fc7, want,
+        # One store, index (and PCA rows) for the whole batch, even when
+        # refresh() swaps them meanwhile.  The index answers rows; results
+        # show ids (the same until a compaction, live.py).
+        store, index = self._view
+        reduced = self._reduced(store)
+        found = index.search(np.asarray(codes), np.asarray(fc7), store.fc7, want,
                              min_candidates=params.candidates, max_radius=params.max_radius,
                              reduced=reduced)
         ranked_by = describe(reduced)      # one fine stage for the whole batch
         answers = []
         for i, query in enumerate(queries):
             result = found[i]
+            result_ids = store.ids_of_rows(result.ids)
             keep = np.arange(len(result.ids)) if query.exclude_id is None else \
-                np.flatnonzero(result.ids != query.exclude_id)
+                np.flatnonzero(result_ids != query.exclude_id)
             keep = keep[:k]
-            ids = result.ids[keep]
-            infos = self.store.infos(ids) if len(keep) else []
+            ids = result_ids[keep]
+            infos = store.infos(result.ids[keep]) if len(keep) else []
             # Plain Python numbers, converted once per column (a top-1000
             # answer is built per request by serve.py).
             hits = [Hit(rank=r + 1, id=image_id, path=info["path"], label=int(info["label"]),

@@ -14,7 +14,10 @@ refresh_seconds; when extract.py has appended, Retriever.refresh builds the
 new index and swaps it in whole.  The store commits the new count in the
 same transaction as the records it counts (fc7 rows were made durable
 before), and a search uses the index it started with, so every answer
-comes from a whole number of committed batches.
+comes from a whole number of committed batches.  Removals (extract.py
+--remove, --sync) change the revision the same way, and the new index
+leaves the removed images out; a compaction's new copy is noticed by its
+folder (FeatureStore.replaced) and opened in its place.
 
 Memory bound (the limits below): request bodies are refused past
 max_upload_bytes (webapp.py), and the multipart parser keeps at most 1 MB of
@@ -143,13 +146,13 @@ def upload_name(name):
 
 class QueryService:
     """A database opened for queries, its net loaded once (unless net=False:
-    searches by id need none), and the database followed as it grows."""
+    searches by id need none), and the database followed as it grows,
+    loses images and is compacted."""
 
     def __init__(self, db_path, limits=None, net=True, deploy=None, weights=None, gpu=None,
                  net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0):
         self.limits = limits or Limits()
         self.retriever = Retriever(db_path)
-        self.store = self.retriever.store
         self.prep = Preprocessing.from_dict(self.store.meta["preprocessing"]) \
             if "preprocessing" in self.store.meta else None
         self.net = None
@@ -186,6 +189,11 @@ class QueryService:
             self.net.close()
         self.retriever.close()
 
+    @property
+    def store(self):
+        """The database as the retriever holds it now (a compaction switches it)."""
+        return self.retriever.store
+
     # ---- growth ----------------------------------------------------------------
     def _watch(self):
         while not self._stop.wait(self.refresh_seconds):
@@ -197,7 +205,7 @@ class QueryService:
         try:
             start = time.monotonic()
             if self.retriever.refresh():
-                log.info("database grew to %d images: index updated in %.2f s",
+                log.info("database changed, %d live images: index updated in %.2f s",
                          self.retriever.index.count, time.monotonic() - start)
                 return True
         except Exception as err:  # noqa: BLE001  (keep serving what we have)
@@ -238,10 +246,13 @@ class QueryService:
         """A database image id from request text; NotFound for anything else
         (a number outside the database, a word, a path)."""
         text = str(text).strip()
-        count = self.store.count
-        if not text.isdigit() or len(text) > 12 or int(text) >= count:
-            shown = text if len(text) <= 60 else text[:57] + "..."
-            raise NotFound(f"no image with id {shown!r}: the database holds ids 0..{count - 1}")
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        if not text.isdigit() or len(text) > 12:
+            raise NotFound(f"no image with id {shown!r}: ids are whole numbers")
+        try:
+            self.store.rows_of_ids([int(text)])    # held and not removed
+        except UserError as err:
+            raise NotFound(str(err)) from None
         return int(text)
 
     def search_params(self, top_k=DEFAULT_TOP_K, candidates=None, max_radius=None):
@@ -306,7 +317,7 @@ class QueryService:
     # ---- images --------------------------------------------------------------
     def image_record(self, id_text):
         image_id = self.parse_id(id_text)
-        info = self.store.infos([image_id])[0]
+        info = self.retriever.image_info(image_id)
         return {"id": image_id, "path": info["path"], "label": int(info["label"])}
 
     def thumbnail(self, id_text, size=128):
@@ -319,7 +330,7 @@ class QueryService:
         cached = self._thumbnails.get((image_id, size))
         if cached is not None:
             return cached
-        path = self.store.infos([image_id])[0]["path"]
+        path = self.retriever.image_info(image_id)["path"]
         try:
             rgb = read_image(path, max_pixels=self.limits.max_pixels)
         except BadImage as err:
