@@ -58,7 +58,7 @@ def ids_of_targets(store, targets):
 def remove_images(out, targets):
     """Remove the images `targets` (ids or paths) from database `out`: one
     transaction.  Returns the removed ids."""
-    with writer_lock(out, "extract.py --remove"):
+    with writer_lock(out, "extract.py --remove", must_exist=True):
         with FeatureStore.open(out, readonly=False) as store:
             ids = ids_of_targets(store, targets)
             store.remove(ids)
@@ -109,7 +109,8 @@ def plan_sync(store, items):
         if "size" not in info:
             report.unknown_stat += 1
             report.unchanged += 1
-        elif (info["size"], info["mtime_ns"]) != stats[path]:
+        elif (info["size"], info["mtime_ns"]) != stats[path] or \
+                int(info["label"]) != int(item.label):
             todo.append((seq, path, int(item.label)))
             replaces[path] = image_id
             report.replaced += 1

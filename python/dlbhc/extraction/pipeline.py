@@ -34,7 +34,7 @@ from ..progress import Progress
 from ..report import get_logger
 from ..search.codes import pack_codes
 from ..store import DEFAULT_BACKEND, DEFAULT_FC7_DTYPE, FeatureStore, check_compatible
-from ..store.live import writer_lock
+from ..store.live import crash_point, writer_lock
 from .netcopy import NetCopy
 
 log = get_logger(__name__)
@@ -318,10 +318,16 @@ class Committer:
     """Stages computed batches and commits them together: one store.append
     (one transaction) when `commit_seconds` have passed since the last
     commit, and a final commit(). Codes are packed here (codes.pack_codes);
-    report.stored counts the committed images."""
+    report.stored counts the committed images.  Each record gets its file's
+    size and mtime_ns (from `stats`, {path: (size, mtime_ns)} taken before
+    decoding, else os.stat at commit) for --sync to tell changed files; the
+    live ids `replaces` names for a path ({path: id}) are tombstoned in the
+    commit that stores the path's new record."""
 
-    def __init__(self, store, report, commit_seconds=DEFAULT_COMMIT_SECONDS):
+    def __init__(self, store, report, commit_seconds=DEFAULT_COMMIT_SECONDS, replaces=None,
+                 stats=None):
         self.store, self.report, self.commit_seconds = store, report, commit_seconds
+        self.replaces, self.stats = replaces or {}, stats or {}
         self._fc7, self._latent, self._infos = [], [], []
         self._since = time.monotonic()
 
@@ -353,6 +359,7 @@ class Committer:
         remove = [self.replaces[i["path"]] for i in self._infos if i["path"] in self.replaces]
         self.store.append(np.concatenate(self._fc7), latent, pack_codes(latent), self._infos,
                           remove=remove)
+        crash_point("committed")
         self.report.stored += len(self._infos)
         self._fc7, self._latent, self._infos = [], [], []
         self._since = time.monotonic()

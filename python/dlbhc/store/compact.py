@@ -124,7 +124,7 @@ def compact(path):
     """Rewrite the database at `path` without its removed rows (see the
     module docstring).  Returns (rows before, rows after)."""
     path = Path(path)
-    with writer_lock(path, "the compaction"):
+    with writer_lock(path, "the compaction", must_exist=True):
         recover_switch(path)
         new_path, old_path = _sibling(path, COMPACTING_SUFFIX), _sibling(path, OLD_SUFFIX)
         with FeatureStore.open(path) as old:

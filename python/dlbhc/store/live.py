@@ -46,9 +46,13 @@ def lock_path(db_path):
 
 
 @contextmanager
-def writer_lock(db_path, what="this command"):
+def writer_lock(db_path, what="this command", must_exist=False):
     """Hold the database's one-writer lock (extract.py adding, removing,
-    syncing, compacting); UserError at once when another process holds it."""
+    syncing, compacting); UserError at once when another process holds it
+    (or, must_exist, when there is no database at db_path)."""
+    db_path = Path(db_path)
+    if must_exist and not (db_path.exists() or db_path.with_name(db_path.name + ".old").exists()):
+        raise UserError(f"feature database {db_path} does not exist")
     path = lock_path(db_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
