@@ -18,6 +18,7 @@ same defaults: re-ranked by the database's PCA store when it has one
 An image is relevant to a query when their labels are equal.
 --out-dir receives figures.json, precision_at_k.png and precision_recall.png.
 """
+import dataclasses
 import json
 import sys
 import zipfile
@@ -96,6 +97,15 @@ def _load_store(path, with_fc7, with_index, rerank, exact_top):
     try:
         if store.count == 0:
             raise UserError(f"{path} holds no images")
+        if store.removed_count:
+            # Removed images are not evaluated: the live rows only (their
+            # fc7 read into memory; compact a large database first).
+            live = store.live_rows()
+            if reduced is not None:
+                reduced = dataclasses.replace(reduced, rows=np.asarray(reduced.rows[live]))
+            return {"codes": store.codes()[live], "labels": store.labels()[live],
+                    "bits": store.bits, "index": None, "reduced": reduced,
+                    "fc7": np.asarray(store.fc7_rows()[live]) if with_fc7 else None}
         return {"codes": store.codes(), "labels": store.labels(), "bits": store.bits,
                 "fc7": store.fc7_rows() if with_fc7 else None, "index": index,
                 "reduced": reduced}
