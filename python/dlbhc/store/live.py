@@ -115,9 +115,10 @@ class LiveRows:
         """The id the next appended image gets (ids are never reused)."""
         return self.count + int(self.meta.get("id_map", {}).get("offset", 0))
 
-    def removed_ids(self):
-        """The removed ids (tombstones since the last compaction), ascending."""
-        return np.sort(read_ids(self.path / REMOVED_FILE, self.removed_count))
+    def removed_ids(self, since=0):
+        """The removed ids (tombstones since the last compaction; with since=n,
+        those after the first n removed), ascending."""
+        return np.sort(read_ids(self.path / REMOVED_FILE, self.removed_count)[int(since):])
 
     def _id_map(self):
         record = self.meta.get("id_map")
