@@ -204,3 +204,31 @@ def test_kill_9_during_compaction_or_removal_loses_nothing(tmp_path, point):
                             {i: v for i, v in want.items() if i not in removed})
     with FeatureStore.open(db) as store:
         assert store.removed_count == (0 if what == "compact" else 60 + len(removed))
+
+
+@pytest.mark.parametrize("n,bits", [(400, 16), (6000, 48), (30000, 32)])
+def test_an_index_less_removed_images_answers_as_one_built_without_them(n, bits):
+    """HashIndex.without (how removals reach a live index, no rebuild)
+    against an index built over the remaining images, and brute force."""
+    from dlbhc.search.index import HashIndex
+    from dlbhc_testing.synthetic import clustered_codes
+    rng = np.random.default_rng(n)
+    codes = clustered_codes(rng, n, bits, n_centres=8, flip_p=0.04)
+    fc7 = rng.standard_normal((n, 6)).astype(np.float32)
+    gone = rng.choice(n, n // 3, replace=False)
+    live = np.setdiff1d(np.arange(n), gone)
+    smaller = HashIndex.build(codes, bits).without(gone[: n // 6]).without(gone[n // 6:])
+    rebuilt = HashIndex.build(codes[live], bits, ids=live)
+    assert smaller.count == rebuilt.count == len(live)
+    q = rng.choice(n, 8, replace=False)
+    for k, min_candidates, max_radius in ((10, None, None), (50, 300, None), (20, None, 2),
+                                          (None, 100, None), (5, n, None)):
+        a = smaller.search(codes[q], fc7[q], fc7, k, min_candidates, max_radius)
+        b = rebuilt.search(codes[q], fc7[q], fc7, k, min_candidates, max_radius)
+        for field in ("ids", "hamming", "l2", "candidates", "radius"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert not np.isin(a.ids, gone).any()
+    truth = brute_force_search(codes[live], fc7[live], codes[q], fc7[q], 10, bits=bits,
+                               max_radius=2)
+    got = smaller.search(codes[q], fc7[q], fc7, 10, n, 2)
+    np.testing.assert_array_equal(got.ids, np.where(truth.ids >= 0, live[truth.ids], -1))

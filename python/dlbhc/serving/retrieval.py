@@ -162,7 +162,7 @@ class Retriever:
         if rebuilt:
             log.info("built the search index of %d images (%d buckets) in %.1f s",
                      index.count, index.n_buckets, time.monotonic() - start)
-        self._view, self.index_time = (store, index), time.time()
+        self._set_view(store, index)
 
     def refresh(self):
         """Take in what was appended to or removed from the database since
@@ -181,10 +181,28 @@ class Retriever:
                 self._retired.close()
             self._retired = store
             return True
+        state = self._state
         if not store.refresh() and self.index.count == store.live_count:
             return False
+        if (store.count, store.meta.get("compactions", 0)) == state[:2] \
+                and store.removed_count > state[2]:
+            # Only removals since: the index less those rows, no rebuild.
+            gone = store.rows_of_ids(store.removed_ids(since=state[2]), live=False)
+            index = self.index.without(gone)
+            try:
+                index.save(index_cache_path(self.db_path), store.revision())
+            except OSError:
+                pass     # a read-only folder: not cached
+            self._set_view(store, index)
+            return True
         self._take_index(store)
         return True
+
+    def _set_view(self, store, index):
+        """Search `store` with `index` from now on; _state: what of the store
+        the index reflects (rows, compactions, removals)."""
+        self._state = (store.count, store.meta.get("compactions", 0), store.removed_count)
+        self._view, self.index_time = (store, index), time.time()
 
     @classmethod
     def on_milvus(cls, uri, collection):
