@@ -163,7 +163,7 @@ def bench_sync(args, workdir, out):
     from dlbhc.nets.model import HashNet
     from dlbhc.search.codes import pack_codes
     deploy = ROOT / "prototxt" / "cifar_hash48_deploy.prototxt"
-    weights = DEMO / "cifar_hash48.caffemodel"
+    weights = Path(args.demo) / "cifar_hash48.caffemodel"
     if not weights.exists():
         raise SystemExit(f"{weights} is missing: run `make demo` first (or --sync-files 0)")
     folder, db = workdir / "sync_files", workdir / "sync_db"
@@ -221,6 +221,8 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--sync-files", type=int, default=100_000, help="files (0: skip)")
+    p.add_argument("--demo", default=str(DEMO),
+                   help="make demo's run folder, whose net --sync loads (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where databases are written (default: a temp folder)")
     p.add_argument("--json", default="out/bench_changes.json")

@@ -156,9 +156,11 @@ class LiveRows:
             known = in_map | ((tail >= len(mapped)) & (tail < self.count))
         if not known.all():
             bad = int(ids[~known][0])
-            raise UserError(f"no image with id {bad} in {self.path}" +
-                            (" (it was removed and compacted away)" if 0 <= bad < self.next_id
-                             else f": its ids are below {self.next_id}"))
+            gone = 0 <= bad < self.next_id
+            raise UserError(f"no image with id {bad}: " + (
+                f"it was removed from {self.path} and compacted away" if gone else
+                f"{self.path} holds ids 0..{self.next_id - 1}" +
+                (" (less those removed)" if self.next_id != self.live_count else "")))
         if live and self.removed_count:
             dead = ~self.live_mask()[rows]
             if dead.any():
