@@ -32,9 +32,9 @@ def batch(rng, n, start=0):
     return fc7, latent, pack_codes(latent), infos
 
 
-def make_store(path, n=300, seed=0):
+def make_store(path, n=300, seed=0, backend="lmdb"):
     rng = np.random.default_rng(seed)
-    store = FeatureStore.create(path, {"bits": BITS, "fc7_dim": DIM})
+    store = FeatureStore.create(path, {"bits": BITS, "fc7_dim": DIM}, backend=backend)
     for lo in range(0, n, 100):
         store.append(*batch(rng, min(100, n - lo), lo))
     store.close()
@@ -126,9 +126,10 @@ def test_replace_keeps_one_record_per_path_and_ids_are_never_reused(tmp_path):
         assert sorted(store.live_ids().tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
-def test_compaction_keeps_ids_and_answers(tmp_path):
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_compaction_keeps_ids_and_answers(tmp_path, backend):
     db = tmp_path / "db"
-    make_store(db)
+    make_store(db, backend=backend)
     remove_images(db, [str(i) for i in range(1, 300, 4)])
     want = snapshot(db)
     got_before, _ = live_answers(db, [2, 40, 77])
@@ -232,3 +233,29 @@ def test_an_index_less_removed_images_answers_as_one_built_without_them(n, bits)
                                max_radius=2)
     got = smaller.search(codes[q], fc7[q], fc7, 10, n, 2)
     np.testing.assert_array_equal(got.ids, np.where(truth.ids >= 0, live[truth.ids], -1))
+
+
+def test_compaction_keeps_the_pca_rows_of_the_live_images(tmp_path):
+    db = tmp_path / "db"
+    make_store(db)
+    with FeatureStore.open(db, readonly=False) as store:
+        store.add_pca(store.learn_projection(4))
+    remove_images(db, [str(i) for i in range(0, 300, 3)])
+    with FeatureStore.open(db) as store:
+        rows = store.live_rows()
+        want = dict(zip(store.ids_of_rows(rows).tolist(), np.asarray(store.pca_rows()[rows])))
+    compact(db)
+    with FeatureStore.open(db) as store:
+        store.projection()                                   # checked against the metadata
+        got = dict(zip(store.ids_of_rows(np.arange(store.count)).tolist(),
+                       np.asarray(store.pca_rows())))
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[i], want[i]) for i in want)
+    retriever = Retriever(db)                                 # re-ranks by the PCA rows
+    try:
+        assert retriever.rerank.startswith("pca4")
+        fc7, codes = retriever.features_of_ids([4])
+        hits = retriever.search([Query("q", exclude_id=4)], codes, fc7, SearchParams(5))[0].hits
+        assert hits and not {h.id for h in hits} & set(range(0, 300, 3))
+    finally:
+        retriever.close()
