@@ -78,12 +78,24 @@ def test_sync_follows_a_folder_changed_in_every_way(tiny, tmp_path):
     assert live_state(db) == (after, revision)
 
 
-@pytest.mark.parametrize("point", ["tombstone", "committed"])
-def test_kill_9_during_sync_then_rerun_loses_and_doubles_nothing(tiny, tmp_path, point):
+def modify_only(folder):
+    """Two files rewritten (replacements only: the first tombstone written
+    is a replacement's, inside the commit of its new record)."""
+    rng = np.random.default_rng(7)
+    for path in sorted(folder.rglob("*.png"))[3:5]:
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("point,change", [("tombstone", change_every_way),
+                                          ("committed", change_every_way),
+                                          ("tombstone", modify_only)])
+def test_kill_9_during_sync_then_rerun_loses_and_doubles_nothing(tiny, tmp_path, point, change):
     folder, db = tmp_path / "imgs", tmp_path / "db"
     make_images(folder, 10)
     run_extract(sync_args(tiny, folder, db))
-    change_every_way(folder)
+    change(folder)
     env = dict(os.environ, DLBHC_CRASH_AT=point)
     proc = subprocess.run([sys.executable, str(EXTRACT), *map(str, sync_args(tiny, folder, db))],
                           env=env, capture_output=True, text=True)
