@@ -162,3 +162,43 @@ def test_bad_input_gets_a_clear_message(tiny, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+def test_serve_py_follows_a_removal_and_a_compaction_without_restart(tiny, tmp_path):
+    """serve.py's watcher: a removal and then a compaction by extract.py in
+    another process reach the running server's answers (HTTP, by upload
+    and by id)."""
+    import json
+    import time
+    from helpers import Server
+    folder, db = tmp_path / "imgs", tmp_path / "db"
+    files = make_images(folder, 12)
+    run_extract(sync_args(tiny, folder, db))
+    srv = Server(["--db", db, "--refresh-seconds", 0.2])
+    try:
+        upload = [(files[5].name, files[5].read_bytes())]
+        status, _, body = srv.upload("/api/search?top_k=3", upload)
+        hit = json.loads(body)[0]["results"][0]
+        assert status == 200 and hit["path"] == str(files[5].resolve())
+        assert srv.get_json("/api/info")["stored"] == 12
+        for args, stored in ((["--remove", str(hit["id"]), "--out", db], 12),
+                             (["--compact", "--out", db], 11)):
+            run_extract(args)
+            deadline = time.monotonic() + 30
+            while (srv.get_json("/api/info")["count"], srv.get_json("/api/info")["stored"]) \
+                    != (11, stored) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert (srv.get_json("/api/info")["count"], srv.get_json("/api/info")["stored"]) \
+                == (11, stored)
+            status, _, body = srv.upload("/api/search?top_k=20", upload)
+            assert status == 200
+            results = json.loads(body)[0]["results"]
+            assert len(results) == 11 and hit["id"] not in {h["id"] for h in results}
+            assert srv.get(f"/api/images/{hit['id']}")[0] == 404
+            other = results[0]["id"]
+            assert srv.get(f"/api/images/{other}")[0] == 200
+            by_id = srv.get_json(f"/api/search?id={other}&top_k=20")[0]["results"]
+            assert len(by_id) == 10 and hit["id"] not in {h["id"] for h in by_id}
+    finally:
+        srv.stop()

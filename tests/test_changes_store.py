@@ -259,3 +259,32 @@ def test_compaction_keeps_the_pca_rows_of_the_live_images(tmp_path):
         assert hits and not {h.id for h in hits} & set(range(0, 300, 3))
     finally:
         retriever.close()
+
+
+def test_sync_plan_uses_stat_only_and_takes_old_records_as_unchanged(tmp_path):
+    """plan_sync: new, changed (size/mtime or label), vanished, unchanged,
+    and records made before size/mtime were recorded (taken as unchanged)."""
+    from dlbhc.extraction import file_stat, plan_sync
+    from dlbhc.images import ImageItem
+    files = []
+    for i in range(6):
+        path = tmp_path / f"f{i}.png"
+        path.write_bytes(b"x" * (10 + i))
+        files.append(path)
+    rng = np.random.default_rng(0)
+    fc7, latent, codes, _ = batch(rng, 5)
+    infos = [{"path": str(p), "label": 0, "seq": i} for i, p in enumerate(files[:5])]
+    for info in infos[:4]:
+        info["size"], info["mtime_ns"] = file_stat(info["path"])
+    infos[2]["size"] += 1                       # changed since it was recorded
+    infos[3]["label"] = 1                       # its class folder changed
+    infos.append(dict(infos[0], path=str(tmp_path / "gone.png")))   # vanished
+    db = tmp_path / "db"
+    with FeatureStore.create(db, {"bits": BITS, "fc7_dim": DIM}) as store:
+        store.append(*batch(rng, 6)[:3], infos)
+        items = [ImageItem(p, 0) for p in files]
+        todo, replaces, vanished, stats, report = plan_sync(store, items)
+    assert [t[1] for t in todo] == [str(files[2]), str(files[3]), str(files[5])]
+    assert replaces == {str(files[2]): 2, str(files[3]): 3} and vanished == [5]
+    assert (report.added, report.replaced, report.removed, report.unchanged,
+            report.unknown_stat) == (1, 2, 1, 3, 1)

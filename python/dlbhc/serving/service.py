@@ -203,10 +203,12 @@ class QueryService:
         """Take in images appended since the last look; True when the index
         was replaced.  A failure is logged and the old index kept serving."""
         try:
-            start = time.monotonic()
+            start, before = time.monotonic(), self.retriever.index.count
             if self.retriever.refresh():
-                log.info("database changed, %d live images: index updated in %.2f s",
-                         self.retriever.index.count, time.monotonic() - start)
+                now = self.retriever.index.count
+                log.info("database %s %d images: index updated in %.2f s",
+                         "grew to" if now > before else "changed, now", now,
+                         time.monotonic() - start)
                 return True
         except Exception as err:  # noqa: BLE001  (keep serving what we have)
             log.warning("could not take in the database's new images: %s", err)

@@ -35,6 +35,11 @@ batch or none of it; rows written past the count by a crashed run are simply
 overwritten by the next append.  Building a PCA store follows the same rule:
 its files are complete and synced before the metadata names them.
 
+Removals follow the same rule (tombstones written and synced, then the
+count that makes them valid committed, with a replacement's new record in
+the same transaction), and compaction rewrites the database beside itself:
+live.py and compact.py, which also say how ids stay stable.
+
 Writers change the metadata by read-modify-write inside one write
 transaction (the backend's commit), so compress.py adding a PCA store while extract.py
 appends loses neither: whichever commits second sees the other's record (an
