@@ -129,7 +129,7 @@ def fine_stage(coarse, query_fc7, fc7, k, reduced=None, query_reduced=None):
     ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
     if not len(ids):
         return ids, ham, np.empty(0, np.float32), 0, coarse.radius, 0
-    top, d2, n_exact = fine_rank(ids, query_fc7, fc7, k, reduced, query_reduced)
+    top, d2, n_exact = fine_rank(ids, query_fc7, fc7, k, reduced, query_reduced, ham)
     return ids[top], ham[top], d2, len(ids), coarse.radius, n_exact
 
 
