@@ -48,9 +48,9 @@ def stage_rows(name, latent=None, projection=None, pca_rows=None, exact_top=DEFA
     if name == "latent":
         return ReducedRows(latent, None, 0, "latent")
     if name == "none":
-        return ReducedRows(latent, None, 0, "hamming + latent", hamming_first=True)
+        return ReducedRows(latent, None, 0, "latent tie-break", hamming_first=True)
     if name == FALLBACK:
-        return ReducedRows(None, None, 0, "hamming", hamming_first=True)
+        return ReducedRows(None, None, 0, "id tie-break", hamming_first=True)
     if name == "pca":
         return ReducedRows(pca_rows, projection.apply, int(exact_top), projection.name())
     raise ValueError(f"unknown fine stage {name!r}: one of {', '.join(STAGES)}")

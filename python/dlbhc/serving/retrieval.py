@@ -232,10 +232,7 @@ class Retriever:
         if rerank == "auto":
             rerank, note = auto_stage(self.store.meta, has_pca)
         if rerank == "pca":
-            if not has_pca:
-                raise UserError(f"--rerank pca: {self.db_path} has no PCA store "
-                                "(make one with python/compress.py DB --pca 256)")
-            self.store.projection()   # checked against the database
+            self.store.projection()   # there and checked against the database
         return rerank, note
 
     def latent_rows(self):
