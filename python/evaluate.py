@@ -86,7 +86,8 @@ def _load_npz(path, with_fc7):
             latent = data["latent"] if with_fc7 and "latent" in data else None
             return {"codes": data["codes"], "labels": data["labels"],
                     "bits": int(data["bits"]), "fc7": fc7, "latent": latent, "index": None,
-                    "reduced": None, "stage": "fc7", "note": None, "stages": {}}
+                    "reduced": None, "stage": "fc7", "stages": {},
+                    "note": "a .npz database has no model record: re-ranking by fc7"}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"cannot read {path}: {err}") from err
 
@@ -176,8 +177,8 @@ def main(argv=None):
         print("no fc7 in the inputs: evaluating the Hamming ranking only", file=sys.stderr)
 
     (main, q_rows), others = fine_stage_inputs(db, queries) if fine else ((None, None), {})
-    if fine and db["note"]:
-        print(f"--rerank auto: {db['note']}", file=sys.stderr)
+    if fine and Path(args.database).suffix == ".npz":
+        print(db["note"], file=sys.stderr)   # (a database's is logged as it opens)
     progress = Progress(len(queries["codes"]), label="evaluating", unit="query", interval=5)
     try:
         results = metrics.evaluate(

@@ -195,6 +195,14 @@ def test_class_names_in_text_json_and_service_answers(tmp_path):
         assert found.rerank == "latent" and found.hits[0].class_name == names[found.hits[0].label]
         assert service.image_record("3")["class_name"] == names[labels[3]]
         assert service.info()["rerank"] == "latent" and service.info()["classes"] == names
+        from fastapi.testclient import TestClient
+        from dlbhc.serving.webapp import create_app
+        with TestClient(create_app(service)) as client:
+            [api] = client.get("/api/search?id=3&top_k=5").json()
+            assert api["query_class"] == names[labels[3]] and api["rerank"] == "latent"
+            assert [(h["label"], h["class_name"]) for h in api["results"]] == \
+                [(h.label, h.class_name) for h in found.hits]
+            assert client.get("/api/images/3").json()["class_name"] == names[labels[3]]
     finally:
         service.close()
 
