@@ -53,12 +53,16 @@ def write_rerank_record(folder, record):
     return path
 
 
+def record_file(folder, name):
+    """folder/name when both exist, else None."""
+    path = None if folder is None else Path(folder) / name
+    return path if path is not None and path.is_file() else None
+
+
 def read_rerank_record(folder):
     """The rerank record in `folder` (dict), None when there is none."""
-    if folder is None:
-        return None
-    path = Path(folder) / RERANK_FILE
-    if not path.is_file():
+    path = record_file(folder, RERANK_FILE)
+    if path is None:
         return None
     try:
         record = json.loads(path.read_text())
@@ -72,10 +76,8 @@ def read_rerank_record(folder):
 def read_class_names(folder):
     """Class names (label i -> names[i]) from classes.txt in `folder`; None
     when there is none."""
-    if folder is None:
-        return None
-    path = Path(folder) / CLASSES_FILE
-    if not path.is_file():
+    path = record_file(folder, CLASSES_FILE)
+    if path is None:
         return None
     try:
         names = [line.strip() for line in path.read_text().splitlines()]
