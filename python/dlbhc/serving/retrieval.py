@@ -109,9 +109,8 @@ def auto_stage(meta, has_pca):
     scores = ", ".join(f"{name} {value:.3f}" for name, value in record["map_at_k"].items())
     note = (f"fine stage {stage}, as recorded for this model (held-out mAP@"
             f"{record.get('k', '?')}: coarse {record['coarse']:.3f}, {scores})")
-    if stage != record["choice"]:
-        note += (f"; the record prefers {record['choice']}, which needs a PCA store "
-                 "(python/compress.py)")
+    if record["choice"] == "pca" and not has_pca:
+        note += "; the record prefers pca, which needs a PCA store (python/compress.py)"
     return stage, note
 
 
@@ -357,18 +356,19 @@ def format_table(answer, shown=10):
                                       if query.label >= 0 else ""),
              f"{answer.candidates} candidates within Hamming radius {answer.radius}, "
              f"re-ranked by {answer.rerank}, search {answer.search_ms:.2f} ms",
-             f"{'rank':>4}  {'id':>8}  {'ham':>3}  {'L2':>9}  {'label':>5}  path"]
+             f"{'rank':>4}  {'id':>8}  {'ham':>3}  {'L2':>9}  {'label':<5}  path"]
     for hit in answer.hits[:shown]:
         # "~": a distance between compressed rows, not the fc7 distance
         l2 = f"{hit.l2:>9.3f}" if hit.exact else f"~{hit.l2:>8.3f}"
         lines.append(f"{hit.rank:>4}  {hit.id:>8}  {hit.hamming:>3}  {l2}  "
-                     f"{label_text(hit.label, hit.class_name):>5}  {hit.path}")
+                     f"{label_text(hit.label, hit.class_name):<5}  {hit.path}")
     if len(answer.hits) > shown:
         lines.append(f"... {len(answer.hits) - shown} more (--show N, or --json for all)")
     if any(not h.exact for h in answer.hits[:shown]):
         lines.append("~ ranked by the PCA rows beyond the exact top (--exact-top N)"
                      if answer.rerank.startswith("pca") else
-                     f"~ the distance of the rows ranked by ({answer.rerank}), not fc7's")
+                     f"~ not fc7's distance: that of the rows the fine stage ({answer.rerank}) "
+                     "ranks by")
     return "\n".join(lines)
 
 
