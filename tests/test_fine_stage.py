@@ -9,6 +9,7 @@ writing the record that retrieve.py, evaluate.py and the service then use,
 with class names in the text, JSON and API answers.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -263,3 +264,33 @@ def test_train_records_the_fine_stage_that_retrieve_evaluate_and_serve_use(caffe
         assert answers[0].hits[0].class_name in CLASSES
     finally:
         service.close()
+
+
+def test_a_latent_stage_takes_in_the_images_a_refresh_adds(tmp_path):
+    db, _, latent = labelled_store(tmp_path, n=60)
+    r = Retriever(db, rerank="latent")
+    assert len(r.latent_rows()) == 60
+    more = labelled_features(np.random.default_rng(12), 30, fc7_good=False)
+    # appended by another process, as extract.py does (LMDB: one opening per process)
+    np.savez(tmp_path / "more.npz", labels=more[0], latent=more[1], fc7=more[2], codes=more[3])
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", f"""
+import numpy as np
+from dlbhc.store.database import FeatureStore
+m = np.load({str(tmp_path / "more.npz")!r})
+store = FeatureStore.open({str(db)!r}, readonly=False)
+store.append(m["fc7"], m["latent"], m["codes"],
+             [{{"path": f"new{{i}}.jpg", "label": int(l), "seq": 60 + i}}
+              for i, l in enumerate(m["labels"])])
+store.close()
+"""], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "python")))
+    assert r.refresh()
+    np.testing.assert_array_equal(r.latent_rows(), np.concatenate([latent, more[1]]))
+    queries, codes, fc7 = r.id_queries([75])
+    answer = r.search(queries, codes, fc7, SearchParams(top_k=10, candidates=10 ** 6))[0]
+    all_latent = np.concatenate([latent, more[1]])
+    want = brute_force_search(r.store.codes(), r.store.fc7_rows(), codes, fc7, 11, bits=BITS,
+                              reduced_rows=all_latent, query_reduced=all_latent[[75]])
+    assert [h.id for h in answer.hits] == [i for i in want.ids[0] if i != 75][:10]
+    r.close()
