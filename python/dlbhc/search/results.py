@@ -10,7 +10,9 @@ types live apart from the index.
 Ordering rules (the brute-force functions of dlbhc_testing.reference follow
 them, so the fast path can be compared with them exactly)
     coarse   by (Hamming distance, image id): sorted_by_hamming.
-    fine     by (squared fc7 distance, image id): rerank.fc7_sq_distances.
+    fine     by (squared fc7 distance, image id): rerank.fc7_sq_distances
+             (or the fine stage's rows, rerank.ReducedRows; the "none" and
+             "hamming" stages by (Hamming distance, latent distance, id)).
 """
 from dataclasses import dataclass
 
