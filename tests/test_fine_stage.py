@@ -21,7 +21,7 @@ from dlbhc.search.codes import pack_codes
 from dlbhc.search.index import HashIndex
 from dlbhc.search.metrics import evaluate
 from dlbhc.search.params import SearchParams
-from dlbhc.serving.retrieval import Query, Retriever, format_table, to_json
+from dlbhc.serving.retrieval import Query, Retriever, format_table, montage, to_json
 from dlbhc.serving.service import QueryService
 from dlbhc.store.database import FeatureStore
 from dlbhc_testing.reference import brute_force_search
@@ -178,7 +178,7 @@ def test_auto_uses_the_models_record_and_falls_back_without_one(tmp_path):
     assert read_rerank_record(None) is None
 
 
-def test_class_names_in_text_json_and_service_answers(tmp_path):
+def test_class_names_in_text_json_montage_and_service_answers(tmp_path, monkeypatch):
     db, labels, _ = labelled_store(tmp_path, record=RECORD, classes=["ant", "bee", "cat", "dog"])
     names = ["ant", "bee", "cat", "dog"]
     r = Retriever(db)
@@ -193,6 +193,19 @@ def test_class_names_in_text_json_and_service_answers(tmp_path):
     assert data["query_class"] == names[labels[3]] and data["query_label"] == int(labels[3])
     assert [(h["label"], h["class_name"]) for h in data["results"]] == \
         [(h.label, names[h.label]) for h in answer.hits]
+    # the montage's tiles are titled with the class names
+    import matplotlib.figure
+    titles = []
+    original = matplotlib.figure.Figure.savefig
+    def keep_titles(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return original(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_titles)
+    montage(answer, tmp_path / "m.png", shown=3)
+    assert (tmp_path / "m.png").stat().st_size > 0
+    assert names[labels[3]] in titles[0]
+    assert [t.split("\n")[1].split(" ")[0] for t in titles[1:]] == \
+        [names[h.label] for h in answer.hits[:3]]
     r.close()
     service = QueryService(db, net=False, refresh_seconds=0)
     try:
