@@ -53,7 +53,8 @@ def reference_coarse(codes, query, bits, min_candidates, max_radius=None):
 
 
 def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=None, bits=None,
-                       reduced_rows=None, query_reduced=None, exact_top=0):
+                       reduced_rows=None, query_reduced=None, exact_top=0,
+                       hamming_first=False):
     """Exhaustive Hamming over all N codes, keep those within max_radius
     (all when None), rank them by fc7 distance with ties by id.  Returns
     SearchResults like HashIndex.search; radius is max_radius, or the
@@ -62,7 +63,10 @@ def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=Non
     With reduced_rows (N, d) and query_reduced (Q, d) (e.g. the PCA store's
     rows and the queries' projections) they are ranked by the distance
     between those instead, ties by id; then, with exact_top = E, the first E
-    of that ranking are put in (fc7 distance, id) order."""
+    of that ranking are put in (fc7 distance, id) order.  hamming_first:
+    ranked by (Hamming distance, reduced-row distance, id) instead (the
+    "none" fine stage; without reduced_rows, by (Hamming distance, id)),
+    none of them by fc7 (exact 0)."""
     codes = np.asarray(codes, dtype=np.uint8)
     bits = 8 * codes.shape[1] if bits is None else int(bits)
     query_codes = np.atleast_2d(np.asarray(query_codes, dtype=np.uint8))
@@ -74,7 +78,13 @@ def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=Non
         if max_radius is not None:
             keep = ham <= int(max_radius)
             ids, ham = ids[keep], ham[keep]
-        if reduced_rows is None:
+        if hamming_first:
+            d2 = (np.zeros(len(ids), np.float32) if reduced_rows is None else
+                  fc7_sq_distances(np.asarray(reduced_rows)[ids],
+                                   np.atleast_2d(query_reduced)[i]))
+            ranked = np.lexsort((ids, d2, ham))
+            n_exact = 0
+        elif reduced_rows is None:
             d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], q_fc7)
             ranked = np.lexsort((ids, d2))
             n_exact = len(ranked)

@@ -469,14 +469,14 @@ class MilvusIndex:
         return results
 
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
-               reduced=None):
+               reduced=None, query_reduced=None):
         """Coarse stage on Milvus, fine stage by results.fine_stage over the
         candidates' re-rank vectors; fc7 is a function ids -> rows
         (MilvusCollection.fc7), fetched once for all queries' candidates.
         Returns SearchResults; seconds: each query's share of the batch's
         coarse time plus its fine stage.  (HashIndex.search's signature;
-        `reduced` must be None: the collection holds one kind of re-rank
-        vectors, the ones index_milvus.py loaded.)"""
+        `reduced` must be None, so query_reduced is unused: the collection
+        holds one kind of re-rank vectors, the ones index_milvus.py loaded.)"""
         if reduced is not None:
             raise ValueError("a Milvus collection re-ranks by the vectors it holds: no reduced rows")
         query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)

@@ -26,10 +26,14 @@ Modules, from the code format up to the evaluation:
     pca       the compressed re-rank rows: a PCA projection of fc7
     metrics   mAP@k, P@k, radius precision, PR curves, plots (runs the
               index's search)
+    choice    the fine stage chosen per model: the candidates (fc7, latent,
+              pca, none), measured on held-out images, the never-below-coarse
+              rule
 
 The names below are the room's public surface; anything else is reached
 through its module (e.g. dlbhc.search.codes.HammingBall).
 """
+from .choice import choose, measure_fine_stages
 from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
 from .index import HashIndex
 from .metrics import evaluate
@@ -42,6 +46,6 @@ __all__ = [
     "CODE_THRESHOLD", "DEFAULT_EXACT_TOP", "DEFAULT_TOP_K",
     "CoarseResult", "HashIndex", "Projection", "ReducedRows", "SearchParams", "SearchResult",
     "SearchResults",
-    "code_bytes", "default_min_candidates", "evaluate", "fc7_sq_distances",
-    "hamming_distances", "hamming_matrix", "pack_codes",
+    "choose", "code_bytes", "default_min_candidates", "evaluate", "fc7_sq_distances",
+    "hamming_distances", "hamming_matrix", "measure_fine_stages", "pack_codes",
 ]

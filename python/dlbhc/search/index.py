@@ -67,6 +67,7 @@ from ..files import atomic_write
 from .params import coarse_target, radius_limit
 from .pivots import PivotTable, first_true, pivot_layout
 from .probing import ProbedShells, ShellProber, probe_table
+from .rerank import query_rows
 from .results import CoarseResult, SearchResults, fine_stage, sorted_by_hamming
 
 FORMAT_VERSION = 1
@@ -281,7 +282,7 @@ class HashIndex:
 
     # ---- coarse-to-fine search ---------------------------------------------
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
-               reduced=None):
+               reduced=None, query_reduced=None):
         """Coarse-to-fine top-k of a batch of queries: each query's coarse
         candidates re-ranked by fc7 distance (ties by id).
 
@@ -295,14 +296,16 @@ class HashIndex:
         (the parameters a params.SearchParams holds, checked there).
         reduced: a rerank.ReducedRows (the database's PCA store) to rank by
         compressed rows, the best reduced.exact_top again by fc7 (fc7 is
-        only read for those; it may be None when exact_top is 0).
+        only read for those; it may be None when exact_top is 0); a stage
+        whose rows are no projection (the latent: reduced.project None) takes
+        the queries' rows as query_reduced (Q, d); rerank.query_rows.
         Returns SearchResults.
         """
         query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)
         need = coarse_target(k, min_candidates)
         # Every query's projection at once (a row's projection depends on
         # that row alone, pca.Projection.apply).
-        query_reduced = reduced.project(query_fc7) if reduced is not None else query_fc7
+        query_reduced = query_rows(reduced, query_fc7, query_reduced)
         ranked = []
         for code, q_fc7, q_red in zip(query_codes, query_fc7, query_reduced):
             start = time.perf_counter()

@@ -42,6 +42,7 @@ import numpy as np
 from ..errors import UserError
 from ..images import BadImage, decode_image, read_image
 from ..nets.model import Preprocessing, prepare_crop
+from ..nets.records import class_name
 from ..report import get_logger
 from ..search.codes import pack_codes
 from ..search.params import DEFAULT_TOP_K, SearchParams
@@ -150,9 +151,10 @@ class QueryService:
     loses images and is compacted."""
 
     def __init__(self, db_path, limits=None, net=True, deploy=None, weights=None, gpu=None,
-                 net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0):
+                 net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0,
+                 rerank="auto", exact_top=None):
         self.limits = limits or Limits()
-        self.retriever = Retriever(db_path)
+        self.retriever = Retriever(db_path, rerank=rerank, exact_top=exact_top)
         self.prep = Preprocessing.from_dict(self.store.meta["preprocessing"]) \
             if "preprocessing" in self.store.meta else None
         self.net = None
@@ -231,6 +233,8 @@ class QueryService:
             "model": {"deploy": model.get("deploy"), "weights": model.get("weights"),
                       "weights_sha1": model.get("weights_sha1")},
             "preprocessing": meta.get("preprocessing"),
+            "rerank": self.retriever.rerank, "rerank_note": self.retriever.auto_note,
+            "classes": self.retriever.class_names,
             "index": {"buckets": index.n_buckets,
                       "built": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                              time.localtime(self.retriever.index_time)),
@@ -311,7 +315,7 @@ class QueryService:
         forwarded = time.perf_counter()
         with self._search_slots:
             answers = self.retriever.search([Query(n) for n in names], pack_codes(latent), fc7,
-                                            params)
+                                            params, latent=latent)
         done = time.perf_counter()
         return answers, {"decode": 1000 * (decoded - start), "net": 1000 * (forwarded - decoded),
                          "search": 1000 * (done - forwarded)}
@@ -320,7 +324,8 @@ class QueryService:
     def image_record(self, id_text):
         image_id = self.parse_id(id_text)
         info = self.retriever.image_info(image_id)
-        return {"id": image_id, "path": info["path"], "label": int(info["label"])}
+        return {"id": image_id, "path": info["path"], "label": int(info["label"]),
+                "class_name": class_name(self.retriever.class_names, info["label"])}
 
     def thumbnail(self, id_text, size=128):
         """JPEG bytes of database image `id_text` shrunk to fit size x size.

@@ -23,6 +23,8 @@ Modules:
                  (as tools/extra/parse_log.py), written as CSV
     frozen       a backbone's frozen lower layers: cut, BatchNorm folded,
                  features cached, joined with the trained top
+    finestage    the run's last step: the fine stage chosen on the held-out
+                 images (search.choice) and recorded (rerank.json)
 
 Caffe is imported only inside the functions that need it.
 """

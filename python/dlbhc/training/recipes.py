@@ -27,6 +27,7 @@ record.
 """
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -140,6 +141,16 @@ class CheckedInRecipe(Recipe):
         return link_final_weights(self.run_dir, self.name, snapshot) if snapshot.exists() \
             else None
 
+    def held_out(self):
+        """CIFAR-10's test list (and its class names, copied into the run
+        folder), when the data folder has them."""
+        folder = Path(self.data_dir) if self.data_dir else PROJECT_ROOT / "data" / "cifar10"
+        if not (folder / "test.txt").is_file():
+            return None
+        if (folder / "classes.txt").is_file():
+            shutil.copyfile(folder / "classes.txt", self.run_dir / "classes.txt")
+        return PROTOTXT_DIR / f"{self.name}_deploy.prototxt", folder / "test.txt"
+
     def preprocessing(self, solver):
         # the model's preprocessing, so extract.py and retrieve.py need no --mean
         self.prep_note = (f"from {Path(solver.net).name}'s TEST Data layer (mean) and LMDB "
@@ -191,6 +202,9 @@ class CollectionRecipe(Recipe):
 
     def preprocessing(self, solver):
         return self.prep
+
+    def held_out(self):
+        return self.deploy, self.run_dir / "test.txt"
 
     def summary_extra(self):
         train_list, test_list = self.run_dir / "train.txt", self.run_dir / "test.txt"

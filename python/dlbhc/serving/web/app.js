@@ -88,7 +88,10 @@ function render(answer, elapsed, timings) {
              `(Hamming radius ${answer.radius}) · search ${answer.search_ms.toFixed(2)} ms`;
   if (timings.net !== undefined) text += ` · net ${timings.net.toFixed(1)} ms`;
   text += ` · total ${elapsed.toFixed(0)} ms`;
-  if (answer.query_label >= 0) text += ` · label ${answer.query_label}`;
+  if (answer.query_label >= 0) {
+    text += ` · label ${answer.query_label}` +
+            (answer.query_class ? ` ${answer.query_class}` : "");
+  }
   facts.textContent = text;
   facts.id = "query-facts";
   meta.append(name, facts);
@@ -110,7 +113,9 @@ function render(answer, elapsed, timings) {
     img.alt = `result ${hit.rank}: image ${hit.id}`;
     img.src = thumbnailUrl(hit.id);
     fig.append(img, caption([["", `#${hit.rank}`], ["id", String(hit.id)],
-                             ["label", String(hit.label)], ["H", String(hit.hamming)],
+                             ["label", hit.class_name ? `${hit.label} ${hit.class_name}`
+                                                      : String(hit.label)],
+                             ["H", String(hit.hamming)],
                              ["L2", hit.l2.toFixed(2)]]));
     fig.addEventListener("click", () => searchId(hit.id));
     grid.append(fig);
