@@ -17,6 +17,9 @@ straightforward way, query by query, over every database image:
     precision_within_radius
                           per-query measures of the paper's protocol, as
                           the authors' analysis/precision.m computes them
+    brute_force_pairs     every pair of images within a Hamming radius and
+                          (optionally) a unit-length feature distance
+    brute_force_groups    connected components of pairs, by depth-first walk
 
 The fine orderings use rerank.fc7_sq_distances, the distance whose exact
 ties the fast path orders by id: what is checked is which candidates are
@@ -288,3 +291,53 @@ def efficientnet_lite_forward(state, x, stages=EFFICIENTNET_LITE0_STAGES):
     blobs["pool"] = h.mean(axis=(2, 3))
     blobs["logits"] = blobs["pool"] @ w("_fc.weight").T + w("_fc.bias")
     return blobs
+
+
+# ---- near-duplicates ------------------------------------------------------------
+def brute_force_pairs(codes, bits, radius, rows=None, threshold=None, ids=None):
+    """{(i, j): (hamming, distance or None)} for every pair i < j of `ids`
+    (default: all) within `radius`, and with `rows`, whose unit-length rows
+    are within `threshold` (float64, then compared as float32 would be)."""
+    ids = np.arange(len(codes)) if ids is None else np.sort(np.asarray(ids))
+    found = {}
+    for x, i in enumerate(ids):
+        ham = naive_hamming(codes[ids], codes[i], bits)
+        for y in np.flatnonzero(ham <= radius):
+            j = ids[y]
+            if j <= i:
+                continue
+            dist = None
+            if rows is not None:
+                u = np.asarray(rows[i], np.float64)
+                v = np.asarray(rows[j], np.float64)
+                u = u / (np.linalg.norm(u) or 1)
+                v = v / (np.linalg.norm(v) or 1)
+                dist = float(np.linalg.norm(u - v))
+                if dist > threshold:
+                    continue
+            found[(int(i), int(j))] = (int(ham[y]), dist)
+    return found
+
+
+def brute_force_groups(pairs, min_size=2):
+    """Connected components (sorted id lists) of the graph of `pairs`
+    (iterable of (i, j)), at least min_size ids each, as a set of tuples."""
+    neighbours = {}
+    for i, j in pairs:
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+    seen, out = set(), set()
+    for start in neighbours:
+        if start in seen:
+            continue
+        stack, group = [start], []
+        seen.add(start)
+        while stack:
+            node = stack.pop()
+            group.append(node)
+            for nxt in neighbours[node] - seen:
+                seen.add(nxt)
+                stack.append(nxt)
+        if len(group) >= min_size:
+            out.add(tuple(sorted(group)))
+    return out
