@@ -1,13 +1,19 @@
 """Issue 21 (near-duplicates): all pairs within a Hamming radius, their
 feature-distance filter and the groups, checked against brute force on
 seeded codes; duplicates.py's outputs and its refusals of bad input."""
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from dlbhc.search.groups import components, groups
 from dlbhc.search.pairs import close_pairs, near_pairs
 from dlbhc_testing.reference import brute_force_groups, brute_force_pairs
 from dlbhc_testing.synthetic import clustered_codes, zipf_clustered_codes
+from helpers import MEAN, ROOT, make_images, make_tiny_net, run_extract, run_script
 
 
 def listed(pairs, chunk=None):
@@ -78,3 +84,115 @@ def test_components_chain_and_order():
     found = groups(500, a, b)
     assert {tuple(g.tolist()) for g in found} == brute_force_groups(zip(a.tolist(), b.tolist()))
     assert [len(g) for g in found] == sorted((len(g) for g in found), reverse=True)
+
+
+# ---- duplicates.py and the API over a database ------------------------------------------
+
+DUPLICATES = ROOT / "python" / "duplicates.py"
+
+
+@pytest.fixture(scope="module")
+def dup_db(caffe, tmp_path_factory):
+    """A database of 30 random images, 3 of them copied byte for byte and 3
+    lightly edited (every pixel +4), made by extract.py with a tiny net."""
+    folder = tmp_path_factory.mktemp("dups")
+    deploy, weights = make_tiny_net(caffe, folder, bits=12)
+    paths = make_images(folder / "imgs", 30, classes=("a", "b"), size=(32, 32))
+    for n, src in enumerate(paths[:3]):
+        shutil.copyfile(src, folder / "imgs" / "a" / f"copy{n}.png")
+    for n, src in enumerate(paths[3:6]):
+        arr = np.asarray(Image.open(src)).astype(np.int16) + 4
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
+            folder / "imgs" / "b" / f"edit{n}.png")
+    db = folder / "db.lmdb"
+    run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
+                 "--mean", MEAN, "--batch-size", 8])
+    return {"db": db, "folder": folder}
+
+
+def expected_groups(db, radius, threshold):
+    from dlbhc.store.database import FeatureStore
+    with FeatureStore.open(db) as store:
+        codes, rows, bits = store.codes(), store.fc7(range(store.count)), store.bits
+    truth = brute_force_pairs(codes, bits, radius, rows, threshold)
+    return brute_force_groups(truth), truth
+
+
+def test_cli_lists_groups_as_brute_force_and_marks_exact_copies(dup_db, tmp_path):
+    out_dir = tmp_path / "out"
+    run = run_script(DUPLICATES, [dup_db["db"], "--radius", 1, "--threshold", 0.05,
+                                  "--out", out_dir])
+    listing = json.loads((out_dir / "duplicates.json").read_text())
+    groups_truth, pairs_truth = expected_groups(dup_db["db"], 1, 0.05)
+    assert {tuple(g["ids"]) for g in listing["groups"]} == groups_truth
+    assert listing["close_pairs"] == len(pairs_truth) and listing["radius"] == 1
+    assert f"{len(groups_truth)} groups" in run.stdout
+    # the three byte-for-byte copies are groups with their originals, marked exact
+    copies = [g for g in listing["groups"] if g["exact_copies"]]
+    named = {Path(p).name for g in copies for same in g["exact_copies"]
+             for p in (g["paths"][g["ids"].index(i)] for i in same)}
+    assert {f"copy{n}.png" for n in range(3)} <= named
+    assert {f"img{n:04d}.png" for n in range(3)} <= named
+    # the TSV holds the same groups, and each group has its contact sheet
+    rows = [ln.split("\t") for ln in (out_dir / "duplicates.tsv").read_text().splitlines()]
+    assert rows[0] == ["group", "size", "id", "label", "exact_copy_of", "path"]
+    by_group = {}
+    for row in rows[1:]:
+        by_group.setdefault(int(row[0]), []).append(int(row[2]))
+    assert {tuple(v) for v in by_group.values()} == groups_truth
+    assert sum(1 for row in rows[1:] if row[4]) == 3
+    sheets = sorted(out_dir.glob("group-*.png"))
+    assert len(sheets) == len(groups_truth)
+    assert Image.open(sheets[0]).size[0] > 100
+
+
+def test_cli_levels_default_and_similar_find_at_least_as_much(dup_db, tmp_path):
+    from dlbhc.serving.duplicates import LEVELS
+    sizes = {}
+    for level in ("duplicates", "similar"):
+        run = run_script(DUPLICATES, [dup_db["db"], "--level", level, "--out",
+                                      tmp_path / level, "--no-sheets"])
+        listing = json.loads((tmp_path / level / "duplicates.json").read_text())
+        assert listing["level"] == level and listing["radius"] == LEVELS[level].radius
+        truth, _ = expected_groups(dup_db["db"], min(LEVELS[level].radius, 12),
+                                   LEVELS[level].threshold)
+        assert {tuple(g["ids"]) for g in listing["groups"]} == truth
+        assert not list((tmp_path / level).glob("*.png")) and "groups" in run.stdout
+        sizes[level] = listing["close_pairs"]
+    assert sizes["similar"] >= sizes["duplicates"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["{missing}"], "does not exist"),
+    (["{db}", "--radius", "-1"], "--radius"),
+    (["{db}", "--radius", "13"], "radius must be between 0 and 12"),
+    (["{db}", "--radius", "two"], "not a whole number"),
+    (["{db}", "--threshold", "3"], "threshold must be between 0 and 2"),
+    (["{db}", "--level", "same"], "invalid choice"),
+])
+def test_cli_bad_input_is_a_clear_message(dup_db, tmp_path, args, words):
+    args = [a.format(db=dup_db["db"], missing=tmp_path / "nope.lmdb") for a in args]
+    run = run_script(DUPLICATES, args, check=False)
+    assert run.returncode == 2
+    assert words in run.stderr and "Traceback" not in run.stderr
+
+
+def test_api_answers_the_cli_listing_and_refuses_bad_settings(dup_db, tmp_path):
+    from fastapi.testclient import TestClient
+    from dlbhc.serving.service import QueryService
+    from dlbhc.serving.webapp import create_app
+    run_script(DUPLICATES, [dup_db["db"], "--out", tmp_path, "--no-sheets"])
+    cli_listing = json.loads((tmp_path / "duplicates.json").read_text())
+    service = QueryService(dup_db["db"], net=False, refresh_seconds=0)
+    with TestClient(create_app(service)) as client:
+        got = client.get("/api/duplicates").json()
+        assert got["groups"] == cli_listing["groups"] and got["level"] == "duplicates"
+        assert client.get("/api/duplicates?level=similar").json()["level"] == "similar"
+        for query, words in (("level=same", "unknown level"), ("radius=99", "radius"),
+                             ("threshold=-1", "threshold"), ("radius=x", "radius")):
+            response = client.get(f"/api/duplicates?{query}")
+            assert response.status_code == 400 and words in response.json()["error"]
+        page = client.get("/duplicates")
+        assert page.status_code == 200 and "duplicates.js" in page.text
+        assert client.get("/static/duplicates.js").status_code == 200
+    service.close()
