@@ -1,0 +1,84 @@
+"""Issue 21: the near-duplicates page in a real browser (Chromium through
+chromium-driver, as tests/test_browser.py drives the search page): the
+groups the API lists, their thumbnails, exact copies marked, the level
+switched."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import MEAN, Server, make_images, make_tiny_net, run_extract
+from test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS, text, wait
+
+pytestmark = [pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def dup_site(caffe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser_dups")
+    deploy, weights = make_tiny_net(caffe, folder, bits=12, size=32)
+    paths = make_images(folder / "imgs", 24, classes=("a", "b"), size=(32, 32))
+    for n, src in enumerate(paths[:3]):
+        shutil.copyfile(src, folder / "imgs" / "a" / f"copy{n}.png")
+    for n, src in enumerate(paths[3:5]):
+        arr = np.asarray(Image.open(src)).astype(np.int16) + 4
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
+            folder / "imgs" / "b" / f"edit{n}.png")
+    db = folder / "db.lmdb"
+    run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
+                 "--mean", MEAN])
+    server = Server(["--db", db, "--no-net"])
+    yield {"server": server, "folder": folder}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dup_browser(dup_site):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={dup_site['folder'] / 'chromium'}",):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def shown_groups(driver):
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#groups .group')].map(g => "
+        "[...g.querySelectorAll('.result')].map(r => Number(r.dataset.id)));")
+
+
+def thumbnails_loaded(driver):
+    return driver.execute_script(
+        "const imgs = [...document.querySelectorAll('#groups img')];"
+        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);")
+
+
+def test_the_page_shows_the_apis_groups_and_switches_level(dup_site, dup_browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    server, browser = dup_site["server"], dup_browser
+    api = server.get_json("/api/duplicates")
+    assert len(api["groups"]) >= 3                 # at least the three exact copies
+    browser.get(server.url.rstrip("/") + "/duplicates")
+    wait(browser, lambda d: "groups (duplicates" in text(d, "status"))
+    assert shown_groups(browser) == [g["ids"] for g in api["groups"]]
+    browser.execute_script("document.querySelectorAll('#groups img')"
+                           ".forEach(i => i.loading = 'eager');")
+    wait(browser, thumbnails_loaded)
+    copies = browser.find_elements(By.CSS_SELECTOR, "#groups .result.copy")
+    assert len(copies) == sum(len(same) - 1 for g in api["groups"]
+                              for same in g["exact_copies"]) >= 3
+    assert all("exact copy" in c.text for c in copies)
+    browser.save_screenshot(str(tmp_path / "duplicates.png"))
+
+    Select(browser.find_element(By.ID, "level")).select_by_value("similar")
+    wait(browser, lambda d: "groups (similar" in text(d, "status"))
+    similar = server.get_json("/api/duplicates?level=similar")
+    assert shown_groups(browser) == [g["ids"] for g in similar["groups"]]
+    assert not browser.find_element(By.ID, "error").is_displayed()
