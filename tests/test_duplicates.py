@@ -31,13 +31,24 @@ def test_near_pairs_match_brute_force(bits, radius, seed):
     rng = np.random.default_rng(seed)
     codes = clustered_codes(rng, 400, bits, n_centres=5, flip_p=0.03 if bits > 20 else 0.1)
     codes[50:60] = codes[40]                       # a bucket of identical codes
-    pairs = near_pairs(codes, bits, radius)
     truth = {k: h for k, (h, _) in brute_force_pairs(codes, bits, radius).items()}
     assert len(truth) > 50
-    assert listed(pairs) == truth
-    assert pairs.count() == len(truth)
-    # small chunks cut buckets and bucket pairs apart: the same pairs
-    assert listed(pairs, chunk=7) == truth
+    for method in ("probe", "scan", "auto"):
+        pairs = near_pairs(codes, bits, radius, method=method)
+        assert listed(pairs) == truth
+        assert pairs.count() == len(truth)
+        # small chunks cut buckets and bucket pairs apart: the same pairs
+        assert listed(pairs, chunk=7) == truth
+
+
+def test_the_scan_takes_over_where_patterns_outnumber_codes():
+    from dlbhc.search.pairs import PROBE_SHARE, pattern_count
+    assert pattern_count(48, 2) == 48 + 1128 and pattern_count(48, 0) == 0
+    rng = np.random.default_rng(9)
+    codes = clustered_codes(rng, 500, 48, n_centres=3, flip_p=0.05)
+    assert pattern_count(48, 6) > PROBE_SHARE * 500       # auto scans here
+    truth = {k: h for k, (h, _) in brute_force_pairs(codes, 48, 6).items()}
+    assert listed(near_pairs(codes, 48, 6)) == truth and len(truth) > 100
 
 
 def test_near_pairs_of_chosen_ids_and_edge_cases():

@@ -13,11 +13,19 @@ code into r + 1 substrings and joining on equal substrings, multi-index
 hashing, costs the sum of the squared substring bucket sizes instead,
 which on clustered codes is dominated by pairs that are far apart.)
 
+Probing pays off while the patterns are few: C(48, <= 2) = 1,177, but
+C(48, <= 8) is 377 million.  When the patterns outnumber the unique codes
+(PROBE_SHARE), the pairs of unique codes are scanned instead, block by
+block (U^2 / 2 distances of a few word operations each, over the unique
+codes only); method="probe" or "scan" forces one.
+
 NearPairs keeps the answer by bucket, so a bucket of s identical codes
 costs one entry, not s^2 / 2 pairs; image pairs are expanded on demand,
 in chunks (image_pairs).  close_pairs then keeps the image pairs whose
 feature rows (fc7, normalised to unit length) are within a threshold.
 """
+import math
+
 import numpy as np
 
 from .codes import check_codes, to_words, word_columns
@@ -27,6 +35,12 @@ from .probing import flip_masks, hash_words, probe_table
 PAIR_CHUNK = 1 << 21
 # Bytes of feature rows gathered at once by close_pairs.
 ROWS_CHUNK_BYTES = 64 << 20
+# Probe while the flip patterns are at most this share of the unique codes
+# (a lookup costs several times a distance), else scan the unique pairs.
+PROBE_SHARE = 0.25
+# Distances held at once by the scan (a block of unique codes against all).
+SCAN_BLOCK = 1 << 22
+METHODS = ("auto", "probe", "scan")
 
 
 class NearPairs:
@@ -91,11 +105,15 @@ class NearPairs:
         return np.minimum(i, j), np.maximum(i, j), dist[k]
 
 
-def near_pairs(codes, bits, radius, ids=None):
+def near_pairs(codes, bits, radius, ids=None, method="auto"):
     """NearPairs of `codes` (uint8 (N, B), packed) within Hamming `radius`.
 
     ids: the images to consider (e.g. the live ones), positions in `codes`;
-    the pairs name positions in `codes` either way."""
+    the pairs name positions in `codes` either way.  method: "probe" (flip
+    patterns), "scan" (all pairs of unique codes) or "auto" (the cheaper,
+    by pattern_count and PROBE_SHARE)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     codes = check_codes(codes, bits)
     radius = int(radius)
     if not 0 <= radius <= bits:
@@ -110,7 +128,9 @@ def near_pairs(codes, bits, radius, ids=None):
                                            return_counts=True)
         columns = word_columns(unique)
     members = chosen[np.argsort(inverse.ravel(), kind="stable")]
-    a, b, dist = _bucket_pairs(columns, bits, radius)
+    if method == "auto":
+        method = "probe" if pattern_count(bits, radius) <= PROBE_SHARE * len(sizes) else "scan"
+    a, b, dist = (_bucket_pairs if method == "probe" else _scanned_pairs)(columns, bits, radius)
     return NearPairs(radius, members, sizes, a, b, dist)
 
 
@@ -140,6 +160,35 @@ def _bucket_pairs(columns, bits, radius):
             found_a.append(src[keep])
             found_b.append(dst[keep])
             found_d.append(np.full(int(keep.sum()), r, dtype=np.int32))
+    if not found_a:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=np.int32)
+    return (np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64),
+            np.concatenate(found_d))
+
+
+def pattern_count(bits, radius):
+    """Flip patterns of 1..radius bits: C(bits, 1) + ... + C(bits, radius)."""
+    return sum(math.comb(int(bits), r) for r in range(1, int(radius) + 1))
+
+
+def _scanned_pairs(columns, bits, radius):
+    """Pairs (a < b) of unique codes within radius 1..radius, by computing
+    the distance of every unique code to every later one, block by block."""
+    n = len(columns[0])
+    block = max(1, SCAN_BLOCK // max(n, 1))
+    found_a, found_b, found_d = [], [], []
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        dist = np.zeros((hi - lo, n - lo), dtype=np.uint16)
+        for col in columns:
+            dist += np.bitwise_count(col[lo:hi, None] ^ col[None, lo:])
+        row, col = np.nonzero((dist <= radius) & (dist > 0))
+        keep = col > row                 # later codes only (the block's own triangle)
+        row, col = row[keep], col[keep]
+        found_a.append(row + lo)
+        found_b.append(col + lo)
+        found_d.append(dist[row, col].astype(np.int32))
     if not found_a:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, np.empty(0, dtype=np.int32)
