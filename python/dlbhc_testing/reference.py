@@ -294,28 +294,41 @@ def efficientnet_lite_forward(state, x, stages=EFFICIENTNET_LITE0_STAGES):
 
 
 # ---- near-duplicates ------------------------------------------------------------
-def brute_force_pairs(codes, bits, radius, rows=None, threshold=None, ids=None):
+def brute_force_pairs(codes, bits, radius, rows=None, threshold=None, ids=None, near=0.0,
+                      ratio=1.0, k=0):
     """{(i, j): (hamming, distance or None)} for every pair i < j of `ids`
     (default: all) within `radius`, and with `rows`, whose unit-length rows
-    are within `threshold` (float64, then compared as float32 would be)."""
+    pass pairs.close_pairs' rule (float64): distance <= near, or <= threshold
+    and <= ratio x min(scale(i), scale(j)), where an image's scale is the
+    distance to its k-th nearest image within the radius, capped at
+    threshold / ratio (k = 0: no scale)."""
     ids = np.arange(len(codes)) if ids is None else np.sort(np.asarray(ids))
-    found = {}
-    for x, i in enumerate(ids):
+    within = {}
+    for i in ids:
         ham = naive_hamming(codes[ids], codes[i], bits)
         for y in np.flatnonzero(ham <= radius):
-            j = ids[y]
-            if j <= i:
-                continue
-            dist = None
-            if rows is not None:
-                u = np.asarray(rows[i], np.float64)
-                v = np.asarray(rows[j], np.float64)
-                u = u / (np.linalg.norm(u) or 1)
-                v = v / (np.linalg.norm(v) or 1)
-                dist = float(np.linalg.norm(u - v))
-                if dist > threshold:
-                    continue
-            found[(int(i), int(j))] = (int(ham[y]), dist)
+            if ids[y] != i:
+                within[(int(i), int(ids[y]))] = int(ham[y])
+    if rows is None:
+        return {(i, j): (h, None) for (i, j), h in within.items() if i < j}
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / (np.linalg.norm(x) or 1)
+
+    dist = {key: float(np.linalg.norm(unit(rows[key[0]]) - unit(rows[key[1]])))
+            for key in within}
+    cap = threshold / ratio if k and ratio < 1 else threshold
+    scale = {}
+    for i in ids:
+        mine = sorted(d for (a, _), d in dist.items() if a == i)
+        scale[int(i)] = min(mine[k - 1], cap) if k and len(mine) >= k else cap
+    found = {}
+    for (i, j), h in within.items():
+        d = dist[(i, j)]
+        local = d <= threshold and (not k or ratio >= 1 or d <= ratio * min(scale[i], scale[j]))
+        if i < j and (d <= near or local):
+            found[(i, j)] = (h, d)
     return found
 
 

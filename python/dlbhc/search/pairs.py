@@ -216,17 +216,49 @@ def pair_distances(rows, i, j):
     return out
 
 
-def close_pairs(pairs, rows, threshold):
-    """(i, j, hamming, distance) of the NearPairs whose unit-length feature
-    rows are within `threshold` (pair_distances), i < j, by (i, j)."""
+def close_pairs(pairs, rows, threshold, near=None, ratio=1.0, k=0):
+    """(i, j, hamming, distance) of the NearPairs that pass the distance rule
+    on unit-length feature rows (pair_distances), i < j, by (i, j).
+
+    A pair passes when its distance d is at most `near`, or at most
+    `threshold` and at most ratio x min(scale(i), scale(j)): an image's scale
+    is the distance to its k-th nearest image within the Hamming radius,
+    capped at threshold / ratio (the cap when it has fewer).  With k = 0 (or
+    ratio 1) the rule is d <= threshold.  The scale makes the threshold
+    local: a copy is much closer to its original than the original's k-th
+    neighbour is, wherever in the feature space the two lie."""
+    near = 0.0 if near is None else float(near)
+    local = k > 0 and ratio < 1
+    cap = threshold / ratio if local else threshold
     parts = []
     for i, j, d in pairs.image_pairs():
         dist = pair_distances(rows, i, j)
-        keep = dist <= threshold
+        keep = dist <= max(cap, near)
         parts.append((i[keep], j[keep], d[keep], dist[keep]))
     if not parts:
         return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32),
                 np.empty(0, np.float32))
     i, j, d, dist = (np.concatenate(p) for p in zip(*parts))
+    keep = dist <= threshold
+    if local:
+        scale = kth_distances(i, j, dist, k, cap)
+        keep &= dist <= ratio * np.minimum(scale[i], scale[j])
+    keep |= dist <= near
+    i, j, d, dist = i[keep], j[keep], d[keep], dist[keep]
     order = np.lexsort((j, i))
     return i[order], j[order], d[order], dist[order]
+
+
+def kth_distances(i, j, dist, k, cap):
+    """Per image (up to the largest id), the k-th smallest distance of its
+    pairs (i, j, dist), or `cap` for an image with fewer than k pairs."""
+    n = int(max(i.max(initial=-1), j.max(initial=-1))) + 1
+    ends = np.concatenate([i, j])
+    both = np.concatenate([dist, dist])
+    order = np.lexsort((both, ends))
+    counts = np.bincount(ends, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    scale = np.full(n, cap, dtype=np.float64)
+    enough = np.flatnonzero(counts >= k)
+    scale[enough] = np.minimum(both[order][starts[enough] + k - 1], cap)
+    return scale

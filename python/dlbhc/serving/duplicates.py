@@ -1,17 +1,22 @@
 """Near-duplicates of a feature database: groups of near-identical images,
 their listing (JSON, TSV) and a contact sheet per group.
 
-Two named levels, each a Hamming radius on the codes and a threshold on the
-distance between unit-length fc7 rows (search.pairs.pair_distances, 0..2):
+Two named levels, each a Hamming radius on the codes and a rule on the
+distance d between unit-length fc7 rows (search.pairs.pair_distances,
+0..2; the rule is search.pairs.close_pairs'): d <= near, or d <= threshold
+and d <= ratio x the k-th neighbour distance of both images (a local
+scale: a copy is much closer to its original than the original's 10th
+neighbour is, where a single global threshold either misses the cropped
+and brightened copies or takes in look-alikes of a crowded class):
 
     duplicates  the same picture: re-encoded, resized, cropped by a few
                 pixels, brightness changed
-    similar     a looser threshold: shots of the same scene, near variants
+    similar     looser: near variants, more look-alikes
 
 The pairs of images within the radius are found on the codes
 (search.pairs.near_pairs: cost grows with the near pairs, not N^2), the
-fc7 threshold keeps the close ones, and the groups are their connected
-components (search.groups).  Exact copies (the same file bytes) are told
+rule keeps the close ones, and the groups are their connected components
+(search.groups).  Exact copies (the same file bytes) are told
 apart by file digest: identical bytes decode to identical features, so
 they are always among the pairs at distance 0, and only the images of the
 groups found are read to take their digest (a stored "sha1" is used when
@@ -39,18 +44,23 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class Level:
-    """A named strictness: Hamming radius on the codes, then the largest
-    distance between unit-length fc7 rows."""
+    """A named strictness: Hamming radius on the codes, then close_pairs'
+    rule on unit-length fc7 rows (threshold, near, ratio, k)."""
     name: str
     radius: int
     threshold: float
+    near: float
+    ratio: float
+    k: int
     about: str
 
 
+# Calibrated on generated copies of CIFAR-10 test images with the demo net
+# (benchmarks/bench_duplicates.py, docs/benchmarks.md).
 LEVELS = {
-    "duplicates": Level("duplicates", 8, 0.25, "the same picture (re-encoded, resized, "
-                        "cropped by a few pixels, brightness changed)"),
-    "similar": Level("similar", 12, 0.45, "near variants: a looser threshold"),
+    "duplicates": Level("duplicates", 10, 0.5, 0.1, 0.8, 10, "the same picture (re-encoded, "
+                        "resized, cropped by a few pixels, brightness changed)"),
+    "similar": Level("similar", 12, 0.6, 0.15, 0.9, 10, "near variants: looser"),
 }
 DEFAULT_LEVEL = "duplicates"
 SHEET_COLUMNS = 8
@@ -71,7 +81,9 @@ def level_settings(level=DEFAULT_LEVEL, radius=None, threshold=None, bits=None):
     if level not in LEVELS:
         raise UserError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
     chosen = LEVELS[level]
-    radius = chosen.radius if radius is None else radius
+    top = bits if bits is not None else 1024
+    # the level's radius on codes shorter than it: every code
+    radius = min(chosen.radius, top) if radius is None else radius
     threshold = chosen.threshold if threshold is None else threshold
     try:
         radius = int(radius)
@@ -79,7 +91,6 @@ def level_settings(level=DEFAULT_LEVEL, radius=None, threshold=None, bits=None):
     except (TypeError, ValueError):
         raise UserError(f"radius must be a whole number and threshold a number "
                         f"(got {radius!r}, {threshold!r})") from None
-    top = bits if bits is not None else 1024
     if not 0 <= radius <= top:
         raise UserError(f"radius must be between 0 and {top} (the code's bits), got {radius}")
     if not 0 <= threshold <= 2:
@@ -119,19 +130,23 @@ class Duplicates:
     seconds: float
 
     def as_dict(self):
+        rule = LEVELS[self.level]
         return {"level": self.level, "radius": self.radius, "threshold": self.threshold,
+                "near": rule.near, "ratio": rule.ratio, "k": rule.k,
                 "images": self.images, "near_pairs": self.near_pairs,
                 "close_pairs": self.close_pairs, "seconds": round(self.seconds, 3),
                 "groups": [g.as_dict(n + 1) for n, g in enumerate(self.groups)]}
 
 
-def close_image_pairs(store, radius, threshold, ids=None):
+def close_image_pairs(store, radius, threshold, level=None):
     """(i, j, hamming, distance) arrays of the live images' pairs within
-    `radius` on the codes and `threshold` on unit-length fc7, and the number
-    of pairs within the radius."""
-    ids = live_ids(store) if ids is None else ids
-    pairs = near_pairs(store.codes(), store.bits, radius, ids=ids)
-    return close_pairs(pairs, store.fc7_rows(), threshold), pairs.count()
+    `radius` on the codes that pass the level's rule with `threshold` (no
+    level: distance <= threshold), and the number of pairs within the
+    radius."""
+    pairs = near_pairs(store.codes(), store.bits, radius, ids=live_ids(store))
+    rule = {} if level is None else {"near": min(level.near, threshold), "ratio": level.ratio,
+                                     "k": level.k}
+    return close_pairs(pairs, store.fc7_rows(), threshold, **rule), pairs.count()
 
 
 def find_duplicates(store, level=DEFAULT_LEVEL, radius=None, threshold=None):
@@ -139,7 +154,7 @@ def find_duplicates(store, level=DEFAULT_LEVEL, radius=None, threshold=None):
     the level's)."""
     start = time.perf_counter()
     chosen, radius, threshold = level_settings(level, radius, threshold, store.bits)
-    (i, j, ham, dist), n_near = close_image_pairs(store, radius, threshold)
+    (i, j, ham, dist), n_near = close_image_pairs(store, radius, threshold, chosen)
     found = connected_groups(store.count, i, j)
     member_ids = np.concatenate(found) if found else np.empty(0, np.int64)
     infos = dict(zip(member_ids.tolist(), store.infos(member_ids))) if len(member_ids) else {}
