@@ -2,14 +2,10 @@
 chromium-driver, as tests/test_browser.py drives the search page): the
 groups the API lists, their thumbnails, exact copies marked, the level
 switched."""
-import shutil
-
-import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import MEAN, Server, make_images, make_tiny_net, run_extract
-from test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS, text, wait
+from helpers import MEAN, Server, make_copied_images, make_tiny_net, run_extract
+from test_browser import chromium, text, wait
 
 pytestmark = [pytest.mark.browser]
 
@@ -18,13 +14,7 @@ pytestmark = [pytest.mark.browser]
 def dup_site(caffe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser_dups")
     deploy, weights = make_tiny_net(caffe, folder, bits=12, size=32)
-    paths = make_images(folder / "imgs", 24, classes=("a", "b"), size=(32, 32))
-    for n, src in enumerate(paths[:3]):
-        shutil.copyfile(src, folder / "imgs" / "a" / f"copy{n}.png")
-    for n, src in enumerate(paths[3:5]):
-        arr = np.asarray(Image.open(src)).astype(np.int16) + 4
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
-            folder / "imgs" / "b" / f"edit{n}.png")
+    make_copied_images(folder / "imgs", 24, copies=3, edits=2)
     db = folder / "db.lmdb"
     run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
                  "--mean", MEAN])
@@ -35,14 +25,7 @@ def dup_site(caffe, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dup_browser(dup_site):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={dup_site['folder'] / 'chromium'}",):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
+    driver = chromium(dup_site["folder"] / "chromium-profile")
     yield driver
     driver.quit()
 

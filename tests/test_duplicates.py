@@ -2,7 +2,6 @@
 feature-distance filter and the groups, checked against brute force on
 seeded codes; duplicates.py's outputs and its refusals of bad input."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from dlbhc.search.groups import components, groups
 from dlbhc.search.pairs import close_pairs, near_pairs
 from dlbhc_testing.reference import brute_force_groups, brute_force_pairs
 from dlbhc_testing.synthetic import clustered_codes, zipf_clustered_codes
-from helpers import MEAN, ROOT, make_images, make_tiny_net, run_extract, run_script
+from helpers import MEAN, ROOT, make_copied_images, make_tiny_net, run_extract, run_script
 
 
 def listed(pairs, chunk=None):
@@ -113,13 +112,7 @@ def dup_db(caffe, tmp_path_factory):
     lightly edited (every pixel +4), made by extract.py with a tiny net."""
     folder = tmp_path_factory.mktemp("dups")
     deploy, weights = make_tiny_net(caffe, folder, bits=12)
-    paths = make_images(folder / "imgs", 30, classes=("a", "b"), size=(32, 32))
-    for n, src in enumerate(paths[:3]):
-        shutil.copyfile(src, folder / "imgs" / "a" / f"copy{n}.png")
-    for n, src in enumerate(paths[3:6]):
-        arr = np.asarray(Image.open(src)).astype(np.int16) + 4
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
-            folder / "imgs" / "b" / f"edit{n}.png")
+    make_copied_images(folder / "imgs", 30, copies=3, edits=3)
     db = folder / "db.lmdb"
     run_extract([folder / "imgs", "--out", db, "--deploy", deploy, "--weights", weights,
                  "--mean", MEAN, "--batch-size", 8])

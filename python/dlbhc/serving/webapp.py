@@ -48,6 +48,7 @@ SETTINGS_ENV = "DLBHC_SERVE_SETTINGS"
 OPEN_PATHS = ("/", "/duplicates", "/favicon.ico", "/api/health")
 OPEN_PREFIXES = ("/static/",)
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+          "common.js": "text/javascript; charset=utf-8",
           "duplicates.js": "text/javascript; charset=utf-8"}
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
                "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "

@@ -1,27 +1,15 @@
 // The near-duplicates page: the groups of /api/duplicates at the chosen
 // level, each a row of thumbnails (exact copies marked).  Everything shown
 // from the server goes in with textContent, never as HTML.
+// (common.js, loaded first, has the helpers both pages use.)
 "use strict";
-
-const $ = (id) => document.getElementById(id);
-
-function setStatus(text) { $("status").textContent = text; }
-function setError(text) { $("error").textContent = text || ""; $("error").hidden = !text; }
-
-async function apiError(response) {
-  try {
-    const body = await response.json();
-    if (body && body.error) return `${response.status}: ${body.error}`;
-  } catch (e) { /* not JSON */ }
-  return `${response.status} ${response.statusText}`;
-}
 
 function tile(id, path, copy) {
   const fig = document.createElement("figure");
   fig.className = "result" + (copy ? " copy" : "");
   fig.dataset.id = String(id);
   const img = document.createElement("img");
-  img.src = `/api/images/${id}/thumbnail?size=128`;
+  img.src = thumbnailUrl(id, 128);
   img.alt = `image ${id}`;
   img.loading = "lazy";
   const cap = document.createElement("figcaption");
