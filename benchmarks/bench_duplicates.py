@@ -2,8 +2,8 @@
 """Near-duplicates: pair precision and recall on a generated set, and the
 time of all pairs within radius 2 at 1M synthetic codes.
 
+    python benchmarks/bench_duplicates.py quality --originals 300 --skip 1 --grid
     python benchmarks/bench_duplicates.py quality --originals 400 --skip 0
-    python benchmarks/bench_duplicates.py quality --originals 400 --skip 1 --grid
     python benchmarks/bench_duplicates.py scale --n 1000000 --radius 2
 
 quality: originals are CIFAR-10 test images (data/cifar10/test.txt, every
@@ -16,8 +16,9 @@ duplicates.py's search runs at each level's defaults.  A true pair is two
 images of one original (10 per original); every other pair is false.
 Reported: pair precision and recall of the close pairs, and of the pairs
 implied by the groups (every two members of a group).  --grid prints
-precision/recall over radii and thresholds (how the defaults were chosen:
-on --skip 1, then checked on --skip 0).
+precision/recall over the rule's ratios and thresholds (how the defaults
+were chosen: on --skip 1, then checked on --skip 0 and --skip 3, whose
+originals the calibration never saw).
 
 scale: zipf_clustered_codes (dlbhc_testing.synthetic; --centres, --zipf,
 --mean-flips) and search.pairs.near_pairs on them: seconds, unique codes,
