@@ -59,20 +59,28 @@ def make_copies(image):
     return out
 
 
-def generate(folder, originals, skip, stride):
-    """Write the set; a `path label` list whose label is the original's number."""
-    lines = (CIFAR / "test.txt").read_text().split("\n")
-    chosen = [ln.split()[0] for ln in lines if ln.strip()][skip::stride][:originals]
+def generate(folder, originals, skip, stride, distractors=0, seed=0):
+    """Write the set; a `path label` list whose label is the original's
+    number.  Distractors: other test images (seeded draw among the lines
+    not taken as originals), upscaled alike, without copies, each a label
+    of its own (no true pair)."""
+    lines = [ln.split()[0] for ln in (CIFAR / "test.txt").read_text().split("\n") if ln.strip()]
+    chosen = lines[skip::stride][:originals]
+    others = sorted(set(lines) - set(lines[skip::stride]))
+    extra = list(np.random.default_rng(seed).permutation(others)[:distractors])
     rows = []
-    for n, rel in enumerate(chosen):
+    for n, rel in enumerate(chosen + extra):
         image = Image.open(CIFAR / rel).convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)
         base = folder / f"{n:05d}"
         image.save(f"{base}_orig.png")
+        rows.append(f"{base}_orig.png {n}")
+        if n >= len(chosen):
+            continue
         image.save(f"{base}_jpeg40.jpg", quality=40)
         for name, copy in make_copies(image).items():
             copy.save(f"{base}_{name}.png")
         rows += [f"{base}_{kind}.{'jpg' if kind == 'jpeg40' else 'png'} {n}"
-                 for kind in ("orig",) + COPIES]
+                 for kind in COPIES]
     listing = folder / "list.txt"
     listing.write_text("\n".join(rows) + "\n")
     return listing
@@ -104,13 +112,13 @@ def quality(args):
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        listing = generate(tmp, args.originals, args.skip, args.stride)
+        listing = generate(tmp, args.originals, args.skip, args.stride, args.distractors)
         db = tmp / "db.lmdb"
         subprocess.run([sys.executable, str(ROOT / "python" / "extract.py"), str(listing),
                         "--out", str(db), "--deploy", str(DEPLOY), "--weights", str(weights)],
                        check=True, stdout=subprocess.DEVNULL)
         print(f"generated and extracted {args.originals} originals x {1 + len(COPIES)} images "
-              f"in {time.perf_counter() - t0:.0f} s")
+              f"and {args.distractors} distractors in {time.perf_counter() - t0:.0f} s")
         with FeatureStore.open(db) as store:
             labels = store.labels()
             if args.grid:
@@ -132,8 +140,8 @@ def grid(store, labels):
     """Pair precision/recall at the duplicates level's radius, near and k,
     over ratios and thresholds (ratio 1: the threshold alone)."""
     level = LEVELS["duplicates"]
-    ratios = (0.6, 0.7, 0.8, 0.9, 1.0)
-    thresholds = (0.2, 0.3, 0.4, 0.5, 0.6)
+    ratios = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    thresholds = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
     pairs = near_pairs(store.codes(), store.bits, min(level.radius, store.bits))
     rows = store.fc7_rows()
     print(f"precision/recall of close pairs (radius {level.radius}, near {level.near}, "
@@ -179,6 +187,8 @@ def main():
     q.add_argument("--originals", type=int, default=400)
     q.add_argument("--skip", type=int, default=0, help="first line of test.txt taken")
     q.add_argument("--stride", type=int, default=7, help="every stride-th line of test.txt")
+    q.add_argument("--distractors", type=int, default=0,
+                   help="other test images added without copies (no true pair)")
     q.add_argument("--grid", action="store_true", help="precision/recall over radii, thresholds")
     q.add_argument("--tmp", default=os.environ.get("TMPDIR"), help="scratch folder")
     s = sub.add_parser("scale")

@@ -58,9 +58,9 @@ class Level:
 # Calibrated on generated copies of CIFAR-10 test images with the demo net
 # (benchmarks/bench_duplicates.py, docs/benchmarks.md).
 LEVELS = {
-    "duplicates": Level("duplicates", 10, 0.5, 0.1, 0.8, 10, "the same picture (re-encoded, "
+    "duplicates": Level("duplicates", 10, 0.5, 0.1, 0.7, 10, "the same picture (re-encoded, "
                         "resized, cropped by a few pixels, brightness changed)"),
-    "similar": Level("similar", 12, 0.6, 0.15, 0.9, 10, "near variants: looser"),
+    "similar": Level("similar", 12, 0.6, 0.15, 0.8, 10, "near variants: looser"),
 }
 DEFAULT_LEVEL = "duplicates"
 SHEET_COLUMNS = 8
