@@ -16,7 +16,7 @@ answer per query); every error is {"error": message} with its status:
 The guard around the app (_Guard, plain ASGI) refuses oversized bodies
 before they are read (from Content-Length, and by counting what arrives),
 checks the token, and adds headers that keep browsers from sniffing types.
-Files are served from memory (the page's three assets) or re-encoded from
+Files are served from memory (the pages and their assets) or re-encoded from
 database images found by id: no request ever names a file.
 """
 import hmac
