@@ -74,16 +74,23 @@ def site(caffe, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(site):
+def chromium(profile):
+    """A headless Chromium driven through chromium-driver (profile: its
+    user-data folder)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={site['folder'] / 'chromium-profile'}",):
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}",):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(site):
+    driver = chromium(site["folder"] / "chromium-profile")
     yield driver
     driver.quit()
 

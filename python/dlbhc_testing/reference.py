@@ -17,6 +17,9 @@ straightforward way, query by query, over every database image:
     precision_within_radius
                           per-query measures of the paper's protocol, as
                           the authors' analysis/precision.m computes them
+    brute_force_pairs     every pair of images within a Hamming radius and
+                          (optionally) a unit-length feature distance
+    brute_force_groups    connected components of pairs, by depth-first walk
 
 The fine orderings use rerank.fc7_sq_distances, the distance whose exact
 ties the fast path orders by id: what is checked is which candidates are
@@ -298,3 +301,66 @@ def efficientnet_lite_forward(state, x, stages=EFFICIENTNET_LITE0_STAGES):
     blobs["pool"] = h.mean(axis=(2, 3))
     blobs["logits"] = blobs["pool"] @ w("_fc.weight").T + w("_fc.bias")
     return blobs
+
+
+# ---- near-duplicates ------------------------------------------------------------
+def brute_force_pairs(codes, bits, radius, rows=None, threshold=None, ids=None, near=0.0,
+                      ratio=1.0, k=0):
+    """{(i, j): (hamming, distance or None)} for every pair i < j of `ids`
+    (default: all) within `radius`, and with `rows`, whose unit-length rows
+    pass pairs.close_pairs' rule (float64): distance <= near, or <= threshold
+    and <= ratio x min(scale(i), scale(j)), where an image's scale is the
+    distance to its k-th nearest image within the radius, capped at
+    threshold / ratio (k = 0: no scale)."""
+    ids = np.arange(len(codes)) if ids is None else np.sort(np.asarray(ids))
+    within = {}
+    for i in ids:
+        ham = naive_hamming(codes[ids], codes[i], bits)
+        for y in np.flatnonzero(ham <= radius):
+            if ids[y] != i:
+                within[(int(i), int(ids[y]))] = int(ham[y])
+    if rows is None:
+        return {(i, j): (h, None) for (i, j), h in within.items() if i < j}
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / (np.linalg.norm(x) or 1)
+
+    dist = {key: float(np.linalg.norm(unit(rows[key[0]]) - unit(rows[key[1]])))
+            for key in within}
+    cap = threshold / ratio if k and ratio < 1 else threshold
+    scale = {}
+    for i in ids:
+        mine = sorted(d for (a, _), d in dist.items() if a == i)
+        scale[int(i)] = min(mine[k - 1], cap) if k and len(mine) >= k else cap
+    found = {}
+    for (i, j), h in within.items():
+        d = dist[(i, j)]
+        local = d <= threshold and (not k or ratio >= 1 or d <= ratio * min(scale[i], scale[j]))
+        if i < j and (d <= near or local):
+            found[(i, j)] = (h, d)
+    return found
+
+
+def brute_force_groups(pairs, min_size=2):
+    """Connected components (sorted id lists) of the graph of `pairs`
+    (iterable of (i, j)), at least min_size ids each, as a set of tuples."""
+    neighbours = {}
+    for i, j in pairs:
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+    seen, out = set(), set()
+    for start in neighbours:
+        if start in seen:
+            continue
+        stack, group = [start], []
+        seen.add(start)
+        while stack:
+            node = stack.pop()
+            group.append(node)
+            for nxt in neighbours[node] - seen:
+                seen.add(nxt)
+                stack.append(nxt)
+        if len(group) >= min_size:
+            out.add(tuple(sorted(group)))
+    return out

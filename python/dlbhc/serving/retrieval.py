@@ -453,20 +453,37 @@ def montage(answer, out_path, shown=10):
     """PNG grid: the query, then the top results with Hamming and L2 distance.
     A result's frame is green when its label equals the query's, red when it
     differs (no frame when labels are unknown)."""
+    def frame(label):
+        if label is None or answer.query.label < 0 or label < 0:
+            return None
+        return "tab:green" if label == answer.query.label else "tab:red"
+
+    hits = answer.hits[:shown]
+    query_title = "query" + (f"\n{answer.query.class_name}" if answer.query.class_name else "")
+    tiles = [(query_title, answer.query.path or answer.query.name, None)] + \
+        [(f"#{h.rank} H{h.hamming} L2 {h.l2:.1f}" + (f"\n{h.class_name}" if h.class_name else ""),
+          h.path, frame(h.label)) for h in hits]
+    return contact_sheet(tiles, out_path)
+
+
+def contact_sheet(tiles, out_path, columns=None):
+    """PNG grid of images: tiles are (title, image path, frame colour or
+    None), `columns` per row (default: all in one row); an unreadable image
+    is a grey tile marked so.  The one picture writer of retrieve.py's
+    montage and duplicates.py's group sheets."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from ..images import BadImage, read_image
 
-    hits = answer.hits[:shown]
-    cols = len(hits) + 1
-    fig, axes = plt.subplots(1, cols, figsize=(MONTAGE_TILE_INCHES * cols, MONTAGE_TILE_INCHES + 0.5),
+    cols = max(1, min(columns or len(tiles), len(tiles)))
+    rows = max(1, -(-len(tiles) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(MONTAGE_TILE_INCHES * cols,
+                                                  (MONTAGE_TILE_INCHES + 0.5) * rows),
                              dpi=MONTAGE_DPI, squeeze=False)
-    query_title = "query" + (f"\n{answer.query.class_name}" if answer.query.class_name else "")
-    tiles = [(query_title, answer.query.path or answer.query.name, None)] + \
-        [(f"#{h.rank} H{h.hamming} L2 {h.l2:.1f}" + (f"\n{h.class_name}" if h.class_name else ""),
-          h.path, h.label) for h in hits]
-    for ax, (title, path, label) in zip(axes[0], tiles):
+    for ax in axes.ravel()[len(tiles):]:
+        ax.axis("off")
+    for ax, (title, path, color) in zip(axes.ravel(), tiles):
         try:
             img = read_image(path)
         except (BadImage, OSError):
@@ -476,8 +493,7 @@ def montage(answer, out_path, shown=10):
         ax.set_title(title, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-        if label is not None and answer.query.label >= 0 and label >= 0:
-            color = "tab:green" if label == answer.query.label else "tab:red"
+        if color is not None:
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3)

@@ -46,6 +46,7 @@ from ..nets.records import class_name
 from ..report import get_logger
 from ..search.codes import pack_codes
 from ..search.params import DEFAULT_TOP_K, SearchParams
+from .duplicates import find_duplicates, level_settings
 from .netpool import NetPool, Unavailable
 from .retrieval import Query, Retriever
 
@@ -165,6 +166,8 @@ class QueryService:
         # every request thread searched at once.
         self._search_slots = threading.BoundedSemaphore(max(1, self.limits.search_slots))
         self._thumbnails = _ByteCache(self.limits.thumbnail_cache_bytes)
+        self._duplicates = {}       # (revision, level, radius, threshold) -> its JSON-able dict
+        self._duplicates_lock = threading.Lock()
         try:
             if net:
                 if self.prep is None:
@@ -319,6 +322,22 @@ class QueryService:
         done = time.perf_counter()
         return answers, {"decode": 1000 * (decoded - start), "net": 1000 * (forwarded - decoded),
                          "search": 1000 * (done - forwarded)}
+
+    # ---- near-duplicates ----------------------------------------------------------
+    def duplicates(self, level, radius=None, threshold=None):
+        """The near-duplicate groups at `level` (duplicates.find_duplicates'
+        answer as a dict), found once per database revision and settings;
+        bad settings are a BadRequest."""
+        try:
+            chosen, radius, threshold = level_settings(level, radius, threshold, self.store.bits)
+        except UserError as err:
+            raise BadRequest(str(err)) from None
+        with self._duplicates_lock:
+            key = (self.store.revision(), chosen.name, radius, threshold)
+            if key not in self._duplicates:
+                self._duplicates = {key: find_duplicates(self.store, chosen.name, radius,
+                                                         threshold).as_dict()}
+            return self._duplicates[key]
 
     # ---- images --------------------------------------------------------------
     def image_record(self, id_text):

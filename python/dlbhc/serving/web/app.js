@@ -1,24 +1,10 @@
 // The search page: an image (chosen, dropped or pasted) or a database image
 // (clicked) is the query; the results come from the JSON API as a grid.
 // Everything shown from the server goes in with textContent, never as HTML.
+// (common.js, loaded first, has the helpers both pages use.)
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const state = { kind: null, file: null, name: "", id: null, topK: 24, step: 24 };
-
-function show(el, on) { el.hidden = !on; }
-function setStatus(text) { $("status").textContent = text; }
-function setError(text) { $("error").textContent = text || ""; show($("error"), !!text); }
-
-async function apiError(response) {
-  try {
-    const body = await response.json();
-    if (body && body.error) return `${response.status}: ${body.error}`;
-  } catch (e) { /* not JSON */ }
-  return `${response.status} ${response.statusText}`;
-}
-
-function thumbnailUrl(id, size) { return `/api/images/${id}/thumbnail?size=${size || 128}`; }
 
 async function loadInfo() {
   const response = await fetch("/api/info", { credentials: "same-origin" });
