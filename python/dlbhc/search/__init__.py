@@ -24,6 +24,9 @@ Modules, from the code format up to the evaluation:
     index     HashIndex: the bucket table, its cache file, and the batched
               coarse-to-fine search
     pca       the compressed re-rank rows: a PCA projection of fc7
+    itq       codes without labels: linear hashes of features (ITQ, PCA-sign,
+              LSH) fitted in numpy; the unsupervised recipe writes ITQ's into
+              the net's latent layer
     metrics   mAP@k, P@k, radius precision, PR curves, plots (runs the
               index's search)
 
@@ -32,6 +35,7 @@ through its module (e.g. dlbhc.search.codes.HammingBall).
 """
 from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
 from .index import HashIndex
+from .itq import LinearHash, fit_itq, fit_lsh, fit_pca_sign
 from .metrics import evaluate
 from .params import DEFAULT_TOP_K, SearchParams, default_min_candidates
 from .pca import Projection
@@ -40,8 +44,9 @@ from .results import CoarseResult, SearchResult, SearchResults
 
 __all__ = [
     "CODE_THRESHOLD", "DEFAULT_EXACT_TOP", "DEFAULT_TOP_K",
-    "CoarseResult", "HashIndex", "Projection", "ReducedRows", "SearchParams", "SearchResult",
+    "CoarseResult", "HashIndex", "LinearHash", "Projection", "ReducedRows", "SearchParams", "SearchResult",
     "SearchResults",
-    "code_bytes", "default_min_candidates", "evaluate", "fc7_sq_distances",
+    "code_bytes", "default_min_candidates", "evaluate", "fc7_sq_distances", "fit_itq",
+    "fit_lsh", "fit_pca_sign",
     "hamming_distances", "hamming_matrix", "pack_codes",
 ]

@@ -15,6 +15,8 @@ layers, reading that LMDB through an ordinary Data layer.
                      Data layers reading cached features
     cache_features   images -> frozen net -> feature LMDB (workers, progress,
                      skipped images reported, built in .partial and renamed)
+    compute_features images -> frozen net -> features in memory (the same
+                     workers; the unsupervised recipe's pooled features)
     merge_weights    the full deploy net's caffemodel: the backbone's frozen
                      layers, the trained top layers
 """
@@ -261,6 +263,34 @@ def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1,
     replace_dir(partial, out)
     write_skipped_list(out, skipped, "the feature cache")
     return summary
+
+
+def compute_features(items, prototxt, weights, prep, workers=FEATURE_WORKERS, batch_size=25,
+                     label="features"):
+    """The frozen net's output for each readable image of items, in memory
+    and in input order: (features (n, D) float32, indices of the items they
+    belong to, skipped [(path, reason)]). The same workers as
+    cache_features; unreadable images are reported and skipped."""
+    todo = [(i, str(it.path), int(it.label)) for i, it in enumerate(items)]
+    chunks = [(todo[i:i + batch_size], False) for i in range(0, len(todo), batch_size)]
+    features, kept, skipped = [], [], []
+    progress = Progress(len(todo), label=label, interval=5)
+    with mp.get_context("fork").Pool(max(1, workers), initializer=_init_worker,
+                                     initargs=(prototxt, weights, prep)) as pool:
+        for results in pool.imap(_features_star, chunks):
+            for index, _, feature, _, reason in results:
+                if reason is not None:
+                    path, why = reason.split("\t", 1)
+                    skipped.append((path, why))
+                    log.warning("skipped %s: %s", path, why)
+                else:
+                    features.append(feature.ravel())
+                    kept.append(index)
+            progress.update(len(results))
+    progress.close()
+    if not features:
+        raise UserError(f"none of the {len(items)} images could be read (see the messages above)")
+    return np.stack(features).astype(np.float32), np.array(kept), skipped
 
 
 # ---- joining the trained top with the backbone -------------------------------------
