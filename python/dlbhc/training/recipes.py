@@ -390,6 +390,8 @@ def train_collection(data, net=DEFAULT_BACKBONE, bits=48, test=None, root=None,
                      "(ITQ on the backbone's pooled features)", data)
         if test is not None:
             log.info("--test is not used without labels (nothing is held out)")
+        if gpu is not None:
+            log.info("--gpu is not used without labels: the pooled features run on CPU workers")
         return train_unsupervised(data, net, bits, root=root, runs_dir=runs_dir, name=name,
                                   size=size, resize=resize, workers=workers, seed=seed)
     coll = load_collection(data, test, root=root, test_fraction=test_fraction, seed=seed)
