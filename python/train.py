@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Train (or fine-tune) a hashing net with `caffe train`; shows it/s and ETA.
 
-Your own collection (a folder of class subfolders, or `path label` lines):
+Your own collection (a folder of class subfolders, or `path label` lines;
+a folder without class subfolders, or --unsupervised, gets codes without
+labels: ITQ on the backbone's pooled features, see docs/training.md):
 
     python python/train.py --data photos/                        # EfficientNet-Lite0, 48 bits, CPU
     python python/train.py --data photos/ --bits 128 --net cifar # the small net from scratch
@@ -97,6 +99,9 @@ def main(argv=None):
     own("--workers", type=int,
                      help=f"processes computing features (default {FEATURE_WORKERS})")
     own("--cache-dir", help="where cached features go (default data/features)")
+    own("--unsupervised", action="store_true",
+        help="codes without labels (ITQ on the backbone's pooled features; the default for "
+             "a folder without class subfolders): labels, if any, are not used")
     args = p.parse_args(argv)
     given = lambda options: [o for o in options
                              if getattr(args, o.lstrip("-").replace("-", "_")) not in (None, False)]
@@ -117,7 +122,13 @@ def main(argv=None):
             workers=FEATURE_WORKERS if args.workers is None else args.workers,
             cache_dir=args.cache_dir,
             test_fraction=(DEFAULT_TEST_FRACTION if args.test_fraction is None
-                           else args.test_fraction))
+                           else args.test_fraction), unsupervised=args.unsupervised)
+        if summary.get("method") == "itq":
+            print(f"codes without labels ({summary['net']}): ITQ, {summary['bits']} bits, "
+                  f"{summary['images']} images ({summary['skipped']} skipped) in "
+                  f"{summary['total_seconds']:.0f} s")
+            print(f"weights: {summary['weights']}")
+            return 0
         print(f"trained {summary['net']}: {summary['iterations']} iterations, data "
               f"{summary['data_seconds']:.0f} s + training {summary['train_seconds']:.0f} s, "
               f"test {summary['test']}")

@@ -9,18 +9,21 @@ Modules:
     photos      a small collection of real photos in class folders, from a
                 pinned Debian package
     collection  a user's own collection for training: classes, labels and a
-                held-out test split (DEFAULT_TEST_FRACTION of each class)
+                held-out test split (DEFAULT_TEST_FRACTION of each class), or
+                its images without labels (has_labels, load_unlabelled)
 
 Only datum touches Caffe's protobuf messages, inside its functions.
 """
 from .cifar10 import get_cifar10
-from .collection import DEFAULT_TEST_FRACTION, Collection, load_collection
+from .collection import (DEFAULT_TEST_FRACTION, Collection, has_labels, load_collection,
+                         load_unlabelled)
 from .datum import compute_mean, convert_imageset, pad_imageset
 from .photos import get_photos
 
 __all__ = [
     "DEFAULT_TEST_FRACTION",
     "Collection",
-    "compute_mean", "convert_imageset", "get_cifar10", "get_photos", "load_collection",
+    "compute_mean", "convert_imageset", "get_cifar10", "get_photos", "has_labels",
+    "load_collection", "load_unlabelled",
     "pad_imageset",
 ]

@@ -9,6 +9,13 @@ unless a test list is given. The lists and class names are written into the
 run folder (train.txt, test.txt, classes.txt), so later steps and the user
 see what the model was trained on.
 
+A collection without labels (a folder with no class subfolders, a list of
+paths without labels, or any collection with train.py --unsupervised) gives
+its images to the unsupervised recipe instead (load_unlabelled); has_labels
+says which mode a source is in, and a folder mixing class subfolders and
+loose images is trained with labels, the loose images left out with a note
+that says so and how to use them all (--unsupervised).
+
 Everything here is linear in the number of images (100k images: lists and
 dicts, no pairwise steps) and never decodes an image: unreadable files are
 reported and skipped where the pixels are read (feature caching, LMDB
@@ -70,12 +77,16 @@ def _labelled(source, root, notes):
         unlabelled = [it for it in found.items if it.label == UNKNOWN_LABEL]
         if unlabelled:
             notes.append(f"skipped {len(unlabelled)} image(s) directly in {source} (not in a "
-                         f"class subfolder), e.g. {unlabelled[0].relpath}")
+                         f"class subfolder), e.g. {unlabelled[0].relpath}: training with labels "
+                         f"from the class subfolders; move them into a class subfolder, or "
+                         f"pass --unsupervised to build codes from all {len(found.items)} "
+                         "images without labels")
         items = [it for it in found.items if it.label != UNKNOWN_LABEL]
         used = sorted({it.label for it in items})
         if not items:
             raise UserError(f"{source} has no images in class subfolders: put each class's "
-                            "images in a subfolder named after the class")
+                            "images in a subfolder named after the class, or build codes "
+                            "without labels (train.py --unsupervised)")
         # subfolders without images are not classes
         names = [found.classes[i] for i in used]
         remap = {old: new for new, old in enumerate(used)}
@@ -84,6 +95,25 @@ def _labelled(source, root, notes):
             notes.append(f"subfolders without images are not classes: {', '.join(empty[:5])}")
         return [it._replace(label=remap[it.label]) for it in items], names
     return _labels_of_list(found, source)
+
+
+def has_labels(source, root=None):
+    """Whether `source` is a labelled collection: a folder with images in
+    class subfolders, or a list with a label on some line."""
+    found = list_images(source, root=root)
+    return any(it.label != UNKNOWN_LABEL for it in found.items)
+
+
+def load_unlabelled(source, root=None):
+    """Every image of a folder (loose or in subfolders) or list file, for
+    codes learned without labels; their labels are kept (they are not used
+    to learn). A UserError for fewer than 2 images."""
+    found = list_images(source, root=root)
+    if len(found.items) < 2:
+        raise UserError(f"{source} holds {len(found.items)} image ({found.items[0].relpath}): "
+                        "codes without labels are learned from how images differ, which "
+                        "takes at least 2 images (hundreds give useful codes); add images")
+    return found.items
 
 
 def _labels_of_list(found, source):

@@ -30,19 +30,21 @@ class NetCopy:
     mean: tuple        # B, G, R: the driver's resolved preprocessing
     resize: int
     gpu: int = None    # the device in the building process; None: the CPU
+    fold: bool = True  # BatchNorm folded at load, as the driver's net
 
     @classmethod
     def of(cls, net, gpu=None):
         """The spec of the driver's `net`; `gpu`: the device the copy uses
         where it is built (Ray shows each GPU actor its device as 0)."""
         return cls(os.path.abspath(net.deploy), os.path.abspath(net.weights),
-                   tuple(float(v) for v in net.prep.mean_bgr), int(net.prep.resize), gpu)
+                   tuple(float(v) for v in net.prep.mean_bgr), int(net.prep.resize), gpu,
+                   net.fold)
 
     def build(self):
         """The net, loaded without the driver's checks; on the CPU this
         process's BLAS then runs one thread."""
         net = HashNet(self.deploy, self.weights, list(self.mean), gpu=self.gpu,
-                      resize=self.resize, check=False)
+                      resize=self.resize, check=False, fold=self.fold)
         if self.gpu is None:
             set_blas_threads(1)
         return net

@@ -8,6 +8,8 @@ Modules:
                   imported on demand, tools, CPU/GPU mode, BLAS threads
     protos        Caffe's protobuf files (prototxt, .caffemodel) read with a
                   clear error instead of Caffe's abort
+    fold          BatchNorm + Scale folded into the convolution before them
+                  (HashNet does it at load: same codes, a faster forward)
     model         HashNet (deploy net + weights -> fc7 and latent), the input
                   Preprocessing and its record beside the weights
     records       the model's record beyond preprocessing: its chosen fine
@@ -21,6 +23,7 @@ Caffe is imported only inside functions (import_caffe), never at import.
 """
 from .backbones import DEFAULT_BACKBONE, backbone_names, convert
 from .caffe_env import PROJECT_ROOT, import_caffe
+from .fold import fold_batchnorm, folded_net
 from .model import FEATURE_BLOB, LATENT_BLOB, HashNet, Preprocessing
 from .protos import read_prototxt
 from .weights import fetch
@@ -28,5 +31,6 @@ from .weights import fetch
 __all__ = [
     "DEFAULT_BACKBONE", "FEATURE_BLOB", "LATENT_BLOB", "PROJECT_ROOT",
     "HashNet", "Preprocessing",
-    "backbone_names", "convert", "fetch", "import_caffe", "read_prototxt",
+    "backbone_names", "convert", "fetch", "fold_batchnorm", "folded_net", "import_caffe",
+    "read_prototxt",
 ]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .caffe_env import import_caffe, set_mode
+from .fold import folded_net
 from ..search.codes import CODE_THRESHOLD, pack_codes
 from ..errors import UserError
 from ..files import file_digest
@@ -245,10 +246,13 @@ class ImagePreparer:
 class HashNet:
     """A deploy net with the blobs fc7 and latent, its weights loaded."""
 
-    def __init__(self, deploy, weights, mean=None, gpu=None, resize=None, check=True):
+    def __init__(self, deploy, weights, mean=None, gpu=None, resize=None, check=True,
+                 fold=True):
         """mean/resize: the training data's; by default the run folder's
         record (preprocessing.json beside the weights), which they must not
-        contradict (resolve_preprocessing)."""
+        contradict (resolve_preprocessing). fold: BatchNorm + Scale folded
+        into the convolutions at load (nets.fold: the same codes, fc7 within
+        float rounding, a faster forward); False runs the net as written."""
         for what, path in (("deploy prototxt", deploy), ("weights", weights)):
             if not Path(path).is_file():
                 raise UserError(f"{what} {path} does not exist")
@@ -257,6 +261,7 @@ class HashNet:
         self.deploy = str(deploy)
         self.weights = str(weights)
         self._weights_sha1 = None
+        self.fold = bool(fold)
         self.net = self._load(caffe, check)
         for blob in (FEATURE_BLOB, LATENT_BLOB):
             if blob not in self.net.blobs:
@@ -282,10 +287,12 @@ class HashNet:
         where a clear message can still be given: the weights file is read
         once here, parsed for the shape check and hashed for describe().
         extract.py's forward workers pass check=False (the parent checked).
+        With fold, the loaded net is then rebuilt with its BatchNorm folded.
         """
-        trained = None
+        trained, net_param = None, None
+        if check or self.fold:
+            net_param = read_prototxt(self.deploy, "NetParameter")
         if check:
-            read_prototxt(self.deploy, "NetParameter")
             data = Path(self.weights).read_bytes()
             self._weights_sha1 = hashlib.sha1(data).hexdigest()
             trained = parse_caffemodel(data, self.weights)
@@ -293,7 +300,7 @@ class HashNet:
         if trained is not None:
             check_weights_match(net, trained, self.weights, self.deploy)
         net.copy_from(self.weights)
-        return net
+        return folded_net(caffe, net, net_param) if self.fold else net
 
     def describe(self):
         """What the feature store records about the model."""

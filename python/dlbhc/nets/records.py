@@ -66,7 +66,11 @@ def read_rerank_record(folder):
         return None
     try:
         record = json.loads(path.read_text())
-        record["choice"], record["coarse"], record["map_at_k"]   # noqa: B018 (checked)
+        # a measured record has the scores; an unmeasured one (no labels) says why
+        needed = ("choice", "coarse", "map_at_k") if record.get("measured", True) \
+            else ("choice", "reason")
+        for key in needed:
+            record[key]   # noqa: B018 (checked)
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise UserError(f"{path} is not a readable fine-stage record ({err}): delete it "
                         "(searches then re-rank by fc7) or retrain") from None

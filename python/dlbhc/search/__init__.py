@@ -24,6 +24,9 @@ Modules, from the code format up to the evaluation:
     index     HashIndex: the bucket table, its cache file, and the batched
               coarse-to-fine search
     pca       the compressed re-rank rows: a PCA projection of fc7
+    itq       codes without labels: linear hashes of features (ITQ, PCA-sign,
+              LSH) fitted in numpy; the unsupervised recipe writes ITQ's into
+              the net's latent layer
     metrics   mAP@k, P@k, radius precision, PR curves, plots (runs the
               index's search)
     choice    the fine stage chosen per model: the candidates (fc7, latent,
@@ -40,6 +43,7 @@ from .choice import choose, measure_fine_stages
 from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
 from .groups import components, groups
 from .index import HashIndex
+from .itq import LinearHash, fit_itq, fit_lsh, fit_pca_sign
 from .metrics import evaluate
 from .pairs import NearPairs, close_pairs, near_pairs
 from .params import DEFAULT_TOP_K, SearchParams, default_min_candidates
@@ -49,9 +53,9 @@ from .results import CoarseResult, SearchResult, SearchResults
 
 __all__ = [
     "CODE_THRESHOLD", "DEFAULT_EXACT_TOP", "DEFAULT_TOP_K",
-    "CoarseResult", "HashIndex", "NearPairs", "Projection", "ReducedRows", "SearchParams",
-    "SearchResult", "SearchResults",
+    "CoarseResult", "HashIndex", "LinearHash", "NearPairs", "Projection", "ReducedRows",
+    "SearchParams", "SearchResult", "SearchResults",
     "choose", "close_pairs", "code_bytes", "components", "default_min_candidates", "evaluate",
-    "fc7_sq_distances", "groups", "hamming_distances", "hamming_matrix", "measure_fine_stages",
-    "near_pairs", "pack_codes",
+    "fc7_sq_distances", "fit_itq", "fit_lsh", "fit_pca_sign", "groups", "hamming_distances",
+    "hamming_matrix", "measure_fine_stages", "near_pairs", "pack_codes",
 ]

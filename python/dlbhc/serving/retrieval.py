@@ -103,6 +103,10 @@ def auto_stage(meta, has_pca):
         return stage, (f"no fine-stage record (rerank.json) for this model: re-ranking by "
                        f"{stage}, as before records (train.py writes one)")
     available = [name for name in STAGES if name != "pca" or has_pca]
+    if not record.get("measured", True):
+        # a run without labels states its stage and why (training/unsupervised.py)
+        stage = record["choice"] if record["choice"] in available else "fc7"
+        return stage, f"fine stage {stage}, as recorded for this model ({record['reason']})"
     stage = choose(record["map_at_k"], record["coarse"], available)
     scores = ", ".join(f"{name} {value:.3f}" for name, value in record["map_at_k"].items())
     note = (f"fine stage {stage}, as recorded for this model (held-out mAP@"

@@ -25,6 +25,8 @@ Modules:
                  features cached, joined with the trained top
     finestage    the run's last step: the fine stage chosen on the held-out
                  images (search.choice) and recorded (rerank.json)
+    unsupervised codes without labels: ITQ (search.itq) on the backbone's
+                 pooled features, written into the net's latent layer
 
 Caffe is imported only inside the functions that need it.
 """
@@ -35,11 +37,12 @@ from .recipe import Recipe
 from .recipes import (DEFAULT_SPLIT, BackboneRecipe, CheckedInRecipe, SmallNetRecipe, train,
                       train_collection)
 from .solver import DEFAULT_EPOCHS, write_solver
+from .unsupervised import UnsupervisedRecipe, train_unsupervised
 
 __all__ = [
     "DEFAULT_EPOCHS", "DEFAULT_SPLIT", "FEATURE_WORKERS",
     "BackboneRecipe", "CaffeLog", "CheckedInRecipe", "DataLayer", "Phases", "Recipe",
-    "SmallNetRecipe",
+    "SmallNetRecipe", "UnsupervisedRecipe",
     "cache_features", "data_layer_pair", "move_data_files", "parse_log", "set_data_layers",
-    "train", "train_collection", "write_solver",
+    "train", "train_collection", "train_unsupervised", "write_solver",
 ]

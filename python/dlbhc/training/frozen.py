@@ -9,12 +9,14 @@ layers, reading that LMDB through an ordinary Data layer.
     split_layers     a net's layers below and above the split blob
     frozen_net       the deploy net cut after the split (features to cache)
     fold_batchnorm   BatchNorm + Scale folded into the convolution before
-                     them (frozen layers only: the forward is ~1.4x faster,
-                     the result equal to float rounding)
+                     them (nets.fold; the forward is ~1.4x faster, the
+                     result equal to float rounding)
     top_net          a train_val whose layers below the split are replaced by
                      Data layers reading cached features
     cache_features   images -> frozen net -> feature LMDB (workers, progress,
                      skipped images reported, built in .partial and renamed)
+    compute_features images -> frozen net -> features in memory (the same
+                     workers; the unsupervised recipe's pooled features)
     merge_weights    the full deploy net's caffemodel: the backbone's frozen
                      layers, the trained top layers
 """
@@ -34,6 +36,7 @@ from ..errors import UserError
 from ..files import replace_dir
 from ..images import BadImage, write_skipped_list
 from ..nets.caffe_env import import_caffe, set_blas_threads
+from ..nets.fold import fold_batchnorm  # noqa: F401 (the recipes' name for it)
 from ..nets.model import BatchTransformer, ImagePreparer
 from ..nets.protos import caffe_pb2, layer_param_shapes, parse_caffemodel, read_prototxt
 from ..progress import Progress
@@ -105,51 +108,6 @@ def param_layer_names(net):
 
 
 # ---- folding BatchNorm -------------------------------------------------------------
-
-def fold_batchnorm(net, params):
-    """(NetParameter, params) with every in-place BatchNorm (+ Scale) that
-    follows a Convolution folded into it; params: {layer: [arrays]} as
-    caffe.Net.params holds them. BatchNorm must use global statistics."""
-    pb = caffe_pb2()
-    layers = list(net.layer)
-    params = {name: [np.array(b, dtype=np.float64) for b in blobs] for name, blobs in params.items()}
-    out = pb.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    folded = {}
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        nxt = layers[i + 1] if i + 1 < len(layers) else None
-        if (layer.type == "Convolution" and nxt is not None and nxt.type == "BatchNorm"
-                and list(nxt.bottom) == list(layer.top) == list(nxt.top)):
-            mean, var, factor = params[nxt.name]
-            scale = 1.0 / factor[0] if factor[0] != 0 else 0.0
-            eps = nxt.batch_norm_param.eps
-            gamma = 1.0 / np.sqrt(var * scale + eps)
-            beta = -mean * scale * gamma
-            used = 2
-            after = layers[i + 2] if i + 2 < len(layers) else None
-            if (after is not None and after.type == "Scale"
-                    and list(after.bottom) == list(layer.top) == list(after.top)):
-                s = params[after.name]
-                gamma, beta = gamma * s[0], beta * s[0] + (s[1] if len(s) > 1 else 0.0)
-                used = 3
-            w = params[layer.name][0]
-            b = params[layer.name][1] if len(params[layer.name]) > 1 else 0.0
-            conv = out.layer.add()
-            conv.CopyFrom(layer)
-            conv.convolution_param.bias_term = True
-            del conv.param[:]
-            folded[layer.name] = [w * gamma.reshape(-1, 1, 1, 1), b * gamma + beta]
-            i += used
-            continue
-        out.layer.add().CopyFrom(layer)
-        if layer.name in params:
-            folded[layer.name] = params[layer.name]
-        i += 1
-    return out, {k: [v.astype(np.float32) for v in blobs] for k, blobs in folded.items()}
-
 
 def net_with_params(net_param, params, folder, name):
     """Write `name`.prototxt and `name`.caffemodel into folder from a
@@ -305,6 +263,34 @@ def cache_features(items, prototxt, weights, prep, out, flips=False, seed=1,
     replace_dir(partial, out)
     write_skipped_list(out, skipped, "the feature cache")
     return summary
+
+
+def compute_features(items, prototxt, weights, prep, workers=FEATURE_WORKERS, batch_size=25,
+                     label="features"):
+    """The frozen net's output for each readable image of items, in memory
+    and in input order: (features (n, D) float32, indices of the items they
+    belong to, skipped [(path, reason)]). The same workers as
+    cache_features; unreadable images are reported and skipped."""
+    todo = [(i, str(it.path), int(it.label)) for i, it in enumerate(items)]
+    chunks = [(todo[i:i + batch_size], False) for i in range(0, len(todo), batch_size)]
+    features, kept, skipped = [], [], []
+    progress = Progress(len(todo), label=label, interval=5)
+    with mp.get_context("fork").Pool(max(1, workers), initializer=_init_worker,
+                                     initargs=(prototxt, weights, prep)) as pool:
+        for results in pool.imap(_features_star, chunks):
+            for index, _, feature, _, reason in results:
+                if reason is not None:
+                    path, why = reason.split("\t", 1)
+                    skipped.append((path, why))
+                    log.warning("skipped %s: %s", path, why)
+                else:
+                    features.append(feature.ravel())
+                    kept.append(index)
+            progress.update(len(results))
+    progress.close()
+    if not features:
+        raise UserError(f"none of the {len(items)} images could be read (see the messages above)")
+    return np.stack(features).astype(np.float32), np.array(kept), skipped
 
 
 # ---- joining the trained top with the backbone -------------------------------------

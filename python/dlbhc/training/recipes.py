@@ -31,7 +31,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..datasets.collection import DEFAULT_TEST_FRACTION, load_collection, write_run_lists
+from ..datasets.collection import (DEFAULT_TEST_FRACTION, has_labels, load_collection,
+                                   write_run_lists)
 from ..datasets.datum import compute_mean, convert_imageset, pad_imageset
 from ..errors import UserError
 from ..nets.backbones import DEFAULT_BACKBONE, backbone_names, convert, mean_bgr, read_spec
@@ -386,11 +387,27 @@ def train_collection(data, net=DEFAULT_BACKBONE, bits=48, test=None, root=None,
                      runs_dir=None, name=None, size=None, resize=None, split=DEFAULT_SPLIT,
                      epochs=None, max_iter=None, batch_size=None, base_lr=None, flips=True,
                      gpu=None, workers=frozen.FEATURE_WORKERS, cache_dir=None,
-                     test_fraction=DEFAULT_TEST_FRACTION, seed=1):
+                     test_fraction=DEFAULT_TEST_FRACTION, seed=1, unsupervised=False):
     """Train <net>_hash<bits> on a user's collection (folder of class
     subfolders, or `path label` list), everything in runs_dir/<name>/ (see
     the module docstring). Returns the summary (train_summary.json) with the
-    commands that extract, retrieve and evaluate with the model."""
+    commands that extract, retrieve and evaluate with the model. A
+    collection without labels, or `unsupervised`, gets ITQ codes instead
+    (training.unsupervised)."""
+    if unsupervised or not has_labels(data, root=root):
+        from .unsupervised import train_unsupervised    # it builds on this module
+        if net not in backbone_names():
+            raise UserError(f"codes without labels come from a backbone's pooled features "
+                            f"({', '.join(backbone_names())}), not {net!r}")
+        if not unsupervised:
+            log.info("%s has no class subfolders (no labels): building codes without labels "
+                     "(ITQ on the backbone's pooled features)", data)
+        if test is not None:
+            log.info("--test is not used without labels (nothing is held out)")
+        if gpu is not None:
+            log.info("--gpu is not used without labels: the pooled features run on CPU workers")
+        return train_unsupervised(data, net, bits, root=root, runs_dir=runs_dir, name=name,
+                                  size=size, resize=resize, workers=workers, seed=seed)
     coll = load_collection(data, test, root=root, test_fraction=test_fraction, seed=seed)
     for note in coll.notes:
         log.info(note)
