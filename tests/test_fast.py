@@ -261,7 +261,8 @@ def test_tiny_collection_trains_above_chance_end_to_end(caffe, tmp_path):
     colour_collection(tmp_path / "photos", per_class=40, size=36)
     runs = tmp_path / "runs"
     run_script(TRAIN, ["--data", tmp_path / "photos", "--net", "fast", "--runs-dir", runs,
-                       "--epochs", 6, "--batch-size", 30, "--bits", 12], timeout=900)
+                       "--epochs", 20, "--batch-size", 30, "--base-lr", 0.2, "--bits", 12],
+               timeout=900)
     run = runs / "fast_hash12_photos"
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["recipe"] == "fast" and summary["classes"] == ["apple", "boat", "cloud"]

@@ -405,7 +405,7 @@ class FastRecipe(Recipe):
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
             rows = [r for r in rows if int(r[0]) <= step]
-        handle = open(path, "w", newline="")
+        handle = open(path, "w", newline="", buffering=1)   # line by line: a killed run keeps its rows
         writer = csv.writer(handle)
         writer.writerow(["step", "epoch", "lr", "loss", "seconds"])
         writer.writerows(rows)
