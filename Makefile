@@ -203,7 +203,7 @@ DB_TEST  ?= $(DEMO_DIR)/db_test.lmdb
 bench-pca-map: venv
 	$(PY) benchmarks/bench_pca_map.py --database $(DB_TRAIN) --queries $(DB_TEST)
 
-bench-map: $(if $(filter cifar,$(NET)),data,caffe)
+bench-map: $(if $(filter cifar fast,$(NET)),data,caffe)
 	NET=$(NET) benchmarks/bench_cifar_map.sh
 
 # SERVE_BENCH_DB: the CIFAR-10 database to serve (default the demo's).
