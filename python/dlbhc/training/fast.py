@@ -52,6 +52,7 @@ FAST_SIZE = 32
 REFERENCE_BATCH = 500
 CHECKPOINT_DIR = "checkpoints"
 CURVE_FILE = "train_curve.csv"
+TEST_CURVE_FILE = "test_curve.csv"
 # the augmented batches BatchNorm's statistics are re-measured on: an
 # epoch number of their own, past any schedule's
 BATCHNORM_EPOCH = 1 << 20
@@ -76,6 +77,7 @@ class FastSchedule:
     flip: bool = True
     flip_average: bool = True        # extraction averages each image with its mirror
     bn_batches: int = 20             # batches that re-measure BatchNorm's statistics
+    monitor_images: int = 2000       # test images classified after each epoch (the curve)
     seed: int = 1
 
     def steps(self, images):
@@ -265,6 +267,8 @@ class FastRecipe(Recipe):
         train_file, deploy_file = run_nets(self.bits, len(self.classes), s.batch_size,
                                            self.run_dir, self.name)
         net = caffe.Net(str(train_file), caffe.TRAIN)
+        # the deploy net that classifies test images after each epoch (the curve)
+        monitor = caffe.Net(str(deploy_file), caffe.TEST) if s.monitor_images else None
         transform = BatchTransformer(Preprocessing(FAST_SIZE, FAST_SIZE, self.mean))
         net.params["whiten"][0].data[...] = self.whitening(transform)
         net.blobs["smoothing"].data[...] = smoothing_matrix(len(self.classes), s.label_smoothing)
@@ -279,7 +283,7 @@ class FastRecipe(Recipe):
             transform(crops, out=net.blobs["data"].data)
             net.blobs["label"].data[...] = labels
 
-        per_epoch = batches.batches_per_epoch()
+        per_epoch = self.steps_per_epoch = batches.batches_per_epoch()
         step, epoch_seconds = self.restore(net, sgd, average)
         train_start = time.monotonic()
         curve = self.curve_writer(step)
@@ -310,6 +314,7 @@ class FastRecipe(Recipe):
             epoch += 1
             epoch_seconds.append(round(time.monotonic() - epoch_start, 1))
             self.checkpoint(net, sgd, average, step, epoch_seconds)
+            self.monitor(net, monitor, transform, step, epoch)
         progress.close()
         curve.close()
         train_seconds = time.monotonic() - train_start
@@ -364,7 +369,29 @@ class FastRecipe(Recipe):
                     test={"accuracy": accuracies.get(
                         f"{kept}_flip_average" if s.flip_average else kept)})
 
-    # checkpoints and the curve
+    # checkpoints and the curves
+    def monitor(self, net, monitor, transform, step, epoch):
+        """Test accuracy of the current weights (BatchNorm's running averages)
+        on monitor_images test images spread over the list (lists are often
+        sorted by class), logged and appended to test_curve.csv: a learning
+        curve to watch, not a choice of weights."""
+        n = min(self.schedule.monitor_images, len(self.test_images))
+        if monitor is None or not n:
+            return
+        chosen = np.linspace(0, len(self.test_images) - 1, n).astype(int)
+        images = self.test_images[chosen]
+        copy_params(net, monitor)
+        accuracy = float((classify(monitor, images, transform, False)
+                          == self.test_labels[chosen]).mean())
+        log.info("epoch %d (step %d): test accuracy %.4f on %d images", epoch, step, accuracy,
+                 len(images))
+        path = self.run_dir / TEST_CURVE_FILE
+        new = not path.exists() or step <= self.steps_per_epoch
+        with open(path, "w" if new else "a") as f:
+            if new:
+                f.write("step,epoch,accuracy,images\n")
+            f.write(f"{step},{epoch},{accuracy:.4f},{len(images)}\n")
+
     def checkpoint(self, net, sgd, average, step, epoch_seconds):
         folder = self.run_dir / CHECKPOINT_DIR
         folder.mkdir(exist_ok=True)
