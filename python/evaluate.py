@@ -13,11 +13,17 @@ Each of --database and --queries is either
     the store's memory map, and a database's search index is the one
     retrieve.py caches beside it).
 The fine ranking is HashIndex.search, the search retrieve.py runs, with the
-same defaults: re-ranked by the database's PCA store when it has one
-(compress.py), the best --exact-top again by fc7; --rerank fc7|pca chooses.
-An image is relevant to a query when their labels are equal.
+same defaults: --rerank auto takes the fine stage train.py recorded for the
+model (rerank.json beside its weights); a model without that record is
+re-ranked by the database's PCA store when it has one (compress.py), else
+by fc7, and the script says so.  Every other fine stage the inputs allow
+(fc7, latent, pca, none = Hamming order with latent tie-break) is measured
+and printed too ("also:" rows).  A .npz input may hold `latent` (float32)
+for the latent stages.  An image is relevant to a query when their labels
+are equal.
 --out-dir receives figures.json, precision_at_k.png and precision_recall.png.
 """
+import dataclasses
 import json
 import sys
 import zipfile
@@ -63,9 +69,9 @@ def load_features(path, with_fc7=True, with_index=False, rerank="auto", exact_to
     if path.is_dir():
         return _load_store(path, with_fc7, with_index, rerank, exact_top)
     if path.suffix == ".npz":
-        if with_index and rerank == "pca":
-            raise UserError(f"--rerank pca needs a feature database with a PCA store "
-                            f"(compress.py), not the .npz file {path}")
+        if with_index and rerank not in ("auto", "fc7"):
+            raise UserError(f"--rerank {rerank} needs a feature database (its latent rows, "
+                            f"its PCA store), not the .npz file {path}")
         return _load_npz(path, with_fc7)
     raise UserError(f"{path}: expected a .npz file or a feature database folder")
 
@@ -78,8 +84,11 @@ def _load_npz(path, with_fc7):
                 raise UserError(f"{path} lacks the array(s) {', '.join(missing)} "
                                 f"(needs codes, labels, bits and optionally fc7)")
             fc7 = data["fc7"] if with_fc7 and "fc7" in data else None
+            latent = data["latent"] if with_fc7 and "latent" in data else None
             return {"codes": data["codes"], "labels": data["labels"],
-                    "bits": int(data["bits"]), "fc7": fc7, "index": None, "reduced": None}
+                    "bits": int(data["bits"]), "fc7": fc7, "latent": latent, "index": None,
+                    "reduced": None, "stage": "fc7", "stages": {},
+                    "note": "a .npz database has no model record: re-ranking by fc7"}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"cannot read {path}: {err}") from err
 
@@ -87,20 +96,73 @@ def _load_npz(path, with_fc7):
 def _load_store(path, with_fc7, with_index, rerank, exact_top):
     from dlbhc.serving.retrieval import Retriever
     from dlbhc.store.database import FeatureStore
-    reduced = None
+    reduced, stage, note, stages = None, "fc7", None, {}
     if with_index:
         retriever = Retriever(path, rerank=rerank, exact_top=exact_top)
         store, index, reduced = retriever.store, retriever.index, retriever.reduced
+        stage, note = retriever.stage, retriever.auto_note
+        stages = other_stages(retriever, exact_top)
     else:
         store, index = FeatureStore.open(path), None
     try:
         if store.count == 0:
             raise UserError(f"{path} holds no images")
-        return {"codes": store.codes(), "labels": store.labels(), "bits": store.bits,
-                "fc7": store.fc7_rows() if with_fc7 else None, "index": index,
-                "reduced": reduced}
+        result = {"bits": store.bits, "reduced": reduced, "stage": stage, "note": note,
+                  "stages": stages}
+        if store.removed_count:
+            # Removed images are not evaluated: the live rows only (their
+            # fc7 read into memory; compact a large database first), with
+            # an index of their own (metrics builds it).
+            live = store.live_rows()
+            only_live = lambda r: None if r is None else dataclasses.replace(
+                r, rows=r.rows if r.rows is None else np.asarray(r.rows[live]))
+            result.update(reduced=only_live(reduced), index=None,
+                          stages={name: only_live(r) for name, r in stages.items()},
+                          codes=store.codes()[live], labels=store.labels()[live],
+                          fc7=np.asarray(store.fc7_rows()[live]) if with_fc7 else None,
+                          latent=store.latent(live) if with_fc7 else None)
+            return result
+        result.update(codes=store.codes(), labels=store.labels(), index=index,
+                      fc7=store.fc7_rows() if with_fc7 else None,
+                      latent=store.latent(np.arange(store.count)) if with_fc7 else None)
+        return result
     finally:
         store.close()
+
+
+def other_stages(retriever, exact_top):
+    """{name: rerank.ReducedRows (None: fc7)} of the candidate fine stages
+    (search.choice.CANDIDATES) the database offers besides the one chosen."""
+    from dlbhc.search.choice import CANDIDATES, stage_rows
+    from dlbhc.search.rerank import DEFAULT_EXACT_TOP
+    stages = {}
+    for name in CANDIDATES:
+        if name == retriever.stage or (name == "pca" and retriever.store.pca_record is None):
+            continue
+        if name == "pca":
+            stages[name] = stage_rows(name, projection=retriever.store.projection(),
+                                      pca_rows=retriever.store.pca_rows(),
+                                      exact_top=DEFAULT_EXACT_TOP if exact_top is None
+                                      else exact_top)
+        else:
+            stages[name] = stage_rows(name, latent=retriever.latent_rows())
+    return stages
+
+
+def fine_stage_inputs(db, queries):
+    """The main fine stage's (reduced, query rows) and the others' {name:
+    (reduced, query rows)}, leaving out the latent stages when the queries
+    (or the database) have no latent rows."""
+    def query_rows(reduced):
+        return queries["latent"] if reduced is not None and reduced.project is None else None
+    has_latent = queries.get("latent") is not None
+    others = {name: (reduced, query_rows(reduced)) for name, reduced in db["stages"].items()
+              if has_latent or name not in ("latent", "none")}
+    main = db["reduced"]
+    if main is not None and main.project is None and main.rows is not None and not has_latent:
+        raise UserError(f"the {db['stage']} fine stage needs the queries' latent activations: "
+                        "give queries as a feature database (or a .npz with `latent`)")
+    return (main, query_rows(main)), others
 
 
 def check_pair(db, queries, db_path, q_path):
@@ -130,18 +192,23 @@ def main(argv=None):
     if not args.no_fine and not fine:
         print("no fc7 in the inputs: evaluating the Hamming ranking only", file=sys.stderr)
 
+    (main, q_rows), others = fine_stage_inputs(db, queries) if fine else ((None, None), {})
+    if fine and Path(args.database).suffix == ".npz":
+        print(db["note"], file=sys.stderr)   # (a database's is logged as it opens)
     progress = Progress(len(queries["codes"]), label="evaluating", unit="query", interval=5)
     try:
         results = metrics.evaluate(
             db["codes"], db["labels"], queries["codes"], queries["labels"],
             db_fc7=db["fc7"] if fine else None, q_fc7=queries["fc7"] if fine else None,
             params=args.search, bits=db["bits"], radius=args.radius, progress=progress,
-            index=db["index"], reduced=db["reduced"])
+            index=db["index"], reduced=main, q_reduced=q_rows, fine_stages=others)
     except ValueError as err:
         raise UserError(str(err)) from err
     progress.close()
     results["database"] = str(args.database)
     results["queries"] = str(args.queries)
+    if fine:
+        results["fine"]["stage"], results["rerank_note"] = db["stage"], db["note"]
 
     print(metrics.format_table(results))
     if args.out_dir:

@@ -13,6 +13,13 @@ cluster (a local one without ADDRESS): shards on actors that each hold one
 net, merged into OUT in input order. Rerunning the same command adds only what is new;
 after an interrupted run it finishes the job. Unreadable images are listed in
 OUT.skipped.tsv and the exit status is 3 (0 when every image was stored).
+
+A collection that changes (ids are stable: never reused, kept by compaction):
+    python python/extract.py FOLDER --out DB --sync ...  add new files, re-extract
+        changed ones (size or mtime differ) in place of their record, remove vanished
+        ones; resumable, and a rerun on an unchanged folder changes nothing
+    python python/extract.py --remove ID_OR_PATH... --out DB   remove images
+    python python/extract.py --compact --out DB   rewrite DB without removed rows
 """
 import sys
 
@@ -26,10 +33,11 @@ LOCAL_RAY = "local"
 
 def parse_args(argv):
     p = cli.ArgumentParser(__doc__)
-    p.add_argument("images", help="image folder or list file of `path [label]` lines")
+    p.add_argument("images", nargs="?",
+                   help="image folder or list file of `path [label]` lines")
     p.add_argument("--root", help="folder that relative paths of a list file start from")
-    p.add_argument("--deploy", required=True, help="deploy prototxt (blobs fc7 and latent)")
-    p.add_argument("--weights", required=True, help="trained .caffemodel")
+    p.add_argument("--deploy", help="deploy prototxt (blobs fc7 and latent)")
+    p.add_argument("--weights", help="trained .caffemodel")
     p.add_argument("--mean", default=None,
                    help="training mean: .npy, .binaryproto, or B,G,R values (default: the "
                         "preprocessing.json train.py wrote beside the weights; a mean "
@@ -71,8 +79,24 @@ def parse_args(argv):
                    help="actors (default: one per CPU of the cluster, or per GPU with --gpu)")
     p.add_argument("--ray-shard-size", type=cli.positive_int, metavar="N",
                    help="images per shard (default: about 16 shards per actor)")
+    p.add_argument("--sync", action="store_true",
+                   help="keep --out in step with IMAGES: add new files, re-extract changed "
+                        "ones, remove vanished ones")
+    p.add_argument("--remove", nargs="+", metavar="ID_OR_PATH",
+                   help="instead of extracting, remove these images (ids or file paths)")
+    p.add_argument("--compact", action="store_true",
+                   help="instead of extracting, rewrite --out without its removed images")
     cli.add_gpu_argument(p)
     args = p.parse_args(argv)
+    if args.remove or args.compact:
+        if args.images or args.sync or args.merge or args.ray:
+            p.error("--remove and --compact take only --out")
+        return args
+    if not (args.images and args.deploy and args.weights):
+        p.error("IMAGES, --deploy and --weights are needed to extract")
+    if args.sync and (args.ray or args.shard or args.merge or args.limit):
+        p.error("--sync runs on one machine over the whole collection: leave out "
+                "--ray/--shard/--merge/--limit")
     if args.ray and (args.shard or args.merge):
         p.error("--ray shards and merges by itself: leave out --shard/--merge")
     return args
@@ -80,6 +104,16 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.remove:
+        from dlbhc.extraction import remove_images
+        ids = remove_images(args.out, args.remove)
+        print(f"{args.out}: removed {len(ids)} images (ids {_ids_shown(ids)})")
+        return 0
+    if args.compact:
+        from dlbhc.store import compact
+        before, after = compact(args.out)
+        print(f"{args.out}: {before} rows -> {after} (ids unchanged)")
+        return 0
     if args.merge:
         from dlbhc.store import merge
         merge(args.merge, args.out, backend=args.backend)
@@ -91,6 +125,17 @@ def main(argv=None):
     shard = parse_shard(args.shard)
     fc7_dtype = "float16" if args.float16 else DEFAULT_FC7_DTYPE
     net = HashNet(args.deploy, args.weights, args.mean, gpu=args.gpu, resize=args.resize)
+    if args.sync:
+        from dlbhc.extraction import sync
+        report = sync(args.images, net, args.out, root=args.root, batch_size=args.batch_size,
+                      workers=args.workers, backend=args.backend, fc7_dtype=fc7_dtype,
+                      commit_seconds=args.commit_every, blas_threads=args.blas_threads)
+        print(f"{args.out}: {report.summary()}")
+        if report.skipped:
+            print(f"skipped images are listed in {skipped_list_path(args.out)}",
+                  file=sys.stderr)
+            return EXIT_SKIPPED
+        return 0
     if args.ray:
         from dlbhc.scale.ray_extract import extract_on_ray
         report = extract_on_ray(args.images, net, args.out,
@@ -115,6 +160,11 @@ def main(argv=None):
         print(f"skipped images are listed in {skipped_list_path(args.out)}", file=sys.stderr)
         return EXIT_SKIPPED
     return 0
+
+
+def _ids_shown(ids, most=10):
+    shown = " ".join(str(int(i)) for i in ids[:most])
+    return shown + (f" ... {len(ids) - most} more" if len(ids) > most else "")
 
 
 if __name__ == "__main__":

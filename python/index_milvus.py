@@ -42,11 +42,11 @@ def main(argv=None):
     with FeatureStore.open(args.db) as store:
         if store.count == 0:
             raise UserError(f"{args.db} holds no images yet: run extract.py first")
-        progress = Progress(store.count, label="milvus load", unit="img")
+        progress = Progress(store.live_count, label="milvus load", unit="img")
         loaded = load_database(store, args.uri, name, index_type=args.index, nlist=args.nlist,
                                nprobe=args.nprobe, replace=args.replace, progress=progress)
         progress.close()
-        print(f"{args.uri} collection {name}: {store.count} images ({loaded} loaded now), "
+        print(f"{args.uri} collection {name}: {store.live_count} images ({loaded} loaded now), "
               f"{args.index}, codes {store.bits} bits, re-rank vectors {store.fc7_dim}")
     print(f"search it: python python/retrieve.py QUERY --milvus {args.uri} --collection {name}")
     return 0

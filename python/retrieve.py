@@ -8,9 +8,13 @@
 
 Coarse-to-fine, as the paper: the database images in the query's code bucket
 and the buckets at Hamming distance 1, 2, ... until at least --candidates
-images (or --max-radius), re-ranked by fc7 Euclidean distance. A database
-with a PCA store (python/compress.py) is re-ranked by the PCA rows instead,
-the best --exact-top (200) again by fc7 (--rerank fc7|pca chooses). The
+images (or --max-radius), re-ranked by the fine stage train.py chose for the
+model on its held-out images (rerank.json beside the weights: fc7, latent,
+pca, or none = Hamming order with the latent as tie-break). A model without
+that record re-ranks by fc7, or by the PCA rows of a database with a PCA
+store (python/compress.py), the best --exact-top (200) again by fc7;
+--rerank fc7|latent|pca|none|hamming chooses. Answers name the classes
+where the model's run folder has classes.txt (JSON keeps the numbers). The
 query is prepared with the preprocessing recorded in the database, by the
 net recorded there (or --deploy/--weights, which must match it).
 
@@ -76,8 +80,8 @@ def main(argv=None):
     from dlbhc.images import list_images
     from dlbhc.serving.retrieval import Query, Retriever, format_table, montage, to_json
     if args.milvus:
-        if args.rerank == "pca" or args.exact_top is not None:
-            raise UserError("--rerank pca / --exact-top work on a local database; a Milvus "
+        if args.rerank not in ("auto", "fc7") or args.exact_top is not None:
+            raise UserError(f"--rerank {args.rerank} / --exact-top work on a local database; a Milvus "
                             "collection re-ranks by the vectors index_milvus.py loaded")
         retriever = Retriever.on_milvus(args.milvus, args.collection)
     else:
@@ -98,8 +102,8 @@ def main(argv=None):
             retriever.load_model(args.deploy, args.weights, gpu=args.gpu)
             for start in range(0, len(image_queries), IMAGE_BATCH):
                 chunk = image_queries[start:start + IMAGE_BATCH]
-                fc7, codes = retriever.features_of_images([q.name for q in chunk])
-                answers += retriever.search(chunk, codes, fc7, args.search)
+                fc7, codes, latent = retriever.features_of_images([q.name for q in chunk])
+                answers += retriever.search(chunk, codes, fc7, args.search, latent=latent)
         if args.json:
             print(to_json(answers))
         else:

@@ -62,6 +62,7 @@ def parse_args(argv):
     p.add_argument("--max-connections", type=cli.positive_int, default=64,
                    help="connections served at once; more get 503 (default %(default)d)")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    cli.add_rerank_arguments(p)
     args = p.parse_args(argv)
     if args.max_upload_mb <= 0:
         p.error("--max-upload-mb must be positive")
@@ -107,7 +108,8 @@ def main(argv=None):
     settings = dict(db_path=str(args.db), net=not args.no_net, deploy=args.deploy,
                     weights=args.weights, gpu=args.gpu, net_processes=args.net_processes,
                     max_batch=args.max_batch, blas_threads=args.blas_threads,
-                    refresh_seconds=args.refresh_seconds)
+                    refresh_seconds=args.refresh_seconds, rerank=args.rerank,
+                    exact_top=args.exact_top)
     limit_malloc_arenas()
     sock = bind(args.host, args.port)
     # Everything is loaded and checked here first (with --workers, each

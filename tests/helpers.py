@@ -79,6 +79,19 @@ def make_images(folder, n, classes=("cats", "dogs"), size=(40, 30), seed=0):
     return paths
 
 
+def make_copied_images(folder, n, copies, edits, seed=0):
+    """make_images' n 32x32 images in folder/a, folder/b, with the first
+    `copies` copied byte for byte (copyN.png) and the next `edits` lightly
+    edited, every pixel +4 (editN.png): near-duplicates to find."""
+    paths = make_images(folder, n, classes=("a", "b"), size=(32, 32), seed=seed)
+    for k, src in enumerate(paths[:copies]):
+        (folder / "a" / f"copy{k}.png").write_bytes(src.read_bytes())
+    for k, src in enumerate(paths[copies:copies + edits]):
+        arr = np.asarray(Image.open(src)).astype(np.int16) + 4
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(folder / "b" / f"edit{k}.png")
+    return paths
+
+
 def learnable_images(rng, n, classes=4, size=32):
     """Class k: a bright square in quadrant k on noise; easy but not trivial.
     (n, 3, size, size) uint8 images and their labels."""

@@ -113,7 +113,7 @@ def test_a_radius_limits_the_hamming_distance(client):
 
 def test_image_records_by_id(client):
     assert client.get("/api/images/7", headers=AUTH).json() == {"id": 7, "path": "",
-                                                                 "label": -1}
+                                                                 "label": -1, "class_name": None}
 
 
 def test_the_openapi_description_lists_the_api(client):

@@ -66,21 +66,31 @@ def site(caffe, tmp_path_factory):
         query = make_images(folder / "query", 1, classes=("q",), seed=9, size=(32, 32))[0]
     db = folder / "db.lmdb"
     run_extract([train, "--out", db, "--deploy", deploy, "--weights", weights, "--mean", MEAN])
+    # the model's class names (labels: the sorted class folders), as a run folder has them
+    (weights.parent / "classes.txt").write_text(
+        "".join(f"{p.name}\n" for p in sorted(train.iterdir()) if p.is_dir()))
     server = Server(["--db", db])
     yield {"server": server, "query": query, "folder": folder}
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(site):
+def chromium(profile):
+    """A headless Chromium driven through chromium-driver (profile: its
+    user-data folder)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={site['folder'] / 'chromium-profile'}",):
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}",):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(site):
+    driver = chromium(site["folder"] / "chromium-profile")
     yield driver
     driver.quit()
 
@@ -131,6 +141,9 @@ def test_upload_see_results_click_one_see_its_results(site, browser, tmp_path):
     assert clicked_id not in shown                 # a database query leaves itself out
     api = site["server"].get_json(f"/api/search?id={clicked_id}&top_k=24")[0]["results"]
     assert shown == [str(hit["id"]) for hit in api]
+    # class names shown beside the label numbers
+    assert api[0]["class_name"] and f"label {api[0]['label']} {api[0]['class_name']}" in \
+        results(browser)[0].text
     assert browser.find_element(By.CSS_SELECTOR, "#results .result.same, "
                                                  "#results .result.other")
 

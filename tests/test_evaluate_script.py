@@ -100,3 +100,29 @@ def test_user_errors_are_reported_without_traceback(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     proc = run("--database", tmp_path / "junk.npz", "--queries", q)
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+def test_removed_images_are_left_out_of_the_evaluation(tmp_path):
+    """A store with removed images evaluates as the npz of its live rows."""
+    from dlbhc.store.database import FeatureStore
+    extra_codes = np.vstack([DB_CODES, DB_CODES[:2] ^ 1])   # two near copies, then removed
+    extra_fc7 = np.vstack([DB_FC7, DB_FC7[:2]])
+    extra_labels = np.concatenate([DB_LABELS, 1 - np.asarray(DB_LABELS[:2])])
+    store = FeatureStore.create(tmp_path / "db.lmdb", {"bits": 8, "fc7_dim": 1})
+    store.append(extra_fc7, np.unpackbits(extra_codes, axis=1).astype(np.float32), extra_codes,
+                 [{"path": f"img{i}.png", "label": int(lab), "seq": i}
+                  for i, lab in enumerate(extra_labels)])
+    store.remove([len(DB_CODES), len(DB_CODES) + 1])
+    store.close()
+    q = write_npz(tmp_path / "q.npz", Q_CODES, Q_LABELS, Q_FC7)
+    with_all = write_npz(tmp_path / "all.npz", extra_codes, extra_labels, extra_fc7)
+    live = write_npz(tmp_path / "live.npz", DB_CODES, DB_LABELS, DB_FC7)
+    figures = {}
+    for db in (tmp_path / "db.lmdb", live, with_all):
+        out = tmp_path / db.name.replace(".", "_")
+        proc = run("--database", db, "--queries", q, "--k", 3, "--out-dir", out)
+        assert proc.returncode == 0, proc.stderr
+        figures[db.name] = json.loads((out / "figures.json").read_text())
+    for method in ("coarse", "fine"):
+        assert figures["db.lmdb"][method]["map"] == figures["live.npz"][method]["map"]
+    assert figures["all.npz"]["coarse"]["map"] != figures["live.npz"]["coarse"]["map"]

@@ -408,7 +408,7 @@ class FakeStore:
     def __init__(self):
         self.appends = []
 
-    def append(self, fc7, latent, codes, infos):
+    def append(self, fc7, latent, codes, infos, remove=()):
         self.appends.append((fc7, latent, codes, list(infos)))
 
 

@@ -269,6 +269,9 @@ def test_tiny_collection_trains_above_chance_end_to_end(caffe, tmp_path):
     assert summary["test"]["accuracy"] > 0.6           # chance: 1/3
     record = json.loads((run / "preprocessing.json").read_text())
     assert record["flip_average"] is True and record["crop"] == 32
+    # the run's last step, as every recipe's: the fine stage chosen on the held-out images
+    assert summary["rerank"]["choice"] == json.loads((run / "rerank.json").read_text())["choice"]
+    assert (run / "classes.txt").read_text().split() == ["apple", "boat", "cloud"]
     net = HashNet(run / "deploy.prototxt", run / "fast_hash12_photos.caffemodel")
     assert net.bits == 12 and net.fc7_dim == 128 and net.prep.flip_average
 

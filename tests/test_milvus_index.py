@@ -220,3 +220,39 @@ def test_collection_names_from_database_folders():
     assert collection_name("runs/x/db_train.lmdb") == "db_train"
     assert collection_name("/data/my-photos.2024.leveldb") == "my_photos_2024"
     assert re.fullmatch(r"[A-Za-z_]\w*", collection_name("/data/2024 photos.lmdb"))
+
+
+@pytest.mark.milvus
+def test_removed_images_leave_milvus_on_the_next_load(milvus_uri, tmp_path):
+    """Removals (and a compaction between loads) reach the collection: its
+    answers equal the local index's over the live images, by id."""
+    from dlbhc.scale.milvus_index import MilvusCollection, load_database
+    from dlbhc.search.index import HashIndex
+    from dlbhc.store import FeatureStore, compact
+    db = tmp_path / "db.lmdb"
+    codes, fc7 = synthetic_store(db, n=600, bits=16, seed=4)
+    q_codes, q_fc7 = queries(codes, fc7, np.random.default_rng(5), n=6)
+    with FeatureStore.open(db) as store:
+        load_database(store, milvus_uri, "syn_removed")
+    removed = []
+    for step in range(2):
+        with FeatureStore.open(db, readonly=False) as store:
+            ids = store.live_ids()[step::7][:40]
+            store.remove(ids)
+            removed += ids.tolist()
+        if step == 0:
+            compact(db)          # the next load sees a compacted database
+        with FeatureStore.open(db) as store:
+            load_database(store, milvus_uri, "syn_removed")
+            live = store.live_rows()
+            local = HashIndex.build(store.codes()[live], store.bits, ids=live)
+            expected = local.search(q_codes, q_fc7, store.fc7, 20, 60)
+            expected.ids[expected.ids >= 0] = store.ids_of_rows(expected.ids[expected.ids >= 0])
+            collection = MilvusCollection(milvus_uri, "syn_removed")
+            try:
+                assert collection.count == store.live_count == 600 - len(removed)
+                got = collection.index.search(q_codes, q_fc7, collection.fc7, 20, 60)
+                assert_same_results(got, expected)
+                assert not set(got.ids.ravel().tolist()) & set(removed)
+            finally:
+                collection.close()

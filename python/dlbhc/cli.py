@@ -127,8 +127,11 @@ def add_rerank_arguments(parser):
     from .search.rerank import DEFAULT_EXACT_TOP
     from .serving.retrieval import FINE_STAGES
     parser.add_argument("--rerank", choices=FINE_STAGES, default="auto",
-                        help="fine stage: fc7 distances, the database's PCA store "
-                             "(compress.py), or auto (PCA when the database has one; default)")
+                        help="fine stage: fc7 distances, the stored latent activations, the "
+                             "database's PCA store (compress.py), none (Hamming order, latent "
+                             "tie-break), hamming (Hamming order alone), or auto (default): the "
+                             "stage train.py recorded for the model (rerank.json), else PCA "
+                             "when the database has one, else fc7")
     parser.add_argument("--exact-top", type=non_negative_int, metavar="N",
                         help="with PCA: rank the best N again by exact fc7 distance "
                              f"(default {DEFAULT_EXACT_TOP}; 0: PCA ranking only)")

@@ -17,6 +17,9 @@ straightforward way, query by query, over every database image:
     precision_within_radius
                           per-query measures of the paper's protocol, as
                           the authors' analysis/precision.m computes them
+    brute_force_pairs     every pair of images within a Hamming radius and
+                          (optionally) a unit-length feature distance
+    brute_force_groups    connected components of pairs, by depth-first walk
 
 The fine orderings use rerank.fc7_sq_distances, the distance whose exact
 ties the fast path orders by id: what is checked is which candidates are
@@ -53,7 +56,8 @@ def reference_coarse(codes, query, bits, min_candidates, max_radius=None):
 
 
 def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=None, bits=None,
-                       reduced_rows=None, query_reduced=None, exact_top=0):
+                       reduced_rows=None, query_reduced=None, exact_top=0,
+                       hamming_first=False):
     """Exhaustive Hamming over all N codes, keep those within max_radius
     (all when None), rank them by fc7 distance with ties by id.  Returns
     SearchResults like HashIndex.search; radius is max_radius, or the
@@ -62,7 +66,10 @@ def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=Non
     With reduced_rows (N, d) and query_reduced (Q, d) (e.g. the PCA store's
     rows and the queries' projections) they are ranked by the distance
     between those instead, ties by id; then, with exact_top = E, the first E
-    of that ranking are put in (fc7 distance, id) order."""
+    of that ranking are put in (fc7 distance, id) order.  hamming_first:
+    ranked by (Hamming distance, reduced-row distance, id) instead (the
+    "none" fine stage; without reduced_rows, by (Hamming distance, id)),
+    none of them by fc7 (exact 0)."""
     codes = np.asarray(codes, dtype=np.uint8)
     bits = 8 * codes.shape[1] if bits is None else int(bits)
     query_codes = np.atleast_2d(np.asarray(query_codes, dtype=np.uint8))
@@ -74,7 +81,13 @@ def brute_force_search(codes, fc7_all, query_codes, query_fc7, k, max_radius=Non
         if max_radius is not None:
             keep = ham <= int(max_radius)
             ids, ham = ids[keep], ham[keep]
-        if reduced_rows is None:
+        if hamming_first:
+            d2 = (np.zeros(len(ids), np.float32) if reduced_rows is None else
+                  fc7_sq_distances(np.asarray(reduced_rows)[ids],
+                                   np.atleast_2d(query_reduced)[i]))
+            ranked = np.lexsort((ids, d2, ham))
+            n_exact = 0
+        elif reduced_rows is None:
             d2 = fc7_sq_distances(np.asarray(fc7_all)[ids], q_fc7)
             ranked = np.lexsort((ids, d2))
             n_exact = len(ranked)
@@ -288,3 +301,66 @@ def efficientnet_lite_forward(state, x, stages=EFFICIENTNET_LITE0_STAGES):
     blobs["pool"] = h.mean(axis=(2, 3))
     blobs["logits"] = blobs["pool"] @ w("_fc.weight").T + w("_fc.bias")
     return blobs
+
+
+# ---- near-duplicates ------------------------------------------------------------
+def brute_force_pairs(codes, bits, radius, rows=None, threshold=None, ids=None, near=0.0,
+                      ratio=1.0, k=0):
+    """{(i, j): (hamming, distance or None)} for every pair i < j of `ids`
+    (default: all) within `radius`, and with `rows`, whose unit-length rows
+    pass pairs.close_pairs' rule (float64): distance <= near, or <= threshold
+    and <= ratio x min(scale(i), scale(j)), where an image's scale is the
+    distance to its k-th nearest image within the radius, capped at
+    threshold / ratio (k = 0: no scale)."""
+    ids = np.arange(len(codes)) if ids is None else np.sort(np.asarray(ids))
+    within = {}
+    for i in ids:
+        ham = naive_hamming(codes[ids], codes[i], bits)
+        for y in np.flatnonzero(ham <= radius):
+            if ids[y] != i:
+                within[(int(i), int(ids[y]))] = int(ham[y])
+    if rows is None:
+        return {(i, j): (h, None) for (i, j), h in within.items() if i < j}
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / (np.linalg.norm(x) or 1)
+
+    dist = {key: float(np.linalg.norm(unit(rows[key[0]]) - unit(rows[key[1]])))
+            for key in within}
+    cap = threshold / ratio if k and ratio < 1 else threshold
+    scale = {}
+    for i in ids:
+        mine = sorted(d for (a, _), d in dist.items() if a == i)
+        scale[int(i)] = min(mine[k - 1], cap) if k and len(mine) >= k else cap
+    found = {}
+    for (i, j), h in within.items():
+        d = dist[(i, j)]
+        local = d <= threshold and (not k or ratio >= 1 or d <= ratio * min(scale[i], scale[j]))
+        if i < j and (d <= near or local):
+            found[(i, j)] = (h, d)
+    return found
+
+
+def brute_force_groups(pairs, min_size=2):
+    """Connected components (sorted id lists) of the graph of `pairs`
+    (iterable of (i, j)), at least min_size ids each, as a set of tuples."""
+    neighbours = {}
+    for i, j in pairs:
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+    seen, out = set(), set()
+    for start in neighbours:
+        if start in seen:
+            continue
+        stack, group = [start], []
+        seen.add(start)
+        while stack:
+            node = stack.pop()
+            group.append(node)
+            for nxt in neighbours[node] - seen:
+                seen.add(nxt)
+                stack.append(nxt)
+        if len(group) >= min_size:
+            out.add(tuple(sorted(group)))
+    return out

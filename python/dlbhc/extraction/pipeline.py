@@ -34,6 +34,7 @@ from ..progress import Progress
 from ..report import get_logger
 from ..search.codes import pack_codes
 from ..store import DEFAULT_BACKEND, DEFAULT_FC7_DTYPE, FeatureStore, check_compatible
+from ..store.live import crash_point, writer_lock
 from .netcopy import NetCopy
 
 log = get_logger(__name__)
@@ -204,8 +205,18 @@ def extract_items(triples, net, out, batch_size=DEFAULT_BATCH_SIZE, workers=DEFA
     (images to do) -> an object with update(n) and close() (default: a
     Progress line on the message stream)."""
     start = time.monotonic()
-    store = open_or_create_store(out, net, backend, fc7_dtype)
     report = ExtractionReport(total=len(triples))
+    with writer_lock(out, "extract.py"):
+        _extract_locked(triples, net, out, report, batch_size, workers, backend, fc7_dtype,
+                        shard, prefetch, commit_seconds, blas_threads, progress)
+    report.seconds = time.monotonic() - start
+    write_skipped_list(out, report.skipped, "extract.py")
+    return report
+
+
+def _extract_locked(triples, net, out, report, batch_size, workers, backend, fc7_dtype, shard,
+                    prefetch, commit_seconds, blas_threads, progress):
+    store = open_or_create_store(out, net, backend, fc7_dtype)
     try:
         if shard:
             store.update_meta(shard=f"{shard[0]}/{shard[1]}")
@@ -216,13 +227,10 @@ def extract_items(triples, net, out, batch_size=DEFAULT_BATCH_SIZE, workers=DEFA
             log.info("%s: %d of %d images already stored; %d to go", out, report.already,
                      len(triples), len(todo))
         if todo:
-            _run(todo, net, store, report, batch_size, workers, prefetch, commit_seconds,
-                 blas_threads, progress)
+            run_extraction(todo, net, store, report, batch_size, workers, prefetch,
+                           commit_seconds, blas_threads, progress)
     finally:
         store.close()
-    report.seconds = time.monotonic() - start
-    write_skipped_list(out, report.skipped, "extract.py")
-    return report
 
 
 def _chunks(todo, size):
@@ -310,10 +318,16 @@ class Committer:
     """Stages computed batches and commits them together: one store.append
     (one transaction) when `commit_seconds` have passed since the last
     commit, and a final commit(). Codes are packed here (codes.pack_codes);
-    report.stored counts the committed images."""
+    report.stored counts the committed images.  Each record gets its file's
+    size and mtime_ns (from `stats`, {path: (size, mtime_ns)} taken before
+    decoding, else os.stat at commit) for --sync to tell changed files; the
+    live ids `replaces` names for a path ({path: id}) are tombstoned in the
+    commit that stores the path's new record."""
 
-    def __init__(self, store, report, commit_seconds=DEFAULT_COMMIT_SECONDS):
+    def __init__(self, store, report, commit_seconds=DEFAULT_COMMIT_SECONDS, replaces=None,
+                 stats=None):
         self.store, self.report, self.commit_seconds = store, report, commit_seconds
+        self.replaces, self.stats = replaces or {}, stats or {}
         self._fc7, self._latent, self._infos = [], [], []
         self._since = time.monotonic()
 
@@ -332,7 +346,20 @@ class Committer:
         if not self._infos:
             return
         latent = np.concatenate(self._latent)
-        self.store.append(np.concatenate(self._fc7), latent, pack_codes(latent), self._infos)
+        for info in self._infos:
+            stat = self.stats.get(info["path"])
+            if stat is None:
+                try:
+                    st = os.stat(info["path"])
+                    stat = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stat = None
+            if stat is not None:
+                info["size"], info["mtime_ns"] = int(stat[0]), int(stat[1])
+        remove = [self.replaces[i["path"]] for i in self._infos if i["path"] in self.replaces]
+        self.store.append(np.concatenate(self._fc7), latent, pack_codes(latent), self._infos,
+                          remove=remove)
+        crash_point("committed")
         self.report.stored += len(self._infos)
         self._fc7, self._latent, self._infos = [], [], []
         self._since = time.monotonic()
@@ -421,13 +448,15 @@ def _forward_in_main(todo, net, preparer, workers, batch_size, prefetch, tuner, 
     batcher.flush()
 
 
-def _run(todo, net, store, report, batch_size, workers, prefetch,
-         commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None, progress=None):
-    """Forward every (seq, path, label) of `todo` into `store`, in order."""
+def run_extraction(todo, net, store, report, batch_size, workers, prefetch,
+                   commit_seconds=DEFAULT_COMMIT_SECONDS, blas_threads=None, progress=None,
+                   replaces=None, stats=None):
+    """Forward every (seq, path, label) of `todo` into `store`, in order
+    (replaces, stats: see Committer)."""
     preparer = ImagePreparer(net.prep)
     on_gpu = net.gpu is not None and net.gpu >= 0
     meter = progress(len(todo)) if progress else Progress(len(todo), label="extract", unit="img")
-    sink = _Sink(Committer(store, report, commit_seconds), meter, report)
+    sink = _Sink(Committer(store, report, commit_seconds, replaces, stats), meter, report)
     # On the CPU, one single-threaded net per worker, each decoding and
     # running whole batches, beats one net whose BLAS threads share the
     # cores with decoding workers: Caffe's layers between the GEMMs run on

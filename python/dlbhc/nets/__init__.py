@@ -10,6 +10,8 @@ Modules:
                   clear error instead of Caffe's abort
     model         HashNet (deploy net + weights -> fc7 and latent), the input
                   Preprocessing and its record beside the weights
+    records       the model's record beyond preprocessing: its chosen fine
+                  stage (rerank.json) and class names (classes.txt)
     weights       pretrained weights from Caffe's model zoo, sha1-checked
     backbones     ImageNet backbones converted from pinned registry packages
                   (DEFAULT_BACKBONE: EfficientNet-Lite0)

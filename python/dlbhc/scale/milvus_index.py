@@ -8,7 +8,8 @@ answered there.
 A thin adapter: the search rule is index.py's and the ranking rerank.py's;
 Milvus stands in for the bucket table (coarse stage) and for the fc7 file
 (the candidates' re-rank vectors).  pymilvus is imported only when a
-function here talks to a server.
+function here talks to a server.  Removed images (store.live) are never
+loaded; a rerun of the load deletes those removed since (_delete_removed).
 
 Two collections per database (Milvus 2.3, which the PyPI `milvus` server
 runs, allows one vector field per collection):
@@ -54,6 +55,8 @@ from ..store.database import MetaFields
 TOPK_CAP = 16384
 META_PROPERTY = "dlbhc.meta"
 COUNT_PROPERTY = "dlbhc.count"          # set when a load has finished
+ID_TOP_PROPERTY = "dlbhc.id_top"        # every id is below it (ids have gaps)
+DELETED_PROPERTY = "dlbhc.deleted"      # the database's removals applied here
 SEARCH_PROPERTY = "dlbhc.search"        # index type and search params
 RERANK_SUFFIX = "_rerank"
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
@@ -136,7 +139,8 @@ def load_database(store, uri, name, index_type="BIN_FLAT", nlist=1024, nprobe=No
         raise UserError("--nlist must be >= 1 and --nprobe between 1 and --nlist")
     client = connect(uri)
     rerank = name + RERANK_SUFFIX
-    meta = {k: v for k, v in store.meta.items() if k != "count"}
+    meta = {k: v for k, v in store.meta.items()
+            if k not in ("count", "removed", "id_map", "compactions", "compacted")}
     search = {"index_type": index_type, "metric_type": "HAMMING",
               "params": {"nprobe": nprobe or nlist} if index_type == "BIN_IVF_FLAT" else {}}
     try:
@@ -165,13 +169,17 @@ def load_database(store, uri, name, index_type="BIN_FLAT", nlist=1024, nprobe=No
             vectors_have = 0
             _create_rerank(client, DataType, MilvusClient, rerank, store.fc7_dim)
         client.alter_collection_properties(name, properties={COUNT_PROPERTY: "-1"})
+        if _delete_removed(client, store, name, rerank):
+            codes_have, vectors_have = _row_count(client, name), _row_count(client, rerank)
         loaded = _insert_rows(client, store, name, rerank, codes_have, vectors_have,
                               progress)
+        live = store.live_count
         for coll in (name, rerank):
             client.flush(coll)
             client.load_collection(coll)
-            _wait_visible(client, coll, store.count)
-        client.alter_collection_properties(name, properties={COUNT_PROPERTY: str(store.count)})
+            _wait_visible(client, coll, live)
+        client.alter_collection_properties(name, properties={
+            COUNT_PROPERTY: str(live), ID_TOP_PROPERTY: str(store.next_id)})
         return loaded
     except UserError:
         raise
@@ -233,19 +241,44 @@ def _wait_visible(client, name, count, seconds=120):
         time.sleep(0.5)
 
 
+def _delete_removed(client, store, name, rerank):
+    """Delete (idempotent) from both collections the ids removed since the
+    last load (DELETED_PROPERTY: the removals applied; after a compaction,
+    every id below next_id not live); True when some were deleted."""
+    done = json.loads(_properties(client, name).get(DELETED_PROPERTY, "null") or "null")
+    now = {"compactions": int(store.meta.get("compactions", 0)), "removed": store.removed_count}
+    if done == now:
+        return False
+    if done is None and _row_count(client, name) == 0:
+        dead = np.empty(0, np.int64)         # a new collection: nothing loaded yet
+    elif done is not None and done["compactions"] == now["compactions"]:
+        dead = store.removed_ids(since=done["removed"])
+    else:
+        dead = np.setdiff1d(np.arange(store.next_id), store.live_ids())
+    for lo in range(0, len(dead), MAX_FETCH_IDS):
+        part = dead[lo:lo + MAX_FETCH_IDS].tolist()
+        for coll in (name, rerank):
+            client.delete(coll, ids=part)
+    client.alter_collection_properties(name, properties={DELETED_PROPERTY: json.dumps(now)})
+    return len(dead) > 0
+
+
 def _insert_rows(client, store, name, rerank, codes_from, vectors_from, progress):
-    """Insert ids codes_from.. into NAME and vectors_from.. into NAME_rerank,
-    in batches of whole rows (an insert is all or nothing)."""
-    n = store.count
+    """Insert the live rows codes_from.. (counted among the live rows) into
+    NAME and vectors_from.. into NAME_rerank, with their ids, in batches of
+    whole rows (an insert is all or nothing)."""
+    live = store.live_rows()
+    n = len(live)
     batch = max(1, min(TOPK_CAP, BATCH_BYTES // max(1, store.fc7_dim * 4)))
     start = min(codes_from, vectors_from)
     for lo in range(start, n, batch):
         hi = min(n, lo + batch)
         if hi > codes_from:
-            ids = np.arange(max(lo, codes_from), hi)
-            codes = store.code_rows(ids)
+            part = live[max(lo, codes_from):hi]
+            ids = store.ids_of_rows(part)
+            codes = store.code_rows(part)
             rows = []
-            for i, code, info in zip(ids, codes, store.infos(ids)):
+            for i, code, info in zip(ids, codes, store.infos(part)):
                 if len(info["path"].encode()) > MAX_PATH:
                     raise UserError(f"image {i}: its path is longer than Milvus's "
                                     f"{MAX_PATH}-byte limit: {info['path'][:80]}...")
@@ -253,9 +286,10 @@ def _insert_rows(client, store, name, rerank, codes_from, vectors_from, progress
                              "path": info["path"]})
             client.insert(name, rows)
         if hi > vectors_from:
-            ids = np.arange(max(lo, vectors_from), hi)
-            vectors = np.asarray(store.fc7_rows()[ids[0]:ids[-1] + 1], dtype=np.float32)
-            client.insert(rerank, [{"id": int(i), "vector": v} for i, v in zip(ids, vectors)])
+            part = live[max(lo, vectors_from):hi]
+            vectors = np.asarray(store.fc7_rows()[part], dtype=np.float32)
+            client.insert(rerank, [{"id": int(i), "vector": v}
+                                   for i, v in zip(store.ids_of_rows(part), vectors)])
         if progress is not None:
             progress.update(hi - lo)
     return n - start
@@ -286,6 +320,7 @@ class MilvusCollection(MetaFields):
                 raise UserError(f"collection {name} at {uri} is not completely loaded (an "
                                 "interrupted index_milvus.py?): rerun it to finish")
             self.meta = dict(json.loads(props[META_PROPERTY]), count=count)
+            self.id_top = int(props.get(ID_TOP_PROPERTY, count))
             self.search_settings = json.loads(props[SEARCH_PROPERTY])
             self.rerank = name + RERANK_SUFFIX
             for coll in (name, self.rerank):
@@ -299,9 +334,16 @@ class MilvusCollection(MetaFields):
         self.client.close()
 
     def _check_ids(self, ids):
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.id_top):
             raise UserError(f"image id out of range: the collection holds ids "
-                            f"0..{self.count - 1}")
+                            f"below {self.id_top}")
+
+    def ids_of_rows(self, rows):    # primary keys are the database's ids: rows are ids
+        return np.asarray(rows, dtype=np.int64)
+
+    def rows_of_ids(self, ids, live=True):
+        self._check_ids(ids := np.asarray(ids, dtype=np.int64).ravel())
+        return ids
 
     def _rows(self, collection, ids, fields, **kw):
         """Records of `ids` (in the order of ids) from one collection."""
@@ -317,8 +359,8 @@ class MilvusCollection(MetaFields):
                 found[int(row["id"])] = row
         missing = [int(i) for i in unique if int(i) not in found]
         if missing:
-            raise UserError(f"{self.path}: ids {missing[:5]} are missing from {collection}: "
-                            "reload it with index_milvus.py")
+            raise UserError(f"{self.path}: ids {missing[:5]} are not in {collection} (removed "
+                            "images, or a load to finish with index_milvus.py)")
         return [found[int(i)] for i in ids]
 
     def fc7(self, ids):
@@ -349,6 +391,7 @@ class MilvusIndex:
         self.client, self.name = collection.client, collection.name
         self.bits = collection.bits
         self.count = collection.count
+        self.id_top = collection.id_top
         settings = collection.search_settings
         self.params = {"metric_type": "HAMMING", "params": dict(settings.get("params", {}))}
 
@@ -370,7 +413,7 @@ class MilvusIndex:
     def _within(self, code, lo, hi, id_range=None):
         """Every image at Hamming distance lo <= d <= hi: range searches,
         split by id ranges while one holds Milvus's cap of results."""
-        id_range = id_range or (0, self.count)
+        id_range = id_range or (0, self.id_top)
         ids, dist = self._search([code], TOPK_CAP, radius=hi + 1,
                                  range_filter=lo if lo > 0 else None, id_range=id_range)[0]
         if len(ids) < TOPK_CAP or id_range[1] - id_range[0] <= 1:
@@ -426,14 +469,14 @@ class MilvusIndex:
         return results
 
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
-               reduced=None):
+               reduced=None, query_reduced=None):
         """Coarse stage on Milvus, fine stage by results.fine_stage over the
         candidates' re-rank vectors; fc7 is a function ids -> rows
         (MilvusCollection.fc7), fetched once for all queries' candidates.
         Returns SearchResults; seconds: each query's share of the batch's
         coarse time plus its fine stage.  (HashIndex.search's signature;
-        `reduced` must be None: the collection holds one kind of re-rank
-        vectors, the ones index_milvus.py loaded.)"""
+        `reduced` must be None, so query_reduced is unused: the collection
+        holds one kind of re-rank vectors, the ones index_milvus.py loaded.)"""
         if reduced is not None:
             raise ValueError("a Milvus collection re-ranks by the vectors it holds: no reduced rows")
         query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)

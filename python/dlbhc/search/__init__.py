@@ -26,13 +26,22 @@ Modules, from the code format up to the evaluation:
     pca       the compressed re-rank rows: a PCA projection of fc7
     metrics   mAP@k, P@k, radius precision, PR curves, plots (runs the
               index's search)
+    choice    the fine stage chosen per model: the candidates (fc7, latent,
+              pca, none), measured on held-out images, the never-below-coarse
+              rule
+    pairs     all pairs of codes within a Hamming radius (a self-join by
+              probing, NearPairs) and those within a feature distance
+    groups    connected components of pairs (union-find in numpy)
 
 The names below are the room's public surface; anything else is reached
 through its module (e.g. dlbhc.search.codes.HammingBall).
 """
+from .choice import choose, measure_fine_stages
 from .codes import CODE_THRESHOLD, code_bytes, hamming_distances, hamming_matrix, pack_codes
+from .groups import components, groups
 from .index import HashIndex
 from .metrics import evaluate
+from .pairs import NearPairs, close_pairs, near_pairs
 from .params import DEFAULT_TOP_K, SearchParams, default_min_candidates
 from .pca import Projection
 from .rerank import DEFAULT_EXACT_TOP, ReducedRows, fc7_sq_distances
@@ -40,8 +49,9 @@ from .results import CoarseResult, SearchResult, SearchResults
 
 __all__ = [
     "CODE_THRESHOLD", "DEFAULT_EXACT_TOP", "DEFAULT_TOP_K",
-    "CoarseResult", "HashIndex", "Projection", "ReducedRows", "SearchParams", "SearchResult",
-    "SearchResults",
-    "code_bytes", "default_min_candidates", "evaluate", "fc7_sq_distances",
-    "hamming_distances", "hamming_matrix", "pack_codes",
+    "CoarseResult", "HashIndex", "NearPairs", "Projection", "ReducedRows", "SearchParams",
+    "SearchResult", "SearchResults",
+    "choose", "close_pairs", "code_bytes", "components", "default_min_candidates", "evaluate",
+    "fc7_sq_distances", "groups", "hamming_distances", "hamming_matrix", "measure_fine_stages",
+    "near_pairs", "pack_codes",
 ]

@@ -67,6 +67,7 @@ from ..files import atomic_write
 from .params import coarse_target, radius_limit
 from .pivots import PivotTable, first_true, pivot_layout
 from .probing import ProbedShells, ShellProber, probe_table
+from .rerank import query_rows
 from .results import CoarseResult, SearchResults, fine_stage, sorted_by_hamming
 
 FORMAT_VERSION = 1
@@ -167,13 +168,15 @@ class HashIndex:
 
     # ---- building ----------------------------------------------------------
     @classmethod
-    def build(cls, codes, bits):
-        """Index packed codes (N, code_bytes(bits)) uint8; image id = row number."""
+    def build(cls, codes, bits, ids=None):
+        """Index packed codes (N, code_bytes(bits)) uint8; image id = row
+        number, or ids[row] (ascending, e.g. a database's live rows)."""
         bits = int(bits)
         codes = check_codes(codes, bits)
         n = len(codes)
         words = to_words(codes)
-        id_dtype = np.int32 if n < 2**31 else np.int64
+        top = n if ids is None or not len(ids) else int(ids[-1]) + 1
+        id_dtype = np.int32 if top < 2**31 else np.int64
 
         # Buckets of equal codes (ids ascending within each), then laid out
         # in the pivots' scan order.
@@ -183,11 +186,34 @@ class HashIndex:
         pivot_words, band_cum, perm = pivot_layout(unique_words, sizes, bits)
         new_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes[perm], out=new_offsets[1:])
-        ids = order[concat_ranges(offsets[:-1][perm], offsets[1:][perm])].astype(id_dtype)
+        rows = order[concat_ranges(offsets[:-1][perm], offsets[1:][perm])]
+        ids = (rows if ids is None else np.asarray(ids)[rows]).astype(id_dtype)
         bucket_words = np.ascontiguousarray(unique_words[perm].T)
         keys, key_order, seed = probe_table(tuple(bucket_words))
         return cls(bits, n, bucket_words, new_offsets, ids, pivot_words, band_cum,
                    keys, key_order.astype(id_dtype), seed)
+
+    def without(self, ids):
+        """This index less the images `ids` (those it does not hold are
+        ignored): the same buckets, some left empty, each one's images
+        filtered.  O(N) array work, no rebuild: how a database's removals
+        reach a live index.  Searches answer as an index built over the
+        remaining images would (tested against that)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if not len(ids) or not self.count:
+            return self
+        top = max(int(self.ids.max()), int(ids.max())) + 1
+        gone = np.zeros(top, dtype=bool)
+        gone[ids[ids >= 0]] = True
+        keep = ~gone[self.ids]
+        if keep.all():
+            return self
+        bucket_of = np.repeat(np.arange(self.n_buckets), self._sizes)
+        offsets = np.zeros(self.n_buckets + 1, dtype=np.int64)
+        np.cumsum(np.bincount(bucket_of[keep], minlength=self.n_buckets), out=offsets[1:])
+        return type(self)(self.bits, int(keep.sum()), self.bucket_words, offsets,
+                          self.ids[keep], self.pivot_words, self.band_cum, self.probe_keys,
+                          self.probe_buckets, self.hash_seed)
 
     # ---- persistence -------------------------------------------------------
     def save(self, path, revision):
@@ -225,13 +251,14 @@ class HashIndex:
             return None
 
     @classmethod
-    def load_or_build(cls, path, revision, get_codes, bits):
+    def load_or_build(cls, path, revision, get_codes, bits, ids=None):
         """Cached index at `path` if saved for this revision, else build it
-        from get_codes() and save it there.  Returns (index, rebuilt: bool)."""
+        from get_codes() (with ids: see build) and save it there.  Returns
+        (index, rebuilt: bool)."""
         index = cls.load(path, revision)
         if index is not None and index.bits == int(bits):
             return index, False
-        index = cls.build(get_codes(), bits)
+        index = cls.build(get_codes(), bits, ids)
         index.save(path, revision)
         return index, True
 
@@ -255,7 +282,7 @@ class HashIndex:
 
     # ---- coarse-to-fine search ---------------------------------------------
     def search(self, query_codes, query_fc7, fc7, k, min_candidates=None, max_radius=None,
-               reduced=None):
+               reduced=None, query_reduced=None):
         """Coarse-to-fine top-k of a batch of queries: each query's coarse
         candidates re-ranked by fc7 distance (ties by id).
 
@@ -269,14 +296,16 @@ class HashIndex:
         (the parameters a params.SearchParams holds, checked there).
         reduced: a rerank.ReducedRows (the database's PCA store) to rank by
         compressed rows, the best reduced.exact_top again by fc7 (fc7 is
-        only read for those; it may be None when exact_top is 0).
+        only read for those; it may be None when exact_top is 0); a stage
+        whose rows are no projection (the latent: reduced.project None) takes
+        the queries' rows as query_reduced (Q, d); rerank.query_rows.
         Returns SearchResults.
         """
         query_codes, query_fc7 = check_queries(query_codes, query_fc7, self.bits, k)
         need = coarse_target(k, min_candidates)
         # Every query's projection at once (a row's projection depends on
         # that row alone, pca.Projection.apply).
-        query_reduced = reduced.project(query_fc7) if reduced is not None else query_fc7
+        query_reduced = query_rows(reduced, query_fc7, query_reduced)
         ranked = []
         for code, q_fc7, q_red in zip(query_codes, query_fc7, query_reduced):
             start = time.perf_counter()
@@ -431,7 +460,9 @@ class HashIndex:
         then expanded.  Built on first use (a few MB)."""
         if self._small_ball is None:
             rng = np.random.default_rng(0)
-            if self.count <= 2 * self.n_buckets:
+            # (ids 0..count-1 only: an index of some rows has gaps)
+            dense = self.count == 0 or int(self.ids.max()) == self.count - 1
+            if dense and self.count <= 2 * self.n_buckets:
                 rows = np.empty((self.count, self.n_words), dtype=np.uint64)
                 rows[self.ids] = np.repeat(self._rows, self._sizes, axis=0)
                 sample = rng.choice(self.count, size=min(self.count, RADIUS_SAMPLE),

@@ -116,7 +116,8 @@ class _Accumulator:
 
 
 def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, params=None,
-             bits=None, batch_size=None, radius=2, progress=None, index=None, reduced=None):
+             bits=None, batch_size=None, radius=2, progress=None, index=None, reduced=None,
+             q_reduced=None, fine_stages=None):
     """All figures of the paper's protocol for one database / query set.
 
     db_codes (N, B), q_codes (Q, B): packed codes; db_labels (N,), q_labels
@@ -128,7 +129,11 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, pa
     params.min_candidates within params.max_radius); `index` is
     the database's HashIndex when the caller has one (else it is built);
     `reduced` (rerank.ReducedRows, e.g. the database's PCA store) makes the
-    fine stage rank by compressed rows, as HashIndex.search does with it.
+    fine stage rank by compressed rows, as HashIndex.search does with it
+    (q_reduced: the queries' own rows when they are no projection, the
+    latent).  fine_stages: {name: (reduced, q_reduced)} more fine stages
+    measured through the same search (reduced None: fc7), the figures of
+    each in results["fine_stages"][name].
     k is capped at N.  progress: an object with update(n) (e.g.
     dlbhc.progress.Progress), called per batch of queries.
 
@@ -162,8 +167,9 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, pa
         batch_size = max(1, BATCH_ELEMENTS // n)
 
     coarse = _CoarseFigures(k, rank_cutoffs(n), bits)
-    fine_figures = _FineFigures(k, rank_cutoffs(n), index, db_fc7, need, params.max_radius,
-                                reduced) if fine else None
+    stages = {"fine": (reduced, q_reduced), **(fine_stages or {})} if fine else {}
+    figures = {name: _FineFigures(k, rank_cutoffs(n), index, db_fc7, need, params.max_radius,
+                                  stage) for name, (stage, _) in stages.items()}
     for lo in range(0, nq, batch_size):
         batch = slice(lo, lo + batch_size)
         ham = hamming_matrix(db_codes, q_codes[batch], bits)
@@ -171,16 +177,18 @@ def evaluate(db_codes, db_labels, q_codes, q_labels, db_fc7=None, q_fc7=None, pa
         labels = q_labels[batch]
         n_relevant = (db_labels[None, :] == labels[:, None]).sum(axis=1)
         coarse.add(ham, ranking, db_labels, labels, n_relevant)
-        if fine:
-            fine_figures.add(q_codes[batch], q_fc7[batch], ranking, db_labels, labels,
-                             n_relevant)
+        for name, (_, q_rows) in stages.items():
+            figures[name].add(q_codes[batch], q_fc7[batch], ranking, db_labels, labels,
+                              n_relevant, None if q_rows is None else q_rows[batch])
         if progress is not None:
             progress.update(len(labels))
 
     results = {"n_database": n, "n_queries": nq, "bits": bits, "k": k,
                "coarse": coarse.result(radius)}
     if fine:
-        results["fine"] = fine_figures.result()
+        results["fine"] = figures.pop("fine").result()
+    if figures:
+        results["fine_stages"] = {name: f.result() for name, f in figures.items()}
     return results
 
 
@@ -242,10 +250,12 @@ class _FineFigures(_Accumulator):
         self.reduced = reduced
         self.candidates = []
 
-    def add(self, q_codes, q_fc7, coarse_ranking, db_labels, q_labels, n_relevant):
+    def add(self, q_codes, q_fc7, coarse_ranking, db_labels, q_labels, n_relevant,
+            q_reduced=None):
         found = self.index.search(q_codes, q_fc7, self.db_fc7, None,
                                   min_candidates=self.min_candidates,
-                                  max_radius=self.max_radius, reduced=self.reduced)
+                                  max_radius=self.max_radius, reduced=self.reduced,
+                                  query_reduced=q_reduced)
         ranking = np.empty_like(coarse_ranking)
         member = np.zeros(coarse_ranking.shape[1], dtype=bool)
         for i, row in enumerate(coarse_ranking):
@@ -294,13 +304,13 @@ def format_table(results):
               f"{'P(r<=R)':>7} {'k':>5} {'queries':>7} {'cand.':>7}")
     lines = [header, "-" * len(header)]
     for label, res in runs:
-        for method in ("coarse", "fine"):
-            if method not in res:
-                continue
-            m = res[method]
+        rows = [(method_name(method, res[method]), res[method])
+                for method in ("coarse", "fine") if method in res]
+        rows += [(f"  also: {name}", m) for name, m in res.get("fine_stages", {}).items()]
+        for name, m in rows:
             pr = f"{m['precision_radius']:7.4f}" if "precision_radius" in m else f"{'':>7}"
             cand = f"{m['candidates_mean']:7.0f}" if "candidates_mean" in m else f"{'':>7}"
-            lines.append(f"{label:<14} {method_name(method, m):<22} {m['map_at_k']:7.4f} "
+            lines.append(f"{label:<14} {name:<22} {m['map_at_k']:7.4f} "
                          f"{m['map']:7.4f} {m['precision_at_k']:7.4f} {pr} {res['k']:>5} "
                          f"{res['n_queries']:>7} {cand}")
     radii = {res["coarse"].get("radius") for _, res in runs}

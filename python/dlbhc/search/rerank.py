@@ -12,7 +12,12 @@ store, Babenko et al.'s "neural codes"): then every candidate is ranked by
 the distance between its compressed row and the query's projection, and
 with exact_top = E > 0 the best E of that ranking are ranked again by exact
 fc7 distance (the two-step fine stage: the compressed rows choose, fc7
-orders the top).  fine_rank is that rule, for one query.
+orders the top).  Rows that are no projection of fc7 (the stored latent
+activations) come with the queries' own rows (project None).  A ranking
+with hamming_first orders by (Hamming distance, row distance, id): the
+coarse order with the row distance as the tie-break ("none": the latent
+breaks ties; with no rows, ties stay by id: the plain Hamming order).
+fine_rank is that rule, for one query.
 
 Pure numpy: knows nothing of codes, Caffe or the store.
 """
@@ -106,17 +111,21 @@ class ReducedRows:
 
         rows       every image's compressed row: an array (N, d) (ndarray or
                    the store's memory map) or a function ids -> rows, as fc7
-                   in candidate_sq_distances
+                   in candidate_sq_distances; None with hamming_first: no
+                   tie-break but the id
         project    function (Q, D) query fc7 -> (Q, d) rows of that space
-                   (pca.Projection.apply)
+                   (pca.Projection.apply); None: the search is given the
+                   queries' rows (the latent activations)
         exact_top  the best this many by compressed distance are ranked
                    again by exact fc7 distance (0: compressed ranking only)
         name       what the ranking is called in results ("pca256")
+        hamming_first  rank by (Hamming distance, row distance, id)
     """
     rows: object
     project: object
     exact_top: int = 0
     name: str = "reduced"
+    hamming_first: bool = False
 
     def describe(self):
         """e.g. "pca256", "pca256 + fc7 top 200"."""
@@ -129,7 +138,24 @@ def describe(reduced):
     return "fc7" if reduced is None else reduced.describe()
 
 
-def fine_rank(ids, query_fc7, fc7, k=None, reduced=None, query_reduced=None):
+def query_rows(reduced, query_fc7, query_reduced=None):
+    """The queries' rows (Q, d) of a fine stage: the projection of their fc7
+    (reduced.project), their fc7 (reduced None), or the rows given
+    (query_reduced: the latent); ValueError when a stage needs rows that
+    were not given."""
+    if reduced is None:
+        return query_fc7
+    if reduced.project is not None:
+        return reduced.project(query_fc7)
+    if reduced.rows is None:
+        return np.zeros((len(query_fc7), 0), dtype=np.float32)
+    if query_reduced is None or len(query_reduced) != len(query_fc7):
+        raise ValueError(f"the {reduced.name} fine stage needs the queries' own rows "
+                         "(their latent activations)")
+    return np.asarray(query_reduced, dtype=np.float32)
+
+
+def fine_rank(ids, query_fc7, fc7, k=None, reduced=None, query_reduced=None, hamming=None):
     """The fine stage for one query: its candidates `ids` (ascending int64)
     ranked by (squared distance, id).
 
@@ -138,8 +164,19 @@ def fine_rank(ids, query_fc7, fc7, k=None, reduced=None, query_reduced=None):
     reduced.exact_top of them then ranked by fc7 distance.  Returns
     (positions into ids of the top k, or of all when k is None; their
     squared distances (float32); how many of the leading ones are ranked and
-    measured by fc7 distance).
+    measured by fc7 distance).  With reduced.hamming_first, `hamming` (the
+    candidates' Hamming distances) orders first, the rows' distance breaks
+    its ties.
     """
+    if reduced is not None and reduced.hamming_first:
+        if reduced.rows is None:
+            d2 = np.zeros(len(ids), dtype=np.float32)
+        else:
+            d2 = candidate_sq_distances(reduced.rows, ids, query_reduced)
+        order = np.lexsort((ids, d2, np.asarray(hamming)))
+        if k is not None:
+            order = order[:max(int(k), 0)]
+        return order, d2[order], 0
     if reduced is None:
         d2 = candidate_sq_distances(fc7, ids, query_fc7)
         top = rank_by_distance(ids, d2, k)

@@ -10,7 +10,9 @@ types live apart from the index.
 Ordering rules (the brute-force functions of dlbhc_testing.reference follow
 them, so the fast path can be compared with them exactly)
     coarse   by (Hamming distance, image id): sorted_by_hamming.
-    fine     by (squared fc7 distance, image id): rerank.fc7_sq_distances.
+    fine     by (squared fc7 distance, image id): rerank.fc7_sq_distances
+             (or the fine stage's rows, rerank.ReducedRows; the "none" and
+             "hamming" stages by (Hamming distance, latent distance, id)).
 """
 from dataclasses import dataclass
 
@@ -129,7 +131,7 @@ def fine_stage(coarse, query_fc7, fc7, k, reduced=None, query_reduced=None):
     ids, ham = coarse.ids[by_id], coarse.hamming[by_id]
     if not len(ids):
         return ids, ham, np.empty(0, np.float32), 0, coarse.radius, 0
-    top, d2, n_exact = fine_rank(ids, query_fc7, fc7, k, reduced, query_reduced)
+    top, d2, n_exact = fine_rank(ids, query_fc7, fc7, k, reduced, query_reduced, ham)
     return ids[top], ham[top], d2, len(ids), coarse.radius, n_exact
 
 

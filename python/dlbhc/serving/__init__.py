@@ -13,8 +13,12 @@ Modules, from one query up to the web server:
     service    QueryService, the server without HTTP: the database followed
                as it grows, uploads decoded within limits, thumbnails, the
                request errors (BadRequest, NotFound; netpool.Unavailable)
-    webapp     the HTTP API and the search page over a QueryService (FastAPI)
-    web/       the page's HTML, JavaScript and CSS
+    duplicates near-duplicate groups of a database at a named level
+               ("duplicates", "similar"): pairs on the codes, an fc7
+               threshold, exact copies by digest; JSON, TSV, contact sheets
+    webapp     the HTTP API, the search page and the near-duplicates page
+               over a QueryService (FastAPI)
+    web/       the pages' HTML, JavaScript and CSS
 
 The engines stay behind their imports: this package never imports FastAPI
 (only `dlbhc.serving.webapp` does, imported by serve.py) and reaches Milvus
@@ -22,14 +26,16 @@ only through dlbhc.scale when Retriever.on_milvus is called; Caffe is
 imported only where a net is built.  The names below are the room's public
 surface.
 """
+from .duplicates import LEVELS, Duplicates, Level, find_duplicates, write_listing
 from .netpool import NetPool, Unavailable
-from .retrieval import (FINE_STAGES, Answer, Hit, Query, Retriever, format_table,
+from .retrieval import (FINE_STAGES, Answer, Hit, Query, Retriever, contact_sheet, format_table,
                         index_cache_path, load_matching_model, montage, to_json)
 from .service import BadRequest, Limits, NotFound, QueryService
 
 __all__ = [
-    "FINE_STAGES",
-    "Answer", "BadRequest", "Hit", "Limits", "NetPool", "NotFound", "Query", "QueryService",
-    "Retriever", "Unavailable",
-    "format_table", "index_cache_path", "load_matching_model", "montage", "to_json",
+    "FINE_STAGES", "LEVELS",
+    "Answer", "BadRequest", "Duplicates", "Hit", "Level", "Limits", "NetPool", "NotFound",
+    "Query", "QueryService", "Retriever", "Unavailable",
+    "contact_sheet", "find_duplicates", "format_table", "index_cache_path",
+    "load_matching_model", "montage", "to_json", "write_listing",
 ]

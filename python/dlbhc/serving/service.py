@@ -14,7 +14,10 @@ refresh_seconds; when extract.py has appended, Retriever.refresh builds the
 new index and swaps it in whole.  The store commits the new count in the
 same transaction as the records it counts (fc7 rows were made durable
 before), and a search uses the index it started with, so every answer
-comes from a whole number of committed batches.
+comes from a whole number of committed batches.  Removals (extract.py
+--remove, --sync) change the revision the same way, and the new index
+leaves the removed images out; a compaction's new copy is noticed by its
+folder (FeatureStore.replaced) and opened in its place.
 
 Memory bound (the limits below): request bodies are refused past
 max_upload_bytes (webapp.py), and the multipart parser keeps at most 1 MB of
@@ -39,9 +42,11 @@ import numpy as np
 from ..errors import UserError
 from ..images import BadImage, decode_image, read_image
 from ..nets.model import Preprocessing, prepare_crop
+from ..nets.records import class_name
 from ..report import get_logger
 from ..search.codes import pack_codes
 from ..search.params import DEFAULT_TOP_K, SearchParams
+from .duplicates import find_duplicates, level_settings
 from .netpool import NetPool, Unavailable
 from .retrieval import Query, Retriever
 
@@ -143,13 +148,14 @@ def upload_name(name):
 
 class QueryService:
     """A database opened for queries, its net loaded once (unless net=False:
-    searches by id need none), and the database followed as it grows."""
+    searches by id need none), and the database followed as it grows,
+    loses images and is compacted."""
 
     def __init__(self, db_path, limits=None, net=True, deploy=None, weights=None, gpu=None,
-                 net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0):
+                 net_processes=0, max_batch=32, blas_threads=None, refresh_seconds=2.0,
+                 rerank="auto", exact_top=None):
         self.limits = limits or Limits()
-        self.retriever = Retriever(db_path)
-        self.store = self.retriever.store
+        self.retriever = Retriever(db_path, rerank=rerank, exact_top=exact_top)
         self.prep = Preprocessing.from_dict(self.store.meta["preprocessing"]) \
             if "preprocessing" in self.store.meta else None
         self.net = None
@@ -160,6 +166,8 @@ class QueryService:
         # every request thread searched at once.
         self._search_slots = threading.BoundedSemaphore(max(1, self.limits.search_slots))
         self._thumbnails = _ByteCache(self.limits.thumbnail_cache_bytes)
+        self._duplicates = {}       # (revision, level, radius, threshold) -> its JSON-able dict
+        self._duplicates_lock = threading.Lock()
         try:
             if net:
                 if self.prep is None:
@@ -186,6 +194,11 @@ class QueryService:
             self.net.close()
         self.retriever.close()
 
+    @property
+    def store(self):
+        """The database as the retriever holds it now (a compaction switches it)."""
+        return self.retriever.store
+
     # ---- growth ----------------------------------------------------------------
     def _watch(self):
         while not self._stop.wait(self.refresh_seconds):
@@ -195,10 +208,12 @@ class QueryService:
         """Take in images appended since the last look; True when the index
         was replaced.  A failure is logged and the old index kept serving."""
         try:
-            start = time.monotonic()
+            start, before = time.monotonic(), self.retriever.index.count
             if self.retriever.refresh():
-                log.info("database grew to %d images: index updated in %.2f s",
-                         self.retriever.index.count, time.monotonic() - start)
+                now = self.retriever.index.count
+                log.info("database %s %d images: index updated in %.2f s",
+                         "grew to" if now > before else "changed, now", now,
+                         time.monotonic() - start)
                 return True
         except Exception as err:  # noqa: BLE001  (keep serving what we have)
             log.warning("could not take in the database's new images: %s", err)
@@ -221,6 +236,8 @@ class QueryService:
             "model": {"deploy": model.get("deploy"), "weights": model.get("weights"),
                       "weights_sha1": model.get("weights_sha1")},
             "preprocessing": meta.get("preprocessing"),
+            "rerank": self.retriever.rerank, "rerank_note": self.retriever.auto_note,
+            "classes": self.retriever.class_names,
             "index": {"buckets": index.n_buckets,
                       "built": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                              time.localtime(self.retriever.index_time)),
@@ -238,10 +255,13 @@ class QueryService:
         """A database image id from request text; NotFound for anything else
         (a number outside the database, a word, a path)."""
         text = str(text).strip()
-        count = self.store.count
-        if not text.isdigit() or len(text) > 12 or int(text) >= count:
-            shown = text if len(text) <= 60 else text[:57] + "..."
-            raise NotFound(f"no image with id {shown!r}: the database holds ids 0..{count - 1}")
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        if not text.isdigit() or len(text) > 12:
+            raise NotFound(f"no image with id {shown!r}: ids are whole numbers")
+        try:
+            self.store.rows_of_ids([int(text)])    # held and not removed
+        except UserError as err:
+            raise NotFound(str(err)) from None
         return int(text)
 
     def search_params(self, top_k=DEFAULT_TOP_K, candidates=None, max_radius=None):
@@ -298,16 +318,33 @@ class QueryService:
         forwarded = time.perf_counter()
         with self._search_slots:
             answers = self.retriever.search([Query(n) for n in names], pack_codes(latent), fc7,
-                                            params)
+                                            params, latent=latent)
         done = time.perf_counter()
         return answers, {"decode": 1000 * (decoded - start), "net": 1000 * (forwarded - decoded),
                          "search": 1000 * (done - forwarded)}
 
+    # ---- near-duplicates ----------------------------------------------------------
+    def duplicates(self, level, radius=None, threshold=None):
+        """The near-duplicate groups at `level` (duplicates.find_duplicates'
+        answer as a dict), found once per database revision and settings;
+        bad settings are a BadRequest."""
+        try:
+            chosen, radius, threshold = level_settings(level, radius, threshold, self.store.bits)
+        except UserError as err:
+            raise BadRequest(str(err)) from None
+        with self._duplicates_lock:
+            key = (self.store.revision(), chosen.name, radius, threshold)
+            if key not in self._duplicates:
+                self._duplicates = {key: find_duplicates(self.store, chosen.name, radius,
+                                                         threshold).as_dict()}
+            return self._duplicates[key]
+
     # ---- images --------------------------------------------------------------
     def image_record(self, id_text):
         image_id = self.parse_id(id_text)
-        info = self.store.infos([image_id])[0]
-        return {"id": image_id, "path": info["path"], "label": int(info["label"])}
+        info = self.retriever.image_info(image_id)
+        return {"id": image_id, "path": info["path"], "label": int(info["label"]),
+                "class_name": class_name(self.retriever.class_names, info["label"])}
 
     def thumbnail(self, id_text, size=128):
         """JPEG bytes of database image `id_text` shrunk to fit size x size.
@@ -319,7 +356,7 @@ class QueryService:
         cached = self._thumbnails.get((image_id, size))
         if cached is not None:
             return cached
-        path = self.store.infos([image_id])[0]["path"]
+        path = self.retriever.image_info(image_id)["path"]
         try:
             rgb = read_image(path, max_pixels=self.limits.max_pixels)
         except BadImage as err:

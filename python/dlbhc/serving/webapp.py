@@ -1,4 +1,5 @@
-"""The HTTP face of a QueryService: the JSON API and the web page at /.
+"""The HTTP face of a QueryService: the JSON API, the search page at / and the
+near-duplicates page at /duplicates.
 
 FastAPI (routing, parameter parsing, the OpenAPI description at
 /api/openapi.json and /api/docs) on uvicorn; see README for why.  Every
@@ -15,7 +16,7 @@ answer per query); every error is {"error": message} with its status:
 The guard around the app (_Guard, plain ASGI) refuses oversized bodies
 before they are read (from Content-Length, and by counting what arrives),
 checks the token, and adds headers that keep browsers from sniffing types.
-Files are served from memory (the page's three assets) or re-encoded from
+Files are served from memory (the pages and their assets) or re-encoded from
 database images found by id: no request ever names a file.
 """
 import hmac
@@ -44,9 +45,11 @@ TOKEN_COOKIE = "dlbhc_token"
 SETTINGS_ENV = "DLBHC_SERVE_SETTINGS"
 # Paths anyone may fetch when the server has a token: the page and its
 # assets hold no data; health says only that the server answers.
-OPEN_PATHS = ("/", "/favicon.ico", "/api/health")
+OPEN_PATHS = ("/", "/duplicates", "/favicon.ico", "/api/health")
 OPEN_PREFIXES = ("/static/",)
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+          "common.js": "text/javascript; charset=utf-8",
+          "duplicates.js": "text/javascript; charset=utf-8"}
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
                "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
                "frame-ancestors 'none'")
@@ -82,6 +85,7 @@ def create_app(service, token=None):
     app = FastAPI(title="dlbhc", summary="Image retrieval with deep binary hash codes",
                   docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     page = _read_asset("index.html")
+    duplicates_page = _read_asset("duplicates.html")
     assets = {name: (_read_asset(name), kind) for name, kind in ASSETS.items()}
     limits = service.limits
 
@@ -119,6 +123,11 @@ def create_app(service, token=None):
             return response
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY,
                                            "Cache-Control": "no-cache"})
+
+    @app.get("/duplicates", include_in_schema=False)
+    def duplicates_index():
+        return HTMLResponse(duplicates_page, headers={"Content-Security-Policy": PAGE_POLICY,
+                                                      "Cache-Control": "no-cache"})
 
     @app.get("/static/{name}", include_in_schema=False)
     def asset(name: str):
@@ -163,6 +172,17 @@ def create_app(service, token=None):
         answers, timings = await run_in_threadpool(service.search_uploads, files, params)
         return Response(to_json(answers, indent=None), media_type="application/json",
                         headers={"Server-Timing": _timing_header(timings)})
+
+    @app.get("/api/duplicates", summary="Groups of near-identical images (duplicates.py's "
+                                        "JSON)")
+    def duplicates(level: str = Query("duplicates", description="duplicates (the same "
+                                      "picture) or similar (looser)"),
+                   radius: int | None = Query(None, description="Hamming radius (default: "
+                                              "the level's)"),
+                   threshold: float | None = Query(None, description="largest distance of "
+                                                   "unit-length fc7 rows, 0..2 (default: the "
+                                                   "level's)")):
+        return service.duplicates(level, radius, threshold)
 
     @app.get("/api/images/{image_id}", summary="A database image's record (path, label)")
     def image_record(image_id: str):

@@ -35,6 +35,11 @@ batch or none of it; rows written past the count by a crashed run are simply
 overwritten by the next append.  Building a PCA store follows the same rule:
 its files are complete and synced before the metadata names them.
 
+Removals follow the same rule (tombstones written and synced, then the
+count that makes them valid committed, with a replacement's new record in
+the same transaction), and compaction rewrites the database beside itself:
+live.py and compact.py, which also say how ids stay stable.
+
 Writers change the metadata by read-modify-write inside one write
 transaction (the backend's commit), so compress.py adding a PCA store while extract.py
 appends loses neither: whichever commits second sees the other's record (an
@@ -53,6 +58,7 @@ from ..errors import UserError
 from ..files import database_backend
 from ..search.codes import CODE_THRESHOLD, code_bytes
 from .backends import BACKENDS, DEFAULT_BACKEND, META_KEY, meta_bytes
+from .live import LiveRows
 from .pca_rows import PcaRows
 
 SCHEMA_VERSION = 1
@@ -84,15 +90,17 @@ class MetaFields:
         return int(self.meta["fc7_dim"])
 
 
-class FeatureStore(MetaFields, PcaRows):
+class FeatureStore(MetaFields, PcaRows, LiveRows):
     """A feature database made by extract.py (see the module docstring); its
-    PCA re-rank store's methods come from pca_rows.PcaRows."""
+    PCA re-rank store's methods come from pca_rows.PcaRows, its tombstones
+    and stable ids from live.LiveRows."""
 
     def __init__(self, path, backend, meta, readonly):
         self.path = Path(path)
         self._db = backend
         self.meta = meta
         self.readonly = readonly
+        self._inode = os.stat(self.path).st_ino
         self._fc7_map = None        # memory map of fc7.bin, sized to count rows
         self._fc7_fd = None         # write handle (appending stores only)
         fc7_path = self.path / FC7_FILE
@@ -131,6 +139,9 @@ class FeatureStore(MetaFields, PcaRows):
     @classmethod
     def open(cls, path, readonly=True):
         path = Path(path)
+        if not path.exists():
+            from .compact import recover_switch   # a compaction killed mid-switch
+            recover_switch(path)
         if not path.exists():
             raise UserError(
                 f"feature database {path} does not exist: build it with "
@@ -179,13 +190,16 @@ class FeatureStore(MetaFields, PcaRows):
 
     def revision(self):
         """A string that changes whenever the database does: its creation
-        time, image count and model.  Caches derived from the database (the
-        search index) are valid for one revision."""
-        return f"{self.meta.get('created')}|{self.count}|{self.meta.get('model', {})}"
+        time, image count, removals, compactions and model.  Caches derived
+        from the database (the search index) are valid for one revision."""
+        changes = (f"|-{self.removed_count}|c{self.meta.get('compactions', 0)}"
+                   if self.removed_count or self.meta.get("compactions") else "")
+        return f"{self.meta.get('created')}|{self.count}{changes}|{self.meta.get('model', {})}"
 
     # ---- writing ---------------------------------------------------------
-    def append(self, fc7, latent, codes, infos):
-        """Append a batch as one transaction. Returns the new ids."""
+    def append(self, fc7, latent, codes, infos, remove=()):
+        """Append a batch as one transaction, tombstoning the live ids
+        `remove` in the same one (a replacement).  Returns the new rows."""
         if self.readonly:
             raise RuntimeError("store opened read-only")
         n = len(infos)
@@ -196,6 +210,9 @@ class FeatureStore(MetaFields, PcaRows):
                 or codes.shape != (n, self.code_bytes):
             raise ValueError(f"batch shapes {fc7.shape} {latent.shape} {codes.shape} "
                              f"do not match the store ({self.fc7_dim}, {self.bits} bits)")
+        remove = np.unique(np.asarray(remove, dtype=np.int64))
+        if len(remove):
+            self.rows_of_ids(remove)     # known and live, or UserError
         start = self.count
         # fc7 rows first, durable before the count that makes them visible
         os.pwrite(self._fc7_fd, fc7.tobytes(), start * self.fc7_row_bytes)
@@ -218,7 +235,7 @@ class FeatureStore(MetaFields, PcaRows):
                 projection = self.projection() if record == self.pca_record else \
                     self._load_projection(record)
                 self._write_pca_rows(projection, record, fc7, start)
-            return dict(stored, count=start + n)
+            return dict(stored, count=start + n, **self._tombstone(stored, remove))
 
         self.meta = self._db.commit(items, change)
         self._fc7_map = self._pca_map = None
@@ -236,6 +253,14 @@ class FeatureStore(MetaFields, PcaRows):
         before = self.revision()
         self.meta = json.loads(raw)
         return self.revision() != before
+
+    def replaced(self):
+        """True when the folder at this store's path is no longer the one
+        opened (compaction switched a new copy in): reopen to follow."""
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return False     # mid-switch: the next look sees the new one
 
     def update_meta(self, **fields):
         """Set metadata fields (read-modify-write in one transaction)."""
@@ -307,12 +332,25 @@ class FeatureStore(MetaFields, PcaRows):
         # orjson: 1,000 records (a top-1000 answer) parse in 0.5 ms, not 11 ms
         return [orjson.loads(v) for v in self._db.get_many("info", [key(int(i)) for i in ids])]
 
+    def raw_records(self, table, rows):
+        """The stored bytes of rows' records in a keyed table (latent, code,
+        info), in the order of rows (compaction copies them unparsed)."""
+        return self._db.get_many(table, [key(int(i)) for i in rows])
+
     def labels(self):
         return np.array([info["label"] for info in self.infos()], dtype=np.int64)
 
     def stored_paths(self):
-        """Source paths already in the store (resume skips these)."""
-        return {info["path"] for info in self.infos()}
+        """Source paths of the live images (resume skips these)."""
+        return set(self.live_records())
+
+    def live_records(self):
+        """{path: (id, info)} of the live images (info: path, label, seq,
+        and for images extracted since stat was recorded, size, mtime_ns)."""
+        live = self.live_mask()
+        ids = self.ids_of_rows(np.arange(self.count))
+        return {info["path"]: (int(ids[row]), info)
+                for row, info in enumerate(self.infos()) if live[row]}
 
     def _check_ids(self, ids):
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):

@@ -24,6 +24,8 @@ Modules:
                  (as tools/extra/parse_log.py), written as CSV
     frozen       a backbone's frozen lower layers: cut, BatchNorm folded,
                  features cached, joined with the trained top
+    finestage    the run's last step: the fine stage chosen on the held-out
+                 images (search.choice) and recorded (rerank.json)
     fast         the fast from-scratch recipe for small images (--net fast):
                  pycaffe forward/backward, checkpoints per epoch, BatchNorm
                  re-measured, flip-averaged test accuracy

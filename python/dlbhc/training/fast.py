@@ -35,9 +35,11 @@ from ..images import BadImage
 from ..nets.caffe_env import import_caffe, set_blas_threads
 from ..nets.model import BatchTransformer, ImagePreparer, Preprocessing, write_preprocessing_record
 from ..nets.protos import read_prototxt
+from ..nets.records import CLASSES_FILE
 from ..progress import Progress
 from ..report import get_logger
 from .augment import AugmentedBatches
+from .finestage import record_fine_stage
 from .prototxt import PROTOTXT_DIR, set_num_classes, write_net
 from .recipe import SUMMARY_FILE, Recipe
 from .sgd import NesterovSGD, WeightAverage, load_net_arrays, net_arrays, triangle_lr
@@ -231,12 +233,14 @@ class FastRecipe(Recipe):
     labels 0..K-1), everything in run_dir (see the module docstring)."""
 
     def __init__(self, bits, train_items, test_items, classes, run_dir, name,
-                 schedule=FastSchedule(), resume=False, threads=None, commands=None):
+                 schedule=FastSchedule(), resume=False, threads=None, commands=None,
+                 held_out=None):
         self.bits, self.classes = int(bits), list(classes)
         self.train_items, self.test_items = list(train_items), list(test_items)
         self.run_dir, self.name = Path(run_dir), name
         self.schedule, self.resume, self.threads = schedule, resume, threads
         self.commands = commands or []
+        self.held_out_list = held_out   # a `path label` list: the fine stage is chosen on it
         self.gpu, self.last_loss = None, float("nan")
 
     # data
@@ -319,6 +323,13 @@ class FastRecipe(Recipe):
         curve.close()
         train_seconds = time.monotonic() - train_start
         result = self.finish(caffe, net, deploy_file, transform, batches, average, feed)
+        (self.run_dir / CLASSES_FILE).write_text("".join(f"{c}\n" for c in self.classes))
+        if self.held_out_list is not None:
+            # the run's last step, as every recipe's (recipe.Recipe.run)
+            record = record_fine_stage(self.run_dir, deploy_file, result["weights"],
+                                       self.held_out_list)
+            if record is not None:
+                result["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
         summary = dict(
             net=self.name, recipe="fast", bits=self.bits, schedule=asdict(s), steps=total,
             classes=self.classes, train_images=len(self.train_images),
@@ -448,7 +459,7 @@ class FastRecipe(Recipe):
 
 def train_fast(train_items, test_items, classes, bits, run_dir, name, epochs=None,
                max_iter=None, batch_size=None, base_lr=None, resume=None, threads=None,
-               commands=None):
+               commands=None, held_out=None):
     """FastRecipe with the default schedule changed as the command line asks
     (FastSchedule.adapted); returns the run's summary."""
     schedule = FastSchedule().adapted(epochs, max_iter, batch_size, base_lr,
@@ -457,4 +468,5 @@ def train_fast(train_items, test_items, classes, bits, run_dir, name, epochs=Non
              "%d classes -> %s", schedule.epochs, len(train_items), schedule.batch_size,
              schedule.peak_lr_for_batch(), len(classes), run_dir)
     return FastRecipe(bits, train_items, test_items, classes, run_dir, name, schedule,
-                      resume=bool(resume), threads=threads, commands=commands).run()
+                      resume=bool(resume), threads=threads, commands=commands,
+                      held_out=held_out).run()

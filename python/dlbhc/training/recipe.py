@@ -15,6 +15,10 @@ Recipe.run() asks them in order around one `caffe train`:
     preprocessing()     the input preprocessing the model was trained with,
                         recorded beside the weights (preprocessing.json) so
                         extract.py and retrieve.py need no --mean
+    held_out()          (deploy prototxt, labelled list of held-out images):
+                        the fine stage chosen on them is recorded beside
+                        the weights (rerank.json, finestage.py) for
+                        `--rerank auto`; None: no record (fc7 re-rank)
 
 and may add to the summary (summary_extra). The recipes are in recipes.py:
 the checked-in CIFAR-10 nets, the small net on a collection, an ImageNet
@@ -33,6 +37,7 @@ from ..nets.caffe_env import PROJECT_ROOT
 from ..nets.model import Preprocessing, default_resize, load_mean_bgr, write_preprocessing_record
 from ..nets.protos import read_prototxt
 from .caffe_train import run_caffe_train
+from .finestage import record_fine_stage
 from .prototxt import data_layers, layer_phase, project_path
 
 SUMMARY_FILE = "train_summary.json"
@@ -74,6 +79,9 @@ class Recipe:
     def summary_extra(self):
         return {}
 
+    def held_out(self):
+        return None
+
     def run(self):
         """Prepare, write, `caffe train`, record: the summary, also written
         to run_dir/train_summary.json."""
@@ -90,6 +98,12 @@ class Recipe:
         prep = self.preprocessing(solver)
         if prep is not None:
             write_preprocessing_record(self.run_dir, prep, note=self.prep_note)
+        held_out = self.held_out() if weights is not None else None
+        if held_out is not None:
+            record = record_fine_stage(self.run_dir, held_out[0], weights, held_out[1],
+                                       gpu=self.gpu)
+            if record is not None:
+                summary["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
         summary.update(net=self.name, max_iter=solver.max_iter, command=cmd)
         if data_seconds is not None:
             summary.update(data_seconds=round(data_seconds, 1),

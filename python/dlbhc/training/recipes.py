@@ -27,6 +27,7 @@ record.
 """
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -141,6 +142,16 @@ class CheckedInRecipe(Recipe):
         return link_final_weights(self.run_dir, self.name, snapshot) if snapshot.exists() \
             else None
 
+    def held_out(self):
+        """CIFAR-10's test list (and its class names, copied into the run
+        folder), when the data folder has them."""
+        folder = Path(self.data_dir) if self.data_dir else PROJECT_ROOT / "data" / "cifar10"
+        if not (folder / "test.txt").is_file():
+            return None
+        if (folder / "classes.txt").is_file():
+            shutil.copyfile(folder / "classes.txt", self.run_dir / "classes.txt")
+        return PROTOTXT_DIR / f"{self.name}_deploy.prototxt", folder / "test.txt"
+
     def preprocessing(self, solver):
         # the model's preprocessing, so extract.py and retrieve.py need no --mean
         self.prep_note = (f"from {Path(solver.net).name}'s TEST Data layer (mean) and LMDB "
@@ -181,7 +192,7 @@ def train_fast_cifar(bits, max_iter=None, resume=None, runs_dir=None, data_dir=N
     run_dir = run_folder(runs_dir, name)
     commands = usage_commands(run_dir, run_dir / f"{name}.caffemodel", *lists)
     return train_fast(coll.train, coll.test, classes, bits, run_dir, name, epochs=epochs,
-                      max_iter=max_iter, resume=resume, commands=commands)
+                      max_iter=max_iter, resume=resume, commands=commands, held_out=lists[1])
 
 
 # ---- a user's own collection -------------------------------------------------------
@@ -217,6 +228,9 @@ class CollectionRecipe(Recipe):
 
     def preprocessing(self, solver):
         return self.prep
+
+    def held_out(self):
+        return self.deploy, self.run_dir / "test.txt"
 
     def summary_extra(self):
         train_list, test_list = self.run_dir / "train.txt", self.run_dir / "test.txt"
@@ -427,7 +441,7 @@ def train_collection(data, net=DEFAULT_BACKBONE, bits=48, test=None, root=None,
                              commands=usage_commands(run_dir, run_dir / f"{name}.caffemodel",
                                                      run_dir / "train.txt",
                                                      run_dir / "test.txt"),
-                             **schedule_options)
+                             held_out=run_dir / "test.txt", **schedule_options)
         log.info("\nTrained. Build the database, search it and measure it with:\n  %s",
                  "\n  ".join(summary["commands"]))
         return summary

@@ -1,24 +1,10 @@
 // The search page: an image (chosen, dropped or pasted) or a database image
 // (clicked) is the query; the results come from the JSON API as a grid.
 // Everything shown from the server goes in with textContent, never as HTML.
+// (common.js, loaded first, has the helpers both pages use.)
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const state = { kind: null, file: null, name: "", id: null, topK: 24, step: 24 };
-
-function show(el, on) { el.hidden = !on; }
-function setStatus(text) { $("status").textContent = text; }
-function setError(text) { $("error").textContent = text || ""; show($("error"), !!text); }
-
-async function apiError(response) {
-  try {
-    const body = await response.json();
-    if (body && body.error) return `${response.status}: ${body.error}`;
-  } catch (e) { /* not JSON */ }
-  return `${response.status} ${response.statusText}`;
-}
-
-function thumbnailUrl(id, size) { return `/api/images/${id}/thumbnail?size=${size || 128}`; }
 
 async function loadInfo() {
   const response = await fetch("/api/info", { credentials: "same-origin" });
@@ -88,7 +74,10 @@ function render(answer, elapsed, timings) {
              `(Hamming radius ${answer.radius}) · search ${answer.search_ms.toFixed(2)} ms`;
   if (timings.net !== undefined) text += ` · net ${timings.net.toFixed(1)} ms`;
   text += ` · total ${elapsed.toFixed(0)} ms`;
-  if (answer.query_label >= 0) text += ` · label ${answer.query_label}`;
+  if (answer.query_label >= 0) {
+    text += ` · label ${answer.query_label}` +
+            (answer.query_class ? ` ${answer.query_class}` : "");
+  }
   facts.textContent = text;
   facts.id = "query-facts";
   meta.append(name, facts);
@@ -110,7 +99,9 @@ function render(answer, elapsed, timings) {
     img.alt = `result ${hit.rank}: image ${hit.id}`;
     img.src = thumbnailUrl(hit.id);
     fig.append(img, caption([["", `#${hit.rank}`], ["id", String(hit.id)],
-                             ["label", String(hit.label)], ["H", String(hit.hamming)],
+                             ["label", hit.class_name ? `${hit.label} ${hit.class_name}`
+                                                      : String(hit.label)],
+                             ["H", String(hit.hamming)],
                              ["L2", hit.l2.toFixed(2)]]));
     fig.addEventListener("click", () => searchId(hit.id));
     grid.append(fig);

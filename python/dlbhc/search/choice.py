@@ -1,0 +1,107 @@
+"""The fine stage chosen per model (issue 20): which rows re-rank the coarse
+candidates best depends on the net (the small net's fc7 helps, a fine-tuned
+backbone's fc7 can rank worse than the codes alone), so it is measured once
+per trained model, on its held-out images, and recorded.
+
+The candidates (stage_rows builds each as the search's rerank.ReducedRows):
+
+    fc7      Euclidean distance of fc7 (the paper's fine stage)
+    latent   Euclidean distance of the stored sigmoid activations
+    pca      the database's PCA rows of fc7 (compress.py), the best
+             rerank.DEFAULT_EXACT_TOP again by fc7
+    none     Hamming order, ties broken by latent distance
+and the fallback
+    hamming  Hamming order, ties by id: exactly the coarse ranking
+
+measure_fine_stages runs every candidate through metrics.evaluate, the
+search users run, with the held-out images split in two (queries: odd
+positions, database: even positions; collection lists are grouped by class,
+so both halves hold every class).  choose() applies the rule: the best
+candidate that does not score below the coarse (Hamming) ranking, else
+"hamming", so the chosen fine stage never scores below coarse on the
+held-out split.  The same rule picks among the stages a database offers
+(a "pca" choice needs its PCA store) when a search opens it ("auto").
+
+Pure numpy: the features come from the caller (training/ measures a new
+model, nets/records.py keeps the record).
+"""
+import numpy as np
+
+from .metrics import EVALUATION_TOP_K, evaluate
+from .params import SearchParams
+from .pca import Projection
+from .rerank import DEFAULT_EXACT_TOP, ReducedRows
+
+CANDIDATES = ("fc7", "latent", "pca", "none")
+# Equal scores go to the stage that stays closest to the codes' own order
+# (a small held-out split ties often: 13 photos gave fc7 = latent = pca).
+TIE_ORDER = ("none", "latent", "pca", "fc7")
+FALLBACK = "hamming"
+STAGES = CANDIDATES + (FALLBACK,)
+# The PCA candidate keeps this many components (fewer for narrower fc7).
+PCA_CANDIDATE_DIM = 256
+
+
+def stage_rows(name, latent=None, projection=None, pca_rows=None, exact_top=DEFAULT_EXACT_TOP):
+    """The rerank.ReducedRows of fine stage `name` (STAGES); None for fc7.
+    latent: every image's latent rows (array or function ids -> rows);
+    projection, pca_rows: a pca.Projection and the rows it gave."""
+    if name == "fc7":
+        return None
+    if name == "latent":
+        return ReducedRows(latent, None, 0, "latent")
+    if name == "none":
+        return ReducedRows(latent, None, 0, "latent tie-break", hamming_first=True)
+    if name == FALLBACK:
+        return ReducedRows(None, None, 0, "id tie-break", hamming_first=True)
+    if name == "pca":
+        return ReducedRows(pca_rows, projection.apply, int(exact_top), projection.name())
+    raise ValueError(f"unknown fine stage {name!r}: one of {', '.join(STAGES)}")
+
+
+def choose(scores, coarse, available=STAGES):
+    """The fine stage to use: the best of `scores` ({name: mAP@k}) among
+    `available` that scores at least `coarse`, else "hamming" (the coarse
+    order itself).  Equal scores go to the earlier of TIE_ORDER."""
+    good = [name for name in TIE_ORDER
+            if name in available and name in scores and scores[name] >= coarse]
+    if not good:
+        return FALLBACK
+    return max(good, key=lambda name: (scores[name], -TIE_ORDER.index(name)))
+
+
+def split_halves(n):
+    """(query positions, database positions) of n held-out images: odd and
+    even positions."""
+    if n < 4:
+        raise ValueError(f"{n} held-out images: measuring the fine stages needs at least 4")
+    positions = np.arange(n)
+    return positions[1::2], positions[0::2]
+
+
+def measure_fine_stages(codes, labels, fc7, latent, bits, top_k=EVALUATION_TOP_K,
+                        progress=None):
+    """Every candidate's mAP@k on held-out images (codes (N, B) packed,
+    labels (N,), fc7 (N, D), latent (N, bits)), and the choice: the record
+    nets.records writes (choice, coarse, map_at_k per candidate, k, queries,
+    database, pca_dim, split)."""
+    codes, labels = np.asarray(codes), np.asarray(labels)
+    fc7 = np.asarray(fc7, dtype=np.float32)
+    latent = np.asarray(latent, dtype=np.float32)
+    q, db = split_halves(len(codes))
+    pca_dim = int(min(PCA_CANDIDATE_DIM, max(1, fc7.shape[1] // 2)))
+    projection = Projection.learn(fc7[db], pca_dim)
+    pca_rows = projection.apply(fc7[db])
+    stages = {name: (stage_rows(name, latent[db], projection, pca_rows),
+                     latent[q] if name in ("latent", "none") else None)
+              for name in CANDIDATES if name != "fc7"}
+    params = SearchParams(top_k=min(int(top_k), len(db)))
+    results = evaluate(codes[db], labels[db], codes[q], labels[q], db_fc7=fc7[db],
+                       q_fc7=fc7[q], params=params, bits=bits, progress=progress,
+                       fine_stages=stages)
+    scores = {"fc7": results["fine"]["map_at_k"]}
+    scores.update({name: m["map_at_k"] for name, m in results["fine_stages"].items()})
+    coarse = results["coarse"]["map_at_k"]
+    return {"choice": choose(scores, coarse), "coarse": coarse, "map_at_k": scores,
+            "k": results["k"], "queries": len(q), "database": len(db), "pca_dim": pca_dim,
+            "split": "held-out images: odd positions query the even positions"}
