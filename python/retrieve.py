@@ -78,7 +78,8 @@ IMAGE_BATCH = 50
 def main(argv=None):
     args = parse_args(argv)
     from dlbhc.images import list_images
-    from dlbhc.serving.retrieval import Query, Retriever, format_table, montage, to_json
+    from dlbhc.serving.display import format_table, montage, to_json
+    from dlbhc.serving.retrieval import Query, Retriever
     if args.milvus:
         if args.rerank not in ("auto", "fc7") or args.exact_top is not None:
             raise UserError(f"--rerank {args.rerank} / --exact-top work on a local database; a Milvus "

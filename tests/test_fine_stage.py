@@ -21,7 +21,8 @@ from dlbhc.search.codes import pack_codes
 from dlbhc.search.index import HashIndex
 from dlbhc.search.metrics import evaluate
 from dlbhc.search.params import SearchParams
-from dlbhc.serving.retrieval import Query, Retriever, format_table, montage, to_json
+from dlbhc.serving.display import format_table, montage, to_json
+from dlbhc.serving.retrieval import Query, Retriever
 from dlbhc.serving.service import QueryService
 from dlbhc.store.database import FeatureStore
 from dlbhc_testing.reference import brute_force_search

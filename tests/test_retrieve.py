@@ -63,7 +63,7 @@ def test_json_holds_what_the_table_shows(database):
 
 def test_montage_is_a_png_of_the_expected_size(database, tmp_path):
     from PIL import Image
-    from dlbhc.serving.retrieval import MONTAGE_DPI, MONTAGE_TILE_INCHES
+    from dlbhc.serving.display import MONTAGE_DPI, MONTAGE_TILE_INCHES
     png = tmp_path / "m.png"
     retrieve("--db", database["db"], "--id", 1, "--top-k", 6, "--show", 6, "--montage", png)
     with Image.open(png) as img:

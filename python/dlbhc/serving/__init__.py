@@ -5,9 +5,11 @@ Modules, from one query up to the web server:
 
     retrieval  a database opened for search (Retriever: the cached index,
                the query's features, coarse-to-fine search as a
-               search.params.SearchParams asks) and how answers are shown
-               (table, JSON, montage picture); retrieve.py and evaluate.py
+               search.params.SearchParams asks); retrieve.py and evaluate.py
                use it directly
+    display    how answers are shown: the table, the JSON (retrieve.py
+               --json and the API), the montage and the one contact-sheet
+               writer
     netpool    the net kept loaded for a server's concurrent requests,
                batched on one net in a thread or on nets in worker processes
     service    QueryService, the server without HTTP: the database followed
@@ -28,8 +30,9 @@ surface.
 """
 from .duplicates import LEVELS, Duplicates, Level, find_duplicates, write_listing
 from .netpool import NetPool, Unavailable
-from .retrieval import (FINE_STAGES, Answer, Hit, Query, Retriever, contact_sheet, format_table,
-                        index_cache_path, load_matching_model, montage, to_json)
+from .display import contact_sheet, format_table, montage, to_json
+from .retrieval import (FINE_STAGES, Answer, Hit, Query, Retriever, index_cache_path,
+                        load_matching_model)
 from .service import BadRequest, Limits, NotFound, QueryService
 
 __all__ = [

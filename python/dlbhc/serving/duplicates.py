@@ -37,7 +37,7 @@ from ..files import file_digest
 from ..report import get_logger
 from ..search.groups import groups as connected_groups
 from ..search.pairs import close_pairs, near_pairs
-from .retrieval import contact_sheet
+from .display import contact_sheet
 
 log = get_logger(__name__)
 

@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..report import configure
 from ..search.params import DEFAULT_TOP_K
 from .netpool import Unavailable
-from .retrieval import to_json
+from .display import to_json
 from .service import BadRequest, Limits, NotFound, QueryService, limit_malloc_arenas
 
 TOKEN_COOKIE = "dlbhc_token"
