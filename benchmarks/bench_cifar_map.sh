@@ -5,6 +5,8 @@
 #   BITS=12 benchmarks/bench_cifar_map.sh      # or 128
 #   NET=efficientnet_lite0 benchmarks/bench_cifar_map.sh   # the ImageNet backbone recipe
 #                                              # (make bench-map NET=efficientnet_lite0)
+#   NET=fast benchmarks/bench_cifar_map.sh     # the fast from-scratch recipe (pycaffe;
+#                                              # EPOCHS=N; make bench-map NET=fast)
 #
 # NET=<backbone> runs `python/train.py --data data/cifar10/train --test
 # data/cifar10/test` (the CPU recipe: frozen layers cached with mirror
@@ -41,7 +43,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NET=${NET:-cifar}
-if [ "$NET" != cifar ]; then
+if [ "$NET" != cifar ] && [ "$NET" != fast ]; then
     exec "$(dirname "$0")/bench_backbone_map.sh"
 fi
 
@@ -49,14 +51,22 @@ BITS=${BITS:-48}
 PY=${PY:-.venv/bin/python}
 D=${CIFAR_DIR:-data/cifar10}
 RUNS_DIR=${RUNS_DIR:-runs}
-NAME=cifar_hash$BITS
+NAME=${NET}_hash$BITS
 RUN=$RUNS_DIR/$NAME
-DEPLOY=prototxt/${NAME}_deploy.prototxt
 WEIGHTS=$RUN/$NAME.caffemodel
 MEAN=$D/cifar10_train_32_mean.npy
 PAD_LMDB=$D/cifar10_train_32pad4_lmdb
-
-export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+if [ "$NET" = fast ]; then
+    # the run folder's deploy net and preprocessing record (its mean, flip averaging)
+    DEPLOY=$RUN/deploy.prototxt
+    PREP_ARGS=()
+    # one process steps the net (no data thread beside it): both cores to BLAS
+    export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-2}
+else
+    DEPLOY=prototxt/${NAME}_deploy.prototxt
+    PREP_ARGS=(--mean "$MEAN")
+    export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+fi
 
 log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
 t0=$(date +%s)
@@ -78,8 +88,17 @@ if [ "${SKIP_TRAIN:-0}" = 1 ] && [ -e "$WEIGHTS" ]; then
     log "train: skipped (SKIP_TRAIN=1), using $WEIGHTS"
 else
     log "train: $NAME from scratch ($(nproc) cores, OPENBLAS_NUM_THREADS=$OPENBLAS_NUM_THREADS, load $(cut -d' ' -f1-3 /proc/loadavg))"
-    "$PY" python/train.py --net cifar --bits "$BITS" --runs-dir "$RUNS_DIR" \
-        ${MAX_ITER:+--max-iter "$MAX_ITER"}
+    if [ "$NET" = fast ]; then
+        # a fresh run, unless RESUME=1 continues the last one at its last epoch
+        RESUME_ARGS=()
+        if [ "${RESUME:-0}" = 1 ]; then RESUME_ARGS=(--resume auto)
+        else rm -rf "$RUN/checkpoints" "$RUN/data"; fi
+        "$PY" python/train.py --net fast --bits "$BITS" --runs-dir "$RUNS_DIR" "${RESUME_ARGS[@]}" \
+            ${MAX_ITER:+--max-iter "$MAX_ITER"} ${EPOCHS:+--epochs "$EPOCHS"}
+    else
+        "$PY" python/train.py --net cifar --bits "$BITS" --runs-dir "$RUNS_DIR" \
+            ${MAX_ITER:+--max-iter "$MAX_ITER"}
+    fi
     # features of other weights must not be mixed in: start the stores afresh
     rm -rf "$RUN/db_train.lmdb" "$RUN/db_test.lmdb"
 fi
@@ -88,7 +107,7 @@ fi
 for split in train test; do
     log "extract: $D/$split.txt -> $RUN/db_$split.lmdb"
     "$PY" python/extract.py "$D/$split.txt" --root "$D" --deploy "$DEPLOY" \
-        --weights "$WEIGHTS" --mean "$MEAN" --out "$RUN/db_$split.lmdb" \
+        --weights "$WEIGHTS" "${PREP_ARGS[@]}" --out "$RUN/db_$split.lmdb" \
         | tee "$RUN/extract_$split.txt"
 done
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_summary.py RUN BITS [TOTAL_SECONDS]
 
 Gathers what the steps left in RUN: train_summary.json (python/train.py:
-the CIFAR-10 net's schedule, or a --data run's recipe with its feature and
+the CIFAR-10 net's schedule, the fast recipe's, or a --data run's recipe with its feature and
 training seconds), bench_timing.txt (`key seconds [load ...]` lines the
 backbone benchmark writes per step), extract_{train,test}.txt (extract.py's
 img/s) and evaluation/*.json (python/evaluate.py; scalars only, no curves).
@@ -23,6 +23,14 @@ def scalars(d):
 
 
 def training_figures(t):
+    if t.get("recipe") == "fast":   # the fast recipe (python/dlbhc/training/fast.py)
+        return {"recipe": "fast", "schedule": t["schedule"], "steps": t["iterations"],
+                "data_seconds": t["data_seconds"], "train_seconds": t["train_seconds"],
+                "data_plus_train_minutes": round((t["data_seconds"] + t["train_seconds"]) / 60,
+                                                 1),
+                "epoch_seconds": t["epoch_seconds"], "test_accuracy": t["test_accuracy"],
+                "load_average_start": t["load_average_start"],
+                "load_average_end": t["load_average_end"]}
     if "recipe" in t:   # python/train.py --data
         features = t["recipe"].get("features") or {}
         return {"recipe": {k: v for k, v in t["recipe"].items() if k != "features"},

@@ -333,6 +333,99 @@ def cifar_solver(bits):
 
 
 # --------------------------------------------------------------------------
+# The fast from-scratch net for small images (issue 19; the recipe is
+# python/dlbhc/training/fast.py, driven by pycaffe)
+#
+# airbench's layout (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a
+# single GPU", arXiv 2404.00498): a frozen 2x2 patch-whitening convolution,
+# then three blocks of [conv 3x3 -> max-pool 2x2 -> BatchNorm -> bias ->
+# ReLU -> conv 3x3 -> BatchNorm -> bias -> ReLU], global max-pooling. Caffe
+# has no GELU: ReLU stands in. BatchNorm's scale is fixed at 1 as in
+# airbench, so a Bias layer (one learned offset per channel) follows it
+# instead of a Scale layer. Then the paper's head: fc7 (the pooled block-3
+# activations) -> latent InnerProduct + Sigmoid -> classifier.
+FAST_BITS = (12, 48, 128)
+# Block widths: airbench94's are 64/256/256. On the 2-core machine one
+# epoch of those costs ~7 min (caffe time); see fast.py for the measured
+# choice.
+FAST_WIDTHS = (64, 128, 128)
+FAST_INPUT = 32
+# whitening: 2x2 patches of 3 channels = 12 dimensions; each eigenvector
+# and its negative (ReLU keeps both signs of a whitened patch).
+FAST_WHITEN_KERNEL = 2
+FAST_WHITEN_WIDTH = 2 * 3 * FAST_WHITEN_KERNEL ** 2
+
+
+def fast_conv_bn(name, bottom, num, pool_after_conv=False):
+    """conv 3x3 (no bias) [-> max-pool 2x2] -> BatchNorm -> Bias -> ReLU; the
+    output blob is `name` (or `name`_pool)."""
+    top = name
+    layers = [layer(name, "Convolution", bottom, name,
+                    ("param", msg(("lr_mult", 1), ("decay_mult", 1))),
+                    ("convolution_param", msg(
+                        ("num_output", num), ("bias_term", False), ("pad", 1),
+                        ("kernel_size", 3), ("weight_filler", filler("msra")))))]
+    if pool_after_conv:
+        top = f"{name}_pool"
+        layers.append(pool(top, name, kernel=2, stride=2))
+    layers += [
+        # use_global_stats unset: batch statistics in TRAIN, the running
+        # averages in TEST. fast.py re-estimates the running averages after
+        # training (the averaged weights' own statistics).
+        layer(f"{name}_bn", "BatchNorm", top, top,
+              ("param", [msg(("lr_mult", 0), ("decay_mult", 0))] * 3),
+              ("batch_norm_param", msg(("moving_average_fraction", 0.9)))),
+        layer(f"{name}_bias", "Bias", top, top,
+              ("param", msg(("lr_mult", 1), ("decay_mult", 0)))),
+        relu(f"{name}_relu", top),
+    ]
+    return top, layers
+
+
+def fast_body(widths=FAST_WIDTHS):
+    """data -> whiten (frozen) -> 3 blocks -> fc7 (global max, widths[-1])."""
+    layers = [layer("whiten", "Convolution", "data", "whiten",
+                    ("param", [msg(("lr_mult", 0), ("decay_mult", 0))] * 2),
+                    ("convolution_param", msg(
+                        ("num_output", FAST_WHITEN_WIDTH),
+                        ("kernel_size", FAST_WHITEN_KERNEL),
+                        ("weight_filler", filler("gaussian", std=0.1)),
+                        ("bias_filler", filler("constant", value=0.0))))),
+              relu("whiten_relu", "whiten")]
+    h = "whiten"
+    for block, width in enumerate(widths, start=1):
+        h, first = fast_conv_bn(f"conv{block}_1", h, width, pool_after_conv=True)
+        h, second = fast_conv_bn(f"conv{block}_2", h, width)
+        layers += first + second
+    layers.append(layer("fc7", "Pooling", h, "fc7", ("pooling_param", msg(
+        ("pool", "MAX"), ("global_pooling", True)))))
+    return layers
+
+
+def fast_head(bits, num_classes=NUM_CLASSES):
+    return latent_and_classifier("fc7", bits, num_classes, classifier_lr_mult=(1, 2))
+
+
+def fast_train(bits):
+    """The training net: inputs fed by fast.py (augmented batches), and
+    label smoothing with stock layers: InfogainLoss over the softmax with
+    H = (1 - eps) I + eps / K (its third input, set by fast.py) is the
+    smoothed cross-entropy."""
+    inputs = [layer(name, "Input", None, name, ("input_param", msg(
+        ("shape", msg(*[("dim", d) for d in shape])))))
+        for name, shape in (("data", [500, 3, FAST_INPUT, FAST_INPUT]), ("label", [500]),
+                            ("smoothing", [1, 1, NUM_CLASSES, NUM_CLASSES]))]
+    return (f"fast_hash{bits}", inputs + fast_body() + fast_head(bits) + [
+        layer("prob", "Softmax", "fc9_classifier", "prob"),
+        layer("loss", "InfogainLoss", ["prob", "label", "smoothing"], "loss")])
+
+
+def fast_deploy(bits):
+    return (f"fast_hash{bits}", [input_layer([100, 3, FAST_INPUT, FAST_INPUT])] + fast_body()
+            + fast_head(bits) + deploy_head())
+
+
+# --------------------------------------------------------------------------
 # EfficientNet-Lite0, converted from ImageNet weights (python/dlbhc/nets/backbones.py)
 
 # Stages of EfficientNet-Lite0 (= B0's without squeeze-excitation; the stem
@@ -536,6 +629,15 @@ def all_files():
             f"trained from scratch: make train NET=cifar BITS={bits}. {GENERATED}",
             f"Small net, deploy: blobs fc7 (256) and latent ({bits}). {GENERATED}",
             f"Solver for cifar_hash{bits}, from scratch on the CPU. {GENERATED}")))
+    for bits in FAST_BITS:
+        base = f"fast_hash{bits}"
+        files[f"{base}_train.prototxt"] = net_text(fast_train(bits), (
+            f"The fast from-scratch net for 32x32 images with a {bits}-bit latent layer:\n"
+            f"the training net, fed and stepped by python/dlbhc/training/fast.py\n"
+            f"(make train NET=fast BITS={bits}). {GENERATED}"))
+        files[f"{base}_deploy.prototxt"] = net_text(fast_deploy(bits), (
+            f"The fast net, deploy: blobs fc7 ({FAST_WIDTHS[-1]}, global max of block 3) and\n"
+            f"latent ({bits}). {GENERATED}"))
     for bits in EFFNET_BITS:
         base = f"{EFFNET_BACKBONE}_hash{bits}"
         files.update(family(base, effnet_train_val(bits), effnet_deploy(bits), effnet_solver(bits), (

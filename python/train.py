@@ -24,6 +24,7 @@ The checked-in CIFAR-10 nets (without --data):
     python python/train.py --net alexnet --bits 48 --gpu 0 \
         --weights models/bvlc_alexnet/bvlc_alexnet.caffemodel    # the paper's fine-tuning
     python python/train.py --net cifar --bits 48 --resume auto   # continue after a stop
+    python python/train.py --net fast --bits 48 --epochs 10      # the fast recipe (pycaffe)
 
 Outputs go to runs/<net>_hash<bits>/ (--runs-dir moves runs/): train.log,
 snapshots/, the final <net>_hash<bits>.caffemodel, train_summary.json and the
@@ -41,6 +42,7 @@ from dlbhc import cli
 from dlbhc.datasets.collection import DEFAULT_TEST_FRACTION
 from dlbhc.nets.backbones import DEFAULT_BACKBONE
 from dlbhc.training.frozen import FEATURE_WORKERS
+from dlbhc.training.fast import FAST_NET
 from dlbhc.training.recipes import DEFAULT_SPLIT, SMALL_NET
 
 # In the project's models/ folder, wherever train.py is started from.
@@ -54,7 +56,8 @@ CHECKED_IN_ONLY = ("--weights", "--resume", "--data-dir")
 def main(argv=None):
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--net", default=None,
-                   help=f"{SMALL_NET} (small net, default without --data), alexnet, or a "
+                   help=f"{SMALL_NET} (small net, default without --data), {FAST_NET} (the fast "
+                        f"from-scratch recipe for small images), alexnet, or a "
                         f"backbone ({DEFAULT_BACKBONE}, default with --data)")
     p.add_argument("--bits", type=int, default=48)
     p.add_argument("--max-iter", type=int, help="shorter/longer schedule; steps scale alike")
@@ -134,7 +137,8 @@ def main(argv=None):
               f"test {summary['test']}")
         print(f"weights: {summary['weights']}")
         return 0
-    wrong = given(collection_only)
+    # the fast recipe takes --epochs without --data too
+    wrong = [o for o in given(collection_only) if not (args.net == FAST_NET and o == "--epochs")]
     if wrong:
         p.error(f"{', '.join(wrong)} {'needs' if len(wrong) == 1 else 'need'} --data "
                 "(your own collection); the checked-in CIFAR-10 nets take --net, --bits, "
@@ -144,7 +148,13 @@ def main(argv=None):
     weights = args.weights or (None if args.resume else DEFAULT_WEIGHTS.get(args.net))
     summary = train(args.net, args.bits, weights=weights, max_iter=args.max_iter,
                     gpu=args.gpu, resume=args.resume, runs_dir=args.runs_dir,
-                    data_dir=args.data_dir)
+                    data_dir=args.data_dir, epochs=args.epochs)
+    if args.net == FAST_NET:
+        print(f"trained {summary['net']}: {summary['iterations']} steps, data "
+              f"{summary['data_seconds']:.0f} s + training {summary['train_seconds']:.0f} s, "
+              f"test accuracy {summary['test_accuracy']}")
+        print(f"weights: {summary['weights']}")
+        return 0
     print(f"trained {summary['net']}: {summary['iterations']} iterations in "
           f"{summary['seconds']:.0f} s ({summary['seconds_per_iter']} s/iter), "
           f"final loss {summary['final_loss']}, test {summary['test']}")

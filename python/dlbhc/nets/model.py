@@ -44,10 +44,16 @@ class Preprocessing:
     mean_bgr: tuple          # per-channel mean subtracted, BGR, 0..255 scale
     channel_order: str = "BGR"
     raw_scale: float = 255.0
+    # features = the mean of the image's and its mirror image's (the fast
+    # recipe's test-time flip averaging); recorded only when on, so the
+    # records of every other model stay as they were
+    flip_average: bool = False
 
     def as_dict(self):
         d = asdict(self)
         d["mean_bgr"] = [round(float(m), 4) for m in self.mean_bgr]
+        if not self.flip_average:
+            del d["flip_average"]
         return d
 
     @classmethod
@@ -55,7 +61,8 @@ class Preprocessing:
         return cls(resize=int(d["resize"]), crop=int(d["crop"]),
                    mean_bgr=tuple(float(m) for m in d["mean_bgr"]),
                    channel_order=d.get("channel_order", "BGR"),
-                   raw_scale=float(d.get("raw_scale", 255.0)))
+                   raw_scale=float(d.get("raw_scale", 255.0)),
+                   flip_average=bool(d.get("flip_average", False)))
 
 
 def _squeezed(shape):
@@ -325,6 +332,15 @@ class HashNet:
     def forward_crops(self, crops):
         """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7 (n, D),
         latent (n, bits); preprocessed straight into the net's input blob."""
+        fc7, latent = self._forward(crops)
+        if self.prep.flip_average:
+            # the mirror image's features, averaged in (Preprocessing.flip_average)
+            fc7_mirror, latent_mirror = self._forward(np.asarray(crops)[:, :, ::-1])
+            fc7 = (fc7 + fc7_mirror) * np.float32(0.5)
+            latent = (latent + latent_mirror) * np.float32(0.5)
+        return fc7, latent
+
+    def _forward(self, crops):
         n = len(crops)
         self.transform(crops, out=self._input_blob(n))
         self.net.forward(end=LATENT_BLOB)

@@ -1,4 +1,5 @@
-"""Training: hashing nets trained with Caffe's own `caffe train`.
+"""Training: hashing nets trained with Caffe's own `caffe train`, or
+stepped through pycaffe where Caffe's solver lacks what a recipe needs.
 
 A training run is a recipe (recipe.Recipe: prepare the data, write the run's
 prototxts and solver, the starting weights, `caffe train`, the final weights
@@ -27,22 +28,36 @@ Modules:
                  images (search.choice) and recorded (rerank.json)
     unsupervised codes without labels: ITQ (search.itq) on the backbone's
                  pooled features, written into the net's latent layer
+    fast         the fast from-scratch recipe for small images (--net fast):
+                 pycaffe forward/backward, checkpoints per epoch, BatchNorm
+                 re-measured, flip-averaged test accuracy
+    sgd          the update applied in numpy to a pycaffe net: Caffe's
+                 Nesterov step, the warm-up-then-decay schedule, weight
+                 averaging
+    augment      augmented batches in memory (alternating flips, translation)
+    whitening    the frozen patch-whitening filters of the fast net's first layer
 
 Caffe is imported only inside the functions that need it.
 """
 from .caffe_log import CaffeLog, parse_log
+from .augment import AugmentedBatches
+from .fast import FAST_NET, FastRecipe, FastSchedule, train_fast
 from .frozen import FEATURE_WORKERS, cache_features
 from .prototxt import DataLayer, Phases, data_layer_pair, move_data_files, set_data_layers
 from .recipe import Recipe
 from .recipes import (DEFAULT_SPLIT, BackboneRecipe, CheckedInRecipe, SmallNetRecipe, train,
                       train_collection)
+from .sgd import NesterovSGD, WeightAverage, triangle_lr
 from .solver import DEFAULT_EPOCHS, write_solver
 from .unsupervised import UnsupervisedRecipe, train_unsupervised
+from .whitening import whitening_filters
 
 __all__ = [
-    "DEFAULT_EPOCHS", "DEFAULT_SPLIT", "FEATURE_WORKERS",
-    "BackboneRecipe", "CaffeLog", "CheckedInRecipe", "DataLayer", "Phases", "Recipe",
-    "SmallNetRecipe", "UnsupervisedRecipe",
+    "DEFAULT_EPOCHS", "DEFAULT_SPLIT", "FAST_NET", "FEATURE_WORKERS",
+    "AugmentedBatches", "BackboneRecipe", "CaffeLog", "CheckedInRecipe", "DataLayer",
+    "FastRecipe", "FastSchedule", "NesterovSGD", "Phases", "Recipe", "SmallNetRecipe",
+    "UnsupervisedRecipe", "WeightAverage",
     "cache_features", "data_layer_pair", "move_data_files", "parse_log", "set_data_layers",
-    "train", "train_collection", "train_unsupervised", "write_solver",
+    "train", "train_collection", "train_fast", "train_unsupervised", "triangle_lr",
+    "whitening_filters", "write_solver",
 ]

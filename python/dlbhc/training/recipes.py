@@ -41,6 +41,7 @@ from ..nets.model import Preprocessing
 from ..nets.protos import read_prototxt
 from ..report import get_logger
 from . import frozen
+from .fast import FAST_NET, train_fast
 from .caffe_train import latest_solverstate, link_final_weights
 from .prototxt import (PROTOTXT_DIR, Phases, data_files, deploy_input_size, move_data_files,
                        project_path, set_data_layers, set_input, set_num_classes, write_net)
@@ -161,13 +162,38 @@ class CheckedInRecipe(Recipe):
 
 
 def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
-          runs_dir=None, data_dir=None):
+          runs_dir=None, data_dir=None, epochs=None):
     """Run `caffe train` for <net>_hash<bits> in runs_dir/<net>_hash<bits>/
     (default runs/), reading the training data from data_dir when given (see
     the module docstring); returns the summary also written to
-    train_summary.json."""
+    train_summary.json. The fast net (FAST_NET) trains with its own recipe
+    (fast.py) on CIFAR-10's image lists in data_dir (default data/cifar10)."""
+    if net == FAST_NET:
+        return train_fast_cifar(bits, max_iter, resume, runs_dir, data_dir, epochs, gpu)
     return CheckedInRecipe(net, bits, weights, max_iter, gpu, resume, runs_dir,
                            data_dir).run()
+
+
+def train_fast_cifar(bits, max_iter=None, resume=None, runs_dir=None, data_dir=None,
+                     epochs=None, gpu=None):
+    """The fast recipe on CIFAR-10 (`make data`'s train.txt and test.txt)."""
+    if gpu is not None:
+        raise UserError("the fast recipe trains on the CPU (pycaffe steps the net); leave "
+                        "out --gpu")
+    folder = Path(data_dir) if data_dir else PROJECT_ROOT / "data" / "cifar10"
+    lists = [folder / "train.txt", folder / "test.txt"]
+    missing = [str(path) for path in lists if not path.exists()]
+    if missing:
+        raise UserError(f"{', '.join(missing)} missing: run `make data` first (CIFAR-10's "
+                        "image folders and lists)")
+    coll = load_collection(*lists)
+    classes_file = folder / "classes.txt"
+    classes = classes_file.read_text().split() if classes_file.exists() else coll.classes
+    name = run_name(FAST_NET, bits)
+    run_dir = run_folder(runs_dir, name)
+    commands = usage_commands(run_dir, run_dir / f"{name}.caffemodel", *lists)
+    return train_fast(coll.train, coll.test, classes, bits, run_dir, name, epochs=epochs,
+                      max_iter=max_iter, resume=resume, commands=commands, held_out=lists[1])
 
 
 # ---- a user's own collection -------------------------------------------------------
@@ -425,9 +451,20 @@ def train_collection(data, net=DEFAULT_BACKBONE, bits=48, test=None, root=None,
                                 cache_dir=cache_dir, **schedule_options)
     elif net == SMALL_NET:
         recipe = SmallNetRecipe(net, bits, coll, run_dir, name, gpu, seed, **schedule_options)
+    elif net == FAST_NET:
+        if gpu is not None:
+            raise UserError("the fast recipe trains on the CPU: leave out --gpu")
+        summary = train_fast(coll.train, coll.test, coll.classes, bits, run_dir, name,
+                             commands=usage_commands(run_dir, run_dir / f"{name}.caffemodel",
+                                                     run_dir / "train.txt",
+                                                     run_dir / "test.txt"),
+                             held_out=run_dir / "test.txt", **schedule_options)
+        log.info("\nTrained. Build the database, search it and measure it with:\n  %s",
+                 "\n  ".join(summary["commands"]))
+        return summary
     else:
-        raise UserError(f"--data trains a backbone ({', '.join(backbone_names())}) or the small "
-                        f"net ({SMALL_NET}); {net!r} needs weights that cannot be fetched here")
+        raise UserError(f"--data trains a backbone ({', '.join(backbone_names())}), the small "
+                        f"net ({SMALL_NET}) or the fast net ({FAST_NET}); {net!r} needs weights that cannot be fetched here")
     summary = recipe.run()
     log.info("\nTrained. Build the database, search it and measure it with:\n  %s",
              "\n  ".join(summary["commands"]))
