@@ -35,7 +35,6 @@ from ..images import BadImage
 from ..nets.caffe_env import import_caffe, set_blas_threads
 from ..nets.model import BatchTransformer, ImagePreparer, Preprocessing, write_preprocessing_record
 from ..nets.protos import read_prototxt
-from ..nets.records import CLASSES_FILE
 from ..progress import Progress
 from ..report import get_logger
 from .augment import AugmentedBatches
@@ -290,7 +289,7 @@ class FastRecipe(Recipe):
         per_epoch = self.steps_per_epoch = batches.batches_per_epoch()
         step, epoch_seconds = self.restore(net, sgd, average)
         train_start = time.monotonic()
-        curve = self.curve_writer(step)
+        curve_file, curve = self.curve_writer(step)
         progress = Progress(total, label="training", unit="it")
         progress.update(step)
         epoch = step // per_epoch
@@ -320,10 +319,9 @@ class FastRecipe(Recipe):
             self.checkpoint(net, sgd, average, step, epoch_seconds)
             self.monitor(net, monitor, transform, step, epoch)
         progress.close()
-        curve.close()
+        curve_file.close()
         train_seconds = time.monotonic() - train_start
         result = self.finish(caffe, net, deploy_file, transform, batches, average, feed)
-        (self.run_dir / CLASSES_FILE).write_text("".join(f"{c}\n" for c in self.classes))
         if self.held_out_list is not None:
             # the run's last step, as every recipe's (recipe.Recipe.run)
             record = record_fine_stage(self.run_dir, deploy_file, result["weights"],
@@ -436,7 +434,8 @@ class FastRecipe(Recipe):
             return step, [float(x) for x in stored["epoch_seconds"]]
 
     def curve_writer(self, step):
-        """train_curve.csv, continued after `step` on a resumed run."""
+        """(open file, csv writer) of train_curve.csv, continued after `step`
+        on a resumed run."""
         path = self.run_dir / CURVE_FILE
         rows = []
         if step and path.exists():
@@ -447,14 +446,7 @@ class FastRecipe(Recipe):
         writer = csv.writer(handle)
         writer.writerow(["step", "epoch", "lr", "loss", "seconds"])
         writer.writerows(rows)
-
-        class Curve:
-            writerow = writer.writerow
-
-            @staticmethod
-            def close():
-                handle.close()
-        return Curve()
+        return handle, writer
 
 
 def train_fast(train_items, test_items, classes, bits, run_dir, name, epochs=None,

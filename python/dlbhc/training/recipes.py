@@ -39,6 +39,7 @@ from ..nets.backbones import DEFAULT_BACKBONE, backbone_names, convert, mean_bgr
 from ..nets.caffe_env import PROJECT_ROOT
 from ..nets.model import Preprocessing
 from ..nets.protos import read_prototxt
+from ..nets.records import CLASSES_FILE, read_class_names
 from ..report import get_logger
 from . import frozen
 from .fast import FAST_NET, train_fast
@@ -146,11 +147,10 @@ class CheckedInRecipe(Recipe):
     def held_out(self):
         """CIFAR-10's test list (and its class names, copied into the run
         folder), when the data folder has them."""
-        folder = Path(self.data_dir) if self.data_dir else PROJECT_ROOT / "data" / "cifar10"
+        folder = cifar_folder(self.data_dir)
         if not (folder / "test.txt").is_file():
             return None
-        if (folder / "classes.txt").is_file():
-            shutil.copyfile(folder / "classes.txt", self.run_dir / "classes.txt")
+        copy_class_names(folder, self.run_dir)
         return PROTOTXT_DIR / f"{self.name}_deploy.prototxt", folder / "test.txt"
 
     def preprocessing(self, solver):
@@ -159,6 +159,18 @@ class CheckedInRecipe(Recipe):
                           "(image size)")
         return train_val_preprocessing(solver.net, deploy_input_size(
             PROTOTXT_DIR / f"{self.name}_deploy.prototxt"))
+
+
+def cifar_folder(data_dir=None):
+    """The CIFAR-10 folder the checked-in nets and the fast recipe read:
+    `make data`'s data/cifar10, or --data-dir."""
+    return Path(data_dir) if data_dir else PROJECT_ROOT / "data" / "cifar10"
+
+
+def copy_class_names(folder, run_dir):
+    """folder's classes.txt (the answers' class names) into the run folder."""
+    if (Path(folder) / CLASSES_FILE).is_file():
+        shutil.copyfile(Path(folder) / CLASSES_FILE, Path(run_dir) / CLASSES_FILE)
 
 
 def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
@@ -180,17 +192,17 @@ def train_fast_cifar(bits, max_iter=None, resume=None, runs_dir=None, data_dir=N
     if gpu is not None:
         raise UserError("the fast recipe trains on the CPU (pycaffe steps the net); leave "
                         "out --gpu")
-    folder = Path(data_dir) if data_dir else PROJECT_ROOT / "data" / "cifar10"
+    folder = cifar_folder(data_dir)
     lists = [folder / "train.txt", folder / "test.txt"]
     missing = [str(path) for path in lists if not path.exists()]
     if missing:
         raise UserError(f"{', '.join(missing)} missing: run `make data` first (CIFAR-10's "
                         "image folders and lists)")
     coll = load_collection(*lists)
-    classes_file = folder / "classes.txt"
-    classes = classes_file.read_text().split() if classes_file.exists() else coll.classes
     name = run_name(FAST_NET, bits)
     run_dir = run_folder(runs_dir, name)
+    copy_class_names(folder, run_dir)
+    classes = read_class_names(run_dir) or coll.classes
     commands = usage_commands(run_dir, run_dir / f"{name}.caffemodel", *lists)
     return train_fast(coll.train, coll.test, classes, bits, run_dir, name, epochs=epochs,
                       max_iter=max_iter, resume=resume, commands=commands, held_out=lists[1])
