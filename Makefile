@@ -28,7 +28,7 @@ CIFAR_DIR   ?= data/cifar10
 CIFAR10_ARCHIVE ?= $(wildcard ../shared/data/cifar10/cifar10-jpg.tar.gz)
 export CIFAR10_ARCHIVE
 
-.PHONY: all venv caffe native test test-fast test-packages data data-alexnet photos weights weights-caffenet backbone train \
+.PHONY: all venv caffe native test test-fast test-packages data data-alexnet photos fashion weights weights-caffenet backbone train \
         demo serve serve-db prototxt bench-extract bench-search bench-scale bench-map \
         bench-pca-map bench-serve bench-ray bench-milvus clean-runs help
 
@@ -119,6 +119,14 @@ data: $(TRAIN32) $(TEST32) $(TRAIN32PAD)
 # gcompris-qt-data (apt-get download, sha256 checked; nothing installed).
 photos: venv
 	$(PY) data/get_photos.py --dest data/photos
+
+# Fashion-MNIST (28x28 grey product photos, 10 classes) from Debian's
+# dataset-fashion-mnist; FASHION_PER_CLASS=500 FASHION_TEST_PER_CLASS=100 for
+# a subset (the first N of each class).
+fashion: venv
+	$(PY) data/get_fashion_mnist.py --dest data \
+	    $(if $(FASHION_PER_CLASS),--per-class $(FASHION_PER_CLASS)) \
+	    $(if $(FASHION_TEST_PER_CLASS),--test-per-class $(FASHION_TEST_PER_CLASS))
 
 # The 256x256 LMDBs AlexNet fine-tunes on (about 12 GB for CIFAR-10).
 data-alexnet: $(TRAIN256) $(TEST256)

@@ -12,7 +12,7 @@ the exact L2 ranking over the same features (every image a candidate).
 
     # CIFAR-10: a seeded subset (10,000 database + 1,000 queries, 160 px)
     .venv/bin/python benchmarks/bench_unsupervised.py cifar --database 10000 --queries 1000 --size 160
-    .venv/bin/python benchmarks/bench_unsupervised.py cifar --full     # 50,000 + 10,000 at 224 px
+    .venv/bin/python benchmarks/bench_unsupervised.py cifar --full --size 128   # all 50,000 + 10,000
     # the photo set (make photos): the held-out split of train.py (10% of each class)
     .venv/bin/python benchmarks/bench_unsupervised.py photos --data data/photos/gcompris-categorization
 
@@ -95,7 +95,7 @@ def main():
     p.add_argument("--data", help="photos: the photo folder (make photos); cifar: data/cifar10")
     p.add_argument("--database", type=int, default=10000, help="CIFAR-10 database images")
     p.add_argument("--queries", type=int, default=1000, help="CIFAR-10 queries")
-    p.add_argument("--full", action="store_true", help="CIFAR-10's 50,000 + 10,000 at 224 px")
+    p.add_argument("--full", action="store_true", help="all of CIFAR-10: 50,000 database + 10,000 queries")
     p.add_argument("--size", type=int, default=224, help="backbone input side (x32)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +105,7 @@ def main():
     if args.set == "cifar":
         folder = Path(args.data or ROOT / "data" / "cifar10")
         n_db, n_q = (None, None) if args.full else (args.database, args.queries)
-        size = 224 if args.full else args.size
+        size = args.size
         db_items = sample(list_images(folder / "train.txt").items, n_db, args.seed)
         q_items = sample(list_images(folder / "test.txt").items, n_q, args.seed + 1)
         tag = f"bench_unsup_cifar_{size}_s{args.seed}"

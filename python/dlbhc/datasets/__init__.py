@@ -8,6 +8,9 @@ Modules:
                 or a local archive, checksummed)
     photos      a small collection of real photos in class folders, from a
                 pinned Debian package
+    fashion_mnist  Fashion-MNIST (28x28 grey product photos, 10 classes) as
+                class folders, from a pinned Debian package: a collection of
+                small images
     collection  a user's own collection for training: classes, labels and a
                 held-out test split (DEFAULT_TEST_FRACTION of each class), or
                 its images without labels (has_labels, load_unlabelled)
@@ -18,12 +21,14 @@ from .cifar10 import get_cifar10
 from .collection import (DEFAULT_TEST_FRACTION, Collection, has_labels, load_collection,
                          load_unlabelled)
 from .datum import compute_mean, convert_imageset, pad_imageset
+from .fashion_mnist import get_fashion_mnist
 from .photos import get_photos
 
 __all__ = [
     "DEFAULT_TEST_FRACTION",
     "Collection",
-    "compute_mean", "convert_imageset", "get_cifar10", "get_photos", "has_labels",
+    "compute_mean", "convert_imageset", "get_cifar10", "get_fashion_mnist", "get_photos",
+    "has_labels",
     "load_collection", "load_unlabelled",
     "pad_imageset",
 ]
