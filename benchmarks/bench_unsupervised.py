@@ -21,6 +21,7 @@ Features are computed once and kept in --cache (default data/features/).
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dlbhc.datasets.collection import load_collection
+from dlbhc.errors import run_main
 from dlbhc.images import list_images
 from dlbhc.nets.backbones import DEFAULT_BACKBONE
 from dlbhc.search.codes import pack_codes
@@ -88,7 +90,7 @@ def run(db, db_labels, q, q_labels, seed):
     return figures
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("set", choices=["cifar", "photos"])
@@ -101,7 +103,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(ROOT / "data" / "features"))
     p.add_argument("--json", help="write the figures here too")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.set == "cifar":
         folder = Path(args.data or ROOT / "data" / "cifar10")
         n_db, n_q = (None, None) if args.full else (args.database, args.queries)
@@ -135,4 +137,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))
