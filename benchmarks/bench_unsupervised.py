@@ -7,8 +7,11 @@ on) of a database and a query set; each hash (search.itq: ITQ, PCA-sign,
 LSH; seeded) is fitted on the database's features alone, labels used only
 to evaluate. For 12, 48 and 128 bits, mAP@1000 (metrics.evaluate, the
 project's search): the Hamming ranking (coarse), and coarse-to-fine (the
-default candidates, 2 x 1000, re-ranked by the pooled features' L2); and
-the exact L2 ranking over the same features (every image a candidate).
+default candidates, 2 x 1000, re-ranked by the pooled features' L2); the
+same candidates re-ranked by the latent activations (the sigmoid of the
+projection: what the net's latent layer stores) and the Hamming order with
+the latent as tie-break (search.choice's "latent" and "none"); and the exact
+L2 ranking over the same features (every image a candidate).
 
     # CIFAR-10: a seeded subset (10,000 database + 1,000 queries, 160 px)
     .venv/bin/python benchmarks/bench_unsupervised.py cifar --database 10000 --queries 1000 --size 160
@@ -32,6 +35,7 @@ from dlbhc.datasets.collection import load_collection
 from dlbhc.errors import run_main
 from dlbhc.images import list_images
 from dlbhc.nets.backbones import DEFAULT_BACKBONE
+from dlbhc.search.choice import stage_rows
 from dlbhc.search.codes import pack_codes
 from dlbhc.search.itq import FITTERS
 from dlbhc.search.metrics import evaluate
@@ -41,6 +45,8 @@ from dlbhc.training.unsupervised import UnsupervisedRecipe
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (12, 48, 128)
 K = 1000
+# fine stages on the latent activations (search.choice), beside the pooled L2
+LATENT_STAGES = ("latent", "none")
 
 
 def sample(items, n, seed):
@@ -67,20 +73,30 @@ def pooled(items, size, workers, cache, tag):
     return features, labels
 
 
+def latent_of(hash_, x):
+    return (1.0 / (1.0 + np.exp(-hash_.project(x)))).astype(np.float32)
+
+
 def run(db, db_labels, q, q_labels, seed):
     """{method: {bits: {coarse, fine}}} and the exact L2 mAP@K."""
     figures = {}
     for name, fit in FITTERS.items():
         for bits in BITS:
             hash_ = fit(db, bits, seed=seed) if name != "pca-sign" else fit(db, bits)
+            # the latent activations the net stores: the sigmoid of the projection
+            db_latent, q_latent = (latent_of(hash_, x) for x in (db, q))
+            stages = {stage: (stage_rows(stage, db_latent), q_latent) for stage in LATENT_STAGES}
             result = evaluate(pack_codes(hash_.codes(db)), db_labels, pack_codes(hash_.codes(q)),
                               q_labels, db_fc7=db, q_fc7=q, params=SearchParams(top_k=K),
-                              bits=bits)
-            figures.setdefault(name, {})[bits] = {
-                "coarse": round(result["coarse"]["map_at_k"], 4),
-                "fine": round(result["fine"]["map_at_k"], 4)}
-            print(f"{name:8s} {bits:3d} bits: coarse {figures[name][bits]['coarse']:.4f}  "
-                  f"coarse-to-fine {figures[name][bits]['fine']:.4f}", flush=True)
+                              bits=bits, fine_stages=stages)
+            row = {"coarse": round(result["coarse"]["map_at_k"], 4),
+                   "fine": round(result["fine"]["map_at_k"], 4)}
+            row.update({stage: round(result["fine_stages"][stage]["map_at_k"], 4)
+                        for stage in LATENT_STAGES})
+            figures.setdefault(name, {})[bits] = row
+            print(f"{name:8s} {bits:3d} bits: coarse {row['coarse']:.4f}  coarse-to-fine "
+                  f"(pooled L2) {row['fine']:.4f}  latent re-rank {row['latent']:.4f}  "
+                  f"Hamming + latent tie-break {row['none']:.4f}", flush=True)
     # every image a candidate: the fine stage ranks the whole database by L2
     exact = evaluate(pack_codes(np.zeros((len(db), 8), bool)), db_labels,
                      pack_codes(np.zeros((len(q), 8), bool)), q_labels, db_fc7=db, q_fc7=q,
