@@ -43,8 +43,9 @@ def fake_package(tmp_path, train_per_class=4, test_per_class=2):
     deb = tmp_path / "fake-fashion_1_all.deb"
     subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)],
                    check=True, capture_output=True)
-    source = fm.FASHION_MNIST._replace(package="fake-fashion", version="1",
-                                       sha256=file_digest(deb, "sha256"))
+    pinned = fm.FASHION_MNIST
+    source = pinned._replace(package="fake-fashion", version="1",
+                             sha256=file_digest(deb, "sha256"))
     return deb, source, folder
 
 
