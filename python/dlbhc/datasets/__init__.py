@@ -6,6 +6,8 @@ Modules:
                 mean image, float feature records
     cifar10     CIFAR-10 as image folders and `path label` lists (download
                 or a local archive, checksummed)
+    debian      pinned Debian packages as data sources: apt-get download,
+                sha256 check, unpack
     photos      a small collection of real photos in class folders, from a
                 pinned Debian package
     fashion_mnist  Fashion-MNIST (28x28 grey product photos, 10 classes) as

@@ -19,7 +19,6 @@ same classes (its folder name says so).
 import gzip
 import shutil
 import struct
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -28,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write, file_digest, replace_dir
-from .photos import COMPLETE_MARKER, apt_download
+from ..files import atomic_write, replace_dir
+from .debian import COMPLETE_MARKER, unpack_checked
 
 
 class DebianDataset(NamedTuple):
@@ -103,19 +102,7 @@ def get_fashion_mnist(dest_root, deb=None, per_class=None, test_per_class=None,
         return FashionResult(dest, counts, True)
     with tempfile.TemporaryDirectory(prefix="dlbhc-fashion-") as tmp:
         tmp = Path(tmp)
-        deb = Path(deb) if deb is not None else apt_download(source, tmp)
-        if not deb.is_file():
-            raise UserError(f"{deb}: no such file (the {source.package} package, "
-                            f"version {source.version})")
-        digest = file_digest(deb, "sha256")
-        if digest != source.sha256:
-            raise UserError(f"{deb}: sha256 {digest}, expected {source.sha256} "
-                            f"({source.package} {source.version}); nothing was written")
-        unpacked = tmp / "unpacked"
-        done = subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise UserError(f"dpkg-deb could not unpack {deb}: {done.stderr.strip()[-400:]}")
+        deb, unpacked = unpack_checked(source, deb, tmp)
         partial = dest.with_name(dest.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         counts = {}

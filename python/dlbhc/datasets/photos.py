@@ -16,7 +16,6 @@ Never imports Caffe.
 import io
 import shutil
 import struct
-import subprocess
 import tempfile
 import zlib
 from pathlib import Path
@@ -25,13 +24,13 @@ from typing import NamedTuple
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write, file_digest, replace_dir
+from ..files import atomic_write, replace_dir
 from ..images import is_image_file
+from .debian import COMPLETE_MARKER, unpack_checked
 
 # Images narrower than this on either side are left out (none in the
 # pinned package; a guard for other versions).
 MIN_SIDE = 64
-COMPLETE_MARKER = ".complete"
 
 
 class DebianPhotos(NamedTuple):
@@ -143,24 +142,6 @@ class PhotoResult(NamedTuple):
     reused: bool
 
 
-def apt_download(source, folder):
-    """The .deb of `source` (a DebianPhotos) fetched by apt-get into folder."""
-    spec = f"{source.package}={source.version}"
-    if shutil.which("apt-get") is None:
-        raise UserError(f"apt-get is not available here: download {spec} on a Debian 12 "
-                        "machine (`apt-get download " + spec + "`) and pass the file "
-                        "with --deb")
-    done = subprocess.run(["apt-get", "download", spec], cwd=folder,
-                          capture_output=True, text=True)
-    debs = sorted(Path(folder).glob(f"{source.package}_*.deb"))
-    if done.returncode != 0 or not debs:
-        raise UserError(f"`apt-get download {spec}` failed: "
-                        f"{(done.stderr or done.stdout).strip()[-400:]}\n"
-                        "Run `apt-get update` first, or download the file elsewhere and "
-                        "pass it with --deb")
-    return debs[0]
-
-
 def get_photos(dest_root, deb=None, source=GCOMPRIS):
     """The collection `source` as dest_root/<source.name>/<class>/*.png, with
     attribution/<class>.txt (the package's per-image credits) and SOURCE.txt.
@@ -173,19 +154,7 @@ def get_photos(dest_root, deb=None, source=GCOMPRIS):
         return PhotoResult(dest, counts, True)
     with tempfile.TemporaryDirectory(prefix="dlbhc-photos-") as tmp:
         tmp = Path(tmp)
-        deb = Path(deb) if deb is not None else apt_download(source, tmp)
-        if not deb.is_file():
-            raise UserError(f"{deb}: no such file (the {source.package} package, "
-                            f"version {source.version})")
-        digest = file_digest(deb, "sha256")
-        if digest != source.sha256:
-            raise UserError(f"{deb}: sha256 {digest}, expected {source.sha256} "
-                            f"({source.package} {source.version}); nothing was written")
-        unpacked = tmp / "unpacked"
-        done = subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise UserError(f"dpkg-deb could not unpack {deb}: {done.stderr.strip()[-400:]}")
+        deb, unpacked = unpack_checked(source, deb, tmp)
         bundle = unpacked / source.rcc
         if not bundle.is_file():
             raise UserError(f"{deb} has no {source.rcc}")
