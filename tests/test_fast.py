@@ -10,7 +10,7 @@ import pytest
 
 from dlbhc.nets.model import HashNet, Preprocessing, write_preprocessing_record
 from dlbhc.training.augment import AugmentedBatches
-from dlbhc.training.fast import (FastRecipe, FastSchedule, smoothed_cross_entropy,
+from dlbhc.training.fast import (FastRecipe, FastSchedule, choose_kept, smoothed_cross_entropy,
                                  smoothing_matrix)
 from dlbhc.training.sgd import NesterovSGD, WeightAverage, triangle_lr
 from dlbhc.training.whitening import image_patches, whitening_filters
@@ -268,12 +268,16 @@ def test_tiny_collection_trains_above_chance_end_to_end(caffe, tmp_path):
     assert summary["recipe"] == "fast" and summary["classes"] == ["apple", "boat", "cloud"]
     assert summary["test"]["accuracy"] > 0.6           # chance: 1/3
     record = json.loads((run / "preprocessing.json").read_text())
-    assert record["flip_average"] is True and record["crop"] == 32
+    # what the held-out accuracies chose (choose_kept) is what extraction does
+    assert (summary["weights_kept"], summary["flip_average"]) == choose_kept(
+        ["final", "averaged"], summary["test_accuracy"], True)
+    assert record.get("flip_average", False) is summary["flip_average"] and record["crop"] == 32
     # the run's last step, as every recipe's: the fine stage chosen on the held-out images
     assert summary["rerank"]["choice"] == json.loads((run / "rerank.json").read_text())["choice"]
     assert (run / "classes.txt").read_text().split() == ["apple", "boat", "cloud"]
     net = HashNet(run / "deploy.prototxt", run / "fast_hash12_photos.caffemodel")
-    assert net.bits == 12 and net.fc7_dim == 128 and net.prep.flip_average
+    assert net.bits == 12 and net.fc7_dim == 128
+    assert net.prep.flip_average is summary["flip_average"]
     # the service and extraction fold BatchNorm into the convolution before
     # it (nets/fold.py); the fast net's BatchNorm after a pooling stays as is
     plain = HashNet(run / "deploy.prototxt", run / "fast_hash12_photos.caffemodel", fold=False)
@@ -314,6 +318,25 @@ def test_an_interrupted_run_resumes_to_the_same_weights(caffe, tmp_path, monkeyp
             np.testing.assert_array_equal(x.data, y.data, err_msg=name)
     curve = (tmp_path / "resumed" / "train_curve.csv").read_text().splitlines()
     assert len(curve) == 1 + resumed["iterations"]
+
+
+def test_the_run_keeps_the_weights_and_flip_that_score_best_held_out():
+    labels = ["final", "averaged"]
+    # fashion-mnist-500x100, 100 steps: the final weights, without mirrors
+    short = {"final": 0.727, "final_flip_average": 0.721, "averaged": 0.683,
+             "averaged_flip_average": 0.681}
+    assert choose_kept(labels, short, True) == ("final", False)
+    # CIFAR-10, 9 epochs: the average, with mirrors
+    cifar = {"final": 0.8602, "final_flip_average": 0.8688, "averaged": 0.8602,
+             "averaged_flip_average": 0.8725}
+    assert choose_kept(labels, cifar, True) == ("averaged", True)
+    assert choose_kept(labels, cifar, False) == ("averaged", False)   # ties: the average...
+    tie = dict.fromkeys(short, 1.0)
+    assert choose_kept(labels, tie, True) == ("averaged", False)    # ...and no mirrors
+    assert choose_kept(["final"], {"final": 0.5, "final_flip_average": 0.6}, True) == \
+        ("final", True)
+    assert choose_kept(labels, {}, True) == ("averaged", True)      # no held-out images
+    assert choose_kept(labels, {}, False) == ("averaged", False)
 
 
 def test_schedule_adapts_to_the_command_line():
