@@ -341,8 +341,14 @@ def test_the_run_keeps_the_weights_and_flip_that_score_best_held_out():
 
 def test_schedule_adapts_to_the_command_line():
     s = FastSchedule()
-    assert s.adapted(images=200).batch_size == 200           # a set smaller than a batch
-    assert s.adapted(max_iter=30, images=5000).epochs == pytest.approx(3.0)
+    assert s.adapted(images=50000).batch_size == 500         # CIFAR-10: the largest batch
+    assert s.adapted(images=5000).batch_size == 100          # 50 steps an epoch
+    assert s.adapted(images=5000).peak_lr_for_batch() == pytest.approx(0.08)
+    assert s.adapted(images=200).batch_size == 32            # never below MIN_BATCH...
+    assert s.adapted(images=20).batch_size == 20             # ...but not past the set
+    assert s.adapted(images=5000, batch_size=250).batch_size == 250   # --batch-size wins
+    assert s.adapted(max_iter=30, images=5000, batch_size=500).epochs == pytest.approx(3.0)
+    assert s.adapted(max_iter=100, images=5000).epochs == pytest.approx(2.0)   # batch 100
     scaled = s.adapted(batch_size=100, base_lr=0.1, images=5000)
     assert scaled.peak_lr_for_batch() == pytest.approx(0.1)
     assert s.peak_lr_for_batch() == pytest.approx(0.4)

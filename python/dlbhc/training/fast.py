@@ -57,6 +57,9 @@ TEST_CURVE_FILE = "test_curve.csv"
 # the augmented batches BatchNorm's statistics are re-measured on: an
 # epoch number of their own, past any schedule's
 BATCHNORM_EPOCH = 1 << 20
+# the default batch of a small training set (batch_for)
+MIN_STEPS_PER_EPOCH = 50
+MIN_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,13 @@ class FastSchedule:
     def adapted(self, epochs=None, max_iter=None, batch_size=None, base_lr=None, images=None):
         """This schedule with a command line's changes: --max-iter (steps)
         wins over --epochs; a batch larger than the training set shrinks
-        to it."""
+        to it. Without --batch-size a smaller collection gets a smaller
+        batch (batch_for), its learning rate scaled with it."""
         changes = {}
         if batch_size:
             changes["batch_size"] = int(batch_size)
+        elif images is not None:
+            changes["batch_size"] = batch_for(images, self.batch_size)
         if images is not None and images < changes.get("batch_size", self.batch_size):
             changes["batch_size"] = max(1, int(images))
         if base_lr:
@@ -105,6 +111,16 @@ class FastSchedule:
             per_epoch = images // changes.get("batch_size", self.batch_size)
             changes["epochs"] = int(max_iter) / per_epoch
         return replace(self, **changes)
+
+
+def batch_for(images, largest=FastSchedule.batch_size):
+    """The default batch for a training set: at least MIN_STEPS_PER_EPOCH
+    steps an epoch (airbench takes ~49 on CIFAR-10), no larger than
+    `largest`, no smaller than MIN_BATCH (BatchNorm's batch statistics).
+    5,000 images: batch 100, 500 steps in 10 epochs; at 500 a batch they got
+    100 steps, and Fashion-MNIST (500 a class) reached 0.727 test accuracy
+    against 0.839 (docs/benchmarks.md)."""
+    return int(max(MIN_BATCH, min(largest, images // MIN_STEPS_PER_EPOCH)))
 
 
 def smoothing_matrix(num_classes, eps):
