@@ -23,7 +23,8 @@ import numpy as np
 from dlbhc.nets.caffe_env import import_caffe, set_blas_threads
 from dlbhc.nets.model import BatchTransformer, Preprocessing
 from dlbhc.training.augment import AugmentedBatches
-from dlbhc.training.fast import FAST_SIZE, FastSchedule, run_nets
+from dlbhc.training.fast import FAST_SIZE, run_nets
+from dlbhc.training.fast_schedule import FastSchedule
 from dlbhc.training.sgd import NesterovSGD, triangle_lr
 
 PARTS = ("augment", "feed", "clear", "forward", "backward", "update")

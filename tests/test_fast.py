@@ -10,8 +10,8 @@ import pytest
 
 from dlbhc.nets.model import HashNet, Preprocessing, write_preprocessing_record
 from dlbhc.training.augment import AugmentedBatches
-from dlbhc.training.fast import (FastRecipe, FastSchedule, choose_kept, smoothed_cross_entropy,
-                                 smoothing_matrix)
+from dlbhc.training.fast import FastRecipe, smoothed_cross_entropy, smoothing_matrix
+from dlbhc.training.fast_schedule import FastSchedule, choose_kept
 from dlbhc.training.sgd import NesterovSGD, WeightAverage, triangle_lr
 from dlbhc.training.whitening import image_patches, whitening_filters
 from helpers import PROTOTXT, TRAIN, run_script

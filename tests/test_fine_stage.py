@@ -16,7 +16,8 @@ import pytest
 
 from dlbhc.errors import UserError
 from dlbhc.nets.records import read_rerank_record, write_rerank_record
-from dlbhc.search.choice import CANDIDATES, STAGES, choose, measure_fine_stages, stage_rows
+from dlbhc.search.choice import (CANDIDATES, MIN_CHOICE_QUERIES, STAGES, UNMEASURED_STAGE, choose,
+                                 measure_fine_stages, stage_rows)
 from dlbhc.search.codes import pack_codes
 from dlbhc.search.index import HashIndex
 from dlbhc.search.metrics import evaluate
@@ -126,6 +127,26 @@ def test_the_chosen_stage_never_scores_below_coarse(fc7_good):
     if choice != "pca":
         assert again["fine"]["map_at_k"] == pytest.approx(scores[choice], abs=1e-12)
     assert scores.get(choice, coarse) >= coarse
+
+
+def test_too_few_held_out_queries_keep_the_unmeasured_stage(tmp_path):
+    """30 queries (fewer than MIN_CHOICE_QUERIES): the scores are kept for
+    reading, the choice is UNMEASURED_STAGE and searches use it."""
+    rng = np.random.default_rng(5)
+    labels, latent, fc7, codes = labelled_features(rng, 2 * (MIN_CHOICE_QUERIES // 2) + 10)
+    more = labelled_features(rng, 2 * MIN_CHOICE_QUERIES)
+    many = measure_fine_stages(more[3], more[0], more[2], more[1], BITS, top_k=20)
+    assert many["queries"] == MIN_CHOICE_QUERIES and many.get("measured", True)
+    record = measure_fine_stages(codes, labels, fc7, latent, BITS, top_k=20)
+    assert record["queries"] < MIN_CHOICE_QUERIES and record["measured"] is False
+    assert record["choice"] == UNMEASURED_STAGE == "none" and "too few" in record["reason"]
+    assert set(record["map_at_k"]) == set(CANDIDATES)
+    db, _, _ = labelled_store(tmp_path, record=dict(record, map_at_k={"fc7": 0.9}))
+    r = Retriever(db)
+    try:       # the scores (here favouring fc7) do not override the unmeasured choice
+        assert r.stage == "none" and "too few" in r.auto_note
+    finally:
+        r.close()
 
 
 # ---- --rerank auto and class names on a database ------------------------------------

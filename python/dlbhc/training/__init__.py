@@ -28,6 +28,8 @@ Modules:
                  images (search.choice) and recorded (rerank.json)
     unsupervised codes without labels: ITQ (search.itq) on the backbone's
                  pooled features, written into the net's latent layer
+    fast_schedule  the fast recipe's settings and the choices made from the
+                 collection (its batch, the kept weights and flip averaging)
     fast         the fast from-scratch recipe for small images (--net fast):
                  pycaffe forward/backward, checkpoints per epoch, BatchNorm
                  re-measured, flip-averaged test accuracy
@@ -41,7 +43,8 @@ Caffe is imported only inside the functions that need it.
 """
 from .caffe_log import CaffeLog, parse_log
 from .augment import AugmentedBatches
-from .fast import FAST_NET, FastRecipe, FastSchedule, train_fast
+from .fast import FAST_NET, FastRecipe, train_fast
+from .fast_schedule import FastSchedule
 from .frozen import FEATURE_WORKERS, cache_features
 from .prototxt import DataLayer, Phases, data_layer_pair, move_data_files, set_data_layers
 from .recipe import Recipe

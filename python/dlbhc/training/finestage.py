@@ -59,7 +59,8 @@ def record_fine_stage(run_dir, deploy, weights, held_out, gpu=None):
     record.update(held_out=str(held_out), weights=str(weights))
     path = write_rerank_record(run_dir, record)
     scores = ", ".join(f"{name} {value:.4f}" for name, value in record["map_at_k"].items())
-    log.info("fine stage: %s (held-out mAP@%d, %d queries against %d: coarse %.4f, %s) -> %s",
+    log.info("fine stage: %s (held-out mAP@%d, %d queries against %d: coarse %.4f, %s%s) -> %s",
              record["choice"], record["k"], record["queries"], record["database"],
-             record["coarse"], scores, path)
+             record["coarse"], scores,
+             "" if record.get("measured", True) else f"; {record['reason']}", path)
     return record

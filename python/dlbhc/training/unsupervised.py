@@ -33,6 +33,7 @@ from ..nets.model import FEATURE_BLOB, LATENT_BLOB, write_preprocessing_record
 from ..nets.records import write_rerank_record
 from ..nets.protos import read_prototxt
 from ..report import get_logger
+from ..search.choice import UNMEASURED_STAGE
 from ..search.itq import DEFAULT_ITERATIONS, fit_itq
 from . import frozen
 from .prototxt import set_input, write_net
@@ -42,13 +43,13 @@ from .solver import run_name
 
 log = get_logger(__name__)
 
-# The fine stage an unlabelled run records (see run()): the Hamming order with
-# the latent activations as tie-break (search.choice's "none"). Measured by
-# benchmarks/bench_unsupervised.py (docs/benchmarks.md): at or above the
-# Hamming order at every length on CIFAR-10 and the photo set; the latent
-# re-rank scored higher at 12 and 48 bits on CIFAR-10 but fell below the
-# Hamming order on the photo set (48 and 128 bits) and at 128 on CIFAR-10.
-UNSUPERVISED_STAGE = "none"
+# The fine stage an unlabelled run records (see run()): search.choice's
+# UNMEASURED_STAGE, the Hamming order with the latent as tie-break. For ITQ
+# codes benchmarks/bench_unsupervised.py measured it at or above the Hamming
+# order at every length on CIFAR-10 and the photo set; the latent re-rank
+# scored higher at 12 and 48 bits on CIFAR-10 but fell below the Hamming
+# order on the photo set (48 and 128 bits) and at 128 on CIFAR-10.
+UNSUPERVISED_STAGE = UNMEASURED_STAGE
 
 UNLABELLED = "unlabelled"
 
