@@ -209,7 +209,10 @@ class ShardExtractor:
         # constructor's arguments would live in the object store, which a
         # restarted actor cannot count on.
         self.options, self.board = options, ray.get_actor(board_name)
-        self.board.actor_started.remote()
+        # Waited for: calls from different callers reach the board in no
+        # set order, and the driver reads the count as soon as the last
+        # shard is done (a restart was once reported as 0 restarts).
+        ray.get(self.board.actor_started.remote())
 
     def run_shard(self, number, triples, store_path):
         """Extract `triples` into the shard store (resuming it); a summary
