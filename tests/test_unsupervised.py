@@ -15,11 +15,12 @@ from PIL import Image
 
 from dlbhc.datasets.collection import has_labels, load_collection
 from dlbhc.nets.model import HashNet, ImagePreparer
+from dlbhc.search.choice import UNMEASURED_STAGE
 from dlbhc.search.codes import pack_codes
 from dlbhc.search.itq import fit_itq, fit_lsh, fit_pca_sign
 from dlbhc.serving.service import QueryService
 from dlbhc.serving.webapp import create_app
-from dlbhc.training.unsupervised import UNSUPERVISED_STAGE, UnsupervisedRecipe
+from dlbhc.training.unsupervised import UnsupervisedRecipe
 from dlbhc.images import list_images
 from helpers import EXTRACT, ROOT, TRAIN, run_script
 
@@ -139,7 +140,7 @@ def test_a_folder_without_labels_runs_end_to_end(caffe, tiny_run):
     assert top["hamming"] == 0 and top["path"].endswith("img004.jpg")
     # no labels to measure the fine stage on: the run records the stage the
     # benchmark measured (the Hamming order, latent tie-break), searches use it
-    assert json.loads((run / "rerank.json").read_text())["choice"] == UNSUPERVISED_STAGE == "none"
+    assert json.loads((run / "rerank.json").read_text())["choice"] == UNMEASURED_STAGE == "none"
     from dlbhc.serving.retrieval import Retriever
     retriever = Retriever(db)
     try:

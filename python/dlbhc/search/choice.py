@@ -20,8 +20,9 @@ so both halves hold every class).  choose() applies the rule: the best
 candidate that does not score below the coarse (Hamming) ranking, else
 "hamming", so the chosen fine stage never scores below coarse on the
 held-out split.  With fewer than MIN_CHOICE_QUERIES queries the record
-keeps UNMEASURED_STAGE (marked measured: false, with the scores beside).  The same rule picks among the stages a database offers
-(a "pca" choice needs its PCA store) when a search opens it ("auto").
+keeps UNMEASURED_STAGE (marked measured: false, with the scores beside).
+The same rule picks among the stages a database offers (a "pca" choice
+needs its PCA store) when a search opens it ("auto").
 
 Pure numpy: the features come from the caller (training/ measures a new
 model, nets/records.py keeps the record).
@@ -112,12 +113,12 @@ def measure_fine_stages(codes, labels, fc7, latent, bits, top_k=EVALUATION_TOP_K
     scores = {"fc7": results["fine"]["map_at_k"]}
     scores.update({name: m["map_at_k"] for name, m in results["fine_stages"].items()})
     coarse = results["coarse"]["map_at_k"]
-    record = {"choice": choose(scores, coarse), "coarse": coarse, "map_at_k": scores,
-              "k": results["k"], "queries": len(q), "database": len(db), "pca_dim": pca_dim,
+    record = {"coarse": coarse, "map_at_k": scores, "k": results["k"], "queries": len(q),
+              "database": len(db), "pca_dim": pca_dim,
               "split": "held-out images: odd positions query the even positions"}
-    if len(q) < MIN_CHOICE_QUERIES:
-        record.update(choice=UNMEASURED_STAGE, measured=False, reason=(
-            f"{len(q)} held-out queries are too few to choose by (at least "
-            f"{MIN_CHOICE_QUERIES}): the Hamming order with the latent as tie-break, at or "
-            "above the Hamming order in every benchmark"))
-    return record
+    if len(q) >= MIN_CHOICE_QUERIES:
+        return dict(record, choice=choose(scores, coarse))
+    return dict(record, choice=UNMEASURED_STAGE, measured=False, reason=(
+        f"{len(q)} held-out queries are too few to choose by (at least "
+        f"{MIN_CHOICE_QUERIES}): the Hamming order with the latent as tie-break, at or "
+        "above the Hamming order in every benchmark"))

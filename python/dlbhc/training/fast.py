@@ -38,7 +38,7 @@ from ..nets.protos import read_prototxt
 from ..progress import Progress
 from ..report import get_logger
 from .augment import AugmentedBatches
-from .fast_schedule import FLIP_SUFFIX, FastSchedule, choose_kept
+from .fast_schedule import FastSchedule, accuracy_key, choose_kept
 from .finestage import record_fine_stage
 from .prototxt import PROTOTXT_DIR, set_num_classes, write_net
 from .recipe import SUMMARY_FILE, Recipe
@@ -315,7 +315,7 @@ class FastRecipe(Recipe):
                 for flip in (False, True):
                     predicted = classify(deploy, self.test_images, transform, flip)
                     accuracy = float((predicted == self.test_labels).mean())
-                    accuracies[label + (FLIP_SUFFIX if flip else "")] = round(accuracy, 4)
+                    accuracies[accuracy_key(label, flip)] = round(accuracy, 4)
         kept, flip_average = choose_kept([label for label, _ in candidates], accuracies,
                                          s.flip_average)
         load_net_arrays(deploy, weights_of[kept])
@@ -331,8 +331,7 @@ class FastRecipe(Recipe):
                      ", flip averaging" if flip_average else "")
         return dict(weights=str(weights), test_accuracy=accuracies, weights_kept=kept,
                     flip_average=flip_average,
-                    test={"accuracy": accuracies.get(kept + (FLIP_SUFFIX if flip_average
-                                                             else ""))})
+                    test={"accuracy": accuracies.get(accuracy_key(kept, flip_average))})
 
     # checkpoints and the curves
     def monitor(self, net, monitor, transform, step, epoch):

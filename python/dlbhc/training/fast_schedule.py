@@ -76,6 +76,12 @@ def batch_for(images, largest=FastSchedule.batch_size):
 FLIP_SUFFIX = "_flip_average"
 
 
+def accuracy_key(label, flip):
+    """The key of a held-out accuracy in a run's test_accuracy: "final",
+    "averaged_flip_average", ..."""
+    return label + (FLIP_SUFFIX if flip else "")
+
+
 def choose_kept(labels, accuracies, flip_allowed):
     """(weights label, flip averaging) to keep: the best held-out accuracy
     among `labels` ("final", "averaged"), each with flip averaging when
@@ -84,12 +90,10 @@ def choose_kept(labels, accuracies, flip_allowed):
     every collection. Ties go to the later label (the average, airbench's
     choice) and to no flip (half the extraction cost). No accuracies: the
     last label, flip as allowed."""
-    def key(label, flip):
-        return label + (FLIP_SUFFIX if flip else "")
-
     options = [(label, flip) for label in labels for flip in (False, True)
-               if (flip_allowed or not flip) and key(label, flip) in accuracies]
+               if (flip_allowed or not flip) and accuracy_key(label, flip) in accuracies]
     if not options:
         return labels[-1], bool(flip_allowed)
-    label, flip = max(options, key=lambda o: (accuracies[key(*o)], labels.index(o[0]), not o[1]))
+    label, flip = max(options, key=lambda o: (accuracies[accuracy_key(*o)], labels.index(o[0]),
+                                              not o[1]))
     return label, flip
