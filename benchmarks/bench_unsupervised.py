@@ -9,8 +9,9 @@ to evaluate. For 12, 48 and 128 bits, mAP@1000 (metrics.evaluate, the
 project's search): the Hamming ranking (coarse), and coarse-to-fine (the
 default candidates, 2 x 1000, re-ranked by the pooled features' L2); the
 same candidates re-ranked by the latent activations (the sigmoid of the
-projection: what the net's latent layer stores) and the Hamming order with
-the latent as tie-break (search.choice's "latent" and "none"); and the exact
+projection: what the net's latent layer stores), the queries' latent
+against the database's code bits, and the Hamming order with the latent as
+tie-break (search.choice's "latent", "asymmetric" and "none"); and the exact
 L2 ranking over the same features (every image a candidate).
 
     # CIFAR-10: a seeded subset (10,000 database + 1,000 queries, 160 px)
@@ -35,7 +36,7 @@ from dlbhc.datasets.collection import load_collection
 from dlbhc.errors import run_main
 from dlbhc.images import list_images
 from dlbhc.nets.backbones import DEFAULT_BACKBONE
-from dlbhc.search.choice import stage_rows
+from dlbhc.search.choice import LATENT_STAGES, stage_rows
 from dlbhc.search.codes import pack_codes
 from dlbhc.search.itq import FITTERS
 from dlbhc.search.metrics import evaluate
@@ -45,8 +46,6 @@ from dlbhc.training.unsupervised import UnsupervisedRecipe
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (12, 48, 128)
 K = 1000
-# fine stages on the latent activations (search.choice), beside the pooled L2
-LATENT_STAGES = ("latent", "none")
 
 
 def sample(items, n, seed):
@@ -96,6 +95,7 @@ def run(db, db_labels, q, q_labels, seed):
             figures.setdefault(name, {})[bits] = row
             print(f"{name:8s} {bits:3d} bits: coarse {row['coarse']:.4f}  coarse-to-fine "
                   f"(pooled L2) {row['fine']:.4f}  latent re-rank {row['latent']:.4f}  "
+                  f"latent to codes {row['asymmetric']:.4f}  "
                   f"Hamming + latent tie-break {row['none']:.4f}", flush=True)
     # every image a candidate: the fine stage ranks the whole database by L2
     exact = evaluate(pack_codes(np.zeros((len(db), 8), bool)), db_labels,

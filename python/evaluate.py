@@ -35,6 +35,7 @@ from dlbhc import cli
 from dlbhc.errors import UserError
 from dlbhc.progress import Progress
 from dlbhc.search import metrics
+from dlbhc.search.choice import LATENT_STAGES
 from dlbhc.search.codes import code_bytes
 
 
@@ -115,7 +116,8 @@ def _load_store(path, with_fc7, with_index, rerank, exact_top):
             # an index of their own (metrics builds it).
             live = store.live_rows()
             only_live = lambda r: None if r is None else dataclasses.replace(
-                r, rows=r.rows if r.rows is None else np.asarray(r.rows[live]))
+                r, rows=r.rows if r.rows is None else np.asarray(
+                    r.rows(live) if callable(r.rows) else r.rows[live]))
             result.update(reduced=only_live(reduced), index=None,
                           stages={name: only_live(r) for name, r in stages.items()},
                           codes=store.codes()[live], labels=store.labels()[live],
@@ -157,7 +159,7 @@ def fine_stage_inputs(db, queries):
         return queries["latent"] if reduced is not None and reduced.project is None else None
     has_latent = queries.get("latent") is not None
     others = {name: (reduced, query_rows(reduced)) for name, reduced in db["stages"].items()
-              if has_latent or name not in ("latent", "none")}
+              if has_latent or name not in LATENT_STAGES}
     main = db["reduced"]
     if main is not None and main.project is None and main.rows is not None and not has_latent:
         raise UserError(f"the {db['stage']} fine stage needs the queries' latent activations: "

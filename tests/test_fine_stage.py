@@ -1,7 +1,8 @@
 """The fine stage chosen per model and class names in answers (issue 20,
 parts 1 and 4).
 
-The new stages (latent, none = Hamming order with latent tie-break, hamming)
+The new stages (latent, asymmetric = the query's latent against the code
+bits, none = Hamming order with latent tie-break, hamming)
 against the brute-force reference; the choice rule (never below coarse) on
 seeded data where fc7 is made bad; --rerank auto reading the model's record
 in the Retriever, evaluate.py and the service; and, end to end, train.py
@@ -73,6 +74,32 @@ def test_new_stages_rank_as_the_brute_force_reference(stage):
         assert (np.diff(got.hamming, axis=1) >= 0).all()
 
 
+@pytest.mark.parametrize("as_function", [False, True])
+def test_the_asymmetric_stage_ranks_the_query_latent_against_the_code_bits(as_function):
+    """The database side is the packed codes themselves, unpacked here by
+    numpy (not through the stage's own thresholding); the latent rows come as
+    an array or, as from the store, as a function ids -> rows."""
+    rng = np.random.default_rng(5)
+    _, latent, fc7, codes = labelled_features(rng, 400)
+    latent[200:260] = latent[100:160]
+    codes = pack_codes(latent)
+    _, q_latent, q_fc7, q_codes = labelled_features(np.random.default_rng(6), 12)
+    bit_rows = np.unpackbits(codes, axis=1)[:, :BITS].astype(np.float32)
+    index = HashIndex.build(codes, BITS)
+    rows = (lambda ids: latent[ids]) if as_function else latent
+    got = index.search(q_codes, q_fc7, fc7, 30, min_candidates=10 ** 6,
+                       reduced=stage_rows("asymmetric", latent=rows), query_reduced=q_latent)
+    want = brute_force_search(codes, fc7, q_codes, q_fc7, 30, bits=BITS, reduced_rows=bit_rows,
+                              query_reduced=q_latent)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.l2, want.l2, rtol=1e-6)
+    # not the latent ranking: the database's rows are its codes
+    latent_order = index.search(q_codes, q_fc7, fc7, 30, min_candidates=10 ** 6,
+                                reduced=stage_rows("latent", latent=latent),
+                                query_reduced=q_latent)
+    assert not np.array_equal(got.ids, latent_order.ids)
+
+
 def test_a_stage_ranking_by_the_latent_needs_the_queries_latent():
     rng = np.random.default_rng(5)
     _, latent, fc7, codes = labelled_features(rng, 50)
@@ -139,12 +166,12 @@ def test_too_few_held_out_queries_keep_the_unmeasured_stage(tmp_path):
     assert many["queries"] == MIN_CHOICE_QUERIES and many.get("measured", True)
     record = measure_fine_stages(codes, labels, fc7, latent, BITS, top_k=20)
     assert record["queries"] < MIN_CHOICE_QUERIES and record["measured"] is False
-    assert record["choice"] == UNMEASURED_STAGE == "none" and "too few" in record["reason"]
+    assert record["choice"] == UNMEASURED_STAGE == "asymmetric" and "too few" in record["reason"]
     assert set(record["map_at_k"]) == set(CANDIDATES)
     db, _, _ = labelled_store(tmp_path, record=dict(record, map_at_k={"fc7": 0.9}))
     r = Retriever(db)
     try:       # the scores (here favouring fc7) do not override the unmeasured choice
-        assert r.stage == "none" and "too few" in r.auto_note
+        assert r.stage == "asymmetric" and "too few" in r.auto_note
     finally:
         r.close()
 

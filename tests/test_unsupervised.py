@@ -139,12 +139,12 @@ def test_a_folder_without_labels_runs_end_to_end(caffe, tiny_run):
     top = answer["results"][0]
     assert top["hamming"] == 0 and top["path"].endswith("img004.jpg")
     # no labels to measure the fine stage on: the run records the stage the
-    # benchmark measured (the Hamming order, latent tie-break), searches use it
-    assert json.loads((run / "rerank.json").read_text())["choice"] == UNMEASURED_STAGE == "none"
+    # benchmark measured (the query's latent against the codes), searches use it
+    assert json.loads((run / "rerank.json").read_text())["choice"] == UNMEASURED_STAGE == "asymmetric"
     from dlbhc.serving.retrieval import Retriever
     retriever = Retriever(db)
     try:
-        assert retriever.stage == "none" and "without labels" in retriever.auto_note
+        assert retriever.stage == "asymmetric" and "without labels" in retriever.auto_note
         assert answer["rerank"] == retriever.rerank != "fc7"
     finally:
         retriever.close()

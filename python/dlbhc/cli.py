@@ -127,7 +127,8 @@ def add_rerank_arguments(parser):
     from .search.rerank import DEFAULT_EXACT_TOP
     from .serving.retrieval import FINE_STAGES
     parser.add_argument("--rerank", choices=FINE_STAGES, default="auto",
-                        help="fine stage: fc7 distances, the stored latent activations, the "
+                        help="fine stage: fc7 distances, the stored latent activations, "
+                             "asymmetric (the query's latent against the stored codes), the "
                              "database's PCA store (compress.py), none (Hamming order, latent "
                              "tie-break), hamming (Hamming order alone), or auto (default): the "
                              "stage train.py recorded for the model (rerank.json), else PCA "

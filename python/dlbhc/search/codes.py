@@ -63,6 +63,12 @@ def pack_codes(latent):
     return np.packbits(latent > CODE_THRESHOLD, axis=-1)
 
 
+def code_bits(latent):
+    """The codes of latent activations (N, bits) as float32 0/1 rows (the
+    bits pack_codes packs): the database side of the asymmetric fine stage."""
+    return (np.asarray(latent) > CODE_THRESHOLD).astype(np.float32)
+
+
 def check_codes(codes, bits, what="codes"):
     """`codes` as a uint8 (N, code_bytes(bits)) array with zero pad bits, or
     ValueError naming `what` and the problem."""

@@ -12,7 +12,8 @@ database loaded into Milvus instead (milvus_index: same search contract,
 same answers).
 
 The fine stage (FINE_STAGES) re-ranks by fc7, the stored latent
-activations, the database's PCA store (compress.py; the best exact_top,
+activations, the query's latent against the stored codes ("asymmetric"),
+the database's PCA store (compress.py; the best exact_top,
 rerank.DEFAULT_EXACT_TOP, ranked again by fc7), or keeps the Hamming order
 with the latent as tie-break ("none"; search.choice says what each is).
 rerank="auto", the default, takes the stage recorded for the database's
@@ -31,7 +32,7 @@ import numpy as np
 from ..errors import UserError
 from ..report import get_logger
 from ..nets.records import class_name, read_class_names, read_rerank_record, record_folder
-from ..search.choice import STAGES, choose, stage_rows
+from ..search.choice import LATENT_STAGES, STAGES, choose, stage_rows
 from ..search.index import HashIndex
 from ..search.params import SearchParams
 from ..search.rerank import DEFAULT_EXACT_TOP, describe
@@ -145,7 +146,7 @@ class Retriever:
     """A database opened for search, with its index in memory.
 
     rerank: what the fine stage ranks by (FINE_STAGES, see search.choice):
-    "fc7", "latent", "pca" (the database's PCA store, compress.py; the best
+    "fc7", "latent", "asymmetric", "pca" (the database's PCA store, compress.py; the best
     exact_top, default rerank.DEFAULT_EXACT_TOP, 0: none, ranked again by
     fc7), "none" (Hamming order, latent tie-break), "hamming"; "auto" (the
     default): the stage recorded for the model (rerank.json), else "pca"
@@ -304,7 +305,7 @@ class Retriever:
         if self.stage == "pca":
             return stage_rows("pca", projection=store.projection(), pca_rows=store.pca_rows(),
                               exact_top=self._exact_top)
-        latent = self.latent_rows(store) if self.stage in ("latent", "none") else None
+        latent = self.latent_rows(store) if self.stage in LATENT_STAGES else None
         return stage_rows(self.stage, latent=latent)
 
     @property
