@@ -403,5 +403,6 @@ def test_pca_store_serves_the_search_through_the_retriever(tmp_path):
                            SearchParams(top_k=20, candidates=1000))[0]
     assert all(h.exact for h in answer.hits) and answer.rerank == "fc7"
     as_fc7.close()
-    with pytest.raises(UserError, match="--rerank 'pca4': choose one of auto, fc7, latent, pca, none, hamming"):
+    with pytest.raises(UserError, match="--rerank 'pca4': choose one of auto, fc7, latent, "
+                                        "asymmetric, pca, none, hamming"):
         Retriever(tmp_path / "db", rerank="pca4")
