@@ -156,6 +156,30 @@ def test_the_chosen_stage_never_scores_below_coarse(fc7_good):
     assert scores.get(choice, coarse) >= coarse
 
 
+def test_held_out_images_query_the_training_images_when_given():
+    """With database= (training images), every held-out image is a query
+    against them: each score equals evaluate's with that stage, run
+    directly; the choice is never below coarse."""
+    rng = np.random.default_rng(11)
+    labels, latent, fc7, codes = labelled_features(rng, 120, fc7_good=False)
+    train = labelled_features(rng, 200, fc7_good=False)
+    t_labels, t_latent, t_fc7, t_codes = train
+    record = measure_fine_stages(codes, labels, fc7, latent, BITS, top_k=50,
+                                 database=(t_codes, t_labels, t_fc7, t_latent))
+    assert (record["queries"], record["database"], record["k"]) == (120, 200, 50)
+    assert "training images" in record["split"]
+    for name in ("fc7", "latent", "asymmetric", "none"):
+        reduced = None if name == "fc7" else stage_rows(name, latent=t_latent)
+        direct = evaluate(t_codes, t_labels, codes, labels, db_fc7=t_fc7, q_fc7=fc7,
+                          params=SearchParams(top_k=50), reduced=reduced, q_reduced=latent)
+        assert record["map_at_k"][name] == pytest.approx(direct["fine"]["map_at_k"], abs=1e-12)
+        assert record["coarse"] == pytest.approx(direct["coarse"]["map_at_k"], abs=1e-12)
+    assert record["map_at_k"].get(record["choice"], record["coarse"]) >= record["coarse"]
+    # without it, the held-out images split in two: other scores
+    halves = measure_fine_stages(codes, labels, fc7, latent, BITS, top_k=50)
+    assert (halves["queries"], halves["database"]) == (60, 60)
+
+
 def test_too_few_held_out_queries_keep_the_unmeasured_stage(tmp_path):
     """30 queries (fewer than MIN_CHOICE_QUERIES): the scores are kept for
     reading, the choice is UNMEASURED_STAGE and searches use it."""
@@ -295,10 +319,14 @@ def test_train_records_the_fine_stage_that_retrieve_evaluate_and_serve_use(caffe
                              "--max-iter", 3, "--batch-size", 5, "--bits", 12,
                              "--test-fraction", 0.5], timeout=600)
     assert "held-out images" in out.stderr and "fine stage:" in out.stderr
+    assert "training images through the net" in out.stderr
     run = runs / "cifar_hash12_photos"
     record = json.loads((run / "rerank.json").read_text())
     assert record["choice"] in STAGES and set(record["map_at_k"]) == set(CANDIDATES)
-    assert (record["queries"], record["database"]) == (6, 6)
+    # every held-out image queries the training images
+    train_lines = (run / "train.txt").read_text().splitlines()
+    assert (record["queries"], record["database"]) == (12, len(train_lines)) == (12, 12)
+    assert record["database_list"] == str(run / "train.txt")
     assert record["map_at_k"].get(record["choice"], record["coarse"]) >= record["coarse"]
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["rerank"]["choice"] == record["choice"]

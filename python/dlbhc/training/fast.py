@@ -183,13 +183,14 @@ class FastRecipe(Recipe):
 
     def __init__(self, bits, train_items, test_items, classes, run_dir, name,
                  schedule=FastSchedule(), resume=False, threads=None, commands=None,
-                 held_out=None):
+                 held_out=None, database=None):
         self.bits, self.classes = int(bits), list(classes)
         self.train_items, self.test_items = list(train_items), list(test_items)
         self.run_dir, self.name = Path(run_dir), name
         self.schedule, self.resume, self.threads = schedule, resume, threads
         self.commands = commands or []
-        self.held_out_list = held_out   # a `path label` list: the fine stage is chosen on it
+        self.held_out_list = held_out   # a `path label` list: the fine stage is chosen on it,
+        self.database_list = database   # querying (a sample of) this one: the training images
         self.gpu, self.last_loss = None, float("nan")
 
     # data
@@ -275,7 +276,7 @@ class FastRecipe(Recipe):
         if self.held_out_list is not None:
             # the run's last step, as every recipe's (recipe.Recipe.run)
             record = record_fine_stage(self.run_dir, deploy_file, result["weights"],
-                                       self.held_out_list)
+                                       self.held_out_list, database=self.database_list)
             if record is not None:
                 result["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
         summary = dict(
@@ -406,7 +407,7 @@ class FastRecipe(Recipe):
 
 def train_fast(train_items, test_items, classes, bits, run_dir, name, epochs=None,
                max_iter=None, batch_size=None, base_lr=None, resume=None, threads=None,
-               commands=None, held_out=None):
+               commands=None, held_out=None, database=None):
     """FastRecipe with the default schedule changed as the command line asks
     (FastSchedule.adapted); returns the run's summary."""
     schedule = FastSchedule().adapted(epochs, max_iter, batch_size, base_lr,
@@ -416,4 +417,4 @@ def train_fast(train_items, test_items, classes, bits, run_dir, name, epochs=Non
              schedule.peak_lr_for_batch(), len(classes), run_dir)
     return FastRecipe(bits, train_items, test_items, classes, run_dir, name, schedule,
                       resume=bool(resume), threads=threads, commands=commands,
-                      held_out=held_out).run()
+                      held_out=held_out, database=database).run()

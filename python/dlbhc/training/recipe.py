@@ -15,10 +15,12 @@ Recipe.run() asks them in order around one `caffe train`:
     preprocessing()     the input preprocessing the model was trained with,
                         recorded beside the weights (preprocessing.json) so
                         extract.py and retrieve.py need no --mean
-    held_out()          (deploy prototxt, labelled list of held-out images):
-                        the fine stage chosen on them is recorded beside
-                        the weights (rerank.json, finestage.py) for
-                        `--rerank auto`; None: no record (fc7 re-rank)
+    held_out()          (deploy prototxt, labelled list of held-out images,
+                        labelled list of training images or None): the fine
+                        stage chosen on them (held-out querying training
+                        images) is recorded beside the weights (rerank.json,
+                        finestage.py) for `--rerank auto`; None: no record
+                        (fc7 re-rank)
 
 and may add to the summary (summary_extra). The recipes are in recipes.py:
 the checked-in CIFAR-10 nets, the small net on a collection, an ImageNet
@@ -100,8 +102,9 @@ class Recipe:
             write_preprocessing_record(self.run_dir, prep, note=self.prep_note)
         held_out = self.held_out() if weights is not None else None
         if held_out is not None:
-            record = record_fine_stage(self.run_dir, held_out[0], weights, held_out[1],
-                                       gpu=self.gpu)
+            deploy, held_out_list, train_list = held_out
+            record = record_fine_stage(self.run_dir, deploy, weights, held_out_list,
+                                       gpu=self.gpu, database=train_list)
             if record is not None:
                 summary["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
         summary.update(net=self.name, max_iter=solver.max_iter, command=cmd)

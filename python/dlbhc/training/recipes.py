@@ -146,12 +146,14 @@ class CheckedInRecipe(Recipe):
 
     def held_out(self):
         """CIFAR-10's test list (and its class names, copied into the run
-        folder), when the data folder has them."""
+        folder), when the data folder has them, and its training list."""
         folder = cifar_folder(self.data_dir)
         if not (folder / "test.txt").is_file():
             return None
         copy_class_names(folder, self.run_dir)
-        return PROTOTXT_DIR / f"{self.name}_deploy.prototxt", folder / "test.txt"
+        train_list = folder / "train.txt"
+        return (PROTOTXT_DIR / f"{self.name}_deploy.prototxt", folder / "test.txt",
+                train_list if train_list.is_file() else None)
 
     def preprocessing(self, solver):
         # the model's preprocessing, so extract.py and retrieve.py need no --mean
@@ -205,7 +207,8 @@ def train_fast_cifar(bits, max_iter=None, resume=None, runs_dir=None, data_dir=N
     classes = read_class_names(run_dir) or coll.classes
     commands = usage_commands(run_dir, run_dir / f"{name}.caffemodel", *lists)
     return train_fast(coll.train, coll.test, classes, bits, run_dir, name, epochs=epochs,
-                      max_iter=max_iter, resume=resume, commands=commands, held_out=lists[1])
+                      max_iter=max_iter, resume=resume, commands=commands, held_out=lists[1],
+                      database=lists[0])
 
 
 # ---- a user's own collection -------------------------------------------------------
@@ -243,7 +246,7 @@ class CollectionRecipe(Recipe):
         return self.prep
 
     def held_out(self):
-        return self.deploy, self.run_dir / "test.txt"
+        return self.deploy, self.run_dir / "test.txt", self.run_dir / "train.txt"
 
     def summary_extra(self):
         train_list, test_list = self.run_dir / "train.txt", self.run_dir / "test.txt"
@@ -470,7 +473,8 @@ def train_collection(data, net=DEFAULT_BACKBONE, bits=48, test=None, root=None,
                              commands=usage_commands(run_dir, run_dir / f"{name}.caffemodel",
                                                      run_dir / "train.txt",
                                                      run_dir / "test.txt"),
-                             held_out=run_dir / "test.txt", **schedule_options)
+                             held_out=run_dir / "test.txt", database=run_dir / "train.txt",
+                             **schedule_options)
         log.info("\nTrained. Build the database, search it and measure it with:\n  %s",
                  "\n  ".join(summary["commands"]))
         return summary
