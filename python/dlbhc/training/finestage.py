@@ -11,6 +11,8 @@ below the coarse ranking).  Measured for the held-out images under load:
 76 img/s with the small net, 39 img/s with the backbone at 96 px
 (docs/benchmarks.md), so CIFAR-10's 10,000 + 5,000 take ~3 and ~6 min.
 """
+from pathlib import Path
+
 import numpy as np
 
 from ..images import BadImage, list_images
@@ -65,7 +67,8 @@ def record_fine_stage(run_dir, deploy, weights, held_out, gpu=None, database=Non
         log.info("fine stage not measured: %s has %d labelled images (4 needed); "
                  "searches re-rank by fc7", held_out, len(items))
         return None
-    base = database_sample(labelled(database)) if database is not None else []
+    base = database_sample(labelled(database)) \
+        if database is not None and Path(database).is_file() else []
     if len(base) < 4:
         base = []
     log.info("choosing the fine stage on %d held-out images (%s)%s", len(items), held_out,

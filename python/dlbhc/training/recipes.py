@@ -141,19 +141,17 @@ class CheckedInRecipe(Recipe):
                 if latest_solverstate(self.run_dir) else "")
 
     def final_weights(self, snapshot):
-        return link_final_weights(self.run_dir, self.name, snapshot) if snapshot.exists() \
-            else None
+        return link_final_weights(self.run_dir, self.name, snapshot) if snapshot.exists() else None
 
     def held_out(self):
         """CIFAR-10's test list (and its class names, copied into the run
         folder), when the data folder has them, and its training list."""
         folder = cifar_folder(self.data_dir)
-        if not (folder / "test.txt").is_file():
+        test_list, train_list = folder / "test.txt", folder / "train.txt"
+        if not test_list.is_file():
             return None
         copy_class_names(folder, self.run_dir)
-        train_list = folder / "train.txt"
-        return (PROTOTXT_DIR / f"{self.name}_deploy.prototxt", folder / "test.txt",
-                train_list if train_list.is_file() else None)
+        return PROTOTXT_DIR / f"{self.name}_deploy.prototxt", test_list, train_list
 
     def preprocessing(self, solver):
         # the model's preprocessing, so extract.py and retrieve.py need no --mean
@@ -178,10 +176,9 @@ def copy_class_names(folder, run_dir):
 def train(net="cifar", bits=48, weights=None, max_iter=None, gpu=None, resume=None,
           runs_dir=None, data_dir=None, epochs=None):
     """Run `caffe train` for <net>_hash<bits> in runs_dir/<net>_hash<bits>/
-    (default runs/), reading the training data from data_dir when given (see
-    the module docstring); returns the summary also written to
-    train_summary.json. The fast net (FAST_NET) trains with its own recipe
-    (fast.py) on CIFAR-10's image lists in data_dir (default data/cifar10)."""
+    (default runs/), data from data_dir when given (module docstring); returns
+    the summary (train_summary.json). The fast net (FAST_NET) trains with its
+    own recipe (fast.py) on CIFAR-10's image lists in data_dir (data/cifar10)."""
     if net == FAST_NET:
         return train_fast_cifar(bits, max_iter, resume, runs_dir, data_dir, epochs, gpu)
     return CheckedInRecipe(net, bits, weights, max_iter, gpu, resume, runs_dir,
@@ -192,8 +189,7 @@ def train_fast_cifar(bits, max_iter=None, resume=None, runs_dir=None, data_dir=N
                      epochs=None, gpu=None):
     """The fast recipe on CIFAR-10 (`make data`'s train.txt and test.txt)."""
     if gpu is not None:
-        raise UserError("the fast recipe trains on the CPU (pycaffe steps the net); leave "
-                        "out --gpu")
+        raise UserError("the fast recipe trains on the CPU (pycaffe steps the net): leave out --gpu")
     folder = cifar_folder(data_dir)
     lists = [folder / "train.txt", folder / "test.txt"]
     missing = [str(path) for path in lists if not path.exists()]
