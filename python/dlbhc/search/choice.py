@@ -20,7 +20,7 @@ and the fallback
 measure_fine_stages runs every candidate through metrics.evaluate, the
 search users run: the held-out images query a sample of the training
 images (the situation of use: unseen queries, a database the net was
-trained on; on six runs this chose as well or better than held-out
+trained on; on seven runs this chose as well or better than held-out
 against held-out, docs/benchmarks.md), or, without training images, the
 held-out images split in two (queries: odd positions, database: even
 positions; collection lists are grouped by class, so both halves hold
