@@ -59,10 +59,10 @@ PCA_CANDIDATE_DIM = 256
 MIN_CHOICE_QUERIES = 50
 # The stage of a model that cannot measure its own (too few held-out
 # queries, or no labels): the query's latent against the codes, above the
-# Hamming order in every benchmark of docs/benchmarks.md (17 of 17:
+# Hamming order in every benchmark of docs/benchmarks.md (19 of 19:
 # CIFAR-10, Fashion-MNIST, the photos; supervised and ITQ) and above the
 # Hamming order with the latent as tie-break ("none", the stage before) in
-# 13 of them, every ITQ case at 48 and 128 bits among them.
+# 13 of them: every backbone run and every ITQ case at 48 and 128 bits.
 UNMEASURED_STAGE = "asymmetric"
 
 
