@@ -10,7 +10,7 @@ search.choice.measure_fine_stages:
     held-out only     the choosing images split again in two (odd query
                       even), as train.py did before
     against training  the choosing images query a seeded sample of the
-                      training images (training.finestage.DATABASE_SAMPLE),
+                      training images (training.finestage.database_sample),
                       as train.py does now
 
 The judging images then query the whole training database with every
@@ -29,7 +29,7 @@ import numpy as np
 from dlbhc.errors import UserError, run_main
 from dlbhc.search.choice import FALLBACK, choose, measure_fine_stages
 from dlbhc.store.database import FeatureStore
-from dlbhc.training.finestage import DATABASE_SAMPLE
+from dlbhc.training.finestage import database_sample
 
 K = 1000
 
@@ -58,10 +58,8 @@ def judge(run):
     held, _ = stored(run / "db_test.lmdb")
     n = len(held[0])
     choosing, judging = rows(held, np.arange(1, n, 2)), rows(held, np.arange(0, n, 2))
-    sample = np.arange(len(train[0]))
-    if len(sample) > DATABASE_SAMPLE:
-        sample = np.sort(np.random.default_rng(0).choice(len(sample), DATABASE_SAMPLE,
-                                                         replace=False))
+    # the positions of the training images train.py's last step would send
+    sample = np.array(database_sample(range(len(train[0]))))
     held_only = measure_fine_stages(*choosing, bits, top_k=K)
     against = measure_fine_stages(*choosing, bits, top_k=K, database=rows(train, sample))
     truth = measure_fine_stages(*judging, bits, top_k=K, database=train)

@@ -26,8 +26,9 @@ held-out images split in two (queries: odd positions, database: even
 positions; collection lists are grouped by class, so both halves hold
 every class).  choose() applies the rule: the best candidate that does not
 score below the coarse (Hamming) ranking, else "hamming", so the chosen
-fine stage never scores below coarse where it was measured.  With fewer than MIN_CHOICE_QUERIES queries the record
-keeps UNMEASURED_STAGE (marked measured: false, with the scores beside).
+fine stage never scores below coarse where it was measured.  With fewer
+than MIN_CHOICE_QUERIES queries the record keeps UNMEASURED_STAGE (marked
+measured: false, with the scores beside).
 The same rule picks among the stages a database offers (a "pca" choice
 needs its PCA store) when a search opens it ("auto").
 

@@ -31,16 +31,18 @@ BATCH = 50
 DATABASE_SAMPLE = 5000
 
 
-def held_out_features(net, paths, label="held-out images through the net"):
-    """fc7, latent, codes of `paths` through `net`, BATCH at a time, with a
-    progress line."""
+def labelled_features(net, items, label):
+    """(codes, labels, fc7, latent) of labelled `items` through `net`, BATCH
+    at a time, with a progress line: measure_fine_stages's order."""
+    paths = [str(it.path) for it in items]
     progress = Progress(len(paths), label=label)
     parts = []
     for lo in range(0, len(paths), BATCH):
         parts.append(net.features_of_paths(paths[lo:lo + BATCH]))
         progress.update(len(parts[-1][0]))
     progress.close()
-    return [np.concatenate(column) for column in zip(*parts)]
+    fc7, latent, codes = (np.concatenate(column) for column in zip(*parts))
+    return codes, np.array([it.label for it in items], dtype=np.int64), fc7, latent
 
 
 def database_sample(items, size=DATABASE_SAMPLE, seed=0):
@@ -75,21 +77,14 @@ def record_fine_stage(run_dir, deploy, weights, held_out, gpu=None, database=Non
              f" against {len(base)} training images ({database})" if base else "")
     net = HashNet(deploy, weights, gpu=gpu)
     try:
-        fc7, latent, codes = held_out_features(net, [str(it.path) for it in items])
-        base_features = held_out_features(
-            net, [str(it.path) for it in base],
-            label="training images through the net") if base else None
+        held = labelled_features(net, items, "held-out images through the net")
+        against = labelled_features(net, base, "training images through the net") \
+            if base else None
     except BadImage as err:
         log.warning("fine stage not measured: image %s: %s; searches re-rank by "
                     "fc7", err.path, err.reason)
         return None
-    labels = np.array([it.label for it in items], dtype=np.int64)
-    against = None
-    if base_features is not None:
-        base_fc7, base_latent, base_codes = base_features
-        against = (base_codes, np.array([it.label for it in base], dtype=np.int64), base_fc7,
-                   base_latent)
-    record = measure_fine_stages(codes, labels, fc7, latent, net.bits, database=against)
+    record = measure_fine_stages(*held, net.bits, database=against)
     record.update(held_out=str(held_out), weights=str(weights))
     if base:
         record.update(database_list=str(database))
