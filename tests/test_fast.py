@@ -11,7 +11,7 @@ import pytest
 from dlbhc.nets.model import HashNet, Preprocessing, write_preprocessing_record
 from dlbhc.training.augment import AugmentedBatches
 from dlbhc.training.fast import FastRecipe, smoothed_cross_entropy, smoothing_matrix
-from dlbhc.training.fast_schedule import FastSchedule, choose_kept
+from dlbhc.training.fast_schedule import FastSchedule, choose_kept, choose_shift
 from dlbhc.training.sgd import NesterovSGD, WeightAverage, triangle_lr
 from dlbhc.training.whitening import image_patches, whitening_filters
 from helpers import PROTOTXT, TRAIN, run_script
@@ -244,6 +244,47 @@ def test_flip_average_is_the_mean_of_two_forwards(caffe, tmp_path):
     assert "flip_average" not in plain.describe()["preprocessing"]
 
 
+def test_shifted_views_are_the_image_moved_one_pixel_with_reflected_edges():
+    crops = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+    prep = Preprocessing(4, 4, (0, 0, 0), flip_average=True, shift_average=True)
+    views = prep.views(crops)
+    assert [w for w, _ in views] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    np.testing.assert_array_equal(views[1][1], crops[:, :, ::-1])
+    down_right, up_left = views[2][1], views[4][1]
+    np.testing.assert_array_equal(down_right[:, 1:, 1:], crops[:, :-1, :-1])
+    np.testing.assert_array_equal(down_right[:, 0, 1:], crops[:, 1, :-1])   # reflected row
+    np.testing.assert_array_equal(up_left[:, :-1, :-1], crops[:, 1:, 1:])
+    np.testing.assert_array_equal(up_left[:, -1, :-1], crops[:, -2, 1:])
+    np.testing.assert_array_equal(views[3][1], down_right[:, :, ::-1])
+    assert [w for w, _ in Preprocessing(4, 4, (0, 0, 0), shift_average=True).views(crops)] \
+        == [0.5, 0.25, 0.25]
+    (weight, only), = Preprocessing(4, 4, (0, 0, 0)).views(crops)
+    assert weight == 1.0 and np.array_equal(only, crops)
+    # recorded only when on, and read back
+    assert Preprocessing.from_dict(prep.as_dict()) == prep
+    assert "shift_average" not in Preprocessing(4, 4, (0, 0, 0)).as_dict()
+
+
+def test_shift_average_is_the_weighted_mean_of_six_forwards(caffe, tmp_path):
+    deploy = PROTOTXT / "fast_hash12_deploy.prototxt"
+    caffe.set_random_seed(0)
+    weights = tmp_path / "w.caffemodel"
+    caffe.Net(str(deploy), caffe.TEST).save(str(weights))
+    crops = np.random.default_rng(1).integers(0, 255, size=(5, 32, 32, 3), dtype=np.uint8)
+    plain = HashNet(deploy, weights, mean="100,110,120")
+    prep = Preprocessing(32, 32, (100, 110, 120), flip_average=True, shift_average=True)
+    write_preprocessing_record(tmp_path, prep)
+    averaged = HashNet(deploy, weights)
+    assert averaged.prep.shift_average
+    padded = np.pad(crops, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    groups = [(0.5, crops), (0.25, padded[:, :32, :32]), (0.25, padded[:, 2:, 2:])]
+    expected = sum(w / 2 * plain.forward_crops(np.ascontiguousarray(v))[1]
+                   for weight, group in groups
+                   for w, v in ((weight, group), (weight, group[:, :, ::-1])))
+    np.testing.assert_allclose(averaged.forward_crops(crops)[1], expected, rtol=1e-5)
+    assert not np.allclose(expected, plain.forward_crops(crops)[1], rtol=1e-3)
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 TINY = dict(epochs=6, batch_size=30, bn_batches=2)
@@ -278,6 +319,8 @@ def test_tiny_collection_trains_above_chance_end_to_end(caffe, tmp_path):
     net = HashNet(run / "deploy.prototxt", run / "fast_hash12_photos.caffemodel")
     assert net.bits == 12 and net.fc7_dim == 128
     assert net.prep.flip_average is summary["flip_average"]
+    assert net.prep.shift_average is summary["shift_average"] is choose_shift(
+        summary["test_accuracy"], summary["weights_kept"], summary["flip_average"])
     # the service and extraction fold BatchNorm into the convolution before
     # it (nets/fold.py); the fast net's BatchNorm after a pooling stays as is
     plain = HashNet(run / "deploy.prototxt", run / "fast_hash12_photos.caffemodel", fold=False)
@@ -337,6 +380,16 @@ def test_the_run_keeps_the_weights_and_flip_that_score_best_held_out():
         ("final", True)
     assert choose_kept(labels, {}, True) == ("averaged", True)      # no held-out images
     assert choose_kept(labels, {}, False) == ("averaged", False)
+
+
+def test_shifted_views_are_kept_only_when_they_classify_strictly_better():
+    cifar = {"averaged_flip_average": 0.8725, "averaged_flip_average_shift_average": 0.8741}
+    assert choose_shift(cifar, "averaged", True)
+    assert not choose_shift(cifar, "averaged", False)            # not measured that way
+    tie = {"final": 0.7, "final_shift_average": 0.7}
+    assert not choose_shift(tie, "final", False)                 # ties: a third of the forwards
+    assert not choose_shift({"final": 0.7, "final_shift_average": 0.69}, "final", False)
+    assert not choose_shift({}, "final", True)                   # no held-out images
 
 
 def test_schedule_adapts_to_the_command_line():

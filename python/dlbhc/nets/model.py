@@ -48,13 +48,37 @@ class Preprocessing:
     # recipe's test-time flip averaging); recorded only when on, so the
     # records of every other model stay as they were
     flip_average: bool = False
+    # those views at half weight, and a quarter each to the same views of
+    # the image shifted one pixel down-right and up-left (edges reflected):
+    # airbench's test-time augmentation level 2; recorded only when on
+    shift_average: bool = False
 
     def as_dict(self):
         d = asdict(self)
         d["mean_bgr"] = [round(float(m), 4) for m in self.mean_bgr]
-        if not self.flip_average:
-            del d["flip_average"]
+        for view in ("flip_average", "shift_average"):
+            if not d[view]:
+                del d[view]
         return d
+
+    def views(self, crops):
+        """The test-time views of a batch of crops (n, h, w, 3), whose
+        outputs are averaged with the weights given: [(weight, views)], the
+        weights summing to 1. Without flip or shift averaging: [(1, crops)]."""
+        crops = np.asarray(crops)
+
+        def with_mirror(batch):
+            return [batch, batch[:, :, ::-1]] if self.flip_average else [batch]
+
+        views = [(1.0, v) for v in with_mirror(crops)]
+        if self.shift_average:
+            h, w = crops.shape[1:3]
+            padded = np.pad(crops, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+            views = ([(0.5, v) for _, v in views]
+                     + [(0.25, v) for v in with_mirror(padded[:, :h, :w])
+                        + with_mirror(padded[:, 2:, 2:])])
+        per_group = len(with_mirror(crops))
+        return [(weight / per_group, np.ascontiguousarray(v)) for weight, v in views]
 
     @classmethod
     def from_dict(cls, d):
@@ -62,7 +86,8 @@ class Preprocessing:
                    mean_bgr=tuple(float(m) for m in d["mean_bgr"]),
                    channel_order=d.get("channel_order", "BGR"),
                    raw_scale=float(d.get("raw_scale", 255.0)),
-                   flip_average=bool(d.get("flip_average", False)))
+                   flip_average=bool(d.get("flip_average", False)),
+                   shift_average=bool(d.get("shift_average", False)))
 
 
 def _squeezed(shape):
@@ -332,12 +357,15 @@ class HashNet:
     def forward_crops(self, crops):
         """crops: (n, crop, crop, 3) uint8 RGB (ImagePreparer's) -> fc7 (n, D),
         latent (n, bits); preprocessed straight into the net's input blob."""
-        fc7, latent = self._forward(crops)
-        if self.prep.flip_average:
-            # the mirror image's features, averaged in (Preprocessing.flip_average)
-            fc7_mirror, latent_mirror = self._forward(np.asarray(crops)[:, :, ::-1])
-            fc7 = (fc7 + fc7_mirror) * np.float32(0.5)
-            latent = (latent + latent_mirror) * np.float32(0.5)
+        views = self.prep.views(crops)
+        if len(views) == 1:
+            return self._forward(views[0][1])
+        # the views' features, averaged (Preprocessing.flip_average, shift_average)
+        fc7, latent = 0, 0
+        for weight, view in views:
+            view_fc7, view_latent = self._forward(view)
+            fc7 = fc7 + np.float32(weight) * view_fc7
+            latent = latent + np.float32(weight) * view_latent
         return fc7, latent
 
     def _forward(self, crops):

@@ -25,7 +25,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from ..nets.protos import read_prototxt
 from ..progress import Progress
 from ..report import get_logger
 from .augment import AugmentedBatches
-from .fast_schedule import FastSchedule, accuracy_key, choose_kept
+from .fast_schedule import FastSchedule, accuracy_key, choose_kept, choose_shift
 from .finestage import record_fine_stage
 from .prototxt import PROTOTXT_DIR, set_num_classes, write_net
 from .recipe import SUMMARY_FILE, Recipe
@@ -155,22 +155,23 @@ def remeasure_batchnorm(net, batches, feed):
         net.forward()
 
 
-def classify(net, images, transform, flip_average, batch_size=500):
-    """Predicted classes of uint8 images with a TEST-phase deploy net
-    (averaging the probabilities of each image and its mirror if asked)."""
+def classify(net, images, transform, views=None, batch_size=500):
+    """Predicted classes of uint8 images with a TEST-phase deploy net;
+    `views` (a Preprocessing's views: mirror, shifted images) averages the
+    probabilities of each image's test-time views, as extraction averages
+    their features."""
     predictions = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        views = [chunk, chunk[:, :, ::-1]] if flip_average else [chunk]
         prob = 0
-        for view in views:
+        for weight, view in (views(chunk) if views else [(1.0, chunk)]):
             data = net.blobs["data"]
             if data.data.shape[0] != len(view):
                 data.reshape(len(view), *data.data.shape[1:])
                 net.reshape()
             transform(np.ascontiguousarray(view), out=data.data)
             net.forward()
-            prob = prob + net.blobs["prob"].data.reshape(len(view), -1)
+            prob = prob + weight * net.blobs["prob"].data.reshape(len(view), -1)
         predictions.append(np.argmax(prob, axis=1))
     return np.concatenate(predictions) if predictions else np.zeros(0, dtype=int)
 
@@ -305,7 +306,13 @@ class FastRecipe(Recipe):
         deploy = caffe.Net(str(deploy_file), caffe.TEST)
         bn_batches = lambda: (b for _, b in zip(range(s.bn_batches), batches.epoch(BATCHNORM_EPOCH)))
         accuracies, weights_of = {}, {}
+        plain = Preprocessing(FAST_SIZE, FAST_SIZE, self.mean)
         candidates = [("final", None)] + ([("averaged", average)] if average else [])
+
+        def held_out_accuracy(prep):
+            predicted = classify(deploy, self.test_images, transform, prep.views)
+            return round(float((predicted == self.test_labels).mean()), 4)
+
         for label, source in candidates:
             if source is not None:
                 source.copy_into(net)
@@ -314,25 +321,33 @@ class FastRecipe(Recipe):
             weights_of[label] = net_arrays(deploy)
             if len(self.test_images):
                 for flip in (False, True):
-                    predicted = classify(deploy, self.test_images, transform, flip)
-                    accuracy = float((predicted == self.test_labels).mean())
-                    accuracies[accuracy_key(label, flip)] = round(accuracy, 4)
+                    accuracies[accuracy_key(label, flip)] = held_out_accuracy(
+                        replace(plain, flip_average=flip))
         kept, flip_average = choose_kept([label for label, _ in candidates], accuracies,
                                          s.flip_average)
         load_net_arrays(deploy, weights_of[kept])
+        prep = replace(plain, flip_average=flip_average)
+        if s.shift_average and len(self.test_images):
+            # the shifted views only for the kept weights: they cost 2x more forwards
+            shifted = replace(prep, shift_average=True)
+            accuracies[accuracy_key(kept, flip_average, shift=True)] = held_out_accuracy(shifted)
+            if choose_shift(accuracies, kept, flip_average):
+                prep = shifted
         weights = self.run_dir / f"{self.name}.caffemodel"
         deploy.save(str(weights))
-        prep = Preprocessing(FAST_SIZE, FAST_SIZE, self.mean, flip_average=flip_average)
         write_preprocessing_record(self.run_dir, prep, note=(
             "fast net: squash-resize 32, the training images' per-channel mean"
-            + ("; features averaged with the mirror image's" if flip_average else "")))
+            + ("; features averaged with the mirror image's" if prep.flip_average else "")
+            + ("; and with the images shifted one pixel" if prep.shift_average else "")))
+        key = accuracy_key(kept, prep.flip_average, prep.shift_average)
         if accuracies:
-            log.info("test accuracy: %s (kept: %s weights%s)",
+            log.info("test accuracy: %s (kept: %s weights%s%s)",
                      ", ".join(f"{k} {v:.4f}" for k, v in accuracies.items()), kept,
-                     ", flip averaging" if flip_average else "")
+                     ", flip averaging" if prep.flip_average else "",
+                     ", shift averaging" if prep.shift_average else "")
         return dict(weights=str(weights), test_accuracy=accuracies, weights_kept=kept,
-                    flip_average=flip_average,
-                    test={"accuracy": accuracies.get(accuracy_key(kept, flip_average))})
+                    flip_average=prep.flip_average, shift_average=prep.shift_average,
+                    test={"accuracy": accuracies.get(key)})
 
     # checkpoints and the curves
     def monitor(self, net, monitor, transform, step, epoch):
@@ -346,7 +361,7 @@ class FastRecipe(Recipe):
         chosen = np.linspace(0, len(self.test_images) - 1, n).astype(int)
         images = self.test_images[chosen]
         copy_params(net, monitor)
-        accuracy = float((classify(monitor, images, transform, False)
+        accuracy = float((classify(monitor, images, transform)
                           == self.test_labels[chosen]).mean())
         log.info("epoch %d (step %d): test accuracy %.4f on %d images", epoch, step, accuracy,
                  len(images))

@@ -1,7 +1,8 @@
 """The fast recipe's settings (FastSchedule) and what a run chooses from its
 collection: the default batch for its size (batch_for) and, after
 training, which weights and test-time flip averaging to keep on the
-held-out accuracies (choose_kept). Pure Python: fast.py runs the recipe."""
+held-out accuracies (choose_kept), and whether to average shifted views
+too (choose_shift). Pure Python: fast.py runs the recipe."""
 from dataclasses import dataclass, replace
 
 # The batch FastSchedule.peak_lr is stated for; other batch sizes scale it
@@ -30,6 +31,7 @@ class FastSchedule:
     translate: int = 2
     flip: bool = True
     flip_average: bool = True        # extraction averages each image with its mirror
+    shift_average: bool = True       # ...and with its views shifted one pixel (choose_shift)
     bn_batches: int = 20             # batches that re-measure BatchNorm's statistics
     monitor_images: int = 2000       # test images classified after each epoch (the curve)
     seed: int = 1
@@ -74,12 +76,13 @@ def batch_for(images, largest=FastSchedule.batch_size):
 
 
 FLIP_SUFFIX = "_flip_average"
+SHIFT_SUFFIX = "_shift_average"
 
 
-def accuracy_key(label, flip):
+def accuracy_key(label, flip, shift=False):
     """The key of a held-out accuracy in a run's test_accuracy: "final",
-    "averaged_flip_average", ..."""
-    return label + (FLIP_SUFFIX if flip else "")
+    "averaged_flip_average", "averaged_flip_average_shift_average", ..."""
+    return label + (FLIP_SUFFIX if flip else "") + (SHIFT_SUFFIX if shift else "")
 
 
 def choose_kept(labels, accuracies, flip_allowed):
@@ -97,3 +100,12 @@ def choose_kept(labels, accuracies, flip_allowed):
     label, flip = max(options, key=lambda o: (accuracies[accuracy_key(*o)], labels.index(o[0]),
                                               not o[1]))
     return label, flip
+
+
+def choose_shift(accuracies, label, flip):
+    """Whether extraction also averages the one-pixel shifted views
+    (model.Preprocessing.shift_average) of the kept weights: only when
+    they classify the held-out images strictly better, since they triple
+    the forwards of every image extracted."""
+    shifted = accuracies.get(accuracy_key(label, flip, shift=True))
+    return shifted is not None and shifted > accuracies.get(accuracy_key(label, flip), 1.0)
