@@ -13,7 +13,7 @@ from dlbhc.training.augment import AugmentedBatches
 from dlbhc.training.fast import FastRecipe, smoothed_cross_entropy, smoothing_matrix
 from dlbhc.training.fast_schedule import FastSchedule, choose_kept, choose_shift
 from dlbhc.training.sgd import NesterovSGD, WeightAverage, triangle_lr
-from dlbhc.training.whitening import image_patches, whitening_filters
+from dlbhc.training.whitening import image_patches, whitening_filters, whitening_sample
 from helpers import PROTOTXT, TRAIN, run_script
 from test_own_data import colour_collection
 
@@ -70,6 +70,19 @@ def test_whitened_patches_have_identity_covariance():
     damped = whitening_filters(images, kernel=2)[:12].reshape(12, -1).astype(np.float64)
     variances = np.diag((patches @ damped.T).T @ (patches @ damped.T) / len(patches))
     assert np.all(variances < 1) and np.all(variances > 0.9)
+
+
+def test_whitening_sample_spans_a_list_sorted_by_class():
+    # 10 classes of 1,000 images in a row, as CIFAR-10's training list
+    images = np.repeat(np.arange(10, dtype=np.uint8), 1000)[:, None, None, None] * np.ones(
+        (1, 2, 2, 3), np.uint8)
+    sample = whitening_sample(images, size=500, seed=1)
+    assert len(sample) == 500
+    counts = np.bincount(sample[:, 0, 0, 0], minlength=10)
+    assert counts.min() > 25                               # ~50 of each class
+    np.testing.assert_array_equal(sample, whitening_sample(images, size=500, seed=1))
+    assert not np.array_equal(sample, whitening_sample(images, size=500, seed=2))
+    assert len(whitening_sample(images[:300], size=500)) == 300   # fewer: all of them
 
 
 def test_caffe_whitening_layer_computes_the_numpy_patches(caffe):

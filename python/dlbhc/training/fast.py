@@ -43,7 +43,7 @@ from .finestage import record_fine_stage
 from .prototxt import PROTOTXT_DIR, set_num_classes, write_net
 from .recipe import SUMMARY_FILE, Recipe
 from .sgd import NesterovSGD, WeightAverage, load_net_arrays, net_arrays, triangle_lr
-from .whitening import whitening_filters
+from .whitening import whitening_filters, whitening_sample
 
 log = get_logger(__name__)
 
@@ -294,7 +294,7 @@ class FastRecipe(Recipe):
         return summary
 
     def whitening(self, transform):
-        sample = self.train_images[:5000]
+        sample = whitening_sample(self.train_images, seed=self.schedule.seed)
         return whitening_filters(transform(sample), kernel=2)
 
     # the end of training

@@ -14,6 +14,20 @@ import numpy as np
 # near-zero directions (pixel noise, JPEG blocking) from being blown up.
 # airbench's 5e-4 on unit-variance inputs.
 DEFAULT_RELATIVE_EPS = 5e-4
+# Images the patch covariance is measured on (airbench: 5,000)
+SAMPLE_IMAGES = 5000
+
+
+def whitening_sample(images, size=SAMPLE_IMAGES, seed=0):
+    """A seeded sample of `size` images (all if fewer), kept in their order.
+    Not the first ones: image lists are often sorted by class (CIFAR-10's
+    is), and the first 5,000 of its training list are all airplanes, whose
+    patches (sky, metal) would set the whitening of every class."""
+    images = np.asarray(images)
+    if len(images) <= size:
+        return images
+    chosen = np.random.default_rng(seed).choice(len(images), size=size, replace=False)
+    return images[np.sort(chosen)]
 
 
 def image_patches(images, kernel):
