@@ -1,6 +1,7 @@
-"""Caffe's BatchNorm, ELU and max-pooling layers against numpy references
-in float64 (caffe-build/patches/0007 rewrote their CPU loops for speed:
-these tests hold them to the layers' definitions, forward and backward)."""
+"""Caffe's BatchNorm, ELU, max-pooling and (stride-1) convolution layers
+against numpy references in float64 (caffe-build/patches/0007 rewrote
+their CPU loops, and im2col/col2im for stride 1, for speed: these tests
+hold them to the layers' definitions, forward and backward)."""
 import subprocess
 
 import numpy as np
@@ -174,11 +175,57 @@ def test_max_pooling_forward_backward_and_mask(caffe, tmp_path, kernel, stride, 
         np.testing.assert_array_equal(got, wanted)
 
 
+# ---- convolution (im2col / col2im) ----------------------------------------------------------
+
+def numpy_convolution(x, w, bias, stride, pad, dy):
+    """Output, input gradient and weight gradient of a 2-d convolution
+    (float64), by summing the kernel's shifted windows of the padded input."""
+    n, c, h, width = x.shape
+    out_c, _, kh, kw = w.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    out_h = (h + 2 * pad - kh) // stride + 1
+    out_w = (width + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, out_c, out_h, out_w)) + bias.reshape(1, -1, 1, 1)
+    dpadded, dw = np.zeros_like(padded), np.zeros_like(w)
+    for r in range(kh):
+        for q in range(kw):
+            rows = slice(r, r + stride * (out_h - 1) + 1, stride)
+            cols = slice(q, q + stride * (out_w - 1) + 1, stride)
+            window = padded[:, :, rows, cols]                   # (n, c, out_h, out_w)
+            out += np.einsum("oc,nchw->nohw", w[:, :, r, q], window)
+            dpadded[:, :, rows, cols] += np.einsum("oc,nohw->nchw", w[:, :, r, q], dy)
+            dw[:, :, r, q] = np.einsum("nohw,nchw->oc", dy, window)
+    return out, dpadded[:, :, pad:pad + h, pad:pad + width], dw
+
+
+@pytest.mark.parametrize("kernel,stride,pad,height,width", [
+    (3, 1, 1, 8, 8), (3, 1, 1, 4, 7), (2, 1, 0, 9, 9), (3, 1, 0, 6, 5), (5, 1, 2, 7, 7),
+    (5, 1, 1, 6, 9), (1, 1, 0, 4, 4), (3, 1, 2, 5, 5), (3, 2, 1, 9, 9)])
+def test_convolution_forward_and_backward(caffe, tmp_path, kernel, stride, pad, height, width):
+    rng = np.random.default_rng(kernel * 7 + pad + height)
+    x = rng.normal(size=(2, 3, height, width)).astype(np.float32)
+    net = single_layer_net(caffe, tmp_path, x.shape, lambda L, d: L.Convolution(
+        d, num_output=4, kernel_size=kernel, stride=stride, pad=pad))
+    w = rng.normal(size=net.params["out"][0].data.shape).astype(np.float32)
+    bias = rng.normal(size=4).astype(np.float32)
+    net.params["out"][0].data[...] = w
+    net.params["out"][1].data[...] = bias
+    for blob in net.params["out"]:
+        blob.diff[...] = 0
+    out, dy, dx = forward_backward(net, x)
+    want_out, want_dx, want_dw = numpy_convolution(x.astype(np.float64), w.astype(np.float64),
+                                                   bias.astype(np.float64), stride, pad,
+                                                   dy.astype(np.float64))
+    np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(net.params["out"][0].diff, want_dw, rtol=1e-4, atol=1e-4)
+
+
 def test_the_build_in_use_has_the_fast_cpu_layers(caffe):
     """The tests above pass on an unpatched Caffe too: check that libcaffe
     holds patch 0007's loops."""
     from dlbhc.nets.caffe_env import caffe_root
     lib = sorted((caffe_root() / "build" / "lib").glob("libcaffe.so*"))[0]
     symbols = subprocess.run(["nm", "-C", str(lib)], capture_output=True, text=True).stdout
-    for helper in ("max_pool_plane", "elu_forward", "plane_normalize"):
+    for helper in ("max_pool_plane", "elu_forward", "plane_normalize", "im2col_stride1_cpu"):
         assert helper in symbols, helper
