@@ -93,7 +93,7 @@ def test_caffe_whitening_layer_computes_the_numpy_patches(caffe):
     net.blobs["data"].reshape(*images.shape)
     net.reshape()
     net.blobs["data"].data[...] = images
-    net.forward(end="whiten")      # the layer alone, before its ELU (in place)
+    net.forward(end="whiten")      # the layer alone, before its ReLU (in place)
     expected = image_patches(images, 2) @ filters.reshape(24, -1).T.astype(np.float64)
     expected = expected.reshape(4, 31, 31, 24).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(net.blobs["whiten"].data, expected, rtol=1e-4, atol=1e-2)
