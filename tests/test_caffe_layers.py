@@ -1,4 +1,4 @@
-"""Caffe's BatchNorm, ELU, max-pooling and (stride-1) convolution layers
+"""Caffe's BatchNorm, ReLU, ELU, max-pooling and (stride-1) convolution layers
 against numpy references in float64 (caffe-build/patches/0007 rewrote
 their CPU loops, and im2col/col2im for stride 1, for speed: these tests
 hold them to the layers' definitions, forward and backward)."""
@@ -90,6 +90,24 @@ def test_batchnorm_with_stored_statistics(caffe, tmp_path):
     np.testing.assert_allclose(out, (x - (mean_sum / scale).reshape(1, -1, 1, 1)) / std,
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dx, dy / std, rtol=1e-5, atol=1e-6)
+
+
+# ---- ReLU ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_relu_forward_and_backward(caffe, tmp_path, slope):
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=997), [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf,
+                                               np.nan]]).astype(np.float32).reshape(1, 1, 1, -1)
+    net = single_layer_net(caffe, tmp_path, x.shape, lambda L, d: L.ReLU(
+        d, relu_param=dict(negative_slope=slope)))
+    out, dy, dx = forward_backward(net, x)
+    with np.errstate(invalid="ignore"):
+        want = np.where(x > 0, x, 0) + slope * np.where(x < 0, x, 0)
+        want_dx = dy * ((x > 0) + slope * (x <= 0))
+    want[np.isnan(x)] = np.nan                       # NaN passes through, as in Caffe's loop
+    np.testing.assert_array_equal(out, want.astype(np.float32))
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-7)
 
 
 # ---- ELU ----------------------------------------------------------------------------------
@@ -227,5 +245,6 @@ def test_the_build_in_use_has_the_fast_cpu_layers(caffe):
     from dlbhc.nets.caffe_env import caffe_root
     lib = sorted((caffe_root() / "build" / "lib").glob("libcaffe.so*"))[0]
     symbols = subprocess.run(["nm", "-C", str(lib)], capture_output=True, text=True).stdout
-    for helper in ("max_pool_plane", "elu_forward", "plane_normalize", "im2col_stride1_cpu"):
+    for helper in ("max_pool_plane", "elu_forward", "relu_forward", "plane_normalize",
+                   "im2col_stride1_cpu"):
         assert helper in symbols, helper
