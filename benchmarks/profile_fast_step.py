@@ -5,11 +5,12 @@ The fast recipe's own parts (training/fast.py's loop): the augmented batch
 (training.augment), feeding it into the input blob (nets.model's
 BatchTransformer), clearing the gradients, Caffe's forward and backward, and
 the numpy Nesterov update (training.sgd), each timed over STEPS steps after
-one warm-up step, on the checked-in fast net with random images (not constant
-ones: Caffe's ELU, BatchNorm and max pooling ran up to 2.5x slower on
-varied input than on the zeros `caffe time` feeds, before patch 0007). The Python parts against Caffe's layers say
-whether the time between `caffe time`'s figure and the training's seconds
-per step is spent in Python.
+one warm-up step, on the checked-in fast net with random images (not
+constant ones: before patch 0007, Caffe's ReLU, ELU, BatchNorm and max
+pooling ran up to 2-5x slower on varied input than on the zeros `caffe
+time` feeds). The Python parts against Caffe's layers say whether the time
+between `caffe time`'s figure and the training's seconds per step is spent
+in Python.
 
     .venv/bin/python benchmarks/profile_fast_step.py [--steps 4] [--batch-size 500] [--threads 2]
 """

@@ -21,6 +21,7 @@ from ..nets.records import write_rerank_record
 from ..progress import Progress
 from ..report import get_logger
 from ..search.choice import measure_fine_stages
+from ..search.pca import sample_ids
 
 log = get_logger(__name__)
 
@@ -47,10 +48,7 @@ def labelled_features(net, items, label):
 
 def database_sample(items, size=DATABASE_SAMPLE, seed=0):
     """At most `size` of `items`, a seeded sample kept in list order."""
-    if len(items) <= size:
-        return list(items)
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), size, replace=False))
-    return [items[i] for i in keep]
+    return [items[i] for i in sample_ids(len(items), size, seed)]
 
 
 def labelled(image_list):

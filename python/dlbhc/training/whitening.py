@@ -10,6 +10,8 @@ once from the training images and kept frozen (lr_mult 0).
 """
 import numpy as np
 
+from ..search.pca import sample_ids
+
 # Added to each eigenvalue, relative to the mean patch variance: keeps the
 # near-zero directions (pixel noise, JPEG blocking) from being blown up.
 # airbench's 5e-4 on unit-variance inputs.
@@ -24,10 +26,7 @@ def whitening_sample(images, size=SAMPLE_IMAGES, seed=0):
     is), and the first 5,000 of its training list are all airplanes, whose
     patches (sky, metal) would set the whitening of every class."""
     images = np.asarray(images)
-    if len(images) <= size:
-        return images
-    chosen = np.random.default_rng(seed).choice(len(images), size=size, replace=False)
-    return images[np.sort(chosen)]
+    return images[sample_ids(len(images), size, seed)]
 
 
 def image_patches(images, kernel):
