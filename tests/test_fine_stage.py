@@ -327,7 +327,11 @@ def test_train_records_the_fine_stage_that_retrieve_evaluate_and_serve_use(caffe
     train_lines = (run / "train.txt").read_text().splitlines()
     assert (record["queries"], record["database"]) == (12, len(train_lines)) == (12, 12)
     assert record["database_list"] == str(run / "train.txt")
-    assert record["map_at_k"].get(record["choice"], record["coarse"]) >= record["coarse"]
+    # 12 queries are too few to choose by: the record keeps the unmeasured
+    # stage whatever the scores say (on 3 training steps "asymmetric" can
+    # score below coarse; the never-below-coarse rule holds only where the
+    # choice was measured, tested above)
+    assert record["measured"] is False and record["choice"] == UNMEASURED_STAGE
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["rerank"]["choice"] == record["choice"]
     # the database of the held-out images; then force a stage to see it used
