@@ -10,8 +10,9 @@ search.choice.measure_fine_stages:
     held-out only     the choosing images split again in two (odd query
                       even), as train.py did before
     against training  the choosing images query a seeded sample of the
-                      training images (training.finestage.database_sample),
-                      as train.py does now
+                      training images (training.finestage.database_sample)
+                      at k scaled by the sample's share of them
+                      (search.choice.sampled_top_k), as train.py does now
 
 The judging images then query the whole training database with every
 stage (mAP@1000), and each way's choice is read off that row.
@@ -61,7 +62,8 @@ def judge(run):
     # the positions of the training images train.py's last step would send
     sample = np.array(database_sample(range(len(train[0]))))
     held_only = measure_fine_stages(*choosing, bits, top_k=K)
-    against = measure_fine_stages(*choosing, bits, top_k=K, database=rows(train, sample))
+    against = measure_fine_stages(*choosing, bits, top_k=K, database=rows(train, sample),
+                                  database_size=len(train[0]))
     truth = measure_fine_stages(*judging, bits, top_k=K, database=train)
     scores, coarse = truth["map_at_k"], truth["coarse"]
     # the choice by the rule alone (the unmeasured fallback of a small split aside)

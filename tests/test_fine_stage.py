@@ -18,7 +18,7 @@ import pytest
 from dlbhc.errors import UserError
 from dlbhc.nets.records import read_rerank_record, write_rerank_record
 from dlbhc.search.choice import (CANDIDATES, MIN_CHOICE_QUERIES, STAGES, UNMEASURED_STAGE, choose,
-                                 measure_fine_stages, stage_rows)
+                                 measure_fine_stages, sampled_top_k, stage_rows)
 from dlbhc.search.codes import pack_codes
 from dlbhc.search.index import HashIndex
 from dlbhc.search.metrics import evaluate
@@ -178,6 +178,29 @@ def test_held_out_images_query_the_training_images_when_given():
     # without it, the held-out images split in two: other scores
     halves = measure_fine_stages(codes, labels, fc7, latent, BITS, top_k=50)
     assert (halves["queries"], halves["database"]) == (60, 60)
+
+
+def test_a_training_sample_is_measured_at_k_scaled_by_its_share():
+    """A sample of 200 drawn from 2,000 training images stands for all of
+    them: k = 50 becomes 5, and every score equals evaluate's at k = 5
+    (its candidates 2 k with it)."""
+    assert sampled_top_k(1000, 5000, 50000) == 100
+    assert sampled_top_k(1000, 5000, 5000) == sampled_top_k(1000, 5000, None) == 1000
+    assert sampled_top_k(10, 30, 1000) == 1          # never below one
+    rng = np.random.default_rng(12)
+    labels, latent, fc7, codes = labelled_features(rng, 80, fc7_good=False)
+    t_labels, t_latent, t_fc7, t_codes = labelled_features(rng, 200, fc7_good=False)
+    record = measure_fine_stages(codes, labels, fc7, latent, BITS, top_k=50,
+                                 database=(t_codes, t_labels, t_fc7, t_latent),
+                                 database_size=2000)
+    assert (record["k"], record["database"], record["database_size"]) == (5, 200, 2000)
+    assert "of 2000, at k = 5" in record["split"]
+    for name in ("fc7", "latent", "none"):
+        reduced = None if name == "fc7" else stage_rows(name, latent=t_latent)
+        direct = evaluate(t_codes, t_labels, codes, labels, db_fc7=t_fc7, q_fc7=fc7,
+                          params=SearchParams(top_k=5), reduced=reduced, q_reduced=latent)
+        assert record["map_at_k"][name] == pytest.approx(direct["fine"]["map_at_k"], abs=1e-12)
+        assert record["coarse"] == pytest.approx(direct["coarse"]["map_at_k"], abs=1e-12)
 
 
 def test_too_few_held_out_queries_keep_the_unmeasured_stage(tmp_path):

@@ -6,7 +6,8 @@ The held-out images (the run's test list) and a seeded sample of at most
 DATABASE_SAMPLE training images go through the trained deploy net (fc7,
 latent, codes: what extract.py stores), then search.choice measures every
 candidate fine stage through metrics.evaluate, the search users run, the
-held-out images querying the training sample, and applies its rule (never
+held-out images querying the training sample at a k shrunk by the
+sample's share (search.choice.sampled_top_k), and applies its rule (never
 below the coarse ranking).  Measured for the held-out images under load:
 76 img/s with the small net, 39 img/s with the backbone at 96 px
 (docs/benchmarks.md), so CIFAR-10's 10,000 + 5,000 take ~3 and ~6 min.
@@ -67,10 +68,8 @@ def record_fine_stage(run_dir, deploy, weights, held_out, gpu=None, database=Non
         log.info("fine stage not measured: %s has %d labelled images (4 needed); "
                  "searches re-rank by fc7", held_out, len(items))
         return None
-    base = database_sample(labelled(database)) \
-        if database is not None and Path(database).is_file() else []
-    if len(base) < 4:
-        base = []
+    training = labelled(database) if database is not None and Path(database).is_file() else []
+    base = database_sample(training) if len(training) >= 4 else []
     log.info("choosing the fine stage on %d held-out images (%s)%s", len(items), held_out,
              f" against {len(base)} training images ({database})" if base else "")
     net = HashNet(deploy, weights, gpu=gpu)
@@ -82,7 +81,8 @@ def record_fine_stage(run_dir, deploy, weights, held_out, gpu=None, database=Non
         log.warning("fine stage not measured: image %s: %s; searches re-rank by "
                     "fc7", err.path, err.reason)
         return None
-    record = measure_fine_stages(*held, net.bits, database=against)
+    record = measure_fine_stages(*held, net.bits, database=against,
+                                 database_size=len(training) if base else None)
     record.update(held_out=str(held_out), weights=str(weights))
     if base:
         record.update(database_list=str(database))
