@@ -158,7 +158,7 @@ def measure_fine_stages(codes, labels, fc7, latent, bits, top_k=EVALUATION_TOP_K
     else:
         queries, base = held, arrays(*database)
         split = f"every held-out image queries {len(base[0])} training images"
-        if database_size and database_size > len(base[0]):
+        if database_size:
             top_k = sampled_top_k(top_k, len(base[0]), database_size)
             split += f" of {database_size}, at k = {top_k}"
     (q_codes, q_labels, q_fc7, q_latent), (db_codes, db_labels, db_fc7, db_latent) = queries, base
