@@ -17,7 +17,7 @@ python/train.py, in the run folder beside the trained weights
 """
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -279,12 +279,15 @@ class HashNet:
     """A deploy net with the blobs fc7 and latent, its weights loaded."""
 
     def __init__(self, deploy, weights, mean=None, gpu=None, resize=None, check=True,
-                 fold=True):
+                 fold=True, views=True):
         """mean/resize: the training data's; by default the run folder's
         record (preprocessing.json beside the weights), which they must not
         contradict (resolve_preprocessing). fold: BatchNorm + Scale folded
         into the convolutions at load (nets.fold: the same codes, fc7 within
-        float rounding, a faster forward); False runs the net as written."""
+        float rounding, a faster forward); False runs the net as written.
+        views=False: one forward per image, whatever test-time views
+        (flip_average, shift_average) the record asks for (training's head
+        refit fits on single views: a sixth of the forwards)."""
         for what, path in (("deploy prototxt", deploy), ("weights", weights)):
             if not Path(path).is_file():
                 raise UserError(f"{what} {path} does not exist")
@@ -306,6 +309,8 @@ class HashNet:
         self.bits = self.net.blobs[LATENT_BLOB].data[0].size
         self.fc7_dim = self.net.blobs[FEATURE_BLOB].data[0].size
         self.prep = resolve_preprocessing(weights, crop, mean, resize)
+        if not views:
+            self.prep = replace(self.prep, flip_average=False, shift_average=False)
         self.transform = BatchTransformer(self.prep)
         if self.prep.resize < crop:
             raise UserError(f"resize {self.prep.resize} is smaller than the net input {crop}")

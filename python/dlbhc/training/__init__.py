@@ -24,6 +24,9 @@ Modules:
                  (as tools/extra/parse_log.py), written as CSV
     frozen       a backbone's frozen lower layers: cut, BatchNorm folded,
                  features cached, joined with the trained top
+    headfit      the latent layer and classifier fitted again on the trained
+                 net's features, kept when held-out images rank better
+                 (head_refit.json)
     finestage    the run's last step: the fine stage chosen on the held-out
                  images (search.choice) and recorded (rerank.json)
     unsupervised codes without labels: ITQ (search.itq) on the backbone's
@@ -46,6 +49,7 @@ from .augment import AugmentedBatches
 from .fast import FAST_NET, FastRecipe, train_fast
 from .fast_schedule import FastSchedule
 from .frozen import FEATURE_WORKERS, cache_features
+from .headfit import Head, fit_head, refit_head
 from .prototxt import DataLayer, Phases, data_layer_pair, move_data_files, set_data_layers
 from .recipe import Recipe
 from .recipes import (DEFAULT_SPLIT, BackboneRecipe, CheckedInRecipe, SmallNetRecipe, train,
@@ -58,9 +62,9 @@ from .whitening import whitening_filters
 __all__ = [
     "DEFAULT_EPOCHS", "DEFAULT_SPLIT", "FAST_NET", "FEATURE_WORKERS",
     "AugmentedBatches", "BackboneRecipe", "CaffeLog", "CheckedInRecipe", "DataLayer",
-    "FastRecipe", "FastSchedule", "NesterovSGD", "Phases", "Recipe", "SmallNetRecipe",
+    "FastRecipe", "FastSchedule", "Head", "NesterovSGD", "Phases", "Recipe", "SmallNetRecipe",
     "UnsupervisedRecipe", "WeightAverage",
-    "cache_features", "data_layer_pair", "move_data_files", "parse_log", "set_data_layers",
-    "train", "train_collection", "train_fast", "train_unsupervised", "triangle_lr",
-    "whitening_filters", "write_solver",
+    "cache_features", "data_layer_pair", "fit_head", "move_data_files", "parse_log",
+    "refit_head", "set_data_layers", "train", "train_collection", "train_fast",
+    "train_unsupervised", "triangle_lr", "whitening_filters", "write_solver",
 ]

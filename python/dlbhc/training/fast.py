@@ -39,9 +39,8 @@ from ..progress import Progress
 from ..report import get_logger
 from .augment import AugmentedBatches
 from .fast_schedule import FastSchedule, accuracy_key, choose_kept, choose_shift
-from .finestage import record_fine_stage
 from .prototxt import PROTOTXT_DIR, set_num_classes, write_net
-from .recipe import SUMMARY_FILE, Recipe
+from .recipe import SUMMARY_FILE, Recipe, closing_steps
 from .sgd import NesterovSGD, WeightAverage, load_net_arrays, net_arrays, triangle_lr
 from .whitening import whitening_filters, whitening_sample
 
@@ -275,11 +274,9 @@ class FastRecipe(Recipe):
         train_seconds = time.monotonic() - train_start
         result = self.finish(caffe, net, deploy_file, transform, batches, average, feed)
         if self.held_out_list is not None:
-            # the run's last step, as every recipe's (recipe.Recipe.run)
-            record = record_fine_stage(self.run_dir, deploy_file, result["weights"],
-                                       self.held_out_list, database=self.database_list)
-            if record is not None:
-                result["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
+            # the run's last steps, as every recipe's (recipe.Recipe.run)
+            result.update(closing_steps(self.run_dir, deploy_file, result["weights"],
+                                        self.held_out_list, self.database_list))
         summary = dict(
             net=self.name, recipe="fast", bits=self.bits, schedule=asdict(s), steps=total,
             classes=self.classes, train_images=len(self.train_images),

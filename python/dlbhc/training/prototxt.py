@@ -21,6 +21,7 @@ from google.protobuf import text_format
 
 from ..errors import UserError
 from ..nets.caffe_env import PROJECT_ROOT
+from ..nets.model import LATENT_BLOB
 from ..nets.protos import caffe_pb2, read_prototxt
 
 PROTOTXT_DIR = PROJECT_ROOT / "prototxt"
@@ -201,3 +202,15 @@ def write_net(net, path, header):
     Path(path).write_text("".join(f"# {line}\n" for line in header.splitlines())
                           + text_format.MessageToString(net))
     return Path(path)
+
+
+def latent_layer_name(net_param):
+    """The InnerProduct whose output the Sigmoid writing LATENT_BLOB reads."""
+    sigmoid = [layer for layer in net_param.layer if LATENT_BLOB in layer.top]
+    if not sigmoid or sigmoid[-1].type != "Sigmoid":
+        raise UserError(f"{net_param.name} has no Sigmoid writing '{LATENT_BLOB}'")
+    source = sigmoid[-1].bottom[0]
+    for layer in net_param.layer:
+        if source in layer.top and layer.type == "InnerProduct":
+            return layer.name
+    raise UserError(f"{net_param.name}: no InnerProduct feeds the '{LATENT_BLOB}' Sigmoid")

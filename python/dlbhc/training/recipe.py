@@ -16,11 +16,13 @@ Recipe.run() asks them in order around one `caffe train`:
                         recorded beside the weights (preprocessing.json) so
                         extract.py and retrieve.py need no --mean
     held_out()          (deploy prototxt, labelled list of held-out images,
-                        labelled list of training images or None): the fine
-                        stage chosen on them (held-out querying training
-                        images) is recorded beside the weights (rerank.json,
-                        finestage.py) for `--rerank auto`; None: no record
-                        (fc7 re-rank)
+                        labelled list of training images or None): on them
+                        the head is refitted to the final features when that
+                        ranks better (headfit.py), then the fine stage is
+                        chosen (held-out querying training images) and
+                        recorded beside the weights (rerank.json,
+                        finestage.py) for `--rerank auto` (closing_steps);
+                        None: neither (fc7 re-rank)
 
 and may add to the summary (summary_extra). The recipes are in recipes.py:
 the checked-in CIFAR-10 nets, the small net on a collection, an ImageNet
@@ -40,6 +42,7 @@ from ..nets.model import Preprocessing, default_resize, load_mean_bgr, write_pre
 from ..nets.protos import read_prototxt
 from .caffe_train import run_caffe_train
 from .finestage import record_fine_stage
+from .headfit import refit_head
 from .prototxt import data_layers, layer_phase, project_path
 
 SUMMARY_FILE = "train_summary.json"
@@ -103,10 +106,8 @@ class Recipe:
         held_out = self.held_out() if weights is not None else None
         if held_out is not None:
             deploy, held_out_list, train_list = held_out
-            record = record_fine_stage(self.run_dir, deploy, weights, held_out_list,
-                                       gpu=self.gpu, database=train_list)
-            if record is not None:
-                summary["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
+            summary.update(closing_steps(self.run_dir, deploy, weights, held_out_list,
+                                         train_list, gpu=self.gpu))
         summary.update(net=self.name, max_iter=solver.max_iter, command=cmd)
         if data_seconds is not None:
             summary.update(data_seconds=round(data_seconds, 1),
@@ -115,6 +116,24 @@ class Recipe:
         summary.update(self.summary_extra())
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def closing_steps(run_dir, deploy, weights, held_out_list, train_list, gpu=None):
+    """The last steps of every run with labelled held-out images: the head
+    refitted on the trained net's features (headfit.refit_head: kept only
+    when it ranks the held-out images better), then the fine stage chosen
+    for the weights as they are now (finestage.record_fine_stage). Returns
+    what they add to the run's summary."""
+    added = {}
+    refit = refit_head(run_dir, deploy, weights, train_list, held_out_list, gpu=gpu)
+    if refit is not None:
+        added["head_refit"] = {k: refit[k] for k in (
+            "kept", "coarse_before", "coarse_after", "accuracy_after", "seconds")}
+    record = record_fine_stage(run_dir, deploy, weights, held_out_list, gpu=gpu,
+                               database=train_list)
+    if record is not None:
+        added["rerank"] = {k: record[k] for k in ("choice", "coarse", "map_at_k")}
+    return added
 
 
 def train_val_preprocessing(train_val, crop):

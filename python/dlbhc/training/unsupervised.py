@@ -36,7 +36,7 @@ from ..report import get_logger
 from ..search.choice import UNMEASURED_STAGE
 from ..search.itq import DEFAULT_ITERATIONS, fit_itq
 from . import frozen
-from .prototxt import set_input, write_net
+from .prototxt import latent_layer_name, set_input, write_net
 from .recipe import SUMMARY_FILE, run_folder
 from .recipes import BackboneRecipe, collection_name
 from .solver import run_name
@@ -44,18 +44,6 @@ from .solver import run_name
 log = get_logger(__name__)
 
 UNLABELLED = "unlabelled"
-
-
-def latent_layer_name(net_param):
-    """The InnerProduct whose output the Sigmoid writing LATENT_BLOB reads."""
-    sigmoid = [layer for layer in net_param.layer if LATENT_BLOB in layer.top]
-    if not sigmoid or sigmoid[-1].type != "Sigmoid":
-        raise UserError(f"{net_param.name} has no Sigmoid writing '{LATENT_BLOB}'")
-    source = sigmoid[-1].bottom[0]
-    for layer in net_param.layer:
-        if source in layer.top and layer.type == "InnerProduct":
-            return layer.name
-    raise UserError(f"{net_param.name}: no InnerProduct feeds the '{LATENT_BLOB}' Sigmoid")
 
 
 def deploy_without_classifier(net_param):
