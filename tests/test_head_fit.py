@@ -11,10 +11,11 @@ from dlbhc.nets.model import HashNet, Preprocessing, write_preprocessing_record
 from dlbhc.training import headfit
 from dlbhc.training.headfit import Head, fit_head, net_head, refit_head, write_head
 from dlbhc.training.recipe import closing_steps
-from helpers import PROTOTXT
+from helpers import PROTOTXT, ROOT, run_script
 from test_own_data import CLASSES, colour_collection
 
 DEPLOY = PROTOTXT / "fast_hash12_deploy.prototxt"
+REFIT = ROOT / "python" / "refit_head.py"
 
 
 def clusters(n_per_class=200, dim=16, classes=3, seed=0):
@@ -119,3 +120,26 @@ def test_too_few_held_out_images_leave_the_weights_as_they_were(caffe, tmp_path)
     before = weights.read_bytes()
     assert refit_head(tmp_path, DEPLOY, weights, train_list, test_list) is None
     assert weights.read_bytes() == before and not (tmp_path / "head_refit.json").exists()
+
+
+def test_refit_head_script_upgrades_a_model_and_keeps_the_weights_before(caffe, tmp_path):
+    colour_collection(tmp_path / "photos", per_class=50, size=32)
+    train_list, test_list = labelled_lists(tmp_path / "photos", 30, tmp_path)
+    model = tmp_path / "run"
+    model.mkdir()
+    weights = random_net(caffe, model)
+    original = weights.read_bytes()
+    missing = run_script(REFIT, [weights, "--deploy", DEPLOY], check=False)
+    assert missing.returncode == 2 and "pass --train and --held-out" in missing.stderr
+    assert "Traceback" not in missing.stderr and weights.read_bytes() == original
+    out = run_script(REFIT, [weights, "--deploy", DEPLOY, "--train", train_list,
+                             "--held-out", test_list])
+    assert "new head written" in out.stdout
+    assert (model / "w.before_refit.caffemodel").read_bytes() == original
+    assert weights.read_bytes() != original
+    assert json.loads((model / "head_refit.json").read_text())["kept"]
+    # the fine stage was chosen again, and names the lists a second run defaults to
+    assert json.loads((model / "rerank.json").read_text())["held_out"] == str(test_list)
+    again = run_script(REFIT, [weights, "--deploy", DEPLOY])
+    assert "coarse mAP" in again.stdout
+    assert (model / "w.before_refit.caffemodel").read_bytes() == original
