@@ -20,15 +20,13 @@ refitted classifier is printed beside it.
     .venv/bin/python benchmarks/bench_head_refit.py runs/fast10_airbench/fast_hash48 \\
         --json runs/fast10_airbench/head_refit_bench.json
 """
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_stage_choice import stored
+from bench_stage_choice import over_runs, stored
 from dlbhc.errors import run_main
 from dlbhc.search.pca import sample_ids
 from dlbhc.training import headfit
@@ -72,14 +70,7 @@ def bench(run):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders with db_train.lmdb and db_test.lmdb")
-    p.add_argument("--json", help="write the rows here too")
-    args = p.parse_args(argv)
-    table = [bench(run) for run in args.runs]
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2))
+    over_runs(__doc__, bench, argv)
 
 
 if __name__ == "__main__":

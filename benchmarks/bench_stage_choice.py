@@ -83,15 +83,21 @@ def judge(run):
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+def over_runs(doc, bench, argv=None):
+    """The command line of a benchmark over run folders: bench(run) for
+    each, a row each, the rows written as JSON with --json."""
+    p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders with db_train.lmdb and db_test.lmdb")
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args(argv)
-    table = [judge(run) for run in args.runs]
+    table = [bench(run) for run in args.runs]
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
+
+
+def main(argv=None):
+    over_runs(__doc__, judge, argv)
 
 
 if __name__ == "__main__":
