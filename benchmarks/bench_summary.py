@@ -53,7 +53,12 @@ def main(argv):
         summary["wall_seconds_total"] = int(argv[2])
     train = run / "train_summary.json"
     if train.exists():
-        summary.update(training_figures(json.loads(train.read_text())))
+        trained = json.loads(train.read_text())
+        summary.update(training_figures(trained))
+        # the head refitted to the final features (training/headfit.py): its
+        # seconds are training's too, outside train_seconds (the loop's)
+        if "head_refit" in trained:
+            summary["head_refit"] = trained["head_refit"]
     timing = run / "bench_timing.txt"
     for line in (timing.read_text().splitlines() if timing.exists() else []):
         key, value, *rest = line.split()
