@@ -9,8 +9,9 @@ before they existed (or to repeat them).
     python python/refit_head.py W.caffemodel --deploy D.prototxt \\
         --train data/cifar10/train.txt --held-out data/cifar10/test.txt
 
-A seeded sample of at most 10,000 training images goes through the net
-once each; the latent layer and the classifier are fitted to their fc7
+A seeded sample of at most 50,000 training images (--fit-sample; train.py
+takes 10,000 with an ImageNet backbone, whose forwards cost ~10x more) goes
+through the net once each; the latent layer and the classifier are fitted to their fc7
 (training/headfit.py); up to 5,000 held-out images judge the new head
 against the old by coarse mAP, and the new one is written into the weights
 only when it ranks strictly better. A copy of the weights as they were is
@@ -30,6 +31,7 @@ from pathlib import Path
 from dlbhc import cli
 from dlbhc.errors import UserError
 from dlbhc.nets.records import RERANK_FILE, read_rerank_record
+from dlbhc.training.headfit import FIT_SAMPLE
 from dlbhc.training.recipe import closing_steps
 
 
@@ -42,6 +44,8 @@ def parse_args(argv):
                    "one rerank.json names)")
     p.add_argument("--held-out", help="`path label` list of held-out images (default: the "
                    "one rerank.json names)")
+    p.add_argument("--fit-sample", type=cli.positive_int, default=FIT_SAMPLE,
+                   help="the most training images the head is fitted on (default %(default)s)")
     cli.add_gpu_argument(p)
     return p.parse_args(argv)
 
@@ -67,7 +71,8 @@ def main(argv=None):
     backup = weights.with_name(f"{weights.stem}.before_refit{weights.suffix}")
     if not backup.exists():
         shutil.copyfile(weights, backup)        # follows a link: the bytes as they are now
-    added = closing_steps(folder, deploy, weights, held_out, train_list, gpu=args.gpu)
+    added = closing_steps(folder, deploy, weights, held_out, train_list, gpu=args.gpu,
+                          fit_sample=args.fit_sample)
     refit = added.get("head_refit")
     if refit is None:
         print(f"{weights}: head not refitted (see above); weights unchanged")

@@ -42,7 +42,7 @@ from ..nets.model import Preprocessing, default_resize, load_mean_bgr, write_pre
 from ..nets.protos import read_prototxt
 from .caffe_train import run_caffe_train
 from .finestage import record_fine_stage
-from .headfit import refit_head
+from .headfit import FIT_SAMPLE, refit_head
 from .prototxt import data_layers, layer_phase, project_path
 
 SUMMARY_FILE = "train_summary.json"
@@ -61,6 +61,8 @@ class Recipe:
 
     name = run_dir = gpu = None
     prep_note = ""
+    # the most training images the closing head refit goes through the net
+    head_fit_sample = FIT_SAMPLE
 
     def prepare_data(self):
         raise NotImplementedError
@@ -107,7 +109,8 @@ class Recipe:
         if held_out is not None:
             deploy, held_out_list, train_list = held_out
             summary.update(closing_steps(self.run_dir, deploy, weights, held_out_list,
-                                         train_list, gpu=self.gpu))
+                                         train_list, gpu=self.gpu,
+                                         fit_sample=self.head_fit_sample))
         summary.update(net=self.name, max_iter=solver.max_iter, command=cmd)
         if data_seconds is not None:
             summary.update(data_seconds=round(data_seconds, 1),
@@ -118,14 +121,17 @@ class Recipe:
         return summary
 
 
-def closing_steps(run_dir, deploy, weights, held_out_list, train_list, gpu=None):
+def closing_steps(run_dir, deploy, weights, held_out_list, train_list, gpu=None,
+                  fit_sample=FIT_SAMPLE):
     """The last steps of every run with labelled held-out images: the head
     refitted on the trained net's features (headfit.refit_head: kept only
     when it ranks the held-out images better), then the fine stage chosen
     for the weights as they are now (finestage.record_fine_stage). Returns
-    what they add to the run's summary."""
+    what they add to the run's summary. fit_sample: the most training
+    images the head is fitted on."""
     added = {}
-    refit = refit_head(run_dir, deploy, weights, train_list, held_out_list, gpu=gpu)
+    refit = refit_head(run_dir, deploy, weights, train_list, held_out_list, gpu=gpu,
+                       fit_sample=fit_sample)
     if refit is not None:
         added["head_refit"] = {k: refit[k] for k in (
             "kept", "coarse_before", "coarse_after", "accuracy_after", "seconds")}

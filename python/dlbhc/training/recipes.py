@@ -257,7 +257,7 @@ class BackboneRecipe(CollectionRecipe):
     below `split` frozen and cached (with mirror images), the rest trained
     on the cache. GPU (or split "none"): the whole net trained on image
     LMDBs, random crops and mirroring."""
-
+    head_fit_sample = 10000    # the closing refit: 39 img/s at 96 px, so not all (headfit.py)
     def __init__(self, net, bits, coll, run_dir, name, gpu, seed, size=None, resize=None,
                  split=DEFAULT_SPLIT, flips=True, workers=frozen.FEATURE_WORKERS,
                  cache_dir=None, **schedule_options):
