@@ -276,7 +276,8 @@ class FastRecipe(Recipe):
         if self.held_out_list is not None:
             # the run's last steps, as every recipe's (recipe.Recipe.run)
             result.update(closing_steps(self.run_dir, deploy_file, result["weights"],
-                                        self.held_out_list, self.database_list))
+                                        self.held_out_list, self.database_list,
+                                        fit_sample=self.head_fit_sample))
         summary = dict(
             net=self.name, recipe="fast", bits=self.bits, schedule=asdict(s), steps=total,
             classes=self.classes, train_images=len(self.train_images),
