@@ -14,8 +14,9 @@ takes 10,000 with an ImageNet backbone, whose forwards cost ~10x more) goes
 through the net once each; the latent layer and the classifier are fitted to their fc7
 (training/headfit.py); up to 5,000 held-out images judge the new head
 against the old by coarse mAP, and the new one is written into the weights
-only when it ranks strictly better. A copy of the weights as they were is
-kept first (<name>.before_refit.caffemodel beside them; a link to a
+only when it ranks strictly better. Then a copy of the weights as they
+were stays beside them (<name>.before_refit.caffemodel, made before the
+step and removed again when the weights did not change; a link to a
 snapshot is replaced, the snapshot kept). Then the fine stage is chosen for
 the weights as they are now (rerank.json). Both records go beside the
 weights. Databases extracted with the old weights no longer match the
@@ -69,11 +70,14 @@ def main(argv=None):
         if not Path(path).is_file():
             raise UserError(f"{what} {path} does not exist")
     backup = weights.with_name(f"{weights.stem}.before_refit{weights.suffix}")
-    if not backup.exists():
+    made_backup = not backup.exists()
+    if made_backup:
         shutil.copyfile(weights, backup)        # follows a link: the bytes as they are now
     added = closing_steps(folder, deploy, weights, held_out, train_list, gpu=args.gpu,
                           fit_sample=args.fit_sample)
     refit = added.get("head_refit")
+    if made_backup and not (refit and refit["kept"]):
+        backup.unlink()                         # the weights did not change: no copy to keep
     if refit is None:
         print(f"{weights}: head not refitted (see above); weights unchanged")
     else:

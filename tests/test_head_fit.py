@@ -132,6 +132,13 @@ def test_refit_head_script_upgrades_a_model_and_keeps_the_weights_before(caffe, 
     missing = run_script(REFIT, [weights, "--deploy", DEPLOY], check=False)
     assert missing.returncode == 2 and "pass --train and --held-out" in missing.stderr
     assert "Traceback" not in missing.stderr and weights.read_bytes() == original
+    # too few held-out images to judge a refit: nothing changes, no copy is left behind
+    few = tmp_path / "few.txt"
+    few.write_text("".join(test_list.read_text().splitlines(keepends=True)[:10]))
+    unjudged = run_script(REFIT, [weights, "--deploy", DEPLOY, "--train", train_list,
+                                  "--held-out", few])
+    assert "head not refitted" in unjudged.stdout and weights.read_bytes() == original
+    assert not (model / "w.before_refit.caffemodel").exists()
     out = run_script(REFIT, [weights, "--deploy", DEPLOY, "--train", train_list,
                              "--held-out", test_list])
     assert "new head written" in out.stdout
